@@ -1,0 +1,9 @@
+"""gmd-ext: fast Gradient-guided Modality Decoupling (GMD) and Dynamic Sharing (DS) for PyTorch.
+
+Importing this package loads the compiled ops when they are built and never touches a GPU.
+"""
+from gmd_ext import _backend
+from gmd_ext import ops
+from gmd_ext.projection import gram, project_conflicts
+
+__version__ = "0.1.0"

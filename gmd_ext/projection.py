@@ -1,0 +1,174 @@
+"""`project_conflicts`: the official GMD gradient projection (DESIGN §1) in two passes over K×N memory.
+
+Pass 1 computes the Gramian Γ = G Gᵀ; the sequential projection loop then runs on the K×K coefficient matrix A
+(projected g_i' = Σ_k A_ik g_k, and g_i'·g_j = (A Γ)_ij), and pass 2 combines the rows with c = column sums of A.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from gmd_ext import ops
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_REDUCTIONS = ("mean", "sum", "none")
+
+
+@dataclass
+class ProjectionInfo:
+    """What the projection saw: the dominance indicators of the paper, all derived from Γ and A.
+
+    gram [K, K] float32: Γ = G Gᵀ. coefficients [K, K] float32: A, projected gradients = A @ G.
+    cosines [K, K] float32: Γ_ij / √(Γ_ii Γ_jj) (0 where a norm is 0). norms [K] float32: ‖g_i‖.
+    num_conflicts: number of pairs i < j of original gradients with g_i·g_j < 0.
+    """
+
+    gram: torch.Tensor
+    coefficients: torch.Tensor
+    cosines: torch.Tensor
+    norms: torch.Tensor
+    num_conflicts: int
+
+    def __getitem__(self, key):  # info["gram"] works as well as info.gram
+        return getattr(self, key)
+
+    def keys(self):
+        return ("gram", "coefficients", "cosines", "norms", "num_conflicts")
+
+
+def as_matrix(grads, name: str = "grads") -> torch.Tensor:
+    """Validate `grads` ([K, N] tensor or sequence of K equal-length 1-D tensors) and return a [K, N] tensor."""
+    if isinstance(grads, torch.Tensor):
+        if grads.dim() != 2:
+            raise ValueError(f"{name} must be a 2-D [K, N] tensor or a sequence of 1-D tensors, "
+                             f"got a {grads.dim()}-D tensor of shape {tuple(grads.shape)}")
+        G = grads
+    elif isinstance(grads, Sequence) and not isinstance(grads, (str, bytes)):
+        for k, g in enumerate(grads):
+            if not isinstance(g, torch.Tensor) or g.dim() != 1:
+                got = f"shape {tuple(g.shape)}" if isinstance(g, torch.Tensor) else type(g).__name__
+                raise ValueError(f"{name}[{k}] must be a 1-D tensor, got {got}")
+            if g.shape != grads[0].shape:
+                raise ValueError(f"{name}: all gradients must have the same length; {name}[0] has "
+                                 f"{grads[0].numel()} elements, {name}[{k}] has {g.numel()}")
+            if g.dtype != grads[0].dtype or g.device != grads[0].device:
+                raise TypeError(f"{name}: all gradients must share dtype and device; {name}[0] is "
+                                f"{grads[0].dtype} on {grads[0].device}, {name}[{k}] is {g.dtype} on {g.device}")
+        G = torch.stack(list(grads)) if len(grads) else None
+    else:
+        raise TypeError(f"{name} must be a [K, N] tensor or a sequence of 1-D tensors, got {type(grads).__name__}")
+    if G is None or G.shape[0] == 0:
+        raise ValueError(f"{name} must hold at least one objective (K >= 1), got K = 0")
+    if G.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {G.dtype}")
+    return G
+
+
+def check_shared(shared, N: int, device: torch.device) -> torch.Tensor | None:
+    if shared is None:
+        return None
+    if not isinstance(shared, torch.Tensor):
+        raise TypeError(f"shared must be None or a bool tensor of shape [{N}], got {type(shared).__name__}")
+    if shared.dtype != torch.bool:
+        raise TypeError(f"shared must be a bool tensor, got dtype {shared.dtype}")
+    if shared.shape != (N,):
+        raise ValueError(f"shared must have shape [{N}] (one flag per gradient element), got {tuple(shared.shape)}")
+    if shared.device != device:
+        raise ValueError(f"shared must be on the gradients' device {device}, got {shared.device}")
+    return shared
+
+
+def make_perms(order, K: int, generator: torch.Generator | None = None, device="cpu") -> torch.Tensor:
+    """The [K, K] int64 projection order: "random" (row i an independent random permutation of 0..K-1 drawn
+    from `generator`), "sequential" (0..K-1 in every row) or a user tensor, validated."""
+    if isinstance(order, str):
+        if order == "random":
+            perms = torch.stack([torch.randperm(K, generator=generator) for _ in range(K)])
+        elif order == "sequential":
+            perms = torch.arange(K).repeat(K, 1)
+        else:
+            raise ValueError(f'order must be "random", "sequential" or an int64 [K, K] tensor, got {order!r}')
+        return perms.to(device)
+    if not isinstance(order, torch.Tensor):
+        raise TypeError(f'order must be "random", "sequential" or an int64 [K, K] tensor, got {type(order).__name__}')
+    if order.dtype != torch.int64:
+        raise TypeError(f"order must be an int64 tensor, got dtype {order.dtype}")
+    if order.shape != (K, K):
+        raise ValueError(f"order must have shape [{K}, {K}] (K = number of objectives), got {tuple(order.shape)}")
+    expected = torch.arange(K, device=order.device).expand(K, K)
+    bad = (order.sort(dim=1).values != expected).any(dim=1)
+    if bad.any():
+        i = int(bad.nonzero()[0])
+        raise ValueError(f"order row {i} must be a permutation of 0..{K - 1} (each objective exactly once), "
+                         f"got {order[i].tolist()}")
+    return order.to(device)
+
+
+def _info(gram: torch.Tensor, A: torch.Tensor) -> ProjectionInfo:
+    sq = gram.diagonal().clamp_min(0)
+    norms = sq.sqrt()
+    denom = norms[:, None] * norms[None, :]
+    cosines = torch.where(denom > 0, gram / denom.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
+    num_conflicts = int((gram < 0).triu(diagonal=1).sum())
+    return ProjectionInfo(gram=gram, coefficients=A, cosines=cosines, norms=norms, num_conflicts=num_conflicts)
+
+
+def project(G: torch.Tensor, perms: torch.Tensor, shared: torch.Tensor | None, reduction: str,
+            backend: str | None = None):
+    """The two-pass projection on validated inputs, without host synchronisation.
+
+    Returns (merged, gram, A): merged is [N] (or [K, N] for reduction='none') in G's dtype.
+    """
+    gram_ = ops.gram(G, backend)
+    A = ops.pcgrad_coefficients(gram_, perms, backend)
+    if reduction == "none":
+        return ops.combine_rows(G, A, backend), gram_, A
+    K = G.shape[0]
+    shared_scale = 1.0 / K if reduction == "mean" else 1.0
+    # c_k = Σ_i A_ik: the merged gradient is Σ_i g_i' = cᵀ G, scaled per element.
+    return ops.combine(G, A.sum(0), shared, shared_scale, 1.0, backend), gram_, A
+
+
+def project_conflicts(grads, *, shared=None, order="random", generator=None, reduction="mean", backend="auto",
+                      return_info=False):
+    """Project conflicting per-objective gradients and merge them, with the official GMD semantics.
+
+    For each objective i, in the order given by row i of `order`, the running g_i' is projected against each
+    original g_j it conflicts with (g_i'·g_j < 0): g_i' -= (g_i'·g_j / ‖g_j‖²) g_j; zero-norm g_j are skipped.
+    Elements where `shared` is True are reduced over objectives with `reduction` ("mean" or "sum"), the others
+    are summed. Computed in two passes over the K×N gradients (Gramian, then combination).
+
+    Args:
+        grads: [K, N] float32/float16/bfloat16 tensor (CPU or CUDA, any strides), or K 1-D tensors of length N.
+        shared: None (every element shared) or bool [N].
+        order: "random" (row i a random permutation drawn from `generator`), "sequential", or int64 [K, K].
+        generator: torch.Generator (CPU) for order="random".
+        reduction: "mean" | "sum" | "none" ("none" returns the projected gradients [K, N]).
+        backend: "auto" | "cpp" | "triton" | "torch"; the environment variable GMD_EXT_BACKEND applies to "auto".
+        return_info: also return a ProjectionInfo (gram, coefficients, cosines, norms, num_conflicts).
+
+    Returns:
+        merged [N] (or [K, N]) in the input dtype and device; (merged, info) with return_info=True.
+    """
+    G = as_matrix(grads)
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    K, N = G.shape
+    shared = check_shared(shared, N, G.device)
+    perms = make_perms(order, K, generator, G.device)
+    merged, gram_, A = project(G, perms, shared, reduction, backend)
+    # Γ is non-finite exactly when a gradient holds NaN/Inf (or the dot products overflow): a free check.
+    if not torch.compiler.is_compiling() and not bool(torch.isfinite(gram_).all()):
+        bad = (~torch.isfinite(gram_.diagonal())).nonzero().flatten().tolist()
+        raise ValueError(f"grads must be finite: the gradients of objectives {bad or 'some'} contain NaN or Inf "
+                         f"(or their squared norms overflow float32)")
+    if not return_info:
+        return merged
+    return merged, _info(gram_, A)
+
+
+def gram(grads, backend="auto") -> torch.Tensor:
+    """Gramian Γ = G Gᵀ of K flattened gradients: [K, N] tensor or K 1-D tensors -> [K, K] float32."""
+    return ops.gram(as_matrix(grads), backend)
