@@ -1,0 +1,1 @@
+"""Evaluation metrics: BraTS region Dice and the MMSA sentiment metrics."""

@@ -1,0 +1,1 @@
+"""Dynamic Sharing models: DSUNet3d (BraTS) and DSSentimentNet (MOSI/MOSEI)."""
