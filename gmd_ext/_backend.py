@@ -8,6 +8,7 @@ raises with the reason. Nothing here touches a GPU at import time.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
 import os
 import warnings
@@ -21,23 +22,21 @@ _BUILD_INFO_FILE = "_build_info.json"
 
 def _load_extension():
     """Import gmd_ext._C (which registers the torch.ops.gmd_ext ops); return (loaded, reason_if_not)."""
-    try:
-        from gmd_ext import _C  # noqa: F401
-    except ImportError as e:
-        return False, (
-            f"the C++ extension gmd_ext._C is not built or failed to load ({e}); build it with "
-            "`pip install --no-build-isolation .` (after installing torch)"
-        )
+    rebuild = "rebuild with `pip install --no-build-isolation --force-reinstall --no-deps .` (after installing torch)"
+    if importlib.util.find_spec("gmd_ext._C") is None:
+        return False, f"the C++ extension gmd_ext._C is not built; {rebuild}"
+    # Check the build record before loading: a .so built against another torch fails with undefined symbols.
     info = build_info()
     if info is not None:
         from packaging.version import Version
 
-        built, running = Version(info["torch"]).release[:2], Version(torch.__version__).release[:2]
-        if built != running:
-            return False, (
-                f"gmd_ext._C was built against torch {info['torch']} but torch {torch.__version__} is running; "
-                "rebuild with `pip install --no-build-isolation --force-reinstall --no-deps .`"
-            )
+        if Version(info["torch"]).release[:2] != Version(torch.__version__).release[:2]:
+            return False, (f"gmd_ext._C was built against torch {info['torch']} but torch {torch.__version__} "
+                           f"is running; {rebuild}")
+    try:
+        from gmd_ext import _C  # noqa: F401
+    except ImportError as e:
+        return False, f"the C++ extension gmd_ext._C failed to load ({e}); {rebuild}"
     return True, None
 
 
