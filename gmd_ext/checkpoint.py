@@ -1,0 +1,120 @@
+"""Atomic training checkpoints and the random-number state needed to resume a run exactly.
+
+A checkpoint is one ``torch.save`` dictionary. It is written to a temporary file in the target folder, flushed to
+disk and moved over the target with ``os.replace``, so a run killed mid-write leaves the previous checkpoint intact.
+Every value stored by :func:`rng_state` is a tensor, int, float, str, bool, None or a tuple/list/dict of these, so
+checkpoints load with ``torch.load(weights_only=True)``: a checkpoint file never executes code when it is read.
+
+Typical use in a training loop::
+
+    save_checkpoint(run / "last.pt", model=model.state_dict(), optimizer=opt.state_dict(),
+                    scheduler=sched.state_dict(), gmd=gmd.state_dict(), rng=rng_state(), step=step)
+    ...
+    state = load_checkpoint(run / "last.pt")
+    model.load_state_dict(state["model"]); set_rng_state(state["rng"])
+"""
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["save_checkpoint", "load_checkpoint", "rng_state", "set_rng_state"]
+
+
+def rng_state() -> dict:
+    """Snapshot of the global Python, NumPy and torch (CPU and, when initialised, CUDA) random states.
+
+    Returns:
+        dict with keys ``python``, ``numpy``, ``torch`` and ``cuda`` (a list of uint8 tensors, empty when CUDA is
+        not initialised). NumPy's state is stored as plain values and an int64 tensor so that the dict loads with
+        ``weights_only=True``.
+    """
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    cuda = [s.clone() for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_initialized() else []
+    return {
+        "python": random.getstate(),
+        "numpy": {"name": str(name), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+                  "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "torch": torch.get_rng_state(),
+        "cuda": cuda,
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore a snapshot taken by :func:`rng_state`.
+
+    Raises:
+        ValueError: ``state`` lacks one of the keys ``python``, ``numpy``, ``torch``.
+    """
+    if not isinstance(state, dict) or not {"python", "numpy", "torch"} <= set(state):
+        got = sorted(state) if isinstance(state, dict) else type(state).__name__
+        raise ValueError(f"set_rng_state: state must be a dict from rng_state() with keys python, numpy, torch; "
+                         f"got {got}")
+    py = state["python"]
+    # weights_only loading turns the inner tuple of Python's state into a list; random.setstate wants tuples.
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    cuda = state.get("cuda") or []
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def save_checkpoint(path: str | os.PathLike, **state: Any) -> Path:
+    """Write ``state`` (keyword arguments, e.g. ``model=model.state_dict()``) to ``path`` atomically.
+
+    The parent folder is created if needed. Returns the path written.
+
+    Raises:
+        ValueError: no state was given.
+    """
+    if not state:
+        raise ValueError("save_checkpoint: nothing to save; pass the state as keyword arguments, e.g. model=...")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu", *,
+                    weights_only: bool = True) -> dict:
+    """Read a checkpoint written by :func:`save_checkpoint`.
+
+    Args:
+        path: checkpoint file.
+        map_location: where tensors are placed (default CPU).
+        weights_only: keep ``True`` for untrusted files; it forbids arbitrary Python objects in the file.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: the file is not a readable checkpoint (truncated, another format); the message names the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"load_checkpoint: no checkpoint file at {path}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=weights_only)
+    except Exception as e:  # torch raises RuntimeError, pickle.UnpicklingError, EOFError... depending on damage
+        raise ValueError(f"load_checkpoint: {path} is not a readable checkpoint ({type(e).__name__}: {e})") from e
+    if not isinstance(state, dict):
+        raise ValueError(f"load_checkpoint: {path} holds a {type(state).__name__}, expected the dict written by "
+                         f"save_checkpoint")
+    return state
