@@ -5,5 +5,6 @@ Importing this package loads the compiled ops when they are built and never touc
 from gmd_ext import _backend
 from gmd_ext import ops
 from gmd_ext.projection import gram, project_conflicts
+from gmd_ext.ds_ops import masked_conv, modality_group_norm
 
 __version__ = "0.1.0"
