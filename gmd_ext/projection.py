@@ -97,6 +97,8 @@ def make_perms(order, K: int, generator: torch.Generator | None = None, device="
         raise TypeError(f"order must be an int64 tensor, got dtype {order.dtype}")
     if order.shape != (K, K):
         raise ValueError(f"order must have shape [{K}, {K}] (K = number of objectives), got {tuple(order.shape)}")
+    if torch.compiler.is_compiling():  # value checks need a host sync; shapes and dtype were checked above
+        return order.to(device)
     expected = torch.arange(K, device=order.device).expand(K, K)
     bad = (order.sort(dim=1).values != expected).any(dim=1)
     if bad.any():

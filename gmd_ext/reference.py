@@ -45,24 +45,26 @@ def gram(G: torch.Tensor) -> torch.Tensor:
 
 
 def pcgrad_coefficients(gram: torch.Tensor, perms: torch.Tensor) -> torch.Tensor:
-    """The sequential projection loop on the K×K matrix (DESIGN §1), in float64 on the host.
+    """The sequential projection loop on the K×K matrix (DESIGN §1), in float64 on gram's device.
 
-    Row i of A starts as e_i; v = A_i Γ holds g_i'·g_j for every j, so projecting against g_j
-    (when v_j < 0 and ‖g_j‖² > 0) changes only A_ij and updates v with one row of Γ.
+    Row i of A starts as e_i and V_i = A_i Γ holds g_i'·g_j for every j, so projecting g_i' against g_j
+    (when V_ij < 0 and ‖g_j‖² > 0) changes only A_ij and updates V_i with one row of Γ. Rows are independent,
+    so step t handles every row at once (its t-th objective): K vector steps, no host sync, traceable.
     """
     K = gram.shape[0]
-    Gm = gram.detach().to("cpu", torch.float64)
-    P = perms.detach().to("cpu")
-    A = torch.eye(K, dtype=torch.float64)
-    for i in range(K):
-        v = Gm[i].clone()
-        for j in P[i].tolist():
-            d, n = v[j].item(), Gm[j, j].item()
-            if d < 0 and n > 0:
-                alpha = d / n
-                A[i, j] -= alpha
-                v -= alpha * Gm[j]
-    return A.to(device=gram.device, dtype=torch.float32)
+    Gm = gram.to(torch.float64)
+    A = torch.eye(K, dtype=torch.float64, device=gram.device)
+    V = Gm.clone()
+    rows = torch.arange(K, device=gram.device)
+    sq_norms = Gm.diagonal()
+    for t in range(K):
+        j = perms[:, t]
+        d = V[rows, j]
+        n = sq_norms[j]
+        alpha = torch.where((d < 0) & (n > 0), d / torch.where(n > 0, n, 1.0), 0.0)
+        A[rows, j] -= alpha
+        V -= alpha[:, None] * Gm[j]
+    return A.to(torch.float32)
 
 
 def combine(G: torch.Tensor, c: torch.Tensor, shared: torch.Tensor | None, shared_scale: float,

@@ -1,0 +1,7 @@
+"""Triton kernels of the gmd_ext ops, registered as custom ops `gmd_ext::<op>_triton` on import.
+
+Each module has three layers (as Liger-Kernel's): private @triton.jit kernels, pure-tensor launchers that pick
+block sizes and check devices, and the torch.library.custom_op registration with its fake. The ops run CUDA
+tensors, or CPU tensors when TRITON_INTERPRET=1 is set before triton is imported.
+"""
+from gmd_ext.triton import gram  # noqa: F401

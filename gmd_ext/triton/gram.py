@@ -1,0 +1,100 @@
+"""Triton Gramian: G [K, N] -> Γ = G Gᵀ [K, K] float32 (pass 1 of the projection, DESIGN §3).
+
+Layers: `_gram_kernel` (one program = one slice of N × one tile pair of K, fp32 partial K×K via tl.dot),
+`gram` (block sizes, partial buffer, deterministic fp64 reduction), and the custom op `gmd_ext::gram_triton`.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from gmd_ext.triton import _utils
+
+_OP = "gram_triton"
+
+# K is padded to a power of two >= 16 (tl.dot's minimum tile) and tiled in BLOCK_K_MAX rows beyond that, so the
+# fp32 accumulator [BLOCK_K, BLOCK_K] plus the loaded tiles stay in registers.
+BLOCK_K_MAX = 64
+# Columns per loop iteration, by BLOCK_K: chosen from the sm_90 ahead-of-time compile (tests/test_triton.py::
+# test_aot_compile_sm90 builds these exact configurations) as the widest tile with no register spills at
+# NUM_WARPS warps. (No GPU was available to time them; the kernel is memory-bound for K <= 64.)
+BLOCK_N = {16: 128, 32: 128, 64: 64}
+NUM_WARPS = 4
+
+
+@triton.jit
+def _gram_kernel(g_ptr, partial_ptr, K, N, stride_k, stride_n, cols_per_program,
+                 BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, ONE_TILE: tl.constexpr, PRECISION: tl.constexpr):
+    """partial[p, I, J] = Σ_{n in slice p} G[I, n] G[J, n] for the row tiles I = tile ti, J = tile tj (ti <= tj)."""
+    pid_n = tl.program_id(0)
+    ti = tl.program_id(1)
+    tj = tl.program_id(2)
+    if ti > tj:  # Γ is symmetric: only upper tile pairs are computed; the launcher mirrors them.
+        return
+    rows_i = ti * BLOCK_K + tl.arange(0, BLOCK_K)
+    rows_j = tj * BLOCK_K + tl.arange(0, BLOCK_K)
+    # int64 offsets: K * N (or N * stride_n for a transposed G) may exceed 2^31 elements.
+    base_i = g_ptr + rows_i.to(tl.int64)[:, None] * stride_k
+    base_j = g_ptr + rows_j.to(tl.int64)[:, None] * stride_k
+    acc = tl.zeros([BLOCK_K, BLOCK_K], dtype=tl.float32)
+    start = pid_n * cols_per_program
+    end = tl.minimum(start + cols_per_program, N)
+    for n0 in range(start, end, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        col_off = cols.to(tl.int64)[None, :] * stride_n
+        col_ok = (cols < end)[None, :]
+        # fp16/bf16 are widened right after the load (the interpreter cannot tl.dot bf16); the widened values
+        # are exact in tf32, so PRECISION="tf32" keeps every product exact for them.
+        x_i = tl.load(base_i + col_off, mask=(rows_i < K)[:, None] & col_ok, other=0.0).to(tl.float32)
+        if ONE_TILE:
+            x_j = x_i
+        else:
+            x_j = tl.load(base_j + col_off, mask=(rows_j < K)[:, None] & col_ok, other=0.0).to(tl.float32)
+        acc = tl.dot(x_i, tl.trans(x_j), acc, input_precision=PRECISION)
+    out = partial_ptr + pid_n * K * K + rows_i[:, None] * K + rows_j[None, :]
+    tl.store(out, acc, mask=(rows_i < K)[:, None] & (rows_j < K)[None, :])
+
+
+def config(K: int, dtype: torch.dtype) -> dict:
+    """The compile-time parameters `gram` launches `_gram_kernel` with for K rows of `dtype`."""
+    block_k = min(_utils.next_power_of_2(K, 16), BLOCK_K_MAX)
+    return dict(BLOCK_K=block_k, BLOCK_N=BLOCK_N[block_k], ONE_TILE=K <= block_k,
+                # fp32 inputs need full-precision products; 16-bit inputs are exact in tf32 (see the kernel).
+                PRECISION="ieee" if dtype == torch.float32 else "tf32")
+
+
+def gram(G: torch.Tensor) -> torch.Tensor:
+    """G [K, N] float32/float16/bfloat16 (cuda, or cpu under TRITON_INTERPRET=1; any strides) -> G Gᵀ [K, K] float32.
+
+    Each program accumulates one slice of N in fp32; the per-program partials are summed in fp64 by torch (a
+    fixed-order reduction, so the result is deterministic, unlike atomics), and the upper triangle is mirrored
+    so Γ is exactly symmetric.
+    """
+    _utils.check_grads(_OP, G)
+    K, N = G.shape
+    if K == 0 or N == 0:
+        return torch.zeros((K, K), dtype=torch.float32, device=G.device)
+    cfg = config(K, G.dtype)
+    block_n = cfg["BLOCK_N"]
+    blocks = triton.cdiv(N, block_n)
+    programs = min(blocks, _utils.max_programs(G.device))
+    cols_per_program = triton.cdiv(blocks, programs) * block_n
+    programs = triton.cdiv(N, cols_per_program)
+    tiles = triton.cdiv(K, cfg["BLOCK_K"])
+    # Lower tile pairs are never written; zeros keep them out of the reduction below.
+    partial = torch.zeros((programs, K, K), dtype=torch.float32, device=G.device)
+    _gram_kernel[(programs, tiles, tiles)](G, partial, K, N, G.stride(0), G.stride(1), cols_per_program,
+                                            num_warps=NUM_WARPS, **cfg)
+    upper = partial.sum(0, dtype=torch.float64).triu()
+    return (upper + upper.triu(1).T).float()
+
+
+@torch.library.custom_op("gmd_ext::gram_triton", mutates_args=())
+def gram_triton(G: torch.Tensor) -> torch.Tensor:
+    """Triton backend of gmd_ext::gram: G [K, N] -> G Gᵀ [K, K] float32."""
+    return gram(G)
+
+
+@gram_triton.register_fake
+def _(G):
+    _utils.check_grads(_OP, G)
+    return G.new_empty((G.shape[0], G.shape[0]), dtype=torch.float32)
