@@ -1,1 +1,2 @@
 """Evaluation metrics: BraTS region Dice and the MMSA sentiment metrics."""
+from gmd_ext.metrics.brats import brats_dice
