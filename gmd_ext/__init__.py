@@ -6,5 +6,7 @@ from gmd_ext import _backend
 from gmd_ext import ops
 from gmd_ext.projection import gram, project_conflicts
 from gmd_ext.ds_ops import masked_conv, modality_group_norm
+from gmd_ext.ds import DSConv, DSGroupNorm, DSLinear, DSLayerNorm, masked_mean
+from gmd_ext.models import DSUNet3d, DSSentimentNet
 
 __version__ = "0.1.0"

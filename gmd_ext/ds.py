@@ -2,11 +2,12 @@
 
 Every layer maps a [B, M, ...] tensor plus `present` (bool [B, M], None = all present) to a [B, M, ...] tensor
 whose absent (sample, modality) pairs are exactly zero and contribute no gradient to anything. `masked_mean`
-fuses per-modality outputs over the modalities present.
+fuses per-modality outputs over the modalities present. A sample with no modality present is a ValueError
+everywhere (there is nothing to fuse).
 
 DSConv / DSGroupNorm run on the `masked_conv` / `modality_group_norm` ops (absent pairs never computed).
-DSLinear / DSLayerNorm are small enough that computing every pair and masking is faster than packing (no
-host sync, static shapes, so they compile without graph breaks); the input is masked too, so a NaN/Inf placed
+DSLinear / DSLayerNorm are small enough that computing every pair and masking is faster than packing (static
+shapes, so they compile without graph breaks); the input is masked too, so a NaN/Inf placed
 in an absent modality cannot reach the parameters' gradients.
 """
 from __future__ import annotations
@@ -24,11 +25,11 @@ _ACTIVATIONS = (None, "relu", "leaky_relu")
 
 
 def check_present(present, batch: int, num_modalities: int, device: torch.device, *,
-                  allow_empty_rows: bool = True, name: str = "present") -> torch.Tensor | None:
+                  allow_empty_rows: bool = False, name: str = "present") -> torch.Tensor | None:
     """Validate a presence mask: None or a bool tensor [batch, num_modalities] on `device`.
 
-    With allow_empty_rows=False a sample with no modality present is a ValueError (it has nothing to fuse);
-    that check reads the mask on the host.
+    A sample with no modality present is a ValueError (it has nothing to fuse) unless allow_empty_rows. That
+    check reads the mask on the host, so it is skipped while torch.compile traces (the graph stays whole).
     """
     if present is None:
         return None
@@ -41,7 +42,7 @@ def check_present(present, batch: int, num_modalities: int, device: torch.device
         raise ValueError(f"{name} must have shape [B, M] = [{batch}, {num_modalities}], got {tuple(present.shape)}")
     if present.device != torch.device(device):
         raise ValueError(f"{name} must be on the input's device {device}, got {present.device}")
-    if not allow_empty_rows:
+    if not allow_empty_rows and not torch.compiler.is_compiling():
         empty = (~present.any(1)).nonzero().flatten().tolist()
         if empty:
             raise ValueError(f"{name}: every sample needs at least one modality present; samples {empty} have none "
@@ -68,7 +69,7 @@ def masked_mean(outputs: torch.Tensor, present: torch.Tensor | None) -> torch.Te
     B, M = outputs.shape[:2]
     if M == 0:
         raise ValueError("outputs must have at least one modality (dim 1), got M = 0")
-    check_present(present, B, M, outputs.device, allow_empty_rows=False)
+    check_present(present, B, M, outputs.device)
     acc = torch.float32 if outputs.dtype in (torch.float16, torch.bfloat16) else outputs.dtype
     if present is None:
         return outputs.mean(1, dtype=acc).to(outputs.dtype)

@@ -1,0 +1,148 @@
+"""DSSentimentNet: the CMU-MOSI/MOSEI regression model with Dynamic Sharing.
+
+Each modality's features [B, T_m, D_m] get a modality-specific input projection (Linear D_m -> hidden) and
+LayerNorm; one GRU shared by all modalities encodes every present (sample, modality) sequence in a single packed
+call (its final state at the sequence's length); a modality-specific LayerNorm (DSLayerNorm) and a shared MLP
+head (DSLinear) map each state to a per-modality prediction, and the predictions are fused by the mean over the
+modalities present. Absent modalities are never projected or encoded and receive no gradient.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence
+
+from gmd_ext.ds import DSLayerNorm, DSLinear, check_present, masked_mean
+
+MOSI_MODALITIES = ("text", "audio", "vision")
+
+
+class DSSentimentNet(nn.Module):
+    """Dynamic Sharing sentiment regressor for MMSA features.
+
+    Args:
+        modalities: names, in the order of `present`'s columns (and of list inputs).
+        input_dims: feature size per modality (MMSA: text 768; audio 5 (MOSI) or 74 (MOSEI); vision 20 or 35).
+        hidden: width of the projections, the shared GRU and the head.
+        num_layers: GRU layers. dropout: after the input projection and inside the head.
+
+    Inputs of forward / forward_branches:
+        x: dict name -> [B, T_m, D_m] float tensor, or a sequence in modality order. Aligned features share T;
+           unaligned ones may differ per modality. A modality absent from every sample may be left out (None).
+        present: bool [B, M] (None = all present); every sample needs at least one modality.
+        lengths: None (every sequence is full length), or dict name -> / sequence of [B] integer tensors (or
+           None for full length): the valid prefix of each sequence, 1 <= length <= T_m where present.
+    """
+
+    def __init__(self, modalities=MOSI_MODALITIES, input_dims=(768, 5, 20), hidden: int = 64, *,
+                 num_layers: int = 1, dropout: float = 0.1):
+        super().__init__()
+        self.modalities = tuple(modalities)
+        if not self.modalities or len(set(self.modalities)) != len(self.modalities):
+            raise ValueError(f"modalities must be a non-empty sequence of distinct names, got {modalities!r}")
+        self.input_dims = tuple(int(d) for d in input_dims)
+        if len(self.input_dims) != len(self.modalities) or min(self.input_dims) < 1:
+            raise ValueError(f"input_dims must give one positive size per modality {self.modalities}, "
+                             f"got {tuple(input_dims)}")
+        if hidden < 1 or num_layers < 1 or not 0 <= dropout < 1:
+            raise ValueError(f"need hidden >= 1, num_layers >= 1, 0 <= dropout < 1; got hidden={hidden}, "
+                             f"num_layers={num_layers}, dropout={dropout}")
+        M = len(self.modalities)
+        self.hidden = hidden
+        self.proj = nn.ModuleList([nn.Linear(d, hidden) for d in self.input_dims])
+        self.proj_norm = nn.ModuleList([nn.LayerNorm(hidden) for _ in range(M)])
+        self.encoder = nn.GRU(hidden, hidden, num_layers=num_layers, batch_first=True,
+                              dropout=dropout if num_layers > 1 else 0.0)
+        self.norm = DSLayerNorm(M, hidden)
+        self.head1 = DSLinear(hidden, hidden)
+        self.head2 = DSLinear(hidden, 1)
+        self.dropout = nn.Dropout(dropout)
+
+    @property
+    def num_modalities(self) -> int:
+        return len(self.modalities)
+
+    def _per_modality(self, value, name: str) -> list:
+        M = self.num_modalities
+        if value is None:
+            return [None] * M
+        if isinstance(value, Mapping):
+            unknown = set(value) - set(self.modalities)
+            if unknown:
+                raise ValueError(f"{name} has keys {sorted(unknown)} that are not modalities {self.modalities}")
+            return [value.get(k) for k in self.modalities]
+        if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+            if len(value) != M:
+                raise ValueError(f"{name} must hold one entry per modality {self.modalities}, got {len(value)}")
+            return list(value)
+        raise TypeError(f"{name} must be a dict name -> tensor or a sequence in modality order "
+                        f"{self.modalities}, got {type(value).__name__}")
+
+    def _check(self, x, present, lengths):
+        xs = self._per_modality(x, "x")
+        lens = self._per_modality(lengths, "lengths")
+        given = [t for t in xs if t is not None]
+        if not given:
+            raise ValueError("x holds no modality tensor")
+        B, device = given[0].shape[0], given[0].device
+        present = check_present(present, B, self.num_modalities, device)
+        for m, (name, t, d) in enumerate(zip(self.modalities, xs, self.input_dims)):
+            if t is None:
+                if present is None or bool(present[:, m].any()):
+                    raise ValueError(f"x[{name!r}] is missing but present marks modality {name!r} as present")
+                continue
+            if not isinstance(t, torch.Tensor) or t.dim() != 3 or t.shape[0] != B or t.shape[2] != d \
+                    or t.shape[1] < 1:
+                got = f"shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(f"x[{name!r}] must be [B={B}, T >= 1, {d}], got {got}")
+            if not t.is_floating_point():
+                raise TypeError(f"x[{name!r}] must be a floating-point tensor, got dtype {t.dtype}")
+            if t.device != device:
+                raise ValueError(f"x[{name!r}] must be on {device} like the other inputs, got {t.device}")
+            L = lens[m]
+            if L is None:
+                continue
+            if not isinstance(L, torch.Tensor) or L.shape != (B,):
+                got = f"shape {tuple(L.shape)}" if isinstance(L, torch.Tensor) else type(L).__name__
+                raise ValueError(f"lengths[{name!r}] must be a [B={B}] integer tensor, got {got}")
+            if L.dtype.is_floating_point or L.dtype == torch.bool or L.is_complex():
+                raise TypeError(f"lengths[{name!r}] must be an integer tensor, got dtype {L.dtype}")
+            valid = L if present is None else L[present[:, m].to(L.device)]
+            if valid.numel() and (int(valid.min()) < 1 or int(valid.max()) > t.shape[1]):
+                raise ValueError(f"lengths[{name!r}] must lie in [1, T={t.shape[1]}] for present samples, "
+                                 f"got values in [{int(valid.min())}, {int(valid.max())}]")
+        return xs, present, lens
+
+    def forward_branches(self, x, present: torch.Tensor | None = None, lengths=None) -> torch.Tensor:
+        """Per-modality predictions [B, M] (zeros where absent); fuse any subset with masked_mean."""
+        xs, present, lens = self._check(x, present, lengths)
+        B = next(t for t in xs if t is not None).shape[0]
+        seqs, seq_lens, rows, mods = [], [], [], []
+        for m, (t, L) in enumerate(zip(xs, lens)):
+            idx = (torch.arange(B, device=t.device) if present is None else present[:, m].nonzero().flatten()) \
+                if t is not None else None
+            if idx is None or idx.numel() == 0:
+                continue
+            h = self.dropout(self.proj_norm[m](self.proj[m](t.index_select(0, idx))))
+            seqs.append(h)
+            full = torch.full((idx.numel(),), t.shape[1], dtype=torch.int64)
+            seq_lens.append(full if L is None else L.index_select(0, idx.to(L.device)).to("cpu", torch.int64))
+            rows.append(idx)
+            mods.append(torch.full_like(idx, m))
+        T = max(h.shape[1] for h in seqs)
+        # One packed GRU call over every present (sample, modality) sequence, whatever its length.
+        padded = torch.cat([F.pad(h, (0, 0, 0, T - h.shape[1])) for h in seqs])
+        packed = pack_padded_sequence(padded, torch.cat(seq_lens), batch_first=True, enforce_sorted=False)
+        _, state = self.encoder(packed)
+        rows, mods = torch.cat(rows), torch.cat(mods)
+        feats = state.new_zeros((B, self.num_modalities, self.hidden)).index_put((rows, mods), state[-1])
+        h = self.norm(feats, present)
+        h = self.dropout(F.relu(self.head1(h, present)))
+        return self.head2(h, present).squeeze(-1)
+
+    def forward(self, x, present: torch.Tensor | None = None, lengths=None) -> torch.Tensor:
+        """Fused regression [B]: the mean of the present modalities' predictions."""
+        return masked_mean(self.forward_branches(x, present, lengths), present)
