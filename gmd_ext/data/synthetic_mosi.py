@@ -1,0 +1,113 @@
+"""Synthetic stand-in for the MMSA CMU-MOSI feature files, for tests and offline demos.
+
+:func:`make` writes a file with exactly the layout :func:`gmd_ext.data.load_mmsa` reads (and MMSA writes), filled
+with a learnable signal of unequal strength per modality, so that training on it shows modality dominance:
+
+- a sentiment label y per sample on MOSI's grid of thirds in [-3, 3] (about 9 % exact zeros, as Non0 metrics need);
+- every modality m carries y along one fixed random unit direction u_m of its feature space, in every valid frame:
+  ``x[n, t] = g_m * (y_n / 3) * u_m + c * eta_n + e_{n,t}``, with a per-sample nuisance ``eta_n`` shared by the
+  frames (so averaging over time cannot remove all noise) and per-frame noise ``e_{n,t}``, both standard normal;
+- the gains ``g_m`` (:data:`GAINS`) make text strong, audio medium and vision weak. On the default MOSI-sized
+  file a ridge regression (sklearn RidgeCV) on time-averaged features reaches test Pearson r 0.86 / 0.59 / 0.33
+  for text / audio / vision alone and 0.88 with all three.
+
+Unaligned files (``aligned=False``) use MMSA's unaligned sequence lengths (text 50, audio 375, vision 500), give
+each sample random ``audio_lengths``/``vision_lengths`` and zero-pad the frames beyond them, as the real files do.
+Writing the MOSI-sized aligned file at dims (768, 5, 20) takes a few seconds (~340 MB, mostly text).
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["make", "GAINS", "NUISANCE"]
+
+GAINS = {"text": 2.0, "audio": 0.8, "vision": 0.4}  # signal gain per modality (noise has unit variance per dim)
+NUISANCE = 0.5  # std of the per-sample noise shared by all frames of one sample
+_T_ALIGNED = (50, 50, 50)
+_T_UNALIGNED = (50, 375, 500)  # MMSA's unaligned_50.pkl for MOSI
+_SPLITS = ("train", "valid", "test")
+_MODALITIES = ("text", "audio", "vision")
+
+
+def _labels(rng: np.random.Generator, n: int) -> np.ndarray:
+    # Heavy-ish spread like MOSI (std ~1.5), snapped to thirds because MOSI labels are means of 3 annotators.
+    y = np.clip(np.round(rng.normal(0.0, 1.5, size=n) * 3) / 3, -3, 3)
+    return y.astype(np.float32)
+
+
+def _modality(rng, y, u, gain, t, lengths) -> np.ndarray:
+    n, d = y.shape[0], u.shape[0]
+    x = rng.standard_normal((n, t, d), dtype=np.float32)
+    sample = gain * (y / 3.0)[:, None] * u[None, :] + NUISANCE * rng.standard_normal((n, d), dtype=np.float32)
+    x += sample[:, None, :].astype(np.float32)
+    if lengths is not None:
+        x[np.arange(t)[None, :] >= lengths[:, None]] = 0.0  # MMSA zero-pads beyond the sequence length
+    return x
+
+
+def _split(rng, n, dirs, dims, ts, aligned, split) -> dict:
+    y = _labels(rng, n)
+    d: dict[str, np.ndarray] = {}
+    for m, dim, t in zip(_MODALITIES, dims, ts):
+        lengths = None
+        if not aligned and m != "text":
+            lengths = rng.integers(max(1, t // 4), t + 1, size=n).astype(np.int64)
+            d[f"{m}_lengths"] = lengths
+        d[m] = _modality(rng, y, dirs[m], GAINS[m], t, lengths)
+    d["regression_labels"] = y
+    d["id"] = np.array([f"syn{split}_{i // 8:04d}_{i % 8}" for i in range(n)])
+    d["raw_text"] = np.array([f"synthetic utterance {i} of the {split} split" for i in range(n)])
+    return d
+
+
+def make(path: str | os.PathLike, n=(1284, 229, 686), aligned: bool = True, dims=(768, 5, 20),
+         seed: int = 0) -> Path:
+    """Write a synthetic MMSA-format MOSI file.
+
+    Args:
+        path: output file; a ``.npz`` suffix writes the npz form (``"<split>/<key>"`` entries), anything else a
+            pickle like MMSA's ``aligned_50.pkl`` / ``unaligned_50.pkl``. Written atomically.
+        n: samples in (train, valid, test); MOSI's sizes by default.
+        aligned: ``True``: all modalities T = 50, no ``*_lengths``; ``False``: T = (50, 375, 500) with
+            ``audio_lengths`` / ``vision_lengths`` and zero padding.
+        dims: feature sizes (D_text, D_audio, D_vision); MOSI's (768, 5, 20) by default, MOSEI's (768, 74, 35).
+        seed: seeds ``numpy.random.default_rng``; the same arguments write identical arrays.
+
+    Returns:
+        The path written.
+
+    Raises:
+        ValueError: ``n`` is not three ints >= 1 or ``dims`` is not three ints >= 1.
+    """
+    for name, v in (("n", n), ("dims", dims)):
+        if (not isinstance(v, (tuple, list)) or len(v) != 3
+                or not all(isinstance(k, (int, np.integer)) and not isinstance(k, bool) and k >= 1 for k in v)):
+            raise ValueError(f"synthetic_mosi.make: {name} must be three ints >= 1, got {v!r}")
+    rng = np.random.default_rng(seed)
+    dirs = {}
+    for m, dim in zip(_MODALITIES, dims):
+        u = rng.standard_normal(dim)
+        dirs[m] = (u / np.linalg.norm(u)).astype(np.float32)
+    ts = _T_ALIGNED if aligned else _T_UNALIGNED
+    data = {split: _split(rng, int(k), dirs, dims, ts, aligned, split) for split, k in zip(_SPLITS, n)}
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if path.suffix == ".npz":
+                np.savez(f, **{f"{s}/{k}": v for s, d in data.items() for k, v in d.items()})
+            else:
+                pickle.dump(data, f, protocol=4)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path
