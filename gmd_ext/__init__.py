@@ -5,6 +5,9 @@ Importing this package loads the compiled ops when they are built and never touc
 from gmd_ext import _backend
 from gmd_ext import ops
 from gmd_ext.projection import gram, project_conflicts
+from gmd_ext.engine import GMD
+from gmd_ext.subsets import subsets, sample_subsets
+from gmd_ext import monitor
 from gmd_ext.ds_ops import masked_conv, modality_group_norm
 from gmd_ext.ds import DSConv, DSGroupNorm, DSLinear, DSLayerNorm, masked_mean
 from gmd_ext.models import DSUNet3d, DSSentimentNet
