@@ -250,10 +250,6 @@ def _modality_group_norm_torch(x, weight, bias, present, num_groups, eps, activa
 
 
 # ---------------------------------------------------------------- public API
-def _has_op(name):  # TEMPORARY while the kernels land
-    return hasattr(torch.ops.gmd_ext, name)
-
-
 def masked_conv(x, weight, bias=None, present=None, *, stride=1, padding=0, dilation=1, backend="auto"):
     """Convolution of every present (b, m) pair; absent pairs are skipped and come out as zeros.
 
@@ -269,7 +265,7 @@ def masked_conv(x, weight, bias=None, present=None, *, stride=1, padding=0, dila
     per_modality, stride, padding, dilation = _conv_args(x, weight, bias, stride, padding, dilation)
     present = _check_present(present, x)
     chosen = _backend.resolve(backend, x.device)
-    if chosen == "cpp" and _has_op("masked_conv"):
+    if chosen == "cpp":
         return torch.ops.gmd_ext.masked_conv(x, weight, bias, present, list(stride), list(padding), list(dilation))
     return _masked_conv_torch(x, weight, bias, present, stride, padding, dilation, per_modality)
 
@@ -300,11 +296,110 @@ def modality_group_norm(x, weight, bias, present=None, *, num_groups, eps=1e-5, 
     present = _check_present(present, x)
     chosen = _backend.resolve(backend, x.device)
     act = activation or "none"
-    if chosen == "cpp" and _has_op("modality_group_norm_fwd"):
+    if chosen == "cpp":
         return torch.ops.gmd_ext.modality_group_norm_fwd(x, weight, bias, present, num_groups, float(eps), act)[0]
-    if chosen == "triton" and False:
+    if chosen == "triton":
         from gmd_ext.triton import modality_group_norm as _tr  # noqa: F401  (registers the op)
 
         return torch.ops.gmd_ext.modality_group_norm_fwd_triton(x, weight, bias, present, num_groups,
                                                                  float(eps), act)[0]
     return _modality_group_norm_torch(x, weight, bias, present, num_groups, eps, activation)
+
+
+# ---------------------------------------------------------------- fakes and autograd of the compiled ops
+def _register_cpp_ops():
+    """Fake (meta) kernels for torch.compile and autograd formulas of the DS ops in csrc/ (when _C is loaded)."""
+    lib = "gmd_ext::"
+
+    @torch.library.register_fake(lib + "pack_pairs")
+    def _(x, index):
+        return x.new_empty((index.shape[0], *x.shape[1:]))
+
+    @torch.library.register_fake(lib + "scatter_pairs")
+    def _(y, index, num_pairs):
+        return y.new_empty((num_pairs, *y.shape[1:]))
+
+    # pack and scatter are each other's adjoint for distinct indices.
+    def _pack_setup(ctx, inputs, output):
+        x, index = inputs
+        ctx.num_rows = x.shape[0]
+        ctx.save_for_backward(index)
+
+    def _pack_backward(ctx, grad):
+        (index,) = ctx.saved_tensors
+        return torch.ops.gmd_ext.scatter_pairs(grad, index, ctx.num_rows), None
+
+    torch.library.register_autograd(lib + "pack_pairs", _pack_backward, setup_context=_pack_setup)
+
+    def _scatter_setup(ctx, inputs, output):
+        ctx.save_for_backward(inputs[1])
+
+    def _scatter_backward(ctx, grad):
+        (index,) = ctx.saved_tensors
+        return torch.ops.gmd_ext.pack_pairs(grad, index), None, None
+
+    torch.library.register_autograd(lib + "scatter_pairs", _scatter_backward, setup_context=_scatter_setup)
+
+    @torch.library.register_fake(lib + "masked_conv")
+    def _(x, weight, bias, present, stride, padding, dilation):
+        per_modality = weight.dim() == x.dim()
+        return x.new_empty(_conv_out_shape(x, weight, per_modality, stride, padding, dilation))
+
+    @torch.library.register_fake(lib + "masked_conv_backward")
+    def _(grad_y, x, weight, bias, present, stride, padding, dilation, output_mask):
+        return (torch.empty_like(x) if output_mask[0] else None,
+                torch.empty_like(weight) if output_mask[1] else None,
+                torch.empty_like(bias) if output_mask[2] and bias is not None else None)
+
+    def _conv_setup(ctx, inputs, output):
+        x, weight, bias, present, stride, padding, dilation = inputs
+        ctx.conv = (stride, padding, dilation)
+        ctx.save_for_backward(x, weight, bias, present)
+
+    def _conv_backward(ctx, grad):
+        x, weight, bias, present = ctx.saved_tensors
+        mask = list(ctx.needs_input_grad[:3])
+        dx, dw, db = torch.ops.gmd_ext.masked_conv_backward(grad, x, weight, bias, present, *ctx.conv, mask)
+        return dx, dw, db, None, None, None, None
+
+    torch.library.register_autograd(lib + "masked_conv", _conv_backward, setup_context=_conv_setup)
+
+    @torch.library.register_fake(lib + "modality_group_norm_fwd")
+    def _(x, weight, bias, present, num_groups, eps, activation):
+        return _group_norm_fake(x, num_groups)
+
+    @torch.library.register_fake(lib + "modality_group_norm_bwd")
+    def _(grad_y, x, weight, bias, present, mean, rstd, num_groups, activation, output_mask):
+        return (torch.empty_like(x) if output_mask[0] else None,
+                torch.empty_like(weight) if output_mask[1] else None,
+                torch.empty_like(bias) if output_mask[2] else None)
+
+    def _gn_backward(ctx, grad_y, grad_mean, grad_rstd):
+        # mean and rstd are returned for the backward only (marked non-differentiable): their grads are None.
+        x, weight, bias, present, mean, rstd = ctx.saved_tensors
+        mask = list(ctx.needs_input_grad[:3])
+        dx, dw, db = torch.ops.gmd_ext.modality_group_norm_bwd(grad_y, x, weight, bias, present, mean, rstd,
+                                                               *ctx.gn, mask)
+        return dx, dw, db, None, None, None, None
+
+    torch.library.register_autograd(lib + "modality_group_norm_fwd", _gn_backward, setup_context=_gn_setup)
+
+
+def _group_norm_fake(x, num_groups):
+    """(y, mean, rstd) shapes and dtypes of the modality_group_norm forward ops."""
+    stat = torch.float64 if x.dtype == torch.float64 else torch.float32
+    mean = x.new_empty((x.shape[0], x.shape[1], num_groups), dtype=stat)
+    return torch.empty_like(x, memory_format=torch.contiguous_format), mean, torch.empty_like(mean)
+
+
+def _gn_setup(ctx, inputs, output):
+    """setup_context shared by the cpp and triton forward ops (same signature, same saved tensors)."""
+    x, weight, bias, present, num_groups, eps, activation = inputs
+    _, mean, rstd = output
+    ctx.mark_non_differentiable(mean, rstd)
+    ctx.gn = (num_groups, activation)
+    ctx.save_for_backward(x, weight, bias, present, mean, rstd)
+
+
+if _backend.CPP_LOADED:
+    _register_cpp_ops()

@@ -1,0 +1,281 @@
+// modality_group_norm (Dynamic Sharing, DESIGN §3): GroupNorm statistics per (b, m) pair, affine parameters per
+// modality [M, C], optional fused ReLU / LeakyReLU(0.01); absent pairs are skipped (zeros out, no gradient).
+//
+// x [B, M, C, L] contiguous (L = prod(*S)) puts group g of pair (b, m) at the contiguous range
+// [t * n, (t + 1) * n) with t = (b * M + m) * G + g and n = C / G * L, so one task per t needs no index math.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+
+namespace gmd_ext {
+
+enum class Activation { kNone, kRelu, kLeakyRelu };
+
+Activation parse_activation(c10::string_view activation) {
+  if (activation == "none") return Activation::kNone;
+  if (activation == "relu") return Activation::kRelu;
+  if (activation == "leaky_relu") return Activation::kLeakyRelu;
+  TORCH_CHECK_VALUE(false, "modality_group_norm: activation must be \"none\", \"relu\" or \"leaky_relu\", got \"",
+                    std::string(activation), "\"");
+}
+
+// Checks shared by the CPU and CUDA kernels; returns the element count L of one channel.
+int64_t check_group_norm_args(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                              const at::Tensor& present, int64_t num_groups) {
+  TORCH_CHECK_VALUE(x.dim() >= 4 && x.dim() <= 6,
+                    "modality_group_norm: x must be [B, M, C, *S] with 1-3 spatial dims, got ", x.sizes());
+  const int64_t B = x.size(0), M = x.size(1), C = x.size(2);
+  TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(0) == M && weight.size(1) == C,
+                    "modality_group_norm: weight must be [M, C] = [", M, ", ", C, "], got ", weight.sizes());
+  TORCH_CHECK_VALUE(bias.dim() == 2 && bias.size(0) == M && bias.size(1) == C,
+                    "modality_group_norm: bias must be [M, C] = [", M, ", ", C, "], got ", bias.sizes());
+  TORCH_CHECK_VALUE(present.scalar_type() == at::kBool && present.dim() == 2 && present.size(0) == B &&
+                        present.size(1) == M,
+                    "modality_group_norm: present must be bool [B, M] = [", B, ", ", M, "], got ",
+                    present.scalar_type(), " ", present.sizes());
+  TORCH_CHECK_VALUE(num_groups > 0 && C % num_groups == 0, "modality_group_norm: num_groups (", num_groups,
+                    ") must be positive and divide C = ", C);
+  for (const auto* t : {&weight, &bias, &present}) {
+    TORCH_CHECK_VALUE(t->device() == x.device(), "modality_group_norm: all tensors must be on x's device ",
+                      x.device(), ", got one on ", t->device());
+  }
+  const int64_t rows = B * M * C;
+  return rows ? x.numel() / rows : 0;
+}
+
+namespace {
+
+constexpr double kLeakySlope = 0.01;   // nn.LeakyReLU's default, also in gmd_ext/ds_ops.py (LEAKY_SLOPE)
+// Tasks below ~32 K elements are batched per thread: smaller hand-offs cost more than they save.
+constexpr int64_t kGrainElems = 32768;
+constexpr int64_t kLanes = 8;       // independent accumulators: lets the compiler vectorise the reductions
+constexpr int64_t kBlock = 1024;    // lane sums are folded into a double every kBlock elements (bounds fp32 error)
+
+template <Activation A, typename acc_t>
+inline acc_t activate(acc_t z) {
+  if constexpr (A == Activation::kRelu) return z > 0 ? z : acc_t(0);
+  if constexpr (A == Activation::kLeakyRelu) return z > 0 ? z : z * acc_t(kLeakySlope);
+  return z;
+}
+
+// d activation / dz (torch's convention at z == 0: relu 0, leaky_relu the slope).
+template <Activation A, typename acc_t>
+inline acc_t activate_grad(acc_t z) {
+  if constexpr (A == Activation::kRelu) return z > 0 ? acc_t(1) : acc_t(0);
+  if constexpr (A == Activation::kLeakyRelu) return z > 0 ? acc_t(1) : acc_t(kLeakySlope);
+  return acc_t(1);
+}
+
+// sum over p[0, n) of f(p[i]) with fp32 (acc_t) lanes inside each block and a double across blocks.
+template <typename acc_t, typename scalar_t, typename F>
+double blocked_sum(const scalar_t* p, int64_t n, F f) {
+  double total = 0;
+  for (int64_t start = 0; start < n; start += kBlock) {
+    const int64_t end = std::min(n, start + kBlock);
+    acc_t lane[kLanes] = {};
+    int64_t i = start;
+    for (; i + kLanes <= end; i += kLanes) {
+      for (int64_t k = 0; k < kLanes; ++k) lane[k] += f(static_cast<acc_t>(p[i + k]));
+    }
+    for (; i < end; ++i) lane[0] += f(static_cast<acc_t>(p[i]));
+    acc_t s = 0;
+    for (int64_t k = 0; k < kLanes; ++k) s += lane[k];
+    total += s;
+  }
+  return total;
+}
+
+template <typename scalar_t, Activation A>
+void group_norm_fwd_kernel(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, const at::Tensor& present,
+                           int64_t G, int64_t L, double eps, at::Tensor& y, at::Tensor& mean, at::Tensor& rstd) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t M = x.size(1), C = x.size(2), Cg = C / G, n = Cg * L;
+  const scalar_t* X = x.const_data_ptr<scalar_t>();
+  const acc_t* W = w.const_data_ptr<acc_t>();
+  const acc_t* Bi = b.const_data_ptr<acc_t>();
+  const bool* P = present.const_data_ptr<bool>();
+  scalar_t* Y = y.mutable_data_ptr<scalar_t>();
+  acc_t* MEAN = mean.mutable_data_ptr<acc_t>();
+  acc_t* RSTD = rstd.mutable_data_ptr<acc_t>();
+  const int64_t grain = std::max<int64_t>(1, kGrainElems / std::max<int64_t>(n, 1));
+  at::parallel_for(0, mean.numel(), grain, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t pair = t / G, g = t % G, m = pair % M;
+      const scalar_t* xg = X + t * n;
+      scalar_t* yg = Y + t * n;
+      if (!P[pair]) {
+        std::fill(yg, yg + n, scalar_t(0));
+        MEAN[t] = RSTD[t] = 0;
+        continue;
+      }
+      // Two passes (mean, then centred variance) rather than sum / sum of squares: no cancellation.
+      const acc_t mu = static_cast<acc_t>(blocked_sum<acc_t>(xg, n, [](acc_t v) { return v; }) / n);
+      const double var = blocked_sum<acc_t>(xg, n, [mu](acc_t v) { return (v - mu) * (v - mu); }) / n;
+      const acc_t rs = static_cast<acc_t>(1.0 / std::sqrt(var + eps));
+      MEAN[t] = mu;
+      RSTD[t] = rs;
+      for (int64_t c = 0; c < Cg; ++c) {
+        const int64_t ch = m * C + g * Cg + c;
+        const acc_t a = rs * W[ch], s = Bi[ch] - mu * a;  // z = x * a + s = (x - mu) * rs * w + b
+        const scalar_t* xc = xg + c * L;
+        scalar_t* yc = yg + c * L;
+        for (int64_t l = 0; l < L; ++l) yc[l] = static_cast<scalar_t>(activate<A>(static_cast<acc_t>(xc[l]) * a + s));
+      }
+    }
+  });
+}
+
+template <typename scalar_t, Activation A>
+void group_norm_bwd_kernel(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
+                           const at::Tensor& present, const at::Tensor& mean, const at::Tensor& rstd, int64_t G,
+                           int64_t L, at::Tensor& dx, at::Tensor& dgamma, at::Tensor& dbeta) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t M = x.size(1), C = x.size(2), Cg = C / G, n = Cg * L;
+  const scalar_t* GY = gy.const_data_ptr<scalar_t>();
+  const scalar_t* X = x.const_data_ptr<scalar_t>();
+  const acc_t* W = w.const_data_ptr<acc_t>();
+  const acc_t* Bi = b.const_data_ptr<acc_t>();
+  const bool* P = present.const_data_ptr<bool>();
+  const acc_t* MEAN = mean.const_data_ptr<acc_t>();
+  const acc_t* RSTD = rstd.const_data_ptr<acc_t>();
+  scalar_t* DX = dx.defined() ? dx.mutable_data_ptr<scalar_t>() : nullptr;
+  acc_t* DG = dgamma.mutable_data_ptr<acc_t>();  // [B, M, C] partial sums, reduced over B by the caller
+  acc_t* DB = dbeta.mutable_data_ptr<acc_t>();
+  const int64_t grain = std::max<int64_t>(1, kGrainElems / std::max<int64_t>(n, 1));
+  at::parallel_for(0, mean.numel(), grain, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t pair = t / G, g = t % G, m = pair % M;
+      const int64_t part = pair * C + g * Cg;  // this group's first channel in the [B, M, C] partials
+      if (!P[pair]) {
+        if (DX) std::fill(DX + t * n, DX + (t + 1) * n, scalar_t(0));
+        std::fill(DG + part, DG + part + Cg, acc_t(0));
+        std::fill(DB + part, DB + part + Cg, acc_t(0));
+        continue;
+      }
+      const acc_t mu = MEAN[t], rs = RSTD[t];
+      // Pass 1: per channel, sum dz and sum dz * xhat (dz = dy * act'(z)); their w-weighted sums over the group
+      // give mean(dxhat) and mean(dxhat * xhat) of the GroupNorm backward.
+      double sum_w_dz = 0, sum_w_dz_xhat = 0;
+      for (int64_t c = 0; c < Cg; ++c) {
+        const int64_t ch = m * C + g * Cg + c;
+        const acc_t a = rs * W[ch], s = Bi[ch] - mu * a;
+        const scalar_t* xc = X + t * n + c * L;
+        const scalar_t* gc = GY + t * n + c * L;
+        double dz_sum = 0, dz_xc_sum = 0;
+        for (int64_t start = 0; start < L; start += kBlock) {
+          const int64_t stop = std::min(L, start + kBlock);
+          acc_t s1 = 0, s2 = 0;
+          for (int64_t l = start; l < stop; ++l) {
+            const acc_t xv = static_cast<acc_t>(xc[l]);
+            const acc_t dz = static_cast<acc_t>(gc[l]) * activate_grad<A>(xv * a + s);
+            s1 += dz;
+            s2 += dz * (xv - mu);
+          }
+          dz_sum += s1;
+          dz_xc_sum += s2;
+        }
+        const double dz_xhat_sum = dz_xc_sum * rs;
+        DB[part + c] = static_cast<acc_t>(dz_sum);
+        DG[part + c] = static_cast<acc_t>(dz_xhat_sum);
+        sum_w_dz += W[ch] * dz_sum;
+        sum_w_dz_xhat += W[ch] * dz_xhat_sum;
+      }
+      if (!DX) continue;
+      // Pass 2: dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)), dxhat = dz * w.
+      const acc_t c1 = static_cast<acc_t>(sum_w_dz / n), c2 = static_cast<acc_t>(sum_w_dz_xhat / n);
+      for (int64_t c = 0; c < Cg; ++c) {
+        const int64_t ch = m * C + g * Cg + c;
+        const acc_t wc = W[ch], bc = Bi[ch];
+        const scalar_t* xc = X + t * n + c * L;
+        const scalar_t* gc = GY + t * n + c * L;
+        scalar_t* dc = DX + t * n + c * L;
+        for (int64_t l = 0; l < L; ++l) {
+          const acc_t xhat = (static_cast<acc_t>(xc[l]) - mu) * rs;
+          const acc_t dz = static_cast<acc_t>(gc[l]) * activate_grad<A>(xhat * wc + bc);
+          dc[l] = static_cast<scalar_t>(rs * (dz * wc - c1 - xhat * c2));
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> modality_group_norm_fwd_cpu(const at::Tensor& x, const at::Tensor& weight,
+                                                                           const at::Tensor& bias,
+                                                                           const at::Tensor& present, int64_t num_groups,
+                                                                           double eps, c10::string_view activation) {
+  const int64_t L = check_group_norm_args(x, weight, bias, present, num_groups);
+  const Activation act = parse_activation(activation);
+  const auto acc = at::toOpMathType(x.scalar_type());
+  const auto xc = x.contiguous();
+  const auto w = weight.to(acc).contiguous(), b = bias.to(acc).contiguous();
+  const auto pc = present.contiguous();
+  auto y = at::empty_like(xc);
+  auto mean = at::empty({x.size(0), x.size(1), num_groups}, x.options().dtype(acc));
+  auto rstd = at::empty_like(mean);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "modality_group_norm_fwd_cpu", [&] {
+    switch (act) {
+      case Activation::kNone:
+        group_norm_fwd_kernel<scalar_t, Activation::kNone>(xc, w, b, pc, num_groups, L, eps, y, mean, rstd);
+        break;
+      case Activation::kRelu:
+        group_norm_fwd_kernel<scalar_t, Activation::kRelu>(xc, w, b, pc, num_groups, L, eps, y, mean, rstd);
+        break;
+      case Activation::kLeakyRelu:
+        group_norm_fwd_kernel<scalar_t, Activation::kLeakyRelu>(xc, w, b, pc, num_groups, L, eps, y, mean, rstd);
+        break;
+    }
+  });
+  return {y, mean, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> modality_group_norm_bwd_cpu(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+    const at::Tensor& present, const at::Tensor& mean, const at::Tensor& rstd, int64_t num_groups,
+    c10::string_view activation, std::array<bool, 3> output_mask) {
+  const int64_t L = check_group_norm_args(x, weight, bias, present, num_groups);
+  const Activation act = parse_activation(activation);
+  TORCH_CHECK(grad_y.sizes() == x.sizes(), "modality_group_norm_bwd: grad_y must have x's shape ", x.sizes(),
+              ", got ", grad_y.sizes());
+  const auto acc = at::toOpMathType(x.scalar_type());
+  const auto xc = x.contiguous(), gc = grad_y.to(x.scalar_type()).contiguous();
+  const auto w = weight.to(acc).contiguous(), b = bias.to(acc).contiguous();
+  const auto pc = present.contiguous();
+  const auto mc = mean.to(acc).contiguous(), rc = rstd.to(acc).contiguous();
+  at::Tensor dx = output_mask[0] ? at::empty_like(xc) : at::Tensor();
+  auto dgamma = at::empty({x.size(0), x.size(1), x.size(2)}, x.options().dtype(acc));
+  auto dbeta = at::empty_like(dgamma);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "modality_group_norm_bwd_cpu", [&] {
+    switch (act) {
+      case Activation::kNone:
+        group_norm_bwd_kernel<scalar_t, Activation::kNone>(gc, xc, w, b, pc, mc, rc, num_groups, L, dx, dgamma,
+                                                            dbeta);
+        break;
+      case Activation::kRelu:
+        group_norm_bwd_kernel<scalar_t, Activation::kRelu>(gc, xc, w, b, pc, mc, rc, num_groups, L, dx, dgamma,
+                                                            dbeta);
+        break;
+      case Activation::kLeakyRelu:
+        group_norm_bwd_kernel<scalar_t, Activation::kLeakyRelu>(gc, xc, w, b, pc, mc, rc, num_groups, L, dx,
+                                                                 dgamma, dbeta);
+        break;
+    }
+  });
+  // The per-pair partials [B, M, C] are reduced over the batch here: absent pairs contributed zeros.
+  at::Tensor dw = output_mask[1] ? dgamma.sum(0).to(weight.scalar_type()) : at::Tensor();
+  at::Tensor db = output_mask[2] ? dbeta.sum(0).to(bias.scalar_type()) : at::Tensor();
+  return {dx, dw, db};
+}
+
+}  // namespace gmd_ext
+
+TORCH_LIBRARY_IMPL(gmd_ext, CPU, m) {
+  m.impl("modality_group_norm_fwd", &gmd_ext::modality_group_norm_fwd_cpu);
+  m.impl("modality_group_norm_bwd", &gmd_ext::modality_group_norm_bwd_cpu);
+}
