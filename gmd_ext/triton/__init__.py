@@ -4,4 +4,4 @@ Each module has three layers (as Liger-Kernel's): private @triton.jit kernels, p
 block sizes and check devices, and the torch.library.custom_op registration with its fake. The ops run CUDA
 tensors, or CPU tensors when TRITON_INTERPRET=1 is set before triton is imported.
 """
-from gmd_ext.triton import gram  # noqa: F401
+from gmd_ext.triton import combine, gram, pcgrad_coefficients  # noqa: F401

@@ -1,7 +1,7 @@
 """Triton projection loop on the K×K matrix: Γ [K, K], perms [K, K] -> A [K, K] (DESIGN §1).
 
-Layers: `_pcgrad_coefficients_kernel` (one program per row i: the sequential loop over perms[i] in registers, in
-fp64), `pcgrad_coefficients` (checks, launch), and the custom op `gmd_ext::pcgrad_coefficients_triton`.
+Layers: `_pcgrad_coefficients_kernel` (the sequential loop over perms[i] in registers, in fp64, for a block of
+rows at once), `pcgrad_coefficients` (checks, launch), and the custom op `gmd_ext::pcgrad_coefficients_triton`.
 """
 import torch
 import triton
@@ -12,30 +12,46 @@ from gmd_ext.triton import _utils
 _OP = "pcgrad_coefficients_triton"
 
 
+# Rows per program × padded K: all rows of A are independent, so a program runs the loop for BLOCK_R rows at
+# once, vectorised across them. Up to MAX_TILE elements a program that is one program for K <= 64 (the
+# "one-block kernel" of DESIGN §3), and the K sequential steps then cost K, not K², interpreter launches of
+# each op (K = 64: 7.4 s one program per row, vs ~0.1 s here on the 2-core dev box).
+MAX_TILE = 4096
+# Chosen from the sm_90 ahead-of-time compile (tests/test_triton.py::test_aot_compile_sm90): the fewest warps
+# whose [BLOCK_R, BLOCK_K] fp64 tiles (v, A, a gathered row of Γ) fit in registers without spills.
+NUM_WARPS = 8
+
+
 @triton.jit
 def _pcgrad_coefficients_kernel(gram_ptr, perms_ptr, a_ptr, K, stride_gi, stride_gj, stride_pi, stride_pj,
-                                BLOCK_K: tl.constexpr):
-    """Row i of A: starts as e_i with v = Γ_i (v_j = g_i'·g_j); for j in perms[i], if v_j < 0 and Γ_jj > 0,
-    α = v_j / Γ_jj, A_ij -= α, v -= α Γ_j. Done in fp64 like the host reference (interpreter and GPUs have it)."""
-    i = tl.program_id(0)
-    idx = tl.arange(0, BLOCK_K)
-    in_k = idx < K
-    v = tl.load(gram_ptr + i * stride_gi + idx * stride_gj, mask=in_k, other=0.0).to(tl.float64)
-    a = tl.where(idx == i, 1.0, 0.0).to(tl.float64)
+                                BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Rows i of A, each: starts as e_i with v = Γ_i (v_j = g_i'·g_j); for j in perms[i], if v_j < 0 and
+    Γ_jj > 0, α = v_j / Γ_jj, A_ij -= α, v -= α Γ_j. In fp64 like the host reference (interpreter and GPUs
+    have it); the loop is latency-bound, so fp64 costs little."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_K)
+    row_ok = rows < K
+    tile_ok = row_ok[:, None] & (cols < K)[None, :]
+    v = tl.load(gram_ptr + rows[:, None] * stride_gi + cols[None, :] * stride_gj, mask=tile_ok,
+                other=0.0).to(tl.float64)
+    a = tl.where(rows[:, None] == cols[None, :], 1.0, 0.0).to(tl.float64)
     for t in range(K):
-        j = tl.load(perms_ptr + i * stride_pi + t * stride_pj)
-        # The front end validates perms (a host sync); here an out-of-range j only must not read out of bounds.
-        valid = (j >= 0) & (j < K)
+        j = tl.load(perms_ptr + rows * stride_pi + t * stride_pj, mask=row_ok, other=0)
+        # The front end validates perms (that needs a host sync); here an out-of-range j must only not read
+        # out of bounds.
+        valid = row_ok & (j >= 0) & (j < K)
         j = tl.where(valid, j, 0)
-        v_j = tl.sum(tl.where(idx == j, v, 0.0))
-        norm_sq = tl.load(gram_ptr + j * stride_gi + j * stride_gj).to(tl.float64)
+        hit = cols[None, :] == j[:, None]
+        v_j = tl.sum(tl.where(hit, v, 0.0), axis=1)
+        norm_sq = tl.load(gram_ptr + j * (stride_gi + stride_gj), mask=valid, other=0.0).to(tl.float64)
         project = valid & (v_j < 0) & (norm_sq > 0)
         alpha = v_j / tl.where(norm_sq > 0, norm_sq, 1.0)
-        a = tl.where(project & (idx == j), a - alpha, a)
-        row_j = tl.load(gram_ptr + j * stride_gi + idx * stride_gj, mask=in_k, other=0.0).to(tl.float64)
-        # where, not v - 0 * Γ_j: a skipped j must leave v untouched even if Γ_j holds an inf.
-        v = tl.where(project, v - alpha * row_j, v)
-    tl.store(a_ptr + i * K + idx, a.to(tl.float32), mask=in_k)
+        a = tl.where(project[:, None] & hit, a - alpha[:, None], a)
+        row_j = tl.load(gram_ptr + j[:, None] * stride_gi + cols[None, :] * stride_gj,
+                        mask=valid[:, None] & tile_ok, other=0.0).to(tl.float64)
+        # where, not v - 0 * Γ_j: a skipped j must leave v untouched even where Γ_j holds an inf.
+        v = tl.where(project[:, None], v - alpha[:, None] * row_j, v)
+    tl.store(a_ptr + rows[:, None] * K + cols[None, :], a.to(tl.float32), mask=tile_ok)
 
 
 def _check(gram, perms) -> None:
@@ -53,10 +69,10 @@ def _check(gram, perms) -> None:
     _utils.check_same_device(_OP, "perms", perms, "gram", gram)
 
 
-def num_warps(block_k: int) -> int:
-    # The loop is a chain of K dependent reductions, so latency, not bandwidth, bounds it: one warp reduces
-    # without shared-memory barriers, and holds rows of up to 256 (8 elements a thread).
-    return 1 if block_k <= 256 else 4
+def config(K: int) -> dict:
+    """The compile-time parameters `pcgrad_coefficients` launches the kernel with for K objectives."""
+    block_k = _utils.next_power_of_2(K)
+    return dict(BLOCK_K=block_k, BLOCK_R=max(1, min(block_k, MAX_TILE // block_k)), num_warps=NUM_WARPS)
 
 
 def pcgrad_coefficients(gram: torch.Tensor, perms: torch.Tensor) -> torch.Tensor:
@@ -67,9 +83,9 @@ def pcgrad_coefficients(gram: torch.Tensor, perms: torch.Tensor) -> torch.Tensor
     A = torch.empty((K, K), dtype=torch.float32, device=gram.device)
     if K == 0:
         return A
-    block_k = _utils.next_power_of_2(K)
-    _pcgrad_coefficients_kernel[(K,)](gram, perms, A, K, gram.stride(0), gram.stride(1), perms.stride(0),
-                                      perms.stride(1), BLOCK_K=block_k, num_warps=num_warps(block_k))
+    cfg = config(K)
+    _pcgrad_coefficients_kernel[(triton.cdiv(K, cfg["BLOCK_R"]),)](
+        gram, perms, A, K, gram.stride(0), gram.stride(1), perms.stride(0), perms.stride(1), **cfg)
     return A
 
 

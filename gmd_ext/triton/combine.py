@@ -1,0 +1,161 @@
+"""Triton combination pass (pass 2 of the projection, DESIGN §3).
+
+combine:      G [K, N], c [K], shared [N] | None -> out[n] = scale(n) · Σ_k c_k G[k, n]   (reduction mean/sum)
+combine_rows: G [K, N], A [R, K]               -> A @ G [R, N]                         (reduction='none')
+
+Layers: `_combine_kernel` / `_combine_rows_kernel`, the launchers `combine` / `combine_rows` (checks, block
+sizes), and the custom ops `gmd_ext::combine_triton` / `gmd_ext::combine_rows_triton`.
+"""
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from gmd_ext.triton import _utils
+
+# combine: rows of G per loop iteration × columns per program. Chosen from the sm_90 ahead-of-time compile
+# (tests/test_triton.py::test_aot_compile_sm90) as the widest tile with no register spills at COMBINE_NUM_WARPS;
+# K <= 16 (BraTS: 15 objectives) is then a single iteration. No GPU was available to time them.
+COMBINE_BLOCK_K = 16
+COMBINE_BLOCK_N = 512
+COMBINE_NUM_WARPS = 4
+# combine_rows: tl.dot tiles (16 is tl.dot's minimum), same selection rule.
+ROWS_BLOCK_R = 16
+ROWS_BLOCK_K = 16
+ROWS_BLOCK_N = 128
+ROWS_NUM_WARPS = 4
+
+
+@triton.jit
+def _combine_kernel(g_ptr, c_ptr, shared_ptr, out_ptr, K, N, stride_k, stride_n, stride_c, stride_s,
+                    shared_scale, other_scale, HAS_SHARED: tl.constexpr, BLOCK_K: tl.constexpr,
+                    BLOCK_N: tl.constexpr):
+    pid = tl.program_id(0)
+    cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    # int64 offsets: K * N (or N * stride_n for a transposed G) may exceed 2^31 elements.
+    col_off = cols.to(tl.int64) * stride_n
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        rows = k0 + tl.arange(0, BLOCK_K)
+        row_ok = rows < K
+        c = tl.load(c_ptr + rows * stride_c, mask=row_ok, other=0.0)
+        x = tl.load(g_ptr + rows.to(tl.int64)[:, None] * stride_k + col_off[None, :],
+                    mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+        acc += tl.sum(x * c[:, None], axis=0)
+    if HAS_SHARED:
+        flag = tl.load(shared_ptr + cols.to(tl.int64) * stride_s, mask=col_ok, other=0)
+        acc = acc * tl.where(flag != 0, shared_scale, other_scale)
+    else:
+        acc = acc * shared_scale
+    tl.store(out_ptr + cols, acc.to(out_ptr.dtype.element_ty), mask=col_ok)
+
+
+@triton.jit
+def _combine_rows_kernel(g_ptr, a_ptr, out_ptr, R, K, N, stride_gk, stride_gn, stride_ar, stride_ak,
+                         BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < R
+    col_ok = cols < N
+    col_off = cols.to(tl.int64)[None, :] * stride_gn
+    acc = tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < K
+        a = tl.load(a_ptr + rows[:, None] * stride_ar + ks[None, :] * stride_ak,
+                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        x = tl.load(g_ptr + ks.to(tl.int64)[:, None] * stride_gk + col_off,
+                    mask=k_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+        # A holds arbitrary fp32 coefficients, so tf32 would round them: full-precision products.
+        acc = tl.dot(a, x, acc, input_precision="ieee")
+    out = out_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+def _check_combine(G, c, shared) -> None:
+    op = "combine_triton"
+    _utils.check_grads(op, G)
+    K, N = G.shape
+    _utils.check_float32(op, "c", c, (K,), "[K]")
+    _utils.check_same_device(op, "c", c, "G", G)
+    if shared is not None:
+        _utils.check_tensor(op, "shared", shared)
+        if shared.dtype != torch.bool:
+            raise TypeError(f"{op}: shared must be a bool tensor or None, got dtype {shared.dtype}")
+        if tuple(shared.shape) != (N,):
+            raise ValueError(f"{op}: shared must have shape [N] = [{N}] (N from G), got {list(shared.shape)}")
+        _utils.check_same_device(op, "shared", shared, "G", G)
+
+
+def _check_combine_rows(G, A) -> None:
+    op = "combine_rows_triton"
+    _utils.check_grads(op, G)
+    _utils.check_tensor(op, "A", A)
+    if A.dim() != 2 or A.shape[1] != G.shape[0]:
+        raise ValueError(f"{op}: A must have shape [R, K] with K = {G.shape[0]} (rows of G), got {list(A.shape)}")
+    _utils.check_float32(op, "A", A, tuple(A.shape), "[R, K]")
+    _utils.check_same_device(op, "A", A, "G", G)
+
+
+def combine(G: torch.Tensor, c: torch.Tensor, shared: Optional[torch.Tensor], shared_scale: float,
+            other_scale: float) -> torch.Tensor:
+    """G [K, N] float32/float16/bfloat16 (any strides), c [K] float32, shared [N] bool | None
+    -> [N] in G's dtype: scale(n) · Σ_k c_k G[k, n], scale = shared_scale where shared[n] (or shared is None),
+    other_scale elsewhere. fp32 accumulation."""
+    _check_combine(G, c, shared)
+    K, N = G.shape
+    out = torch.empty((N,), dtype=G.dtype, device=G.device)
+    if N == 0:
+        return out
+    # bool -> uint8 is a free view; it spares the kernel Triton's i1 pointer handling.
+    flags = shared.view(torch.uint8) if shared is not None else c
+    _combine_kernel[(triton.cdiv(N, COMBINE_BLOCK_N),)](
+        G, c, flags, out, K, N, G.stride(0), G.stride(1), c.stride(0), flags.stride(0), float(shared_scale),
+        float(other_scale), HAS_SHARED=shared is not None, BLOCK_K=COMBINE_BLOCK_K, BLOCK_N=COMBINE_BLOCK_N,
+        num_warps=COMBINE_NUM_WARPS)
+    return out
+
+
+def combine_rows(G: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+    """G [K, N] float32/float16/bfloat16 (any strides), A [R, K] float32 -> A @ G [R, N] in G's dtype, fp32
+    accumulation."""
+    _check_combine_rows(G, A)
+    K, N = G.shape
+    R = A.shape[0]
+    out = torch.empty((R, N), dtype=G.dtype, device=G.device)
+    if R == 0 or N == 0:
+        return out
+    grid = (triton.cdiv(N, ROWS_BLOCK_N), triton.cdiv(R, ROWS_BLOCK_R))
+    _combine_rows_kernel[grid](G, A, out, R, K, N, G.stride(0), G.stride(1), A.stride(0), A.stride(1),
+                               BLOCK_R=ROWS_BLOCK_R, BLOCK_K=ROWS_BLOCK_K, BLOCK_N=ROWS_BLOCK_N,
+                               num_warps=ROWS_NUM_WARPS)
+    return out
+
+
+@torch.library.custom_op("gmd_ext::combine_triton", mutates_args=())
+def combine_triton(G: torch.Tensor, c: torch.Tensor, shared: Optional[torch.Tensor], shared_scale: float,
+                   other_scale: float) -> torch.Tensor:
+    """Triton backend of gmd_ext::combine: G [K, N], c [K] float32, shared [N] bool | None -> [N] in G's dtype."""
+    return combine(G, c, shared, shared_scale, other_scale)
+
+
+@combine_triton.register_fake
+def _(G, c, shared, shared_scale, other_scale):
+    _check_combine(G, c, shared)
+    return G.new_empty((G.shape[1],))
+
+
+@torch.library.custom_op("gmd_ext::combine_rows_triton", mutates_args=())
+def combine_rows_triton(G: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+    """Triton backend of gmd_ext::combine_rows: G [K, N], A [R, K] float32 -> A @ G [R, N] in G's dtype."""
+    return combine_rows(G, A)
+
+
+@combine_rows_triton.register_fake
+def _(G, A):
+    _check_combine_rows(G, A)
+    return G.new_empty((A.shape[0], G.shape[1]))
