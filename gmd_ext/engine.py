@@ -559,7 +559,7 @@ class GMD:
             loss_tensor, gram, A = pack[:K], pack[K:K + K * K].view(K, K), pack[K + K * K:].view(K, K)
         info = StepInfo(self._step, names, gram, A, loss_tensor)
         if check:
-            bad = ~(torch.isfinite(loss_tensor) & torch.isfinite(gram).all(1))
+            bad = ~(torch.isfinite(loss_tensor) & torch.isfinite(gram.diagonal()))
             if bool(bad.any()):
                 which = [names[k] if names else k for k in bad.nonzero().flatten().tolist()]
                 reason = (f"the losses or gradients of objectives {which} contain NaN or Inf "
