@@ -197,8 +197,10 @@ class GMD:
         scaler.update()
 
     Projection is scale-invariant (Γ scales by s², the coefficients A not at all), so the scaled merged gradient
-    is s times the unscaled one, and an inf/NaN anywhere in a per-objective gradient reaches every element it
-    touches in the merged gradient (c_k·inf is never finite), so GradScaler's ``unscale_`` sees it and skips.
+    is s times the unscaled one; when any scaled loss, gradient or their Gramian Γ overflows, GMD makes the whole
+    merged gradient NaN (through the K combination coefficients: no extra pass, no synchronisation), so
+    GradScaler's ``unscale_`` finds it, ``scaler.step`` skips ``optimizer.step()`` and ``scaler.update()`` lowers
+    the scale — exactly as without GMD.
 
     Host synchronisation on CUDA: at most one per step — the finiteness check (nonfinite "raise"/"skip") and
     the monitor's info share one device-to-host copy; none with nonfinite="propagate", no monitor and a
@@ -297,8 +299,8 @@ class GMD:
 
         inv_world = 1.0 / self._world_size()
         perms = self._perms(K, self._buffers[0].G.device if self._buffers else torch.device("cpu"))
-        merged, gram, A = self._project(perms, inv_world)
         loss_tensor = torch.stack([l.detach().float().reshape(()) for l in losses])
+        merged, gram, A = self._project(perms, inv_world, loss_tensor)
         if inv_world != 1.0:
             gram = gram * (inv_world * inv_world)
         info = self._finish(names, merged, gram, A, loss_tensor)
@@ -533,16 +535,21 @@ class GMD:
             self._mask_cache.popitem(last=False)
         return masks
 
-    def _project(self, perms, inv_world):
+    def _project(self, perms, inv_world, loss_tensor):
         """Γ summed over buffers, the K×K coefficient loop once, then one combination pass per buffer — the
         two passes of projection.project, split so buffers of different dtypes share one projection and the
-        all-reduce's 1/world factor rides on the coefficients."""
+        all-reduce's 1/world factor rides on the coefficients.
+
+        A NaN/Inf loss, gradient or Γ (Γ can overflow while G does not) makes c NaN, so the merged gradient is
+        NaN everywhere: no extra pass, no host sync, and GradScaler's unscale_ always sees it
+        (nonfinite="propagate"). Without this an overflowing Γ would silently skip every projection."""
         backend = self.backend
         grams = [ops.gram(b.G, backend) for b in self._buffers]
         dev = grams[0].device
         gram = grams[0] if len(grams) == 1 else sum(g.to(dev) for g in grams)
         A = ops.pcgrad_coefficients(gram, perms.to(dev), backend)
-        c = A.sum(0) * inv_world if inv_world != 1.0 else A.sum(0)
+        finite = torch.isfinite(gram.diagonal()).all() & torch.isfinite(loss_tensor.to(dev)).all()
+        c = torch.where(finite, A.sum(0) * inv_world, float("nan"))
         shared_scale = 1.0 / self._K if self.reduction == "mean" else 1.0
         masks = self._shared_masks()
         merged = [ops.combine(b.G, c.to(b.G.device), m, shared_scale, 1.0, backend)

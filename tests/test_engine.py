@@ -330,6 +330,14 @@ def test_nonfinite_raise_and_skip():
     assert not torch.equal(model.trunk[0].weight, before[0])
 
 
+def test_nonfinite_propagate_poisons_merged():
+    model, opt, losses, gmd = setup(order=ORDER, nonfinite="propagate")
+    ls = losses()
+    info = gmd.backward([ls[0], ls[1] * 1e30 * 1e30, ls[2]])  # objective 1's gradient overflows to inf
+    assert not info.skipped and not torch.isfinite(gmd._buffers[0].G[1]).all()
+    assert all(torch.isnan(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
 def test_bad_inputs():
     model, opt, losses, gmd = setup(order="sequential")
     ls = losses()
