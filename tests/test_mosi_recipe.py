@@ -1,0 +1,125 @@
+"""End-to-end checks of python/mosi.py on a tiny synthetic MMSA file (a few seconds each on a 2-core CPU)."""
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from gmd_ext import DSSentimentNet, subsets
+from gmd_ext.checkpoint import load_checkpoint
+from gmd_ext.metrics.sentiment import METRIC_NAMES
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "python" / "configs"
+COMBOS = ["text", "audio", "vision", "text+audio", "text+vision", "audio+vision", "text+audio+vision"]
+
+
+@pytest.fixture(scope="module")
+def mosi():
+    sys.path.insert(0, str(ROOT / "python"))  # the recipe imports its sibling common.py
+    try:
+        spec = importlib.util.spec_from_file_location("mosi_recipe", ROOT / "python" / "mosi.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.path.remove(str(ROOT / "python"))
+
+
+def _argv(out, *extra):
+    return ["--synthetic", "--synthetic-n", "40", "16", "24", "--synthetic-dims", "16", "5", "20",
+            "--epochs", "2", "--batch-size", "16", "--hidden", "8", "--threads", "1", "--no-progress",
+            "--out", str(out), *extra]
+
+
+def _strip_timing(summary):
+    for run in summary["runs"].values():
+        for r in run["seeds"]:
+            r.pop("train_seconds")
+    return summary
+
+
+def test_configs_are_paired():
+    gmd = json.loads((CONFIGS / "mosi_gmd.json").read_text())
+    joint = json.loads((CONFIGS / "mosi_joint.json").read_text())
+    diff = {k for k in gmd.keys() | joint.keys() if k != "_comment" and gmd.get(k) != joint.get(k)}
+    assert diff == {"gmd"} and gmd["gmd"] is True and joint["gmd"] is False
+
+
+@pytest.mark.slow
+def test_end_to_end_and_resume_equals_uninterrupted(mosi, tmp_path):
+    full = mosi.main(_argv(tmp_path / "full"))
+    assert mosi.main(_argv(tmp_path / "cut", "--stop-after-epochs", "1")) is None
+    ck = load_checkpoint(tmp_path / "cut" / "mosi_gmd" / "seed0" / "last.pt")
+    assert ck["epoch"] == 1 and ck["gmd"] is not None
+    resumed = mosi.main(_argv(tmp_path / "cut", "--resume"))
+
+    for name in ("mosi_gmd", "mosi_joint"):
+        a = load_checkpoint(tmp_path / "full" / name / "seed0" / "last.pt")
+        b = load_checkpoint(tmp_path / "cut" / name / "seed0" / "last.pt")
+        for k in a["model"]:
+            assert torch.equal(a["model"][k], b["model"][k]), (name, k)
+    # Bit-identical continuation: every metric, history entry and best epoch agrees (timings aside).
+    full, resumed = _strip_timing(full), _strip_timing(resumed)
+    assert full["runs"] == resumed["runs"]
+
+    # Outputs: the 7 combinations with exactly the MMSA keys, a report table row per combination, a PNG.
+    on_disk = json.loads((tmp_path / "full" / "metrics.json").read_text())
+    for name in ("mosi_gmd", "mosi_joint"):
+        assert list(on_disk["runs"][name]["mean"]) == COMBOS
+        assert all(list(m) == list(METRIC_NAMES) for m in on_disk["runs"][name]["mean"].values())
+    report = (tmp_path / "full" / "report.md").read_text()
+    assert "## Side by side" in report
+    for c in COMBOS:
+        assert report.count(f"| {c} |") == 3  # one table per config + the side-by-side one
+    assert (tmp_path / "full" / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # GMD and joint differ in their switch only, and their trained weights differ because of it.
+    a = load_checkpoint(tmp_path / "full" / "mosi_gmd" / "seed0" / "last.pt")["model"]
+    b = load_checkpoint(tmp_path / "full" / "mosi_joint" / "seed0" / "last.pt")["model"]
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_mean_over_seeds_and_sampled_subsets(mosi, tmp_path):
+    summary = mosi.main(_argv(tmp_path, "--config", str(CONFIGS / "mosi_gmd.json"), "--seeds", "0", "1",
+                              "--subsets", "3", "--epochs", "1"))
+    run = summary["runs"]["mosi_gmd"]
+    assert run["config"]["subsets"] == 3
+    per_seed = [r["test"] for r in run["seeds"]]
+    assert per_seed[0] != per_seed[1]
+    for c in COMBOS:
+        for k in METRIC_NAMES:
+            vals = [p[c][k] for p in per_seed]
+            assert run["mean"][c][k] == pytest.approx(np.mean(vals), nan_ok=True)
+            assert run["std"][c][k] == pytest.approx(np.std(vals, ddof=1), nan_ok=True)
+
+
+def test_refuses_to_clobber_or_resume_with_other_settings(mosi, tmp_path):
+    joint = ["--config", str(CONFIGS / "mosi_joint.json"), "--epochs", "1"]
+    mosi.main(_argv(tmp_path, *joint))
+    with pytest.raises(FileExistsError, match="--resume"):
+        mosi.main(_argv(tmp_path, *joint))
+    with pytest.raises(ValueError, match="was written with config"):
+        mosi.main(_argv(tmp_path, *joint, "--resume", "--lr", "0.01"))
+    with pytest.raises(ValueError, match="subsets must be 0"):
+        mosi.main(_argv(tmp_path / "x", *joint, "--subsets", "8"))
+
+
+def test_subset_prediction_is_the_mean_of_its_branches(mosi):
+    # The recipe trains all 7 objectives from one forward_branches call; that equals running the model with only
+    # the subset present (the evaluation path).
+    torch.manual_seed(0)
+    model = DSSentimentNet(("text", "audio", "vision"), (16, 5, 20), 8).eval()
+    x = {"text": torch.randn(6, 7, 16), "audio": torch.randn(6, 9, 5), "vision": torch.randn(6, 4, 20)}
+    lengths = {"text": torch.full((6,), 7), "audio": torch.tensor([9, 1, 3, 9, 5, 2]), "vision": torch.full((6,), 4)}
+    branches = model.forward_branches(x, None, lengths)
+    y = torch.randn(6)
+    losses = mosi.subset_l1(branches, y, subsets(("text", "audio", "vision")))
+    assert list(losses) == COMBOS
+    for s in subsets(("text", "audio", "vision")):
+        xs = {m: (t if m in s else None) for m, t in x.items()}
+        direct = model(xs, s.mask.expand(6, -1), lengths)
+        torch.testing.assert_close(direct, branches[:, list(s.indices)].mean(1))
+        torch.testing.assert_close(losses[s.name], (direct - y).abs().mean())
