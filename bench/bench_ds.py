@@ -1,0 +1,157 @@
+"""DSUNet3d forward+backward with missing modalities: Dynamic Sharing vs the official execution.
+
+Providers (same model, same weights, same inputs):
+  official  every modality's branch is run (plain torch, one batch of B per modality, as the official
+            ModuleParallel code does) and the missing ones are discarded by the masked mean.
+  ds        DSUNet3d.forward: absent (sample, modality) pairs are never computed.
+
+Each step is forward + BCE-with-logits loss against a fixed random target + backward. Providers and missing
+rates are interleaved in every repetition (the provider order alternates), after warm-up; the median of the
+timed repetitions is reported. Writes bench/results/ds.csv and prints a markdown table.
+
+    python bench/bench_ds.py                 # B=2, 4 modalities, 64^3, width 0.5, 0/25/50/75 % missing
+    python bench/bench_ds.py --size 32       # smaller volumes
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import platform
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from gmd_ext import DSUNet3d, masked_mean  # noqa: E402
+
+COLUMNS = ("op", "provider", "shape", "missing", "dtype", "device", "machine", "torch version", "median_ms", "ratio")
+
+
+def machine_name() -> str:
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{model}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+
+
+def missing_mask(batch: int, num_modalities: int, fraction: float, generator: torch.Generator) -> torch.Tensor:
+    """bool [batch, M] with round(fraction·B·M) pairs absent, chosen at random, every sample keeping one."""
+    total = batch * num_modalities
+    n_missing = round(fraction * total)
+    if n_missing > total - batch:
+        raise ValueError(f"missing fraction {fraction} drops {n_missing} of {total} pairs; at most {total - batch} "
+                         f"can be dropped with every one of the {batch} samples keeping a modality")
+    present = torch.ones(batch, num_modalities, dtype=torch.bool)
+    dropped = 0
+    for k in torch.randperm(total, generator=generator).tolist():
+        if dropped == n_missing:
+            break
+        b, m = divmod(k, num_modalities)
+        if present[b].sum() > 1:
+            present[b, m] = False
+            dropped += 1
+    return present
+
+
+def official_logits(model: DSUNet3d, x: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """Every branch computed, the missing ones discarded by the masked mean (the official execution)."""
+    branches = torch.stack([model.forward_modality(x[:, m], m) for m in range(model.num_modalities)], 1)
+    return masked_mean(branches, present)
+
+
+def ds_logits(model: DSUNet3d, x: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    return model(x, present)
+
+
+PROVIDERS = {"official": official_logits, "ds": ds_logits}
+
+
+def step_ms(fn, model, x, present, target) -> float:
+    model.zero_grad(set_to_none=True)
+    start = time.perf_counter()
+    loss = F.binary_cross_entropy_with_logits(fn(model, x, present), target)
+    loss.backward()
+    return (time.perf_counter() - start) * 1e3
+
+
+def write_csv_atomic(path: Path, rows: list[dict]):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", type=int, default=64, help="cubic volume side (default 64)")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--width", type=float, default=0.5)
+    parser.add_argument("--missing", default="0,25,50,75", help="comma-separated missing percentages")
+    parser.add_argument("--reps", type=int, default=5, help="timed repetitions per cell (median reported)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed repetitions per cell first")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "ds.csv")
+    parser.add_argument("--machine", default=None, help="machine label for the CSV (default: CPU model, cores)")
+    args = parser.parse_args(argv)
+    if args.size < 16 or args.batch < 1 or args.reps < 1 or args.warmup < 0:
+        parser.error("need --size >= 16, --batch >= 1, --reps >= 1, --warmup >= 0")
+    percents = [int(p) for p in args.missing.split(",")]
+
+    warnings.simplefilter("ignore", RuntimeWarning)  # the backend fallback notice, if any, is not a result
+    gen = torch.Generator().manual_seed(args.seed)
+    torch.manual_seed(args.seed)
+    model = DSUNet3d(width=args.width)
+    M = model.num_modalities
+    x = torch.randn(args.batch, M, args.size, args.size, args.size, generator=gen)
+    target = (torch.rand(args.batch, model.num_classes, args.size, args.size, args.size, generator=gen) > 0.5).float()
+    masks = {p: missing_mask(args.batch, M, p / 100, gen) for p in percents}
+    machine = args.machine or machine_name()
+    shape = f"B={args.batch},M={M},{args.size}^3,width={args.width}"
+    print(f"# DSUNet3d fwd+bwd, {shape}, {machine}, torch {torch.__version__}; "
+          f"load average before: {os.getloadavg()[0]:.2f}", flush=True)
+
+    times = {(p, name): [] for p in percents for name in PROVIDERS}
+    names = list(PROVIDERS)
+    for rep in range(args.warmup + args.reps):
+        for p in percents:
+            # Alternate the provider order so neither always runs on a cache/allocator state left by the other.
+            for name in (names if rep % 2 == 0 else names[::-1]):
+                ms = step_ms(PROVIDERS[name], model, x, masks[p], target)
+                if rep >= args.warmup:
+                    times[(p, name)].append(ms)
+        print(f"  rep {rep + 1}/{args.warmup + args.reps} done", flush=True)
+
+    rows, table = [], []
+    for p in percents:
+        base = statistics.median(times[(p, "official")])
+        for name in names:
+            med = statistics.median(times[(p, name)])
+            rows.append({"op": "dsunet3d_fwd_bwd", "provider": name, "shape": shape, "missing": f"{p}%",
+                         "dtype": "float32", "device": "cpu", "machine": machine, "torch version": torch.__version__,
+                         "median_ms": f"{med:.1f}", "ratio": f"{base / med:.2f}"})
+        table.append((p, base, statistics.median(times[(p, "ds")])))
+    write_csv_atomic(args.out, rows)
+
+    print(f"\nload average after: {os.getloadavg()[0]:.2f}; median of {args.reps} after {args.warmup} warm-up\n")
+    print("| missing | official (all branches) ms | DS (absent skipped) ms | speed-up |")
+    print("|---|---|---|---|")
+    for p, base, ds in table:
+        print(f"| {p}% | {base:.0f} | {ds:.0f} | {base / ds:.2f}x |")
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

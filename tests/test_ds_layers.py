@@ -1,0 +1,263 @@
+"""DS layers against a dense per-(sample, modality) reference: values, gradients, masking, compile."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gmd_ext import DSConv, DSGroupNorm, DSLayerNorm, DSLinear, masked_mean
+
+CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def make_present(kind, B, M):
+    if kind == "all":
+        return torch.ones(B, M, dtype=torch.bool)
+    if kind == "modality_absent":  # modality 1 missing from every sample
+        p = torch.ones(B, M, dtype=torch.bool)
+        p[:, 1] = False
+        return p
+    g = torch.Generator().manual_seed(B * 10 + M)
+    p = torch.rand(B, M, generator=g) > 0.5
+    p[torch.arange(B), torch.randint(0, M, (B,), generator=g)] = True  # every sample keeps one
+    return p
+
+
+def per_pair(fn, x, present, out_like=None):
+    """Dense reference: fn(b, m, x[b, m]) for every present pair, zeros elsewhere."""
+    outs = []
+    for b in range(x.shape[0]):
+        row = []
+        for m in range(x.shape[1]):
+            y = fn(b, m, x[b, m])
+            row.append(y if present[b, m] else torch.zeros_like(y))
+        outs.append(torch.stack(row))
+    return torch.stack(outs)
+
+
+def grads(out, inputs, seed=1):
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype)
+    res = torch.autograd.grad((out * g).sum(), inputs, allow_unused=True)
+    return [torch.zeros_like(i) if r is None else r for r, i in zip(res, inputs)]
+
+
+def close(a, b, **kw):
+    torch.testing.assert_close(a, b, rtol=kw.get("rtol", 1e-4), atol=kw.get("atol", 1e-5))
+
+
+# ---------------------------------------------------------------- DSConv
+@pytest.mark.parametrize("dims", [1, 2, 3])
+@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize("mask", ["all", "modality_absent", "random"])
+@pytest.mark.parametrize("geometry", [dict(stride=1, padding=1, dilation=1), dict(stride=2, padding=0, dilation=2)])
+def test_dsconv_matches_per_pair_reference(dims, shared, mask, geometry):
+    B, M, Cin, Cout = 3, 3, 2, 4
+    layer = DSConv(Cin, Cout, 3, dims=dims, shared=shared, num_modalities=M, **geometry).double()
+    x = torch.randn(B, M, Cin, *([7] * dims), dtype=torch.float64, requires_grad=True)
+    present = make_present(mask, B, M)
+    y = layer(x, present)
+
+    def ref_fn(b, m, xi):
+        w = layer.weight if shared else layer.weight[m]
+        bias = layer.bias if shared else layer.bias[m]
+        return CONV[dims](xi[None], w, bias, **geometry)[0]
+
+    ref = per_pair(ref_fn, x, present)
+    close(y, ref)
+    params = [x, layer.weight, layer.bias]
+    for got, want in zip(grads(y, params), grads(ref, params)):
+        close(got, want)
+
+
+def test_dsconv_per_modality_absent_modality_gets_no_gradient():
+    B, M = 4, 3
+    layer = DSConv(2, 3, 3, padding=1, dims=2, shared=False, num_modalities=M)
+    x = torch.randn(B, M, 2, 6, 6, requires_grad=True)
+    present = make_present("modality_absent", B, M)
+    layer(x, present).square().sum().backward()
+    for p in (layer.weight, layer.bias):
+        assert p.grad is not None and p.grad[1].abs().max() == 0
+        assert p.grad[0].abs().max() > 0 and p.grad[2].abs().max() > 0
+    assert x.grad[:, 1].abs().max() == 0
+
+
+def test_dsconv_absent_pairs_are_zero_and_inputs_there_are_ignored():
+    B, M = 2, 3
+    layer = DSConv(1, 2, 3, padding=1, dims=3)
+    present = torch.tensor([[True, False, True], [False, True, False]])
+    x = torch.randn(B, M, 1, 5, 5, 5)
+    x2 = x.clone()
+    x2[~present] = 1e3  # garbage where absent
+    y, y2 = layer(x, present), layer(x2, present)
+    assert y[~present].abs().max() == 0
+    torch.testing.assert_close(y, y2, rtol=0, atol=0)
+
+
+def test_dsconv_validation():
+    with pytest.raises(ValueError, match="num_modalities"):
+        DSConv(2, 3, 3, shared=False)
+    with pytest.raises(ValueError, match="dims"):
+        DSConv(2, 3, (3, 3, 3, 3))
+    layer = DSConv(2, 3, 3, dims=2)
+    with pytest.raises(ValueError, match=r"x must be \[B, M, 2, \*S\]"):
+        layer(torch.randn(2, 3, 4, 5, 5))
+    with pytest.raises(ValueError, match="no modality present"):
+        layer(torch.randn(2, 3, 2, 5, 5), torch.tensor([[True, False, False], [False, False, False]]))
+
+
+# ---------------------------------------------------------------- DSGroupNorm
+@pytest.mark.parametrize("activation", [None, "relu", "leaky_relu"])
+@pytest.mark.parametrize("mask", ["all", "modality_absent", "random"])
+def test_dsgroupnorm_matches_per_pair_reference(activation, mask):
+    B, M, C, G = 3, 3, 6, 3
+    layer = DSGroupNorm(M, G, C, activation=activation).double()
+    with torch.no_grad():
+        layer.weight.normal_()
+        layer.bias.normal_()
+    x = torch.randn(B, M, C, 4, 5, dtype=torch.float64, requires_grad=True)
+    present = make_present(mask, B, M)
+    y = layer(x, present)
+    act = {None: lambda t: t, "relu": F.relu, "leaky_relu": F.leaky_relu}[activation]
+    ref = per_pair(lambda b, m, xi: act(F.group_norm(xi[None], G, layer.weight[m], layer.bias[m], 1e-5)[0]),
+                   x, present)
+    close(y, ref)
+    params = [x, layer.weight, layer.bias]
+    gs = grads(y, params)
+    for got, want in zip(gs, grads(ref, params)):
+        close(got, want)
+    if mask == "modality_absent":
+        assert gs[1][1].abs().max() == 0 and gs[2][1].abs().max() == 0
+
+
+def test_dsgroupnorm_validation():
+    with pytest.raises(ValueError, match="divisible"):
+        DSGroupNorm(2, 4, 6)
+    with pytest.raises(ValueError, match="activation"):
+        DSGroupNorm(2, 2, 4, activation="gelu")
+    with pytest.raises(ValueError, match=r"x must be \[B, 2, 4, \*S\]"):
+        DSGroupNorm(2, 2, 4)(torch.randn(1, 3, 4, 5))
+
+
+# ---------------------------------------------------------------- DSLinear / DSLayerNorm
+@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize("mask", ["all", "modality_absent", "random"])
+def test_dslinear_matches_per_pair_reference(shared, mask):
+    B, M, T, Fin, Fout = 4, 3, 5, 6, 7
+    layer = DSLinear(Fin, Fout, shared=shared, num_modalities=M).double()
+    x = torch.randn(B, M, T, Fin, dtype=torch.float64, requires_grad=True)
+    present = make_present(mask, B, M)
+    y = layer(x, present)
+    ref = per_pair(lambda b, m, xi: F.linear(xi, layer.weight if shared else layer.weight[m],
+                                             layer.bias if shared else layer.bias[m]), x, present)
+    close(y, ref)
+    params = [x, layer.weight, layer.bias]
+    gs = grads(y, params)
+    for got, want in zip(gs, grads(ref, params)):
+        close(got, want)
+    if mask == "modality_absent" and not shared:
+        assert gs[1][1].abs().max() == 0 and gs[2][1].abs().max() == 0
+
+
+@pytest.mark.parametrize("mask", ["all", "modality_absent", "random"])
+def test_dslayernorm_matches_per_pair_reference(mask):
+    B, M, T, C = 4, 3, 5, 8
+    layer = DSLayerNorm(M, C).double()
+    with torch.no_grad():
+        layer.weight.normal_()
+        layer.bias.normal_()
+    x = torch.randn(B, M, T, C, dtype=torch.float64, requires_grad=True)
+    present = make_present(mask, B, M)
+    y = layer(x, present)
+    ref = per_pair(lambda b, m, xi: F.layer_norm(xi, (C,), layer.weight[m], layer.bias[m]), x, present)
+    close(y, ref)
+    params = [x, layer.weight, layer.bias]
+    gs = grads(y, params)
+    for got, want in zip(gs, grads(ref, params)):
+        close(got, want)
+    if mask == "modality_absent":
+        assert gs[1][1].abs().max() == 0 and gs[2][1].abs().max() == 0
+
+
+@pytest.mark.parametrize("layer", [DSLinear(4, 3), DSLinear(4, 3, shared=False, num_modalities=2), DSLayerNorm(2, 4)])
+def test_nan_in_absent_modality_does_not_leak(layer):
+    x = torch.randn(3, 2, 4, requires_grad=True)
+    present = torch.tensor([[True, False], [True, True], [False, True]])
+    with torch.no_grad():
+        x[~present] = float("nan")
+    y = layer(x, present)
+    assert torch.isfinite(y).all() and y[~present].abs().max() == 0
+    y.sum().backward()
+    for p in [x, *layer.parameters()]:
+        assert torch.isfinite(p.grad).all()
+    assert x.grad[~present].abs().max() == 0
+
+
+# ---------------------------------------------------------------- masked_mean
+def test_masked_mean_matches_manual_mean_and_ignores_absent_entries():
+    out = torch.randn(3, 4, 2, 5, requires_grad=True)
+    present = torch.tensor([[True, False, True, True], [False, False, True, False], [True] * 4])
+    ref = torch.stack([out[b, present[b]].mean(0) for b in range(3)])
+    close(masked_mean(out, present), ref)
+    nan_out = out.detach().clone()
+    nan_out[~present] = float("nan")
+    close(masked_mean(nan_out, present), ref.detach())
+    masked_mean(out, present).sum().backward()
+    assert out.grad[~present].abs().max() == 0
+    close(masked_mean(out, None), out.mean(1))
+
+
+def test_masked_mean_low_precision_accumulates_in_fp32():
+    out = torch.randn(4, 3, 16)
+    present = make_present("random", 4, 3)
+    ref = masked_mean(out.double(), present)
+    plain = (torch.where(present[..., None], out.bfloat16(), 0).sum(1) / present.sum(1, keepdim=True)).bfloat16()
+    from gmd_ext.testing import assert_close_rel
+
+    assert_close_rel(masked_mean(out.bfloat16(), present), ref, plain, factor=1.0)
+
+
+def test_masked_mean_validation():
+    out = torch.randn(2, 3, 4)
+    with pytest.raises(ValueError, match=r"samples \[1\] have none"):
+        masked_mean(out, torch.tensor([[True, False, False], [False, False, False]]))
+    with pytest.raises(TypeError, match="bool"):
+        masked_mean(out, torch.ones(2, 3))
+    with pytest.raises(ValueError, match=r"\[B, M\] = \[2, 3\]"):
+        masked_mean(out, torch.ones(3, 2, dtype=torch.bool))
+    with pytest.raises(TypeError, match="floating-point"):
+        masked_mean(torch.ones(2, 3, dtype=torch.int64), None)
+
+
+# ---------------------------------------------------------------- isolation and compile
+def test_sample_output_independent_of_other_samples_modalities():
+    M = 3
+    conv, norm = DSConv(1, 4, 3, padding=1, dims=2), DSGroupNorm(M, 2, 4, activation="relu")
+    lin, ln = DSLinear(4 * 36, 5, shared=False, num_modalities=M), DSLayerNorm(M, 5)
+
+    def net(x, present):
+        h = norm(conv(x, present), present).flatten(2)
+        return masked_mean(ln(lin(h, present), present), present)
+
+    x = torch.randn(2, M, 1, 6, 6)
+    a = net(x, torch.tensor([[True, False, True], [True, True, True]]))
+    x2 = x.clone()
+    x2[1] = torch.randn(M, 1, 6, 6)
+    b = net(x2, torch.tensor([[True, False, True], [False, True, False]]))
+    torch.testing.assert_close(a[0], b[0], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("make", [lambda: DSConv(2, 3, 3, padding=1, dims=2),
+                                  lambda: DSConv(2, 3, 3, padding=1, dims=2, shared=False, num_modalities=3),
+                                  lambda: DSGroupNorm(3, 2, 2, activation="relu"),
+                                  lambda: DSLinear(2 * 25, 4, shared=False, num_modalities=3)])
+def test_torch_compile_matches_eager(make):
+    torch._dynamo.reset()
+    layer = make()
+    x = torch.randn(2, 3, 2, 5, 5, requires_grad=True)
+    if isinstance(layer, DSLinear):
+        x = torch.randn(2, 3, 2 * 25, requires_grad=True)
+    present = torch.tensor([[True, False, True], [False, True, True]])
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    y, y_ref = compiled(x, present), layer(x, present)
+    torch.testing.assert_close(y, y_ref)
+    params = [x, *layer.parameters()]
+    for got, want in zip(grads(y, params), grads(y_ref, params)):
+        torch.testing.assert_close(got, want)
