@@ -529,6 +529,8 @@ class GMD:
                 masks.append(None)
             else:
                 m = torch.repeat_interleave(torch.from_numpy(flags), b.sizes_t)
+                if b.G.device.type == "cuda":
+                    m = m.pin_memory()  # so the non-blocking copy below does not synchronise
                 masks.append(m.to(b.G.device, non_blocking=True))
         self._mask_cache[key] = masks
         if len(self._mask_cache) > _MASK_CACHE_SIZE:

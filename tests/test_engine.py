@@ -127,6 +127,36 @@ def test_zero_copy_grads_are_buffer_views():
         h.remove()
 
 
+def test_non_contiguous_params_accumulate_in_place():
+    """channels_last and transposed parameters: the row views take the parameter's strides, and autograd still
+    adds into them in place (checked by the engine's hook: no 'replaced' warning) with the plain-autograd values."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3).to(memory_format=torch.channels_last)
+    w = nn.Parameter(torch.randn(5, 6).t())  # [6, 5], strides (1, 6)
+    params = list(conv.parameters()) + [w]
+    x = torch.randn(2, 3, 6, 6).to(memory_format=torch.channels_last)
+    v = torch.randn(2, 6)
+
+    def losses():
+        h = conv(x).mean((2, 3))  # [2, 4]
+        return [(h.square().sum() + (v @ w).sum()), -(v @ w).square().mean() + h.sum()]
+
+    ref = [torch.autograd.grad(losses()[k], params) for k in range(2)]
+    G_ref = torch.stack([torch.cat([g.flatten() for g in r]) for r in ref])
+    expected = pairwise_pcgrad(G_ref, ORDER[:2, :2].argsort(1), None, compute_dtype=torch.float64).float()
+    gmd = GMD(torch.optim.SGD(params, lr=0.1), order=ORDER[:2, :2].argsort(1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        gmd.backward(losses())
+    b = gmd._buffers[0]
+    assert b.views[0][0].stride() == conv.weight.stride() and b.views[1][2].stride() == w.stride()
+    for k in range(2):
+        for j, g in enumerate(ref[k]):
+            torch.testing.assert_close(b.views[k][j], g)
+    assert conv.weight.grad.stride() == conv.weight.stride()
+    torch.testing.assert_close(flat_grad(params), expected, rtol=1e-5, atol=1e-6)
+
+
 def test_no_kn_allocation_on_repeat_steps():
     model, opt, losses, gmd = setup(order=ORDER)
     gmd.backward(losses())

@@ -1,0 +1,189 @@
+"""Step time of the GMD engine on a 3D U-Net (DSUNet3d, width 0.5, 3.25 M parameters) with K subset objectives.
+
+Providers, timed interleaved in one process after warm-up, median of --repeats steps each (every step includes
+the K forwards, the backward passes and optimizer.step()):
+  plain       one loss (the sum of the K subset losses), one backward: a single-loss step
+  k_backward  K backward passes accumulating into .grad (plain autograd, no projection): the floor GMD adds to
+  gmd_seq     GMD(strategy="sequential"): K backward passes into the [K, N] buffer + projection
+  gmd_batched GMD(strategy="batched"): one vmapped backward over the K losses
+  official    the official loop: K backward passes, retrieve / clone / cat the grads, reference.pairwise_pcgrad
+              (compute_dtype=None: fp32, one dot and one host sync per pair), unflatten into .grad
+
+GMD overhead = (gmd_seq - k_backward) / gmd_seq: the cost beyond the K backward passes (target <= 5 %).
+Writes bench/results/step.csv (appends, keyed by machine) and bench/results/step.md.
+
+    python bench/bench_step.py --k 4 --size 16 --repeats 5
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from gmd_ext import GMD, _backend, sample_subsets  # noqa: E402
+from gmd_ext.models import DSUNet3d  # noqa: E402
+from gmd_ext.reference import pairwise_pcgrad  # noqa: E402
+
+RESULTS = os.path.join(os.path.dirname(__file__), "results")
+MODS = ("flair", "t1", "t1ce", "t2")
+
+
+def make_losses(model, x, target, chosen):
+    def losses():
+        out = {}
+        for s in chosen:
+            present = s.mask.expand(x.shape[0], -1)
+            out[s.name] = torch.nn.functional.binary_cross_entropy_with_logits(model(x, present), target)
+        return out
+    return losses
+
+
+def step_plain(model, opt, losses):
+    opt.zero_grad(set_to_none=True)
+    sum(losses().values()).backward()
+    opt.step()
+
+
+def step_k_backward(model, opt, losses):
+    opt.zero_grad(set_to_none=True)
+    ls = list(losses().values())
+    for k, l in enumerate(ls):
+        l.backward(retain_graph=k < len(ls) - 1)
+    opt.step()
+
+
+def make_official(params, perms_fn):
+    def step(model, opt, losses):
+        ls = list(losses().values())
+        grads, has = [], []
+        for k, l in enumerate(ls):
+            opt.zero_grad(set_to_none=True)
+            l.backward(retain_graph=k < len(ls) - 1)
+            grads.append(torch.cat([(p.grad.clone() if p.grad is not None else torch.zeros_like(p)).flatten()
+                                    for p in params]))
+            has.append(torch.cat([torch.full((p.numel(),), p.grad is not None) for p in params]))
+        G = torch.stack(grads)
+        shared = torch.stack(has).all(0)
+        merged = pairwise_pcgrad(G, perms_fn(len(ls)), shared, "mean", compute_dtype=None)
+        off = 0
+        for p in params:
+            p.grad = merged[off:off + p.numel()].view_as(p).clone()
+            off += p.numel()
+        opt.step()
+    return step
+
+
+def make_gmd(gmd):
+    def step(model, opt, losses):
+        gmd.zero_grad()
+        gmd.backward(losses())
+        gmd.step()
+    return step
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--k", type=int, default=4, help="objectives (sampled modality subsets, full set included)")
+    ap.add_argument("--size", type=int, default=16, help="cubic input side (>= 16)")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--width", type=float, default=0.5)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--backend", default="auto")
+    ap.add_argument("--machine", default=f"{os.cpu_count()}-core CPU dev box ({platform.processor() or 'x86_64'})")
+    ap.add_argument("--providers", default="plain,k_backward,gmd_seq,gmd_batched,official")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    torch.manual_seed(0)
+    model = DSUNet3d(MODS, width=args.width)
+    params = list(model.parameters())
+    N = sum(p.numel() for p in params)
+    opt = torch.optim.SGD(params, lr=1e-3)
+    x = torch.randn(args.batch, len(MODS), args.size, args.size, args.size)
+    target = (torch.rand(args.batch, 3, args.size, args.size, args.size) > 0.5).float()
+    chosen = sample_subsets(MODS, args.k, torch.Generator().manual_seed(0))
+    losses = make_losses(model, x, target, chosen)
+    backend = _backend.resolve(args.backend, "cpu")
+    perm_gen = torch.Generator().manual_seed(0)
+
+    steps = {
+        "plain": step_plain,
+        "k_backward": step_k_backward,
+        "gmd_seq": make_gmd(GMD(opt, seed=0, backend=backend)),
+        "gmd_batched": make_gmd(GMD(opt, seed=0, backend=backend, strategy="batched")),
+        "official": make_official(params, lambda K: torch.stack([torch.randperm(K, generator=perm_gen)
+                                                                 for _ in range(K)])),
+    }
+    names = [p for p in args.providers.split(",") if p]
+    unknown = set(names) - set(steps)
+    if unknown:
+        raise SystemExit(f"--providers: unknown {sorted(unknown)}; choose from {list(steps)}")
+    # The models' parameters are updated by every step; times do not depend on their values.
+    times = {n: [] for n in names}
+    for r in range(args.warmup + args.repeats):
+        for n in names:
+            t0 = time.perf_counter()
+            steps[n](model, opt, losses)
+            dt = time.perf_counter() - t0
+            if r >= args.warmup:
+                times[n].append(dt)
+    med = {n: statistics.median(v) for n, v in times.items()}
+
+    rows = []
+    for n in names:
+        rows.append({
+            "bench": "step", "provider": n, "model": f"DSUNet3d(width={args.width})", "params": N, "K": args.k,
+            "input": f"{args.batch}x{len(MODS)}x{args.size}^3", "threads": args.threads, "backend": backend,
+            "median_s": f"{med[n]:.4f}", "min_s": f"{min(times[n]):.4f}", "repeats": args.repeats,
+            "torch": torch.__version__, "machine": args.machine,
+        })
+    os.makedirs(RESULTS, exist_ok=True)
+    path = os.path.join(RESULTS, "step.csv")
+    new = not os.path.exists(path)
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        if new:
+            w.writeheader()
+        w.writerows(rows)
+
+    lines = [f"# GMD step time — {args.machine}", "",
+             f"DSUNet3d width {args.width} ({N / 1e6:.2f} M params), K = {args.k} sampled subsets "
+             f"({', '.join(s.name for s in chosen)}), input {args.batch}x{len(MODS)}x{args.size}^3, "
+             f"{args.threads} thread(s), projection backend {backend}, torch {torch.__version__}; "
+             f"median of {args.repeats} steps after {args.warmup} warm-up, providers interleaved.", "",
+             "| provider | median step (s) | vs plain | vs k_backward |", "|---|---|---|---|"]
+    for n in names:
+        vs_plain = f"{med[n] / med['plain']:.3f}" if "plain" in med else ""
+        vs_k = f"{med[n] / med['k_backward']:.3f}" if "k_backward" in med else ""
+        lines.append(f"| {n} | {med[n]:.4f} | {vs_plain} | {vs_k} |")
+    lines.append("")
+    if "gmd_seq" in med and "k_backward" in med:
+        over = (med["gmd_seq"] - med["k_backward"]) / med["gmd_seq"]
+        lines.append(f"GMD overhead beyond the K backward passes: (gmd_seq - k_backward) / gmd_seq = "
+                     f"{100 * over:.1f} % (target <= 5 %).")
+    if "official" in med and "gmd_seq" in med:
+        lines.append(f"official / gmd_seq = {med['official'] / med['gmd_seq']:.2f}x.")
+    if "gmd_batched" in med and "gmd_seq" in med:
+        lines.append(f"gmd_batched / gmd_seq = {med['gmd_batched'] / med['gmd_seq']:.2f}x (batched differentiates "
+                     f"each subset's separate forward graph K times; it only pays off for one shared graph).")
+    text = "\n".join(lines) + "\n"
+    md = os.path.join(RESULTS, "step.md")
+    tmp = md + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, md)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
