@@ -149,8 +149,8 @@ class DSUNet3d(nn.Module):
         x [B, D, H, W] or [B, 1, D, H, W] of that modality -> logits [B, num_classes, D, H, W]. Running this for
         every modality and averaging the present ones is the official execution (the benchmark baseline).
         """
-        m = self.modalities.index(modality) if isinstance(modality, str) else int(modality)
-        if not 0 <= m < self.num_modalities:
+        m = self.modalities.index(modality) if modality in self.modalities else modality
+        if isinstance(m, str) or not 0 <= m < self.num_modalities:
             raise ValueError(f"modality must name one of {self.modalities} or index 0..{self.num_modalities - 1}, "
                              f"got {modality!r}")
         if x.dim() == 4:

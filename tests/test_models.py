@@ -1,0 +1,202 @@
+"""DSUNet3d and DSSentimentNet: equal to running the shared network per modality and averaging the present ones."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gmd_ext import DSSentimentNet, DSUNet3d, masked_mean
+
+PRESENT = torch.tensor([[True, False, True, True], [False, True, False, False]])
+
+
+def n_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.fixture(scope="module")
+def unet():
+    torch.manual_seed(0)
+    model = DSUNet3d(width=0.25)
+    with torch.no_grad():  # non-trivial per-modality affine, so a wrong modality index shows
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.3 * torch.randn_like(p))
+    return model
+
+
+# ---------------------------------------------------------------- DSUNet3d
+def test_dsunet3d_parameter_count_matches_official():
+    ds = n_params(DSUNet3d(width=0.5))
+    four = sum(n_params(DSUNet3d(modalities=(name,), width=0.5)) for name in ("flair", "t1", "t1ce", "t2"))
+    # Official: 3.25 M with Dynamic Sharing vs 12.95 M for four U-Nets (width 0.5).
+    assert abs(ds - 3.25e6) / 3.25e6 < 0.01, ds
+    assert abs(four - 12.95e6) / 12.95e6 < 0.01, four
+    assert abs(ds / four - 0.25) < 0.005
+
+
+def test_dsunet3d_equals_per_modality_runs_averaged(unet):
+    x = torch.randn(2, 4, 16, 17, 16)  # 17 is not a multiple of 16: padded skips
+    branches = unet.forward_branches(x, PRESENT)
+    ref = torch.stack([unet.forward_modality(x[:, m], m) for m in range(4)], 1)
+    assert branches.shape == (2, 4, 3, 16, 17, 16)
+    torch.testing.assert_close(branches, torch.where(PRESENT[:, :, None, None, None, None], ref, 0))
+    fused = unet(x, PRESENT)
+    assert fused.shape == (2, 3, 16, 17, 16)
+    per_sample = torch.stack([ref[b, PRESENT[b]].mean(0) for b in range(2)])
+    torch.testing.assert_close(fused, per_sample)
+    torch.testing.assert_close(unet.forward_modality(x[:, 2], "t1ce"), ref[:, 2])
+
+
+def test_dsunet3d_branches_fuse_any_subset_without_rerun(unet):
+    x = torch.randn(2, 4, 16, 16, 16)
+    branches = unet.forward_branches(x, None)
+    for subset in ([True, False, False, True], [False, False, True, False], [True] * 4):
+        present = torch.tensor([subset, subset])
+        torch.testing.assert_close(masked_mean(branches, present), unet(x, present))
+
+
+def test_dsunet3d_sample_independent_of_other_samples(unet):
+    x = torch.randn(2, 4, 16, 16, 16)
+    a = unet(x, torch.tensor([[True, True, False, True], [True, True, True, True]]))
+    x2 = x.clone()
+    x2[1] = torch.randn(4, 16, 16, 16)
+    b = unet(x2, torch.tensor([[True, True, False, True], [False, False, True, False]]))
+    torch.testing.assert_close(a[0], b[0], rtol=1e-6, atol=1e-6)
+
+
+def test_dsunet3d_absent_modality_gets_no_gradient():
+    model = DSUNet3d(width=0.25)
+    present = torch.tensor([[True, True, False, True], [False, True, False, False]])
+    F.binary_cross_entropy_with_logits(model(torch.randn(2, 4, 16, 16, 16), present),
+                                       torch.rand(2, 3, 16, 16, 16).round()).backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None, name
+        if "norm" in name:  # per-modality [M, C]: t1ce (index 2) is absent everywhere
+            assert p.grad[2].abs().max() == 0, name
+            assert p.grad[[0, 1, 3]].abs().amax(1).min() > 0, name
+        else:
+            assert p.grad.abs().max() > 0, name
+
+
+def test_dsunet3d_validation():
+    model = DSUNet3d(width=0.25)
+    x = torch.randn(2, 4, 16, 16, 16)
+    with pytest.raises(ValueError, match=r"samples \[1\] have none"):
+        model(x, torch.tensor([[True, False, False, False], [False] * 4]))
+    with pytest.raises(ValueError, match=">= 16"):
+        model(torch.randn(1, 4, 16, 15, 16))
+    with pytest.raises(ValueError, match=r"\[B, M=4, D, H, W\]"):
+        model(torch.randn(1, 3, 16, 16, 16))
+    with pytest.raises(TypeError, match="floating-point"):
+        model(torch.ones(1, 4, 16, 16, 16, dtype=torch.int64))
+    with pytest.raises(ValueError, match="num_groups"):
+        DSUNet3d(width=0.3)
+    with pytest.raises(ValueError, match="modality"):
+        model.forward_modality(x[:, 0], "pd")
+
+
+# ---------------------------------------------------------------- DSSentimentNet
+DIMS = (12, 5, 7)
+
+
+def sentiment_inputs(B=4, T=(9, 6, 4), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = {name: torch.randn(B, t, d, generator=g, dtype=torch.float64)
+         for name, t, d in zip(("text", "audio", "vision"), T, DIMS)}
+    lengths = {name: torch.randint(1, t + 1, (B,), generator=g) for name, t in zip(("text", "audio", "vision"), T)}
+    return x, lengths
+
+
+@pytest.fixture(scope="module")
+def senti():
+    torch.manual_seed(0)
+    model = DSSentimentNet(input_dims=DIMS, hidden=8).double().eval()
+    with torch.no_grad():
+        model.norm.weight.add_(0.3 * torch.randn_like(model.norm.weight))
+        model.norm.bias.add_(0.3 * torch.randn_like(model.norm.bias))
+    return model
+
+
+def single_branch(model, m, seq):
+    """Reference: one modality sequence [T, D] through the shared network, no packing or masking."""
+    h = model.proj_norm[m](model.proj[m](seq))[None]
+    _, state = model.encoder(h)
+    h = F.layer_norm(state[-1][0], (model.hidden,), model.norm.weight[m], model.norm.bias[m], model.norm.eps)
+    h = F.relu(F.linear(h, model.head1.weight, model.head1.bias))
+    return F.linear(h, model.head2.weight, model.head2.bias)[0]
+
+
+SENTI_PRESENT = torch.tensor([[True, True, True], [True, False, False], [False, True, True], [False, False, True]])
+
+
+def test_sentiment_unaligned_branches_equal_single_sequence_runs(senti):
+    x, lengths = sentiment_inputs()
+    branches = senti.forward_branches(x, SENTI_PRESENT, lengths)
+    names = senti.modalities
+    ref = torch.zeros(4, 3, dtype=torch.float64)
+    for b in range(4):
+        for m, name in enumerate(names):
+            if SENTI_PRESENT[b, m]:
+                ref[b, m] = single_branch(senti, m, x[name][b, :lengths[name][b]])
+    torch.testing.assert_close(branches, ref)
+    torch.testing.assert_close(senti(x, SENTI_PRESENT, lengths), masked_mean(ref, SENTI_PRESENT))
+    # The same inputs as lists in modality order.
+    as_list = senti([x[n] for n in names], SENTI_PRESENT, [lengths[n] for n in names])
+    torch.testing.assert_close(as_list, masked_mean(ref, SENTI_PRESENT))
+
+
+def test_sentiment_aligned_full_length_and_padding_ignored(senti):
+    x, lengths = sentiment_inputs(T=(6, 6, 6))
+    full = senti.forward_branches(x, None)
+    ref = torch.stack([torch.stack([single_branch(senti, m, x[n][b]) for m, n in enumerate(senti.modalities)])
+                       for b in range(4)])
+    torch.testing.assert_close(full, ref)
+    # Values beyond a sequence's length never reach the output.
+    x2 = {n: t.clone() for n, t in x.items()}
+    for n in x2:
+        for b in range(4):
+            x2[n][b, lengths[n][b]:] = 1e3
+    torch.testing.assert_close(senti(x, SENTI_PRESENT, lengths), senti(x2, SENTI_PRESENT, lengths))
+
+
+def test_sentiment_sample_independent_and_absent_modality_may_be_omitted(senti):
+    x, lengths = sentiment_inputs()
+    present = torch.tensor([[True, True, False], [True, False, False], [False, True, False], [True, True, False]])
+    a = senti(x, present, lengths)
+    b = senti({"text": x["text"], "audio": x["audio"]}, present, lengths)  # vision absent everywhere
+    torch.testing.assert_close(a, b)
+    x2 = {n: t.clone() for n, t in x.items()}
+    x2["text"][1:] = torch.randn_like(x2["text"][1:])
+    c = senti(x2, torch.tensor([[True, True, False], [False, True, False], [True, False, False], [True, False, False]]),
+              lengths)
+    torch.testing.assert_close(a[0], c[0])
+
+
+def test_sentiment_absent_modality_gets_no_gradient():
+    model = DSSentimentNet(input_dims=DIMS, hidden=8)
+    x, lengths = sentiment_inputs()
+    x = {n: t.float() for n, t in x.items()}
+    present = torch.tensor([[True, True, False], [True, False, False], [False, True, False], [True, True, False]])
+    model(x, present, lengths).square().sum().backward()
+    assert all(p.grad is None for p in model.proj[2].parameters())
+    assert all(p.grad is None for p in model.proj_norm[2].parameters())
+    assert model.norm.weight.grad[2].abs().max() == 0 and model.norm.bias.grad[2].abs().max() == 0
+    assert model.norm.weight.grad[:2].abs().amax(1).min() > 0
+    assert all(p.grad is not None and p.grad.abs().max() > 0 for p in model.encoder.parameters())
+
+
+def test_sentiment_validation(senti):
+    x, lengths = sentiment_inputs()
+    with pytest.raises(ValueError, match=r"samples \[3\] have none"):
+        senti(x, torch.tensor([[True] * 3, [True] * 3, [True] * 3, [False] * 3]))
+    with pytest.raises(ValueError, match=r"x\['audio'\] must be \[B=4, T >= 1, 5\]"):
+        senti({**x, "audio": torch.randn(4, 6, 6, dtype=torch.float64)})
+    with pytest.raises(ValueError, match=r"lengths\['vision'\] must lie in \[1, T=4\]"):
+        senti(x, None, {**lengths, "vision": torch.full((4,), 5)})
+    with pytest.raises(TypeError, match=r"lengths\['text'\] must be an integer"):
+        senti(x, None, {**lengths, "text": torch.ones(4)})
+    with pytest.raises(ValueError, match="not modalities"):
+        senti({**x, "depth": x["text"]})
+    with pytest.raises(ValueError, match=r"x\['vision'\] is missing"):
+        senti({"text": x["text"], "audio": x["audio"]}, None)
+    with pytest.raises(ValueError, match="input_dims"):
+        DSSentimentNet(input_dims=(768, 5))
