@@ -424,3 +424,47 @@ def test_monitor_callback_called_with_host_info():
     gmd.backward(losses())
     gmd.backward(losses())
     assert [s for s, _ in seen] == [0, 1] and seen[0][1].gram.device.type == "cpu"
+
+
+def _cuda_backend_without_sync():
+    from gmd_ext import _backend
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    if _backend.resolve("auto", "cuda") == "torch":
+        pytest.skip("the torch reference of pcgrad_coefficients synchronises; needs the cpp or triton backend")
+
+
+def _count_syncs(fn):
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as rec:
+            warnings.simplefilter("always")
+            fn()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    return sum("synchroniz" in str(w.message) for w in rec)
+
+
+@pytest.mark.parametrize("order", ["tensor", "random"])
+def test_cuda_step_without_host_sync(order):
+    _cuda_backend_without_sync()
+    torch.manual_seed(0)
+    model = TwoHead().cuda()
+    gmd = GMD(torch.optim.SGD(model.parameters(), lr=0.1), order=ORDER.cuda() if order == "tensor" else "random",
+              seed=0, nonfinite="propagate")
+    x, y = torch.randn(32, 6, device="cuda"), torch.randn(32, 2, device="cuda")
+    gmd.backward(model.losses(x, y))  # first step allocates and validates the order
+    ls = model.losses(x, y)
+    assert _count_syncs(lambda: (gmd.backward(ls), gmd.step())) == 0
+
+
+def test_cuda_step_one_host_sync_with_checks_and_monitor():
+    _cuda_backend_without_sync()
+    torch.manual_seed(0)
+    model = TwoHead().cuda()
+    gmd = GMD(torch.optim.SGD(model.parameters(), lr=0.1), order=ORDER.cuda(), monitor=lambda s, i: i.num_conflicts)
+    x, y = torch.randn(32, 6, device="cuda"), torch.randn(32, 2, device="cuda")
+    gmd.backward(model.losses(x, y))
+    ls = model.losses(x, y)
+    assert _count_syncs(lambda: (gmd.backward(ls), gmd.step())) == 1
