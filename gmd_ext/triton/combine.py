@@ -14,23 +14,36 @@ import triton.language as tl
 
 from gmd_ext.triton import _utils
 
-# combine: rows of G per loop iteration × columns per program. Chosen from the sm_90 ahead-of-time compile
-# (tests/test_triton.py::test_aot_compile_sm90) as the widest tile with no register spills at COMBINE_NUM_WARPS;
-# K <= 16 (BraTS: 15 objectives) is then a single iteration. No GPU was available to time them.
+# combine: rows of G per loop iteration x columns per program, and warps: the widest tile that compiles for
+# sm_90 without register spills and under ~128 registers (Triton's ahead-of-time compile read back with
+# cuobjdump; re-checked by tests/test_triton.py::test_aot_compile_sm90): 16 x 1024 at 8 warps uses 105 (fp32) /
+# 111 (bf16) registers; 16 x 2048 needs 190, 32 x 1024 200. K <= 16 (BraTS: 15 objectives) is one iteration.
+# No GPU was available to time them.
 COMBINE_BLOCK_K = 16
-COMBINE_BLOCK_N = 512
-COMBINE_NUM_WARPS = 4
-# combine_rows: tl.dot tiles (16 is tl.dot's minimum), same selection rule.
+COMBINE_BLOCK_N = 1024
+COMBINE_NUM_WARPS = 8
+# combine_rows: tl.dot tiles (16 is tl.dot's minimum) by the same rule: 16 x 16 x 256 at 8 warps uses 70 (fp32) /
+# 128 (bf16) registers; 32-row or 32-deep tiles at 256 columns need 196-255 (bf16), and 4 warps spill there.
 ROWS_BLOCK_R = 16
 ROWS_BLOCK_K = 16
-ROWS_BLOCK_N = 128
-ROWS_NUM_WARPS = 4
+ROWS_BLOCK_N = 256
+ROWS_NUM_WARPS = 8
+
+
+@triton.jit
+def _bf16_bits(x):
+    """fp32 -> bf16 bit pattern (uint16), rounded to nearest even. Done by hand because Triton 3.9's interpreter
+    truncates in its fp32 -> bf16 cast (GPUs round); this way both give the same bits. NaN stays a quiet NaN."""
+    bits = x.to(tl.uint32, bitcast=True)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    return tl.where(x != x, 0x7FC0, rounded).to(tl.uint16)
 
 
 @triton.jit
 def _combine_kernel(g_ptr, c_ptr, shared_ptr, out_ptr, K, N, stride_k, stride_n, stride_c, stride_s,
-                    shared_scale, other_scale, HAS_SHARED: tl.constexpr, BLOCK_K: tl.constexpr,
-                    BLOCK_N: tl.constexpr):
+                    shared_scale, other_scale, HAS_SHARED: tl.constexpr, OUT_BF16: tl.constexpr,
+                    BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """out[n] = scale(n) Σ_k c_k G[k, n] for one block of columns; out is G's dtype (raw uint16 bits for bf16)."""
     pid = tl.program_id(0)
     cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
@@ -49,12 +62,17 @@ def _combine_kernel(g_ptr, c_ptr, shared_ptr, out_ptr, K, N, stride_k, stride_n,
         acc = acc * tl.where(flag != 0, shared_scale, other_scale)
     else:
         acc = acc * shared_scale
-    tl.store(out_ptr + cols, acc.to(out_ptr.dtype.element_ty), mask=col_ok)
+    if OUT_BF16:
+        tl.store(out_ptr + cols, _bf16_bits(acc), mask=col_ok)
+    else:
+        tl.store(out_ptr + cols, acc.to(out_ptr.dtype.element_ty), mask=col_ok)
 
 
 @triton.jit
 def _combine_rows_kernel(g_ptr, a_ptr, out_ptr, R, K, N, stride_gk, stride_gn, stride_ar, stride_ak,
-                         BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+                         OUT_BF16: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+                         BLOCK_N: tl.constexpr):
+    """One [BLOCK_R, BLOCK_N] tile of A @ G; out is G's dtype (raw uint16 bits for bf16)."""
     pid_n = tl.program_id(0)
     pid_r = tl.program_id(1)
     rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -73,7 +91,10 @@ def _combine_rows_kernel(g_ptr, a_ptr, out_ptr, R, K, N, stride_gk, stride_gn, s
         # A holds arbitrary fp32 coefficients, so tf32 would round them: full-precision products.
         acc = tl.dot(a, x, acc, input_precision="ieee")
     out = out_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :]
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+    if OUT_BF16:
+        tl.store(out, _bf16_bits(acc), mask=row_ok[:, None] & col_ok[None, :])
+    else:
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
 def _check_combine(G, c, shared) -> None:
@@ -101,6 +122,11 @@ def _check_combine_rows(G, A) -> None:
     _utils.check_same_device(op, "A", A, "G", G)
 
 
+def _storage(out: torch.Tensor) -> torch.Tensor:
+    """What the kernels write: bf16 outputs as their uint16 bits (see _bf16_bits), others as they are."""
+    return out.view(torch.uint16) if out.dtype == torch.bfloat16 else out
+
+
 def combine(G: torch.Tensor, c: torch.Tensor, shared: Optional[torch.Tensor], shared_scale: float,
             other_scale: float) -> torch.Tensor:
     """G [K, N] float32/float16/bfloat16 (any strides), c [K] float32, shared [N] bool | None
@@ -114,9 +140,10 @@ def combine(G: torch.Tensor, c: torch.Tensor, shared: Optional[torch.Tensor], sh
     # bool -> uint8 is a free view; it spares the kernel Triton's i1 pointer handling.
     flags = shared.view(torch.uint8) if shared is not None else c
     _combine_kernel[(triton.cdiv(N, COMBINE_BLOCK_N),)](
-        G, c, flags, out, K, N, G.stride(0), G.stride(1), c.stride(0), flags.stride(0), float(shared_scale),
-        float(other_scale), HAS_SHARED=shared is not None, BLOCK_K=COMBINE_BLOCK_K, BLOCK_N=COMBINE_BLOCK_N,
-        num_warps=COMBINE_NUM_WARPS)
+        G, c, flags, _storage(out), K, N, G.stride(0), G.stride(1), c.stride(0), flags.stride(0),
+        float(shared_scale), float(other_scale), HAS_SHARED=shared is not None,
+        OUT_BF16=out.dtype == torch.bfloat16, BLOCK_K=COMBINE_BLOCK_K, BLOCK_N=COMBINE_BLOCK_N,
+        num_warps=COMBINE_NUM_WARPS, enable_fp_fusion=True)  # fma: one rounding per multiply-add
     return out
 
 
@@ -130,9 +157,10 @@ def combine_rows(G: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
     if R == 0 or N == 0:
         return out
     grid = (triton.cdiv(N, ROWS_BLOCK_N), triton.cdiv(R, ROWS_BLOCK_R))
-    _combine_rows_kernel[grid](G, A, out, R, K, N, G.stride(0), G.stride(1), A.stride(0), A.stride(1),
-                               BLOCK_R=ROWS_BLOCK_R, BLOCK_K=ROWS_BLOCK_K, BLOCK_N=ROWS_BLOCK_N,
-                               num_warps=ROWS_NUM_WARPS)
+    _combine_rows_kernel[grid](
+        G, A, _storage(out), R, K, N, G.stride(0), G.stride(1), A.stride(0), A.stride(1),
+        OUT_BF16=out.dtype == torch.bfloat16, BLOCK_R=ROWS_BLOCK_R, BLOCK_K=ROWS_BLOCK_K, BLOCK_N=ROWS_BLOCK_N,
+        num_warps=ROWS_NUM_WARPS, enable_fp_fusion=True)
     return out
 
 

@@ -14,11 +14,14 @@ _OP = "gram_triton"
 # K is padded to a power of two >= 16 (tl.dot's minimum tile) and tiled in BLOCK_K_MAX rows beyond that, so the
 # fp32 accumulator [BLOCK_K, BLOCK_K] plus the loaded tiles stay in registers.
 BLOCK_K_MAX = 64
-# Columns per loop iteration, by BLOCK_K: chosen from the sm_90 ahead-of-time compile (tests/test_triton.py::
-# test_aot_compile_sm90 builds these exact configurations) as the widest tile with no register spills at
-# NUM_WARPS warps. (No GPU was available to time them; the kernel is memory-bound for K <= 64.)
-BLOCK_N = {16: 128, 32: 128, 64: 64}
-NUM_WARPS = 4
+# Columns per loop iteration by BLOCK_K, and warps: the widest column tile that compiles for sm_90 without
+# register spills (ptxas via Triton's ahead-of-time compile, read back with cuobjdump; re-checked by
+# tests/test_triton.py::test_aot_compile_sm90). At 8 warps, fp32 / bf16 inputs: BLOCK_K 16 x 256 columns use
+# 80 / 58 registers, 32 x 128 use 92 / 115, 64 x 64 use 164 / 154 (two row tiles: 184 / 194); 4 warps spill
+# at 64 x 64 and 16 x 128 (fp32), and 64 x 128 spills at either. No GPU was available to time them; with K <= 64
+# the kernel is memory-bound, so wide coalesced column tiles matter most.
+BLOCK_N = {16: 256, 32: 128, 64: 64}
+NUM_WARPS = 8
 
 
 @triton.jit
@@ -83,7 +86,7 @@ def gram(G: torch.Tensor) -> torch.Tensor:
     # Lower tile pairs are never written; zeros keep them out of the reduction below.
     partial = torch.zeros((programs, K, K), dtype=torch.float32, device=G.device)
     _gram_kernel[(programs, tiles, tiles)](G, partial, K, N, G.stride(0), G.stride(1), cols_per_program,
-                                            num_warps=NUM_WARPS, **cfg)
+                                            num_warps=NUM_WARPS, enable_fp_fusion=True, **cfg)  # fma: one rounding
     upper = partial.sum(0, dtype=torch.float64).triu()
     return (upper + upper.triu(1).T).float()
 

@@ -12,13 +12,14 @@ from gmd_ext.triton import _utils
 _OP = "pcgrad_coefficients_triton"
 
 
-# Rows per program × padded K: all rows of A are independent, so a program runs the loop for BLOCK_R rows at
-# once, vectorised across them. Up to MAX_TILE elements a program that is one program for K <= 64 (the
-# "one-block kernel" of DESIGN §3), and the K sequential steps then cost K, not K², interpreter launches of
-# each op (K = 64: 7.4 s one program per row, vs ~0.1 s here on the 2-core dev box).
+# Rows per program x padded K: the rows of A are independent, so a program runs the loop for BLOCK_R rows at
+# once, vectorised across them: up to MAX_TILE elements, which makes K <= 64 one program (the one-block kernel of
+# DESIGN §3). Under the interpreter this costs K sequential steps instead of K² (K = 64 on the 2-core dev box:
+# 7.4 s with one program per row, 2.6 s as one program). MAX_TILE and NUM_WARPS: the largest tile whose fp64
+# v, A and gathered Γ rows compile for sm_90 without register spills (Triton's ahead-of-time compile read back
+# with cuobjdump; re-checked by tests/test_triton.py::test_aot_compile_sm90): at 8 warps K = 64 uses 251
+# registers, K = 128 (32 rows) 250, K = 512 (8 rows) 190; 4 warps spill at K = 64.
 MAX_TILE = 4096
-# Chosen from the sm_90 ahead-of-time compile (tests/test_triton.py::test_aot_compile_sm90): the fewest warps
-# whose [BLOCK_R, BLOCK_K] fp64 tiles (v, A, a gathered row of Γ) fit in registers without spills.
 NUM_WARPS = 8
 
 
@@ -37,8 +38,7 @@ def _pcgrad_coefficients_kernel(gram_ptr, perms_ptr, a_ptr, K, stride_gi, stride
     a = tl.where(rows[:, None] == cols[None, :], 1.0, 0.0).to(tl.float64)
     for t in range(K):
         j = tl.load(perms_ptr + rows * stride_pi + t * stride_pj, mask=row_ok, other=0)
-        # The front end validates perms (that needs a host sync); here an out-of-range j must only not read
-        # out of bounds.
+        # Out-of-range j (see _check_perms_range) is skipped rather than read out of bounds.
         valid = row_ok & (j >= 0) & (j < K)
         j = tl.where(valid, j, 0)
         hit = cols[None, :] == j[:, None]
@@ -69,16 +69,29 @@ def _check(gram, perms) -> None:
     _utils.check_same_device(_OP, "perms", perms, "gram", gram)
 
 
+def _check_perms_range(perms: torch.Tensor) -> None:
+    """Out-of-range orders are caught here for CPU tensors (no device sync needed). On CUDA, where checking would
+    sync, the kernel skips an out-of-range j instead of reading out of bounds; project_conflicts validates the
+    order fully before launching."""
+    if perms.device.type == "cpu" and perms.numel() and (perms.min() < 0 or perms.max() >= perms.shape[0]):
+        bad = ((perms < 0) | (perms >= perms.shape[0])).any(dim=1).nonzero()[0, 0].item()
+        raise ValueError(f"{_OP}: perms entries must lie in [0, K) = [0, {perms.shape[0]}), row {bad} is "
+                         f"{perms[bad].tolist()}")
+
+
 def config(K: int) -> dict:
     """The compile-time parameters `pcgrad_coefficients` launches the kernel with for K objectives."""
     block_k = _utils.next_power_of_2(K)
-    return dict(BLOCK_K=block_k, BLOCK_R=max(1, min(block_k, MAX_TILE // block_k)), num_warps=NUM_WARPS)
+    # No FMA contraction: each step then rounds exactly like the fp64 host reference (reference.py).
+    return dict(BLOCK_K=block_k, BLOCK_R=max(1, min(block_k, MAX_TILE // block_k)), num_warps=NUM_WARPS,
+                enable_fp_fusion=False)
 
 
 def pcgrad_coefficients(gram: torch.Tensor, perms: torch.Tensor) -> torch.Tensor:
     """Γ [K, K] float32, perms [K, K] int64 (row i: the order g_i is projected against the original g_j)
     -> A [K, K] float32, projected g_i' = Σ_k A_ik g_k. Zero-norm objectives are skipped. No host sync."""
     _check(gram, perms)
+    _check_perms_range(perms)
     K = gram.shape[0]
     A = torch.empty((K, K), dtype=torch.float32, device=gram.device)
     if K == 0:
