@@ -30,7 +30,7 @@ def mosi():
 
 
 def _argv(out, *extra):
-    return ["--synthetic", "--synthetic-n", "40", "16", "24", "--synthetic-dims", "16", "5", "20",
+    return ["--synthetic", "--synthetic-n", "32", "16", "16", "--synthetic-dims", "16", "5", "20",
             "--epochs", "2", "--batch-size", "16", "--hidden", "8", "--threads", "1", "--no-progress",
             "--out", str(out), *extra]
 
