@@ -172,8 +172,9 @@ class GMD:
             the [K, N] buffer itself, one asynchronous all-reduce per objective row launched right after that
             row's backward pass, so communication overlaps the next backward. DDP's buffer broadcast (BatchNorm
             running stats) is then off too: use GroupNorm / SyncBatchNorm. A DDP model used *without*
-            ``ddp_module=`` all-reduces inside each of the K backward passes (K blocking all-reduces per step,
-            or DDP's "marked ready twice" error when objectives share one forward): pass ``ddp_module=``.
+            ``ddp_module=`` fails: after the K forwards DDP expects one backward, so the second of the K
+            backward passes raises DDP's "Expected to mark a variable ready only once" (checked on gloo, shared
+            and separate forwards alike); GMD re-raises it with this hint.
         process_group: without DDP, all-reduce (average) the buffer on this group (torch.distributed.group.WORLD
             for the default group). Every rank must use the same K and reach the same parameters with each
             objective (sample subsets with identically seeded generators).
@@ -416,7 +417,14 @@ class GMD:
                 for p, v in zip(self._params, views):
                     p.grad = v
                 self._active, self._row = views, k
-                loss.backward(retain_graph=k < K - 1)
+                try:
+                    loss.backward(retain_graph=k < K - 1)
+                except RuntimeError as e:
+                    if "mark a variable ready only once" in str(e):
+                        raise RuntimeError("gmd_ext.GMD: a DistributedDataParallel model all-reduces inside each "
+                                           "backward pass; pass GMD(..., ddp_module=<the DDP model>) so GMD runs "
+                                           "the K passes without DDP sync and all-reduces once: " + str(e)) from e
+                    raise
                 self._active = None
                 works += self._all_reduce_rows(k)
         finally:

@@ -74,6 +74,15 @@ def _worker(rank, port, out_dir):
         else:
             gmd = GMD(opt, process_group=dist.group.WORLD, seed=3)
             result[variant] = run(model, gmd, x[shard], y[shard])
+    # A DDP model without ddp_module=: DDP's own error, re-raised with the fix.
+    torch.manual_seed(0)
+    plain = Net()
+    plain_ddp = nn.parallel.DistributedDataParallel(plain)
+    try:
+        GMD(torch.optim.SGD(plain.parameters(), lr=0.1), seed=3).backward(losses_of(plain_ddp(x[shard]), y[shard]))
+        result["no_ddp_module"] = None
+    except RuntimeError as e:
+        result["no_ddp_module"] = str(e)
     torch.save(result, os.path.join(out_dir, f"equal_{rank}.pt"))
     # Then rank 1 dies before the next step's all-reduce; rank 0 must fail within the timeout, not hang.
     dist.barrier()
@@ -137,3 +146,9 @@ def test_dead_rank_fails_within_timeout(ranks):
     res = torch.load(ranks / "dead_0.pt")
     assert res["error"] is not None and "all-reduce of the per-objective gradients failed" in res["error"]
     assert res["elapsed"] < 30, res
+
+
+def test_ddp_model_without_ddp_module_raises_with_hint(ranks):
+    for rank in range(WORLD):
+        msg = torch.load(ranks / f"equal_{rank}.pt")["no_ddp_module"]
+        assert msg is not None and "pass GMD(..., ddp_module=" in msg
