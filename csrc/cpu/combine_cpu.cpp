@@ -1,0 +1,230 @@
+// combine(G [K, N], c [K], shared [N] | None, shared_scale, other_scale) -> [N] and
+// combine_rows(G [K, N], A [R, K]) -> A @ G [R, N], CPU: pass 2 of the GMD projection (DESIGN §1).
+//
+// Both are linear combinations of the rows of G, computed per block of columns: a block of R_T output rows
+// keeps R_T x U vector accumulators in registers and streams the K input rows once (read in place for unit
+// column stride, widened on load for Half/BFloat16). Math in fp32; the result is rounded once to G's dtype.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "simd.h"
+
+namespace gmd_ext::cpu {
+namespace {
+
+// out_r[n] = sum_k coef[r * K + k] * rows[k][n] for r < RT, n < B (fp32). U vectors per step give the
+// out-of-order core independent FMA chains; RT > 1 reuses each loaded input vector for RT outputs.
+template <int W, int RT, int U, typename T>
+GMD_INLINE void lincomb_tile(const T* const* rows, const float* coef, int64_t K, int64_t B, float* const* out) {
+  using V = vfloat<W>;
+  int64_t n = 0;
+  for (; n + U * W <= B; n += U * W) {
+    V acc[RT][U];
+#pragma GCC unroll 8
+    for (int r = 0; r < RT; ++r)
+#pragma GCC unroll 8
+      for (int u = 0; u < U; ++u) acc[r][u] = V{};
+    for (int64_t k = 0; k < K; ++k) {
+      V x[U];
+#pragma GCC unroll 8
+      for (int u = 0; u < U; ++u) x[u] = load_float<W>(rows[k] + n + u * W);
+#pragma GCC unroll 8
+      for (int r = 0; r < RT; ++r) {
+        const V cr = splat<W>(coef[r * K + k]);
+#pragma GCC unroll 8
+        for (int u = 0; u < U; ++u) acc[r][u] += cr * x[u];
+      }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < RT; ++r)
+#pragma GCC unroll 8
+      for (int u = 0; u < U; ++u) store_float<W>(out[r] + n + u * W, acc[r][u]);
+  }
+  for (; n < B; ++n)
+    for (int r = 0; r < RT; ++r) {
+      float s = 0.f;
+      for (int64_t k = 0; k < K; ++k) s += coef[r * K + k] * static_cast<float>(rows[k][n]);
+      out[r][n] = s;
+    }
+}
+
+template <int W, int RT, int U, typename T>
+GMD_INLINE void lincomb_rows(int rt, const T* const* rows, const float* coef, int64_t K, int64_t B,
+                             float* const* out) {
+  if constexpr (RT > 1) {
+    if (rt < RT) return lincomb_rows<W, RT - 1, U>(rt, rows, coef, K, B, out);
+  }
+  lincomb_tile<W, RT, U>(rows, coef, K, B, out);
+}
+
+// All R output rows of one block: tiles of up to 4 output rows (4 x 2 accumulators + 2 inputs fit 16 regs).
+template <int W, typename T>
+GMD_INLINE void lincomb_block(const T* const* rows, const float* coef, int64_t R, int64_t K, int64_t B,
+                              float* const* out) {
+  if (R == 1) return lincomb_tile<W, 1, 4>(rows, coef, K, B, out);
+  for (int64_t r0 = 0; r0 < R; r0 += 4) {
+    const int rt = static_cast<int>(std::min<int64_t>(4, R - r0));
+    lincomb_rows<W, 4, 2>(rt, rows, coef + r0 * K, K, B, out + r0);
+  }
+}
+
+template <typename T>
+using LincombFn = void (*)(const T* const*, const float*, int64_t, int64_t, int64_t, float* const*);
+
+#ifdef GMD_X86
+template <typename T>
+GMD_TARGET_AVX512 void lincomb_avx512(const T* const* rows, const float* coef, int64_t R, int64_t K, int64_t B,
+                                      float* const* out) {
+  lincomb_block<16>(rows, coef, R, K, B, out);
+}
+template <typename T>
+GMD_TARGET_AVX2 void lincomb_avx2(const T* const* rows, const float* coef, int64_t R, int64_t K, int64_t B,
+                                  float* const* out) {
+  lincomb_block<8>(rows, coef, R, K, B, out);
+}
+#endif
+template <typename T>
+void lincomb_baseline(const T* const* rows, const float* coef, int64_t R, int64_t K, int64_t B, float* const* out) {
+  lincomb_block<4>(rows, coef, R, K, B, out);
+}
+template <typename T>
+LincombFn<T> pick_lincomb(Isa isa) {
+#ifdef GMD_X86
+  if (isa == Isa::Avx512) return lincomb_avx512<T>;
+  if (isa == Isa::Avx2) return lincomb_avx2<T>;
+#endif
+  return lincomb_baseline<T>;
+}
+
+// out [R, N] (contiguous, G's dtype) = coef [R, K] @ G, then, when `scale` is given, out[r, n] *= scale(n)
+// with scale(n) = shared[n] ? shared_scale : other_scale (shared null: shared_scale everywhere).
+template <typename T>
+void lincomb_kernel(const at::Tensor& G, const float* coef, int64_t R, T* out, const bool* shared, bool scale,
+                    float shared_scale, float other_scale) {
+  const int64_t K = G.size(0), N = G.size(1);
+  const int64_t s0 = G.stride(0), s1 = G.stride(1);
+  const T* base = G.const_data_ptr<T>();
+  // 2048 columns: the K input rows of a block (<= 256 KiB for K <= 32 in fp32) stay in L2 for the R / 4
+  // re-reads of combine_rows, and the R output rows stay in L1/L2 until they are rounded and stored.
+  constexpr int64_t B = 2048;
+  const bool direct = s1 == 1;  // unit column stride: read rows in place, widening on load
+  const bool to_float = std::is_same_v<T, float>;
+  const Isa isa = cpu_isa();
+  const LincombFn<T> lin_fn = pick_lincomb<T>(isa);
+  const LincombFn<float> lin_f32 = pick_lincomb<float>(isa);
+  const LoadBlockFn<T> load_fn = pick_load_block<T>(isa);
+
+  at::parallel_for(0, (N + B - 1) / B, 1, [&](int64_t b_begin, int64_t b_end) {
+    std::vector<float> scratch(direct ? 0 : K * B);
+    std::vector<float> tmp(to_float ? 0 : R * B);
+    std::vector<const T*> rows(K);
+    std::vector<const float*> frows(K);
+    std::vector<float*> outs(R);
+    for (int64_t blk = b_begin; blk < b_end; ++blk) {
+      const int64_t n0 = blk * B, nb = std::min(B, N - n0);
+      for (int64_t r = 0; r < R; ++r)
+        outs[r] = to_float ? reinterpret_cast<float*>(out) + r * N + n0 : tmp.data() + r * B;
+      if (direct) {
+        for (int64_t k = 0; k < K; ++k) rows[k] = base + k * s0 + n0;
+        lin_fn(rows.data(), coef, R, K, nb, outs.data());
+      } else {
+        load_fn(base, s0, s1, K, n0, nb, scratch.data(), B);
+        for (int64_t k = 0; k < K; ++k) frows[k] = scratch.data() + k * B;
+        lin_f32(frows.data(), coef, R, K, nb, outs.data());
+      }
+      for (int64_t r = 0; r < R; ++r) {
+        float* o = outs[r];
+        if (scale) {
+          if (shared == nullptr) {
+            for (int64_t n = 0; n < nb; ++n) o[n] *= shared_scale;
+          } else {
+            for (int64_t n = 0; n < nb; ++n) o[n] *= shared[n0 + n] ? shared_scale : other_scale;
+          }
+        }
+        if constexpr (!std::is_same_v<T, float>) {
+          T* dst = out + r * N + n0;
+          for (int64_t n = 0; n < nb; ++n) dst[n] = static_cast<T>(o[n]);
+        }
+      }
+    }
+  });
+}
+
+void check_G(const char* op, const at::Tensor& G) {
+  TORCH_CHECK(G.dim() == 2, op, ": G must be a 2-D [K, N] tensor, got a ", G.dim(), "-D tensor of shape ",
+              G.sizes());
+  TORCH_CHECK(is_projection_dtype(G.scalar_type()), op, ": G must be float32, float16 or bfloat16, got ",
+              G.scalar_type());
+  TORCH_CHECK(G.device().is_cpu(), op, ": G must be a CPU tensor for the CPU kernel, got ", G.device());
+}
+
+template <typename Fn>
+void dispatch_dtype(at::ScalarType t, Fn&& fn) {
+  switch (t) {
+    case at::kFloat: return fn(float{});
+    case at::kHalf: return fn(c10::Half{});
+    default: return fn(c10::BFloat16{});
+  }
+}
+
+}  // namespace
+
+at::Tensor combine_cpu(const at::Tensor& G, const at::Tensor& c, const std::optional<at::Tensor>& shared,
+                       double shared_scale, double other_scale) {
+  constexpr const char* op = "gmd_ext::combine";
+  check_G(op, G);
+  const int64_t K = G.size(0), N = G.size(1);
+  TORCH_CHECK(c.dim() == 1 && c.size(0) == K, op, ": c must be a 1-D tensor of length K = ", K,
+              " (one coefficient per row of G), got shape ", c.sizes());
+  TORCH_CHECK(c.scalar_type() == at::kFloat, op, ": c must be float32, got ", c.scalar_type());
+  TORCH_CHECK(c.device() == G.device(), op, ": c must be on G's device ", G.device(), ", got ", c.device());
+  at::Tensor shared_c;
+  if (shared.has_value()) {
+    TORCH_CHECK(shared->dim() == 1 && shared->size(0) == N, op, ": shared must be a 1-D tensor of length N = ", N,
+                " (one flag per column of G), got shape ", shared->sizes());
+    TORCH_CHECK(shared->scalar_type() == at::kBool, op, ": shared must be a bool tensor, got ",
+                shared->scalar_type());
+    TORCH_CHECK(shared->device() == G.device(), op, ": shared must be on G's device ", G.device(), ", got ",
+                shared->device());
+    shared_c = shared->contiguous();
+  }
+  at::Tensor out = at::empty({N}, G.options());
+  if (N == 0) return out;
+  const at::Tensor coef = c.contiguous();
+  dispatch_dtype(G.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    lincomb_kernel<T>(G, coef.const_data_ptr<float>(), 1, out.data_ptr<T>(),
+                      shared_c.defined() ? shared_c.const_data_ptr<bool>() : nullptr, true,
+                      static_cast<float>(shared_scale), static_cast<float>(other_scale));
+  });
+  return out;
+}
+
+at::Tensor combine_rows_cpu(const at::Tensor& G, const at::Tensor& A) {
+  constexpr const char* op = "gmd_ext::combine_rows";
+  check_G(op, G);
+  const int64_t K = G.size(0), N = G.size(1);
+  TORCH_CHECK(A.dim() == 2 && A.size(1) == K, op, ": A must be a 2-D [R, K] tensor with K = ", K,
+              " (G's number of rows), got shape ", A.sizes());
+  TORCH_CHECK(A.scalar_type() == at::kFloat, op, ": A must be float32, got ", A.scalar_type());
+  TORCH_CHECK(A.device() == G.device(), op, ": A must be on G's device ", G.device(), ", got ", A.device());
+  const int64_t R = A.size(0);
+  at::Tensor out = at::empty({R, N}, G.options());
+  if (R == 0 || N == 0) return out;
+  const at::Tensor coef = A.contiguous();
+  dispatch_dtype(G.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    lincomb_kernel<T>(G, coef.const_data_ptr<float>(), R, out.data_ptr<T>(), nullptr, false, 1.f, 1.f);
+  });
+  return out;
+}
+
+}  // namespace gmd_ext::cpu
+
+TORCH_LIBRARY_IMPL(gmd_ext, CPU, m) {
+  m.impl("combine", &gmd_ext::cpu::combine_cpu);
+  m.impl("combine_rows", &gmd_ext::cpu::combine_rows_cpu);
+}
