@@ -492,16 +492,17 @@ class GMD:
         if self._group is None:
             return []
         rows = [b.G[k] if k is not None else b.G for b in self._buffers]
-        return [torch.distributed.all_reduce(r, group=self._group, async_op=True) for r in rows]
+        try:
+            return [torch.distributed.all_reduce(r, group=self._group, async_op=True) for r in rows]
+        except RuntimeError as e:
+            raise _comm_error(e) from e
 
     def _wait(self, works):
         for w in works:
             try:
                 w.wait()
             except RuntimeError as e:
-                raise RuntimeError(f"gmd_ext.GMD: all-reduce of the per-objective gradients failed on the process "
-                                   f"group (a rank died, diverged in K / parameters, or timed out; the timeout is "
-                                   f"init_process_group(timeout=...)): {e}") from e
+                raise _comm_error(e) from e
 
     # ------------------------------------------------------------------ projection
     def _perms(self, K, device):
@@ -593,6 +594,12 @@ class GMD:
             for p, v, i in zip(b.params, b.row_views(m), b.index):
                 p.grad = v if reach_any[i] else None
         return info
+
+
+def _comm_error(e: Exception) -> RuntimeError:
+    return RuntimeError(f"gmd_ext.GMD: all-reduce of the per-objective gradients failed on the process group (a "
+                        f"rank died, diverged in K / parameters, or timed out; the timeout is "
+                        f"init_process_group(timeout=...)): {e}")
 
 
 def _reached(loss: torch.Tensor, target: dict) -> list[int]:

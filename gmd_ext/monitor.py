@@ -91,17 +91,8 @@ class DominanceMonitor:
         dominance = self._dominance(names, gram) if self.modalities is not None else {}
 
         T = len(self.objective_names)
-        if self._cos_sum is None:
-            self._cos_sum, self._cos_after_sum = np.zeros((T, T)), np.zeros((T, T))
-            self._cos_count = np.zeros((T, T))
-        ix = np.ix_(cols, cols)
-        self._cos_sum[ix] += cos.numpy()
-        self._cos_after_sum[ix] += cos_after.numpy()
-        self._cos_count[ix] += 1
-        iu = np.triu_indices(K, 1)
-        valid = (norms[:, None] * norms[None, :]).numpy()[iu] > 0
-        self._hist_before += np.histogram(_angles(cos.numpy()[iu][valid]), _BINS)[0]
-        self._hist_after += np.histogram(_angles(cos_after.numpy()[iu][valid]), _BINS)[0]
+        if bool(torch.isfinite(gram).all()):  # a skipped (NaN/Inf) step would poison the plot's averages
+            self._accumulate(cols, cos, cos_after, norms, K, T)
 
         row = {"step": int(step), "skipped": int(bool(getattr(info, "skipped", False))),
                "num_conflicts": num_conflicts}
@@ -130,6 +121,19 @@ class DominanceMonitor:
                 if key.split("/")[0] in ("loss", "norm", "dominance", "num_conflicts") and v != "":
                     self._writer.add_scalar(key, v, int(step))
         return row
+
+    def _accumulate(self, cols, cos, cos_after, norms, K, T):
+        if self._cos_sum is None:
+            self._cos_sum, self._cos_after_sum = np.zeros((T, T)), np.zeros((T, T))
+            self._cos_count = np.zeros((T, T))
+        ix = np.ix_(cols, cols)
+        self._cos_sum[ix] += cos.numpy()
+        self._cos_after_sum[ix] += cos_after.numpy()
+        self._cos_count[ix] += 1
+        iu = np.triu_indices(K, 1)
+        valid = (norms[:, None] * norms[None, :]).numpy()[iu] > 0
+        self._hist_before += np.histogram(_angles(cos.numpy()[iu][valid]), _BINS)[0]
+        self._hist_after += np.histogram(_angles(cos_after.numpy()[iu][valid]), _BINS)[0]
 
     def _dominance(self, names, gram) -> dict:
         mods = self.modalities
@@ -176,8 +180,8 @@ class DominanceMonitor:
     def plot(self, path: str | os.PathLike) -> None:
         """Save a PNG: mean cosine matrix before / after projection over the recorded steps, and the histogram
         of pairwise gradient angles before vs after projection (the paper's Fig. 3)."""
-        if self.steps == 0:
-            raise ValueError("DominanceMonitor.plot: no steps recorded yet")
+        if self._cos_sum is None:
+            raise ValueError("DominanceMonitor.plot: no steps with finite gradients recorded yet")
         import matplotlib
 
         matplotlib.use("Agg")

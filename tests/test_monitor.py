@@ -127,7 +127,7 @@ def test_monitor_bad_inputs(tmp_path):
     mon = DominanceMonitor(modalities=("a", "b"))
     with pytest.raises(ValueError, match="is not a subset of modalities"):
         run_steps(mon, steps=1)
-    with pytest.raises(ValueError, match="no steps recorded"):
+    with pytest.raises(ValueError, match="no steps with finite gradients"):
         DominanceMonitor().plot(tmp_path / "x.png")
     with pytest.raises(ValueError, match="distinct non-empty strings"):
         DominanceMonitor(modalities=["a", "a"])
@@ -144,3 +144,17 @@ def test_dominance_nan_without_full_set():
     info = type("Info", (), {"gram": G @ G.T, "coefficients": torch.eye(2), "losses": [0.0, 0.0], "names": names})()
     row = DominanceMonitor(modalities=MODS)(0, info)
     assert all(math.isnan(row[f"dominance/{m}"]) for m in MODS)
+
+
+def test_skipped_nan_step_is_logged_but_not_plotted(tmp_path):
+    names = [s.name for s in subsets(MODS)]
+    G = torch.randn(7, 20)
+    gram = G @ G.T
+    gram[2, :] = float("nan")
+    info = type("Info", (), {"gram": gram, "coefficients": torch.eye(7), "losses": [0.0] * 7, "names": names,
+                             "skipped": True})()
+    mon = DominanceMonitor(tmp_path / "d.csv", modalities=MODS)
+    row = mon(0, info)
+    assert row["skipped"] == 1 and mon.steps == 1
+    with pytest.raises(ValueError, match="no steps with finite gradients"):
+        mon.plot(tmp_path / "x.png")
