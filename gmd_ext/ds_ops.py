@@ -243,9 +243,13 @@ def _modality_group_norm_torch(x, weight, bias, present, num_groups, eps, activa
     xp = x.flatten(0, 1).index_select(0, idx)
     mod = idx % M
     shape = (-1, C) + (1,) * (x.dim() - 3)
-    yp = F.group_norm(xp, num_groups, eps=eps)
-    yp = yp * weight.to(x.dtype).index_select(0, mod).view(shape) + bias.to(x.dtype).index_select(0, mod).view(shape)
-    yp = _activate(yp, activation)
+    # The per-pair affine cannot go into F.group_norm (its affine is per channel only), so it is a separate
+    # elementwise step; in fp16/bf16 that step (and its backward) would round once more than the fused kernels,
+    # so low precision computes in fp32 and rounds once at the end.
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    yp = F.group_norm(xp.to(acc), num_groups, eps=eps)
+    yp = yp * weight.to(acc).index_select(0, mod).view(shape) + bias.to(acc).index_select(0, mod).view(shape)
+    yp = _activate(yp, activation).to(x.dtype)
     return x.new_zeros((B * M, *x.shape[2:])).index_copy(0, idx, yp).view(x.shape)
 
 
@@ -299,7 +303,7 @@ def modality_group_norm(x, weight, bias, present=None, *, num_groups, eps=1e-5, 
     if chosen == "cpp":
         return torch.ops.gmd_ext.modality_group_norm_fwd(x, weight, bias, present, num_groups, float(eps), act)[0]
     if chosen == "triton":
-        from gmd_ext.triton import modality_group_norm as _tr  # noqa: F401  (registers the op)
+        import gmd_ext.triton  # noqa: F401  (registers the op; imported late: TRITON_INTERPRET must be set first)
 
         return torch.ops.gmd_ext.modality_group_norm_fwd_triton(x, weight, bias, present, num_groups,
                                                                  float(eps), act)[0]
@@ -347,9 +351,9 @@ def _register_cpp_ops():
 
     @torch.library.register_fake(lib + "masked_conv_backward")
     def _(grad_y, x, weight, bias, present, stride, padding, dilation, output_mask):
-        return (torch.empty_like(x) if output_mask[0] else None,
-                torch.empty_like(weight) if output_mask[1] else None,
-                torch.empty_like(bias) if output_mask[2] and bias is not None else None)
+        return (x.new_empty(x.shape) if output_mask[0] else None,
+                weight.new_empty(weight.shape) if output_mask[1] else None,
+                bias.new_empty(bias.shape) if output_mask[2] and bias is not None else None)
 
     def _conv_setup(ctx, inputs, output):
         x, weight, bias, present, stride, padding, dilation = inputs
@@ -370,9 +374,9 @@ def _register_cpp_ops():
 
     @torch.library.register_fake(lib + "modality_group_norm_bwd")
     def _(grad_y, x, weight, bias, present, mean, rstd, num_groups, activation, output_mask):
-        return (torch.empty_like(x) if output_mask[0] else None,
-                torch.empty_like(weight) if output_mask[1] else None,
-                torch.empty_like(bias) if output_mask[2] else None)
+        return (x.new_empty(x.shape) if output_mask[0] else None,
+                weight.new_empty(weight.shape) if output_mask[1] else None,
+                bias.new_empty(bias.shape) if output_mask[2] else None)
 
     def _gn_backward(ctx, grad_y, grad_mean, grad_rstd):
         # mean and rstd are returned for the backward only (marked non-differentiable): their grads are None.
@@ -389,7 +393,7 @@ def _group_norm_fake(x, num_groups):
     """(y, mean, rstd) shapes and dtypes of the modality_group_norm forward ops."""
     stat = torch.float64 if x.dtype == torch.float64 else torch.float32
     mean = x.new_empty((x.shape[0], x.shape[1], num_groups), dtype=stat)
-    return torch.empty_like(x, memory_format=torch.contiguous_format), mean, torch.empty_like(mean)
+    return x.new_empty(x.shape), mean, torch.empty_like(mean)
 
 
 def _gn_setup(ctx, inputs, output):

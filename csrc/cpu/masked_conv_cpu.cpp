@@ -244,8 +244,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_conv_backward_composite(
   } else {
     // Per-modality groups (or nothing present): accumulate into zeros, so a modality without pairs gets zeros.
     dxp = output_mask[0] ? at::zeros_like(xp) : at::Tensor();
-    dw = output_mask[1] ? at::zeros_like(weight) : at::Tensor();
-    db = need_bias ? at::zeros_like(*bias) : at::Tensor();
+    dw = output_mask[1] ? at::zeros(weight.sizes(), weight.options()) : at::Tensor();
+    db = need_bias ? at::zeros(bias->sizes(), bias->options()) : at::Tensor();
   }
   if (per_weight || per_bias) {
     int64_t start = 0;
@@ -262,7 +262,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_conv_backward_composite(
   }
   at::Tensor dx;
   if (output_mask[0]) dx = call_scatter(dxp, pairs.index, B * M).view(x.sizes());
-  return {dx, dw, db};
+  // Contiguous like the fake kernel says (the vendor backward may pick another weight layout).
+  return {dx, dw.defined() ? dw.contiguous() : dw, db};
 }
 
 }  // namespace gmd_ext

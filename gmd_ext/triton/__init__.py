@@ -5,3 +5,4 @@ block sizes and check devices, and the torch.library.custom_op registration with
 tensors, or CPU tensors when TRITON_INTERPRET=1 is set before triton is imported.
 """
 from gmd_ext.triton import combine, gram, pcgrad_coefficients  # noqa: F401
+from gmd_ext.triton import modality_group_norm  # noqa: F401

@@ -1,0 +1,203 @@
+"""modality_group_norm against the dense reference (F.group_norm per modality with its affine, then masked)."""
+import pytest
+import torch
+
+from gmd_ext import _backend, modality_group_norm, testing
+from gmd_ext.ds_ops import modality_group_norm_reference
+
+BACKENDS = testing.backends_for("cpu")
+ACTIVATIONS = [None, "relu", "leaky_relu"]
+needs_cpp = pytest.mark.skipif(not _backend.CPP_LOADED, reason="gmd_ext._C not built")
+
+
+def _present(kind, B, M):
+    if kind == "all":
+        return torch.ones(B, M, dtype=torch.bool)
+    p = torch.ones(B, M, dtype=torch.bool)
+    if kind == "modality_absent":
+        p[:, 1] = False
+    else:
+        p = torch.rand(B, M) < 0.5
+        p[torch.arange(B), torch.randint(M, (B,))] = True
+    return p
+
+
+def _inputs(nsp, B=3, M=4, C=6, size=5, dtype=torch.float64):
+    x = torch.randn(B, M, C, *([size] * nsp), dtype=dtype) * 2 + 0.5
+    return x, torch.randn(M, C, dtype=dtype), torch.randn(M, C, dtype=dtype)
+
+
+def _grads(out, leaves, g):
+    return torch.autograd.grad(out, leaves, g)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mask", ["all", "modality_absent", "random"])
+@pytest.mark.parametrize("nsp,activation", [(1, None), (2, "relu"), (3, "leaky_relu"), (2, None), (1, "leaky_relu")])
+def test_matches_dense_reference(nsp, mask, activation, backend):
+    x, w, b = (t.requires_grad_() for t in _inputs(nsp, size=4 if nsp == 3 else 5))
+    present = _present(mask, 3, 4)
+    y = modality_group_norm(x, w, b, present, num_groups=3, activation=activation, backend=backend)
+    ref = modality_group_norm_reference(x, w, b, present, num_groups=3, activation=activation)
+    torch.testing.assert_close(y, ref)
+    g = torch.randn_like(ref)
+    for got, want in zip(_grads(y, (x, w, b), g), _grads(ref, (x, w, b), g)):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("num_groups", [1, 2, 6])
+def test_group_counts_and_eps(num_groups, backend):
+    x, w, b = _inputs(2)
+    present = _present("random", 3, 4)
+    torch.testing.assert_close(
+        modality_group_norm(x, w, b, present, num_groups=num_groups, eps=0.1, backend=backend),
+        modality_group_norm_reference(x, w, b, present, num_groups=num_groups, eps=0.1))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_absent_pairs(backend):
+    """Absent pairs: zero output, zero dx, no contribution to the affine grads (NaN there must not leak)."""
+    x, w, b = _inputs(2)
+    present = _present("modality_absent", 3, 4)
+    x[~present] = float("nan")
+    x, w, b = (t.requires_grad_() for t in (x, w, b))
+    y = modality_group_norm(x, w, b, present, num_groups=2, activation="relu", backend=backend)
+    assert torch.isfinite(y).all() and (y[~present] == 0).all()
+    dx, dw, db = _grads(y, (x, w, b), torch.randn_like(y))
+    assert (dx[~present] == 0).all() and torch.isfinite(dx).all()
+    assert (dw[1] == 0).all() and (db[1] == 0).all()
+    assert (dw[0] != 0).any() and (db[0] != 0).any()
+
+
+# Not triton: under the CPU interpreter each call costs ~0.1 s and gradcheck makes hundreds; the triton values and
+# gradients are checked against the float64 reference in test_matches_dense_reference.
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_gradcheck(activation, backend):
+    x, w, b = _inputs(1, B=2, M=3, C=4, size=3)
+    # Keep pre-activations away from the kink at 0, where finite differences of relu are meaningless.
+    b = b + torch.sign(b) * 0.5
+    present = torch.tensor([[True, False, True], [False, False, True]])
+    leaves = [t.requires_grad_() for t in (x, w, b)]
+    assert torch.autograd.gradcheck(
+        lambda x, w, b: modality_group_norm(x, w, b, present, num_groups=2, activation=activation,
+                                            backend=backend), leaves, fast_mode=True)
+
+
+@pytest.mark.parametrize("dtype", testing.low_precision)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_low_precision(dtype, backend):
+    """fp16/bf16 error within 2x (values) / 3x (grads) of plain torch's at the same precision, vs fp32."""
+    x, w, b = _inputs(2, C=8, size=8, dtype=torch.float32)
+    present = _present("random", 3, 4)
+    ref_in = [t.requires_grad_() for t in (x, w, b)]
+    # The affine parameters stay fp32 (mixed-precision training); x is low precision.
+    out_in = [x.detach().to(dtype).requires_grad_(), w.detach().clone().requires_grad_(),
+              b.detach().clone().requires_grad_()]
+    base_in = [x.detach().to(dtype).requires_grad_(), w.detach().clone().requires_grad_(),
+               b.detach().clone().requires_grad_()]
+    kw = dict(num_groups=4, activation="leaky_relu")
+    ref = modality_group_norm_reference(*ref_in, present, **kw)
+    out = modality_group_norm(*out_in, present, backend=backend, **kw)
+    base = modality_group_norm_reference(*base_in, present, **kw)
+    assert out.dtype == dtype
+    testing.assert_close_rel(out, ref, base)
+    g = torch.randn_like(ref)
+    grads = zip(_grads(out, out_in, g.to(dtype)), _grads(ref, ref_in, g), _grads(base, base_in, g.to(dtype)))
+    for name, (got, want, plain) in zip(("x", "weight", "bias"), grads):
+        testing.assert_close_rel(got, want, plain, factor=3.0, what=f"grad {name}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_and_constant_input(backend):
+    x, w, b = _inputs(2, size=6)
+    x[0, 0] = 3.0  # zero variance: rstd = 1/sqrt(eps), output = bias
+    xt = x.transpose(-1, -2)
+    present = _present("all", 3, 4)
+    y = modality_group_norm(xt, w, b, present, num_groups=3, backend=backend)
+    torch.testing.assert_close(y, modality_group_norm_reference(xt, w, b, present, num_groups=3))
+    torch.testing.assert_close(y[0, 0], b[0].view(-1, 1, 1).expand(-1, 6, 6))
+
+
+# ---------------------------------------------------------------- the registered ops
+def _op_args(dtype=torch.float64):
+    x, w, b = _inputs(1, B=2, M=3, C=4, size=5, dtype=dtype)
+    present = torch.tensor([[True, False, True], [False, True, True]])
+    return x, w, b, present
+
+
+@needs_cpp
+@pytest.mark.parametrize("activation", ["none", "leaky_relu"])
+def test_opcheck_fwd(activation):
+    x, w, b, present = _op_args()
+    leaves = [t.requires_grad_() for t in (x, w, b)]
+    torch.library.opcheck(torch.ops.gmd_ext.modality_group_norm_fwd, (*leaves, present, 2, 1e-5, activation))
+
+
+@needs_cpp
+@pytest.mark.parametrize("mask", [[True, True, True], [False, True, False]])
+def test_opcheck_bwd(mask):
+    x, w, b, present = _op_args()
+    _, mean, rstd = torch.ops.gmd_ext.modality_group_norm_fwd(x, w, b, present, 2, 1e-5, "relu")
+    torch.library.opcheck(torch.ops.gmd_ext.modality_group_norm_bwd,
+                          (torch.randn_like(x), x, w, b, present, mean, rstd, 2, "relu", mask))
+
+
+@needs_cpp
+def test_statistics_outputs():
+    x, w, b, present = _op_args()
+    _, mean, rstd = torch.ops.gmd_ext.modality_group_norm_fwd(x, w, b, present, 2, 1e-5, "none")
+    groups = x.reshape(2, 3, 2, -1)
+    torch.testing.assert_close(mean, torch.where(present[..., None], groups.mean(-1), 0))
+    want_rstd = (groups.var(-1, unbiased=False) + 1e-5).rsqrt()
+    torch.testing.assert_close(rstd, torch.where(present[..., None], want_rstd, 0))
+    assert mean.dtype == torch.float64
+    _, mean16, _ = torch.ops.gmd_ext.modality_group_norm_fwd(x.half(), w, b, present, 2, 1e-5, "none")
+    assert mean16.dtype == torch.float32
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "torch"])
+def test_torch_compile_fullgraph(backend):
+    x, w, b = (t.float().requires_grad_() for t in _inputs(2))
+    present = _present("random", 3, 4)
+
+    def f(x, w, b, present):
+        return modality_group_norm(x, w, b, present, num_groups=3, activation="relu", backend=backend) * 2
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    y, ref = compiled(x, w, b, present), f(x, w, b, present)
+    torch.testing.assert_close(y, ref)
+    g = torch.randn_like(ref)
+    for got, want in zip(_grads(y, (x, w, b), g), _grads(ref, (x, w, b), g)):
+        torch.testing.assert_close(got, want)
+
+
+# ---------------------------------------------------------------- validation
+@pytest.mark.parametrize("call,exc,match", [
+    (lambda x, w, b, p: modality_group_norm(x[0, 0], w, b, p, num_groups=2), ValueError, r"x must be \[B, M, C"),
+    (lambda x, w, b, p: modality_group_norm(x.long(), w, b, p, num_groups=2), TypeError, "x must be float"),
+    (lambda x, w, b, p: modality_group_norm(x, w[:2], b, p, num_groups=2), ValueError, r"weight must be \[M, C\]"),
+    (lambda x, w, b, p: modality_group_norm(x, w, b[:, :3], p, num_groups=2), ValueError, r"bias must be \[M, C\]"),
+    (lambda x, w, b, p: modality_group_norm(x, w, None, p, num_groups=2), TypeError, "bias must be a torch.Tensor"),
+    (lambda x, w, b, p: modality_group_norm(x, w, b, p, num_groups=4), ValueError, "must divide the channel dim"),
+    (lambda x, w, b, p: modality_group_norm(x, w, b, p, num_groups=0), ValueError, "num_groups must be a positive"),
+    (lambda x, w, b, p: modality_group_norm(x, w, b, p, num_groups=2, activation="gelu"), ValueError,
+     "activation must be one of"),
+    (lambda x, w, b, p: modality_group_norm(x, w, b, p, num_groups=2, eps=-1.0), ValueError, "eps must be"),
+    (lambda x, w, b, p: modality_group_norm(x, w, b, p.int(), num_groups=2), TypeError, "present must have dtype"),
+    (lambda x, w, b, p: modality_group_norm(x, w, b, p.T, num_groups=2), ValueError, r"present must be \[B, M\]"),
+    (lambda x, w, b, p: modality_group_norm(x, w, b, p & torch.tensor([[False] * 4, [True] * 4, [True] * 4]),
+                                            num_groups=2), ValueError, r"sample\(s\) \[0\] have no modality"),
+])
+def test_bad_inputs(call, exc, match):
+    x, w, b = _inputs(2, C=6, dtype=torch.float32)
+    with pytest.raises(exc, match=match):
+        call(x, w, b, torch.ones(3, 4, dtype=torch.bool))
+
+
+@needs_cpp
+def test_op_rejects_unknown_activation():
+    x, w, b, present = _op_args()
+    with pytest.raises(ValueError, match="activation must be"):
+        torch.ops.gmd_ext.modality_group_norm_fwd(x, w, b, present, 2, 1e-5, "gelu")
