@@ -36,13 +36,20 @@ RESULTS = os.path.join(os.path.dirname(__file__), "results")
 MODS = ("flair", "t1", "t1ce", "t2")
 
 
-def make_losses(model, x, target, chosen):
+def make_losses(model, x, target, chosen, shared_graph):
+    bce = torch.nn.functional.binary_cross_entropy_with_logits
+    if shared_graph:
+        # One forward (all modalities), K losses on different targets: the multi-task shape, one graph.
+        targets = [(torch.rand(target.shape, generator=torch.Generator().manual_seed(k)) > 0.5).float()
+                   for k in range(len(chosen))]
+
+        def losses():
+            out = model(x)
+            return {f"task{k}": bce(out, t) for k, t in enumerate(targets)}
+        return losses
+
     def losses():
-        out = {}
-        for s in chosen:
-            present = s.mask.expand(x.shape[0], -1)
-            out[s.name] = torch.nn.functional.binary_cross_entropy_with_logits(model(x, present), target)
-        return out
+        return {s.name: bce(model(x, s.mask.expand(x.shape[0], -1)), target) for s in chosen}
     return losses
 
 
@@ -101,6 +108,8 @@ def main():
     ap.add_argument("--backend", default="auto")
     ap.add_argument("--machine", default=f"{os.cpu_count()}-core CPU dev box ({platform.processor() or 'x86_64'})")
     ap.add_argument("--providers", default="plain,k_backward,gmd_seq,gmd_batched,official")
+    ap.add_argument("--shared-graph", action="store_true",
+                    help="K losses on one all-modality forward (multi-task) instead of K subset forwards")
     ap.add_argument("--report", action="store_true", help="only rebuild step.md from step.csv")
     args = ap.parse_args()
     if args.report:
@@ -116,7 +125,7 @@ def main():
     x = torch.randn(args.batch, len(MODS), args.size, args.size, args.size)
     target = (torch.rand(args.batch, 3, args.size, args.size, args.size) > 0.5).float()
     chosen = sample_subsets(MODS, args.k, torch.Generator().manual_seed(0))
-    losses = make_losses(model, x, target, chosen)
+    losses = make_losses(model, x, target, chosen, args.shared_graph)
     backend = _backend.resolve(args.backend, "cpu")
     perm_gen = torch.Generator().manual_seed(0)
 
@@ -143,10 +152,11 @@ def main():
                 times[n].append(dt)
     med = {n: statistics.median(v) for n, v in times.items()}
 
+    model_name = f"DSUNet3d(width={args.width}), " + ("one shared graph" if args.shared_graph else "subset forwards")
     rows = []
     for n in names:
         rows.append({
-            "bench": "step", "provider": n, "model": f"DSUNet3d(width={args.width})", "params": N, "K": args.k,
+            "bench": "step", "provider": n, "model": model_name, "params": N, "K": args.k,
             "input": f"{args.batch}x{len(MODS)}x{args.size}^3", "threads": args.threads, "backend": backend,
             "median_s": f"{med[n]:.4f}", "min_s": f"{min(times[n]):.4f}", "repeats": args.repeats,
             "torch": torch.__version__, "machine": args.machine,
