@@ -1,0 +1,149 @@
+// masked_conv on CUDA: the row gather (pack_pairs) and the fused scatter + mask (scatter_pairs) kernels; the op
+// itself is the device-independent composition pack -> at::convolution (cuDNN) -> scatter written in
+// csrc/cpu/masked_conv_cpu.cpp, registered here for the CUDA key.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <array>
+#include <optional>
+
+namespace gmd_ext {
+
+// Defined in csrc/cpu/masked_conv_cpu.cpp (compiled into the same library).
+at::Tensor masked_conv_composite(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                                 const at::Tensor& present, at::IntArrayRef stride, at::IntArrayRef padding,
+                                 at::IntArrayRef dilation);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_conv_backward_composite(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& present, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+    std::array<bool, 3> output_mask);
+
+namespace {
+
+constexpr int kThreads = 256;
+
+// Rows are copied in the widest unit that divides the row size and the pointers' alignment (16 bytes for
+// fp32 rows of a multiple of 4 elements): a memory-bound copy wants 128-bit accesses.
+template <typename Unit>
+__global__ void gather_rows_kernel(const Unit* __restrict__ src, const int64_t* __restrict__ index,
+                                   Unit* __restrict__ dst, int64_t num_rows_src, int64_t rows, int64_t row_units) {
+  const int64_t total = rows * row_units;
+  for (int64_t k = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; k < total;
+       k += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t i = k / row_units, j = k - i * row_units;
+    const int64_t r = index[i];
+    CUDA_KERNEL_ASSERT(r >= 0 && r < num_rows_src);
+    dst[k] = src[r * row_units + j];
+  }
+}
+
+// out[r] = src[inverse[r]] where inverse[r] >= 0, zeros elsewhere: every output byte written once.
+template <typename Unit>
+__global__ void scatter_rows_kernel(const Unit* __restrict__ src, const int64_t* __restrict__ inverse,
+                                    Unit* __restrict__ dst, int64_t rows, int64_t row_units) {
+  const int64_t total = rows * row_units;
+  for (int64_t k = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; k < total;
+       k += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t r = k / row_units, j = k - r * row_units;
+    const int64_t from = inverse[r];
+    dst[k] = from >= 0 ? src[from * row_units + j] : Unit{};
+  }
+}
+
+int64_t unit_bytes(int64_t row_bytes, const void* a, const void* b) {
+  const auto addr = reinterpret_cast<uintptr_t>(a) | reinterpret_cast<uintptr_t>(b);
+  for (int64_t u : {16, 8, 4, 2}) {
+    if (row_bytes % u == 0 && addr % u == 0) return u;
+  }
+  return 1;
+}
+
+template <typename Launch>
+void dispatch_unit(int64_t unit, Launch&& launch) {
+  switch (unit) {
+    case 16: launch(uint4{}); break;
+    case 8: launch(uint2{}); break;
+    case 4: launch(uint32_t{}); break;
+    case 2: launch(uint16_t{}); break;
+    default: launch(uint8_t{}); break;
+  }
+}
+
+int blocks_for(int64_t total) {
+  // Grid-stride loops: enough blocks to fill the GPU several times over, capped to keep launch cheap.
+  return static_cast<int>(std::min<int64_t>((total + kThreads - 1) / kThreads, 65535));
+}
+
+void check_index(const at::Tensor& index, const at::Tensor& t) {
+  TORCH_CHECK(index.dim() == 1 && index.scalar_type() == at::kLong,
+              "index must be a 1-D int64 tensor, got ", index.dim(), "-D ", index.scalar_type());
+  TORCH_CHECK(index.device() == t.device(), "index must be on ", t.device(), ", got ", index.device());
+}
+
+}  // namespace
+
+at::Tensor pack_pairs_cuda(const at::Tensor& x, const at::Tensor& index) {
+  TORCH_CHECK(x.dim() >= 1, "pack_pairs: x must have a leading row dim, got a 0-D tensor");
+  check_index(index, x);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const auto xc = x.contiguous();
+  const auto ic = index.contiguous();
+  auto sizes = x.sizes().vec();
+  sizes[0] = ic.numel();
+  auto out = at::empty(sizes, x.options());
+  if (out.numel() == 0) return out;
+  const int64_t row_bytes = x.nbytes() / x.size(0);
+  const int64_t unit = unit_bytes(row_bytes, xc.const_data_ptr(), out.const_data_ptr());
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  dispatch_unit(unit, [&](auto tag) {
+    using Unit = decltype(tag);
+    const int64_t row_units = row_bytes / static_cast<int64_t>(sizeof(Unit));
+    gather_rows_kernel<Unit><<<blocks_for(ic.numel() * row_units), kThreads, 0, stream>>>(
+        static_cast<const Unit*>(xc.const_data_ptr()), ic.const_data_ptr<int64_t>(),
+        static_cast<Unit*>(out.mutable_data_ptr()), x.size(0), ic.numel(), row_units);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+at::Tensor scatter_pairs_cuda(const at::Tensor& y, const at::Tensor& index, int64_t num_pairs) {
+  TORCH_CHECK(y.dim() >= 1, "scatter_pairs: y must have a leading row dim, got a 0-D tensor");
+  check_index(index, y);
+  TORCH_CHECK(index.numel() == y.size(0), "scatter_pairs: index has ", index.numel(), " entries but y has ",
+              y.size(0), " rows");
+  TORCH_CHECK(num_pairs >= 0, "scatter_pairs: num_pairs must be >= 0, got ", num_pairs);
+  const c10::cuda::CUDAGuard guard(y.device());
+  const auto yc = y.contiguous();
+  // inverse[index[i]] = i (index_copy_ checks the range on the device; distinct rows are the caller's contract,
+  // checked on CPU only: on CUDA it would cost a host sync).
+  auto inverse = at::full({num_pairs}, -1, index.options());
+  inverse.index_copy_(0, index, at::arange(index.numel(), index.options()));
+  auto sizes = y.sizes().vec();
+  sizes[0] = num_pairs;
+  auto out = at::empty(sizes, y.options());
+  if (out.numel() == 0) return out;
+  const int64_t row_bytes = out.nbytes() / num_pairs;
+  const int64_t unit = unit_bytes(row_bytes, yc.const_data_ptr(), out.const_data_ptr());
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  dispatch_unit(unit, [&](auto tag) {
+    using Unit = decltype(tag);
+    const int64_t row_units = row_bytes / static_cast<int64_t>(sizeof(Unit));
+    scatter_rows_kernel<Unit><<<blocks_for(num_pairs * row_units), kThreads, 0, stream>>>(
+        static_cast<const Unit*>(yc.const_data_ptr()), inverse.const_data_ptr<int64_t>(),
+        static_cast<Unit*>(out.mutable_data_ptr()), num_pairs, row_units);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+}  // namespace gmd_ext
+
+TORCH_LIBRARY_IMPL(gmd_ext, CUDA, m) {
+  m.impl("pack_pairs", &gmd_ext::pack_pairs_cuda);
+  m.impl("scatter_pairs", &gmd_ext::scatter_pairs_cuda);
+  m.impl("masked_conv", &gmd_ext::masked_conv_composite);
+  m.impl("masked_conv_backward", &gmd_ext::masked_conv_backward_composite);
+}
