@@ -167,6 +167,26 @@ def test_non_contiguous_params_accumulate_in_place():
     torch.testing.assert_close(flat_grad(params), expected, rtol=1e-5, atol=1e-6)
 
 
+def test_replaced_grad_is_copied_back_with_one_warning():
+    """If something swaps .grad for a new tensor during backward (here a user hook that runs before the
+    engine's), the engine copies it into its row once, warns once, and the result is still exact."""
+    model, opt, losses, gmd = setup(order=ORDER)
+    params = list(model.parameters())
+
+    def swap(p):
+        p.grad = p.grad.clone()
+
+    handle = model.trunk[0].weight.register_post_accumulate_grad_hook(swap)
+    ref = official(params, losses, ORDER)
+    with pytest.warns(RuntimeWarning, match="replaced a parameter's .grad"):
+        gmd.backward(losses())
+    torch.testing.assert_close(flat_grad(params), ref, rtol=1e-5, atol=1e-6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        gmd.backward(losses())
+    handle.remove()
+
+
 def test_no_kn_allocation_on_repeat_steps():
     model, opt, losses, gmd = setup(order=ORDER)
     gmd.backward(losses())
