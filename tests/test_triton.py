@@ -36,10 +36,10 @@ def _rows(K, N, dtype=torch.float32):
 
 
 # ---------------------------------------------------------------- gram
-# N around the column blocks (256 for K <= 16, 128 for K <= 32, 64 up to K = 64), several blocks per program
-# (N = 4500: 16 programs at most on CPU), K not a power of two, K = 33 / 64, and K > 64 (several row tiles, only
+# N around the column blocks (512 for K <= 16, 128 for K <= 32, 64 up to K = 64), several blocks per program
+# (N = 9000: 16 programs at most on CPU), K not a power of two, K = 33 / 64, and K > 64 (several row tiles, only
 # the upper tile pairs computed).
-@pytest.mark.parametrize("K,N", [(1, 1), (3, 255), (3, 257), (2, 4500), (15, 1000), (20, 129), (33, 200),
+@pytest.mark.parametrize("K,N", [(1, 1), (3, 511), (3, 513), (2, 9000), (15, 1000), (20, 129), (33, 200),
                                  (64, 130), (65, 70), (100, 40)])
 def test_gram_fp32_blocks(K, N):
     G = _rows(K, N)
@@ -266,10 +266,11 @@ def _aot_cases():
              "stride_gk": "i32", "stride_gn": "i32", "stride_ar": "i32", "stride_ak": "i32", "OUT_BF16": "constexpr",
              "BLOCK_R": "constexpr", "BLOCK_K": "constexpr", "BLOCK_N": "constexpr"}
     cases = {}
-    for K, dtype, ptr in ((15, torch.float32, "*fp32"), (64, torch.bfloat16, "*bf16"),
-                          (100, torch.float32, "*fp32")):
+    for K, dtype, ptr in ((15, torch.float32, "*fp32"), (15, torch.bfloat16, "*bf16"), (32, torch.float16, "*fp16"),
+                          (64, torch.bfloat16, "*bf16"), (100, torch.float32, "*fp32")):
         cfg = tgram.config(K, dtype)
-        cases[f"gram_K{K}_{ptr[1:]}"] = (tgram._gram_kernel, dict(g_sig, g_ptr=ptr), cfg, tgram.NUM_WARPS)
+        warps = cfg.pop("num_warps")
+        cases[f"gram_K{K}_{ptr[1:]}"] = (tgram._gram_kernel, dict(g_sig, g_ptr=ptr), cfg, warps)
     for K in (15, 64, 300):
         cfg = tpc.config(K)
         warps = cfg.pop("num_warps")
@@ -283,8 +284,8 @@ def _aot_cases():
     return cases
 
 
-AOT_CASES = ["gram_K15_fp32", "gram_K64_bf16", "gram_K100_fp32", "pcgrad_coefficients_K15",
-             "pcgrad_coefficients_K64", "pcgrad_coefficients_K300", "combine", "combine_rows"]
+AOT_CASES = ["gram_K15_fp32", "gram_K15_bf16", "gram_K32_fp16", "gram_K64_bf16", "gram_K100_fp32",
+             "pcgrad_coefficients_K15", "pcgrad_coefficients_K64", "pcgrad_coefficients_K300", "combine", "combine_rows"]
 
 _AOT_SCRIPT = """
 import json, os, subprocess, sys, tempfile
@@ -331,7 +332,7 @@ def aot_results():
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.slow  # ~20 s for the eight compiles on the 2-core dev box with a cold Triton cache
+@pytest.mark.slow  # ~25 s for the ten compiles on the 2-core dev box with a cold Triton cache
 @pytest.mark.parametrize("name", AOT_CASES)
 def test_aot_compile_sm90(name, aot_results):
     """Each kernel compiles to an sm_90 cubin without a GPU (Triton's bundled ptxas), without register spills

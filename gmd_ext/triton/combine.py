@@ -14,16 +14,16 @@ import triton.language as tl
 
 from gmd_ext.triton import _utils
 
-# combine: rows of G per loop iteration x columns per program, and warps: the widest tile that compiles for
-# sm_90 without register spills and under ~128 registers (Triton's ahead-of-time compile read back with
-# cuobjdump; re-checked by tests/test_triton.py::test_aot_compile_sm90): 16 x 1024 at 8 warps uses 105 (fp32) /
-# 111 (bf16) registers; 16 x 2048 needs 190, 32 x 1024 200. K <= 16 (BraTS: 15 objectives) is one iteration.
-# No GPU was available to time them.
+# Block sizes: the widest tiles that compile for sm_90 with no local memory (stack) use and at most ~128
+# registers, read back with cuobjdump from Triton's ahead-of-time compile (re-checked by
+# tests/test_triton.py::test_aot_compile_sm90). No GPU was available to time them.
+# combine: 16 rows x 1024 columns at 8 warps uses 113 registers (bf16 in/out, shared mask); 16 x 2048 needs ~190,
+# 32 x 1024 ~200, and 4 warps spill at 16 x 2048. K <= 16 (BraTS: 15 objectives) is then one iteration.
 COMBINE_BLOCK_K = 16
 COMBINE_BLOCK_N = 1024
 COMBINE_NUM_WARPS = 8
-# combine_rows: tl.dot tiles (16 is tl.dot's minimum) by the same rule: 16 x 16 x 256 at 8 warps uses 70 (fp32) /
-# 128 (bf16) registers; 32-row or 32-deep tiles at 256 columns need 196-255 (bf16), and 4 warps spill there.
+# combine_rows: tl.dot tiles (16 is tl.dot's minimum) of 16 rows x 16 deep x 256 columns at 8 warps use 128
+# registers (fp16); 32-row or 32-deep tiles at 256 columns need 196-255 (bf16), and 4 warps spill there.
 ROWS_BLOCK_R = 16
 ROWS_BLOCK_K = 16
 ROWS_BLOCK_N = 256
@@ -44,11 +44,10 @@ def _combine_kernel(g_ptr, c_ptr, shared_ptr, out_ptr, K, N, stride_k, stride_n,
                     shared_scale, other_scale, HAS_SHARED: tl.constexpr, OUT_BF16: tl.constexpr,
                     BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
     """out[n] = scale(n) Σ_k c_k G[k, n] for one block of columns; out is G's dtype (raw uint16 bits for bf16)."""
-    pid = tl.program_id(0)
-    cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    # int64 offsets: N, K * N (or N * stride_n for a transposed G) may exceed 2^31 elements.
+    cols = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
-    # int64 offsets: K * N (or N * stride_n for a transposed G) may exceed 2^31 elements.
-    col_off = cols.to(tl.int64) * stride_n
+    col_off = cols * stride_n
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         rows = k0 + tl.arange(0, BLOCK_K)
@@ -58,7 +57,7 @@ def _combine_kernel(g_ptr, c_ptr, shared_ptr, out_ptr, K, N, stride_k, stride_n,
                     mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
         acc += tl.sum(x * c[:, None], axis=0)
     if HAS_SHARED:
-        flag = tl.load(shared_ptr + cols.to(tl.int64) * stride_s, mask=col_ok, other=0)
+        flag = tl.load(shared_ptr + cols * stride_s, mask=col_ok, other=0)
         acc = acc * tl.where(flag != 0, shared_scale, other_scale)
     else:
         acc = acc * shared_scale
@@ -76,10 +75,10 @@ def _combine_rows_kernel(g_ptr, a_ptr, out_ptr, R, K, N, stride_gk, stride_gn, s
     pid_n = tl.program_id(0)
     pid_r = tl.program_id(1)
     rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)  # int64: see _combine_kernel
     row_ok = rows < R
     col_ok = cols < N
-    col_off = cols.to(tl.int64)[None, :] * stride_gn
+    col_off = cols[None, :] * stride_gn
     acc = tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)

@@ -14,14 +14,13 @@ _OP = "gram_triton"
 # K is padded to a power of two >= 16 (tl.dot's minimum tile) and tiled in BLOCK_K_MAX rows beyond that, so the
 # fp32 accumulator [BLOCK_K, BLOCK_K] plus the loaded tiles stay in registers.
 BLOCK_K_MAX = 64
-# Columns per loop iteration by BLOCK_K, and warps: the widest column tile that compiles for sm_90 without
-# register spills (ptxas via Triton's ahead-of-time compile, read back with cuobjdump; re-checked by
-# tests/test_triton.py::test_aot_compile_sm90). At 8 warps, fp32 / bf16 inputs: BLOCK_K 16 x 256 columns use
-# 80 / 58 registers, 32 x 128 use 92 / 115, 64 x 64 use 164 / 154 (two row tiles: 184 / 194); 4 warps spill
-# at 64 x 64 and 16 x 128 (fp32), and 64 x 128 spills at either. No GPU was available to time them; with K <= 64
-# the kernel is memory-bound, so wide coalesced column tiles matter most.
-BLOCK_N = {16: 256, 32: 128, 64: 64}
-NUM_WARPS = 8
+# Columns per loop iteration and warps, by BLOCK_K: the widest column tile that compiles for sm_90 with no local
+# memory (stack) use, read back with cuobjdump from Triton's ahead-of-time compile and re-checked by
+# tests/test_triton.py::test_aot_compile_sm90. Registers for fp32 / bf16 inputs: 16 x 512 at 4 warps 96 / 96;
+# 32 x 128 at 8 warps 92 / 113; 64 x 64 at 8 warps 164 / 177 (two row tiles: 181 / 193). Rejected for stack
+# use: 16 x 512 and 32 x 256 at 8 warps (fp32), 64 x 64 at 4 warps and 64 x 128 with two row tiles. No GPU was
+# available to time them; with K <= 64 the kernel is memory-bound, so wide coalesced column tiles matter most.
+CONFIGS = {16: dict(BLOCK_N=512, num_warps=4), 32: dict(BLOCK_N=128, num_warps=8), 64: dict(BLOCK_N=64, num_warps=8)}
 
 
 @triton.jit
@@ -35,16 +34,17 @@ def _gram_kernel(g_ptr, partial_ptr, K, N, stride_k, stride_n, cols_per_program,
         return
     rows_i = ti * BLOCK_K + tl.arange(0, BLOCK_K)
     rows_j = tj * BLOCK_K + tl.arange(0, BLOCK_K)
-    # int64 offsets: K * N (or N * stride_n for a transposed G) may exceed 2^31 elements.
-    base_i = g_ptr + rows_i.to(tl.int64)[:, None] * stride_k
-    base_j = g_ptr + rows_j.to(tl.int64)[:, None] * stride_k
+    # This program's slice of columns starts at a 64-bit offset (N may exceed 2^31) folded into the row pointers;
+    # inside the slice (cols_per_program < 2^31) 32-bit column indices keep register use down.
+    start = pid_n.to(tl.int64) * cols_per_program
+    width = tl.minimum(N - start, cols_per_program).to(tl.int32)
+    base_i = g_ptr + rows_i.to(tl.int64)[:, None] * stride_k + start * stride_n
+    base_j = g_ptr + rows_j.to(tl.int64)[:, None] * stride_k + start * stride_n
     acc = tl.zeros([BLOCK_K, BLOCK_K], dtype=tl.float32)
-    start = pid_n * cols_per_program
-    end = tl.minimum(start + cols_per_program, N)
-    for n0 in range(start, end, BLOCK_N):
+    for n0 in range(0, width, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
-        col_off = cols.to(tl.int64)[None, :] * stride_n
-        col_ok = (cols < end)[None, :]
+        col_off = cols.to(tl.int64)[None, :] * stride_n  # int64: cols * stride_n may pass 2^31 (transposed G)
+        col_ok = (cols < width)[None, :]
         # fp16/bf16 are widened right after the load (the interpreter cannot tl.dot bf16); the widened values
         # are exact in tf32, so PRECISION="tf32" keeps every product exact for them.
         x_i = tl.load(base_i + col_off, mask=(rows_i < K)[:, None] & col_ok, other=0.0).to(tl.float32)
@@ -58,9 +58,9 @@ def _gram_kernel(g_ptr, partial_ptr, K, N, stride_k, stride_n, cols_per_program,
 
 
 def config(K: int, dtype: torch.dtype) -> dict:
-    """The compile-time parameters `gram` launches `_gram_kernel` with for K rows of `dtype`."""
+    """The launch parameters (constexprs, num_warps) of `_gram_kernel` for K rows of `dtype`."""
     block_k = min(_utils.next_power_of_2(K, 16), BLOCK_K_MAX)
-    return dict(BLOCK_K=block_k, BLOCK_N=BLOCK_N[block_k], ONE_TILE=K <= block_k,
+    return dict(BLOCK_K=block_k, ONE_TILE=K <= block_k, **CONFIGS[block_k],
                 # fp32 inputs need full-precision products; 16-bit inputs are exact in tf32 (see the kernel).
                 PRECISION="ieee" if dtype == torch.float32 else "tf32")
 
@@ -86,7 +86,7 @@ def gram(G: torch.Tensor) -> torch.Tensor:
     # Lower tile pairs are never written; zeros keep them out of the reduction below.
     partial = torch.zeros((programs, K, K), dtype=torch.float32, device=G.device)
     _gram_kernel[(programs, tiles, tiles)](G, partial, K, N, G.stride(0), G.stride(1), cols_per_program,
-                                            num_warps=NUM_WARPS, enable_fp_fusion=True, **cfg)  # fma: one rounding
+                                            enable_fp_fusion=True, **cfg)  # fma: one rounding per multiply-add
     upper = partial.sum(0, dtype=torch.float64).triu()
     return (upper + upper.triu(1).T).float()
 
