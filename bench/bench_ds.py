@@ -1,9 +1,11 @@
 """DSUNet3d forward+backward with missing modalities: Dynamic Sharing vs the official execution.
 
 Providers (same model, same weights, same inputs):
-  official  every modality's branch is run (plain torch, one batch of B per modality, as the official
-            ModuleParallel code does) and the missing ones are discarded by the masked mean.
-  ds        DSUNet3d.forward: absent (sample, modality) pairs are never computed.
+  official   every modality's branch is run (plain torch, one batch of B per modality, as the official
+             ModuleParallel code does) and the missing ones are discarded by the masked mean.
+  ds         DSUNet3d.forward, execution="packed" (the default): present pairs gathered once into one batch.
+  ds_layers  DSUNet3d.forward, execution="layers": DS layers on [B, M, ...] (masked_conv / modality_group_norm).
+In both DS providers absent (sample, modality) pairs are never computed.
 
 Each step is forward + BCE-with-logits loss against a fixed random target + backward. Providers and missing
 rates are interleaved in every repetition (the provider order alternates), after warm-up; the median of the
@@ -11,6 +13,7 @@ timed repetitions is reported. Writes bench/results/ds.csv and prints a markdown
 
     python bench/bench_ds.py                 # B=2, 4 modalities, 64^3, width 0.5, 0/25/50/75 % missing
     python bench/bench_ds.py --size 32       # smaller volumes
+    python bench/bench_ds.py --threads 1     # on a CPU shared with other jobs
 """
 from __future__ import annotations
 
@@ -70,10 +73,16 @@ def official_logits(model: DSUNet3d, x: torch.Tensor, present: torch.Tensor) -> 
 
 
 def ds_logits(model: DSUNet3d, x: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    model.execution = "packed"
     return model(x, present)
 
 
-PROVIDERS = {"official": official_logits, "ds": ds_logits}
+def ds_layers_logits(model: DSUNet3d, x: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    model.execution = "layers"
+    return model(x, present)
+
+
+PROVIDERS = {"official": official_logits, "ds": ds_logits, "ds_layers": ds_layers_logits}
 
 
 def step_ms(fn, model, x, present, target) -> float:
@@ -103,12 +112,24 @@ def main(argv=None):
     parser.add_argument("--reps", type=int, default=5, help="timed repetitions per cell (median reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed repetitions per cell first")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--providers", default="official,ds,ds_layers",
+                        help=f"comma-separated subset of {','.join(PROVIDERS)} (official is always run: the ratios "
+                             "are against it)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "ds.csv")
     parser.add_argument("--machine", default=None, help="machine label for the CSV (default: CPU model, cores)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads (default: torch's choice). On a CPU shared with other jobs, "
+                             "1 avoids OpenMP barrier stalls that slowed both providers >20x on the 2-core dev box")
     args = parser.parse_args(argv)
     if args.size < 16 or args.batch < 1 or args.reps < 1 or args.warmup < 0:
         parser.error("need --size >= 16, --batch >= 1, --reps >= 1, --warmup >= 0")
     percents = [int(p) for p in args.missing.split(",")]
+    names = ["official"] + [n for n in args.providers.split(",") if n != "official"]
+    unknown = set(names) - set(PROVIDERS)
+    if unknown:
+        parser.error(f"unknown providers {sorted(unknown)}; choose from {list(PROVIDERS)}")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
 
     warnings.simplefilter("ignore", RuntimeWarning)  # the backend fallback notice, if any, is not a result
     gen = torch.Generator().manual_seed(args.seed)
@@ -123,8 +144,7 @@ def main(argv=None):
     print(f"# DSUNet3d fwd+bwd, {shape}, {machine}, torch {torch.__version__}; "
           f"load average before: {os.getloadavg()[0]:.2f}", flush=True)
 
-    times = {(p, name): [] for p in percents for name in PROVIDERS}
-    names = list(PROVIDERS)
+    times = {(p, name): [] for p in percents for name in names}
     for rep in range(args.warmup + args.reps):
         for p in percents:
             # Alternate the provider order so neither always runs on a cache/allocator state left by the other.
@@ -132,7 +152,8 @@ def main(argv=None):
                 ms = step_ms(PROVIDERS[name], model, x, masks[p], target)
                 if rep >= args.warmup:
                     times[(p, name)].append(ms)
-        print(f"  rep {rep + 1}/{args.warmup + args.reps} done", flush=True)
+                print(f"  rep {rep + 1}/{args.warmup + args.reps}{' (warm-up)' if rep < args.warmup else ''} "
+                      f"missing {p}% {name}: {ms:.0f} ms", flush=True)
 
     rows, table = [], []
     for p in percents:
@@ -142,14 +163,16 @@ def main(argv=None):
             rows.append({"op": "dsunet3d_fwd_bwd", "provider": name, "shape": shape, "missing": f"{p}%",
                          "dtype": "float32", "device": "cpu", "machine": machine, "torch version": torch.__version__,
                          "median_ms": f"{med:.1f}", "ratio": f"{base / med:.2f}"})
-        table.append((p, base, statistics.median(times[(p, "ds")])))
+        table.append((p, [statistics.median(times[(p, name)]) for name in names]))
     write_csv_atomic(args.out, rows)
 
     print(f"\nload average after: {os.getloadavg()[0]:.2f}; median of {args.reps} after {args.warmup} warm-up\n")
-    print("| missing | official (all branches) ms | DS (absent skipped) ms | speed-up |")
-    print("|---|---|---|---|")
-    for p, base, ds in table:
-        print(f"| {p}% | {base:.0f} | {ds:.0f} | {base / ds:.2f}x |")
+    others = names[1:]
+    print("| missing | official ms | " + " | ".join(f"{n} ms | {n} speed-up" for n in others) + " |")
+    print("|---|---|" + "---|---|" * len(others))
+    for p, meds in table:
+        cells = " | ".join(f"{med:.0f} | {meds[0] / med:.2f}x" for med in meds[1:])
+        print(f"| {p}% | {meds[0]:.0f} | {cells} |")
     print(f"\nwrote {args.out}")
 
 

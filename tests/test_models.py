@@ -12,10 +12,10 @@ def n_params(model):
     return sum(p.numel() for p in model.parameters())
 
 
-@pytest.fixture(scope="module")
-def unet():
+@pytest.fixture(scope="module", params=["packed", "layers"])
+def unet(request):
     torch.manual_seed(0)
-    model = DSUNet3d(width=0.25)
+    model = DSUNet3d(width=0.25, execution=request.param)
     with torch.no_grad():  # non-trivial per-modality affine, so a wrong modality index shows
         for name, p in model.named_parameters():
             if "norm" in name:
@@ -63,8 +63,22 @@ def test_dsunet3d_sample_independent_of_other_samples(unet):
     torch.testing.assert_close(a[0], b[0], rtol=1e-6, atol=1e-6)
 
 
-def test_dsunet3d_absent_modality_gets_no_gradient():
-    model = DSUNet3d(width=0.25)
+def test_dsunet3d_packed_and_layers_executions_agree_in_values_and_gradients():
+    packed = DSUNet3d(width=0.25, execution="packed")
+    layers = DSUNet3d(width=0.25, execution="layers")
+    layers.load_state_dict(packed.state_dict())
+    x = torch.randn(2, 4, 16, 16, 16)
+    target = torch.rand(2, 3, 16, 16, 16).round()
+    for model in (packed, layers):
+        F.binary_cross_entropy_with_logits(model(x, PRESENT), target).backward()
+    torch.testing.assert_close(packed(x, PRESENT), layers(x, PRESENT), rtol=1e-4, atol=1e-5)
+    for (name, p), q in zip(packed.named_parameters(), layers.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-3, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("execution", ["packed", "layers"])
+def test_dsunet3d_absent_modality_gets_no_gradient(execution):
+    model = DSUNet3d(width=0.25, execution=execution)
     present = torch.tensor([[True, True, False, True], [False, True, False, False]])
     F.binary_cross_entropy_with_logits(model(torch.randn(2, 4, 16, 16, 16), present),
                                        torch.rand(2, 3, 16, 16, 16).round()).backward()
@@ -92,6 +106,8 @@ def test_dsunet3d_validation():
         DSUNet3d(width=0.3)
     with pytest.raises(ValueError, match="modality"):
         model.forward_modality(x[:, 0], "pd")
+    with pytest.raises(ValueError, match="execution"):
+        DSUNet3d(width=0.25, execution="dense")
 
 
 # ---------------------------------------------------------------- DSSentimentNet

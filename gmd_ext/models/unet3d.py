@@ -20,6 +20,7 @@ from gmd_ext.ds import DSConv, DSGroupNorm, check_present, masked_apply, masked_
 BRATS_MODALITIES = ("flair", "t1", "t1ce", "t2")
 _BASE_CHANNELS = (32, 64, 128, 256, 512)
 _DEPTH = 4  # number of ×2 down-samplings
+EXECUTIONS = ("packed", "layers")
 
 
 class _DoubleConv(nn.Module):
@@ -38,11 +39,18 @@ class _DoubleConv(nn.Module):
         x = self.norm1(self.conv1(x, present), present)
         return self.norm2(self.conv2(x, present), present)
 
-    def branch(self, x: torch.Tensor, m: int) -> torch.Tensor:
-        """The official per-modality execution in plain torch: x [B, cin, *S] of modality m."""
+    def branch(self, x: torch.Tensor, m: int | torch.Tensor) -> torch.Tensor:
+        """Plain-torch execution on a batch x [N, cin, *S]: of modality m (an int), or one modality per row
+        (m an int64 tensor [N]: each row's GroupNorm affine is gathered from its modality)."""
         for conv, norm in ((self.conv1, self.norm1), (self.conv2, self.norm2)):
             x = F.conv3d(x, conv.weight, conv.bias, padding=1)
-            x = F.relu(F.group_norm(x, norm.num_groups, norm.weight[m], norm.bias[m], norm.eps))
+            if isinstance(m, int):
+                x = F.group_norm(x, norm.num_groups, norm.weight[m], norm.bias[m], norm.eps)
+            else:
+                shape = (-1, x.shape[1]) + (1,) * (x.dim() - 2)
+                x = torch.addcmul(norm.bias[m].view(shape), F.group_norm(x, norm.num_groups, eps=norm.eps),
+                                  norm.weight[m].view(shape))
+            x = F.relu(x)
         return x
 
 
@@ -71,7 +79,14 @@ class DSUNet3d(nn.Module):
         num_classes: output channels (3: the regions WT, TC, ET; apply a sigmoid).
         width: channel multiplier of the base widths (32, 64, 128, 256, 512); 0.5 is the paper's model.
         num_groups: GroupNorm groups (every width·base channel count must be divisible by it).
-        backend: backend of the masked_conv / modality_group_norm ops ("auto" | "cpp" | "triton" | "torch").
+        execution: how the present (sample, modality) pairs are run; both give the same values and gradients.
+            "packed": the present pairs are gathered once into one batch, run through the shared network in
+            plain torch (each row's GroupNorm affine gathered from its modality), and scattered back once.
+            "layers": the network of DS layers on [B, M, ...] tensors (masked_conv / modality_group_norm ops,
+            each layer packs and scatters). Default "packed", the faster on the 2-core CPU dev box (see
+            bench/bench_ds.py, which times both).
+        backend: backend of the masked_conv / modality_group_norm ops ("auto" | "cpp" | "triton" | "torch"),
+            used by execution="layers".
 
     forward(x [B, M, D, H, W] float, present bool [B, M] | None) -> logits [B, num_classes, D, H, W], the mean
     of the present modalities' logits. Spatial sizes need not be multiples of 16 (skips are padded) but every one
@@ -79,8 +94,11 @@ class DSUNet3d(nn.Module):
     """
 
     def __init__(self, modalities=BRATS_MODALITIES, num_classes: int = 3, width: float = 0.5, *,
-                 num_groups: int = 8, backend: str = "auto"):
+                 num_groups: int = 8, execution: str = "packed", backend: str = "auto"):
         super().__init__()
+        if execution not in EXECUTIONS:
+            raise ValueError(f"execution must be one of {EXECUTIONS}, got {execution!r}")
+        self.execution = execution
         self.modalities = tuple(modalities)
         if not self.modalities or len(set(self.modalities)) != len(self.modalities):
             raise ValueError(f"modalities must be a non-empty sequence of distinct names, got {modalities!r}")
@@ -127,6 +145,18 @@ class DSUNet3d(nn.Module):
     def forward_branches(self, x: torch.Tensor, present: torch.Tensor | None = None) -> torch.Tensor:
         """Per-modality logits [B, M, num_classes, D, H, W]; zeros where absent (never computed)."""
         present = self._check(x, present)
+        if self.execution == "layers":
+            return self._branches_layers(x, present)
+        B, M = x.shape[:2]
+        if present is None:
+            # Nothing to skip: one batch of B per modality with m's affine fused into group_norm (the official
+            # execution); one batch of B·M with per-row affine measured the same (32³, 1 thread, dev box).
+            return torch.stack([self._run(x[:, m].unsqueeze(1), m) for m in range(M)], 1)
+        mods, rows = present.t().nonzero().unbind(1)
+        y = self._run(x[rows, mods].unsqueeze(1), mods)
+        return y.new_zeros((B, M) + tuple(y.shape[1:])).index_put((rows, mods), y)
+
+    def _branches_layers(self, x: torch.Tensor, present: torch.Tensor | None) -> torch.Tensor:
         h = self.inc(x.unsqueeze(2), present)
         skips = [h]
         for down in self.downs:
@@ -157,6 +187,10 @@ class DSUNet3d(nn.Module):
             x = x.unsqueeze(1)
         if x.dim() != 5 or x.shape[1] != 1:
             raise ValueError(f"x must be [B, D, H, W] or [B, 1, D, H, W], got shape {tuple(x.shape)}")
+        return self._run(x, m)
+
+    def _run(self, x: torch.Tensor, m: int | torch.Tensor) -> torch.Tensor:
+        """The shared network in plain torch on x [N, 1, D, H, W]; m: the modality (int) or one per row ([N])."""
         h = self.inc.branch(x, m)
         skips = [h]
         for down in self.downs:
