@@ -25,7 +25,8 @@ TORCH_LIBRARY(gmd_ext, m) {
   m.def("combine_rows(Tensor G, Tensor A) -> Tensor");
 
   // ---- Dynamic Sharing (DESIGN §3) ----
-  // Row gather / scatter around the vendor convolution; each is the other's adjoint (indices are distinct).
+  // Row gather / scatter around the vendor convolution; each is the other's adjoint (rows in index are distinct;
+  // an entry -1 is an empty slot: a zero row in pack_pairs, a dropped row in scatter_pairs).
   // x [N, *F], index [P] int64 -> x[index] [P, *F].
   m.def("pack_pairs(Tensor x, Tensor index) -> Tensor");
   // y [P, *F], index [P] int64 -> out [num_pairs, *F] with out[index[i]] = y[i] and zeros in the other rows.

@@ -16,6 +16,11 @@ def _present(kind, B, M, generator=None):
         p = torch.ones(B, M, dtype=torch.bool)
         p[:, 1] = False
         return p
+    if kind == "one_modality":  # only modality 0 (plus one extra pair): too unbalanced for the grouped layout
+        p = torch.zeros(B, M, dtype=torch.bool)
+        p[:, 0] = True
+        p[0, 2] = True
+        return p
     p = torch.rand(B, M, generator=generator) < 0.5
     p[torch.arange(B), torch.randint(M, (B,), generator=generator)] = True  # every sample keeps one modality
     return p
@@ -44,7 +49,9 @@ def _check_against_reference(x, w, b, present, backend, **conv):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("mask", ["all", "modality_absent", "random"])
+# Per-modality weights run as one grouped convolution over modality slots ("all", "modality_absent", "random")
+# or, when that would waste most slots ("one_modality"), one convolution per modality: both are covered.
+@pytest.mark.parametrize("mask", ["all", "modality_absent", "random", "one_modality"])
 @pytest.mark.parametrize("per_modality", [False, True], ids=["shared", "per_modality"])
 @pytest.mark.parametrize("nsp", [1, 2, 3])
 def test_matches_dense_reference(nsp, per_modality, mask, backend):
@@ -54,10 +61,11 @@ def test_matches_dense_reference(nsp, per_modality, mask, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mask", ["random", "one_modality"])
 @pytest.mark.parametrize("per_modality,bias_kind", [(False, None), (False, "per"), (True, None), (True, "shared")])
-def test_bias_variants(per_modality, bias_kind, backend):
+def test_bias_variants(per_modality, bias_kind, mask, backend):
     x, w, b = _inputs(2, per_modality, bias_kind)
-    _check_against_reference(x, w, b, _present("random", 3, 4), backend)
+    _check_against_reference(x, w, b, _present(mask, 3, 4), backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -154,7 +162,7 @@ def _opcheck_cases():
     g = torch.randn(2, 3, 3, 5, dtype=x.dtype)
     back = (g, x.detach(), w.detach(), b.detach(), present, [1], [1], [1])
     rows = torch.randn(6, 4, 3, dtype=torch.float64, requires_grad=True)
-    index = torch.tensor([4, 0, 2])
+    index = torch.tensor([4, -1, 2])
     return {
         "masked_conv_per_modality": ("masked_conv", (x, w, b, present, [2], [1], [1])),
         "masked_conv_shared": ("masked_conv", (x, w[0].detach().requires_grad_(), None, present, [1], [0], [2])),
@@ -182,6 +190,14 @@ def test_pack_scatter_match_torch_indexing():
     want = torch.zeros(6, 4, 3)
     want[index] = rows[:3]
     torch.testing.assert_close(out, want, rtol=0, atol=0)
+    # -1 marks an empty slot: a zero row when packing, a dropped row when scattering.
+    slots = torch.tensor([4, -1, 2])
+    want = rows[[4, 0, 2]].clone()
+    want[1] = 0
+    torch.testing.assert_close(torch.ops.gmd_ext.pack_pairs(rows, slots), want, rtol=0, atol=0)
+    want = torch.zeros(6, 4, 3)
+    want[[4, 2]] = rows[[0, 2]]
+    torch.testing.assert_close(torch.ops.gmd_ext.scatter_pairs(rows[:3], slots, 6), want, rtol=0, atol=0)
     with pytest.raises(RuntimeError, match="out of range"):
         torch.ops.gmd_ext.pack_pairs(rows, torch.tensor([6]))
     with pytest.raises(RuntimeError, match="distinct"):

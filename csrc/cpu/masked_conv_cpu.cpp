@@ -11,6 +11,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstring>
 #include <vector>
 
@@ -28,14 +29,15 @@ void check_index(const at::Tensor& index, const at::Tensor& t, const char* tname
               index.device());
 }
 
-// inverse[r] = i where index[i] == r, -1 for rows not in index; rejects out-of-range and repeated rows (the ops
-// are each other's adjoint only for distinct indices).
+// inverse[r] = i where index[i] == r, -1 for rows not in index; entries -1 of index (empty slots) are skipped.
+// Rejects out-of-range and repeated rows: the two ops are each other's adjoint only for distinct indices.
 std::vector<int64_t> inverse_map(const at::Tensor& index, int64_t num_rows) {
   std::vector<int64_t> inverse(num_rows, -1);
-  const int64_t* idx = index.data_ptr<int64_t>();
+  const int64_t* idx = index.const_data_ptr<int64_t>();
   for (int64_t i = 0; i < index.numel(); ++i) {
     const int64_t r = idx[i];
-    TORCH_CHECK(r >= 0 && r < num_rows, "index[", i, "] = ", r, " is out of range [0, ", num_rows, ")");
+    if (r == -1) continue;
+    TORCH_CHECK(r >= 0 && r < num_rows, "index[", i, "] = ", r, " is out of range [-1, ", num_rows, ")");
     TORCH_CHECK(inverse[r] < 0, "index must hold distinct rows; row ", r, " appears twice");
     inverse[r] = i;
   }
@@ -63,7 +65,11 @@ at::Tensor pack_pairs_cpu(const at::Tensor& x, const at::Tensor& index) {
     while (begin < end) {
       const int64_t row = begin / row_bytes, off = begin % row_bytes;
       const int64_t n = std::min(end - begin, row_bytes - off);
-      std::memcpy(dst + begin, src + idx[row] * row_bytes + off, n);
+      if (idx[row] >= 0) {
+        std::memcpy(dst + begin, src + idx[row] * row_bytes + off, n);
+      } else {
+        std::memset(dst + begin, 0, n);  // an empty slot of the grouped layout
+      }
       begin += n;
     }
   });
@@ -119,23 +125,88 @@ at::Tensor call_scatter(const at::Tensor& y, const at::Tensor& index, int64_t nu
   return op.call(y, index, num_pairs);
 }
 
-struct Pairs {
-  at::Tensor index;             // [P] int64 flat b * M + m, modality-major
-  std::vector<int64_t> counts;  // present pairs per modality (filled only when the weight or bias is per modality)
+// How the present pairs are laid out for the vendor convolution.
+//  kShared:  shared weight and bias: pack the P present rows, one convolution with batch P.
+//  kGrouped: per-modality weight or bias: slot (i, m) holds modality m's i-th present pair (-1: an empty slot,
+//            packed as zeros), viewed as [Pmax, M * Cin, *S] and run as ONE grouped convolution (groups = M).
+//            Measured on the 2-core dev box (32^3, 16 -> 16 channels, 3^3 kernel): a batch-1 convolution takes
+//            ATen's native path (oneDNN only above N*C*D*H = 20480 for batch 1) at 209 ms against 91 ms for
+//            batch 2, while the grouped form costs the same as a batch-P shared convolution.
+//  kLoop:    per modality, when the grouped layout would waste more than half its slots (unbalanced masks):
+//            one convolution per modality on its contiguous slice of the modality-major packed rows.
+enum class Layout { kShared, kGrouped, kLoop };
+
+struct Plan {
+  Layout layout;
+  at::Tensor index;             // kShared / kLoop: [P] flat b * M + m, modality-major; kGrouped: [Pmax * M] slots
+  std::vector<int64_t> counts;  // present pairs per modality (kLoop)
+  int64_t slots = 0;            // Pmax (kGrouped)
 };
 
-// Modality-major order keeps each modality's pairs contiguous in the packed tensor, so a per-modality weight
-// runs one convolution per modality on a narrow() of it, with no extra copy.
-Pairs present_pairs(const at::Tensor& present, bool need_counts) {
+Plan plan_pairs(const at::Tensor& present, bool per_modality) {
   const int64_t M = present.size(1);
   auto mb = at::nonzero(present.t());  // [P, 2] rows (m, b), sorted m-major
-  Pairs p;
-  p.index = (mb.select(1, 1) * M + mb.select(1, 0)).contiguous();
-  if (need_counts) {
-    auto c = present.sum(0, /*keepdim=*/false, at::kLong).cpu();
-    p.counts.assign(c.const_data_ptr<int64_t>(), c.const_data_ptr<int64_t>() + M);
+  const auto m_of = mb.select(1, 0), b_of = mb.select(1, 1);
+  Plan p;
+  p.index = (b_of * M + m_of).contiguous();
+  if (!per_modality) {
+    p.layout = Layout::kShared;
+    return p;
   }
+  const auto counts = present.sum(0, /*keepdim=*/false, at::kLong);
+  const auto host = counts.cpu();  // a host sync on CUDA, like nonzero above
+  p.counts.assign(host.const_data_ptr<int64_t>(), host.const_data_ptr<int64_t>() + M);
+  const int64_t P = p.index.numel();
+  const int64_t pmax = P ? *std::max_element(p.counts.begin(), p.counts.end()) : 0;
+  if (P == 0 || M * pmax > 2 * P) {
+    p.layout = Layout::kLoop;
+    return p;
+  }
+  // rank of each pair within its modality = its position minus the modality's first position.
+  const auto first = counts.cumsum(0) - counts;
+  const auto rank = at::arange(P, p.index.options()) - first.index_select(0, m_of);
+  auto slots = at::full({pmax * M}, -1, p.index.options());
+  slots.index_copy_(0, rank * M + m_of, p.index);
+  p.layout = Layout::kGrouped;
+  p.index = slots;
+  p.slots = pmax;
   return p;
+}
+
+// [B, M, C, *S] -> [B * M, C, *S]
+at::Tensor flat_pairs(const at::Tensor& t) {
+  auto s = t.sizes().vec();
+  s.erase(s.begin());
+  s[0] = t.size(0) * t.size(1);
+  return t.reshape(s);
+}
+
+// [R, C, *S] -> [R / groups, groups * C, *S] and back: the grouped convolution's view of the slots.
+at::Tensor to_groups(const at::Tensor& t, int64_t groups) {
+  auto s = t.sizes().vec();
+  s[0] /= groups;
+  s[1] *= groups;
+  return t.reshape(s);
+}
+
+at::Tensor from_groups(const at::Tensor& t, int64_t groups) {
+  auto s = t.sizes().vec();
+  s[0] *= groups;
+  s[1] /= groups;
+  return t.reshape(s);
+}
+
+// The grouped convolution's weight [M * Cout, Cin, *k] and bias [M * Cout] (shared ones repeated per modality).
+at::Tensor grouped_weight(const at::Tensor& weight, bool per_weight, int64_t M) {
+  if (per_weight) return weight.flatten(0, 1);
+  std::vector<int64_t> reps(weight.dim(), 1);
+  reps[0] = M;
+  return weight.repeat(reps);
+}
+
+std::optional<at::Tensor> grouped_bias(const std::optional<at::Tensor>& bias, int64_t M) {
+  if (!bias.has_value()) return std::nullopt;
+  return bias->dim() == 2 ? bias->flatten() : bias->repeat({M});
 }
 
 void check_conv_args(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
@@ -171,43 +242,36 @@ at::Tensor masked_conv_composite(const at::Tensor& x, const at::Tensor& weight, 
   const bool per_weight = weight.dim() == nsp + 3;
   const bool per_bias = bias.has_value() && bias->dim() == 2;
   const std::vector<int64_t> no_output_padding(nsp, 0);
-  const auto pairs = present_pairs(present, per_weight || per_bias);
-  auto xs = x.sizes().vec();
-  xs.erase(xs.begin());
-  xs[0] = B * M;
-  const auto xp = call_pack(x.reshape(xs), pairs.index);
-  const auto conv = [&](const at::Tensor& in, const at::Tensor& w, const std::optional<at::Tensor>& b) {
-    return at::convolution(in, w, b, stride, padding, dilation, false, no_output_padding, 1);
+  const auto plan = plan_pairs(present, per_weight || per_bias);
+  const auto xp = call_pack(flat_pairs(x), plan.index);
+  const auto conv = [&](const at::Tensor& in, const at::Tensor& w, const std::optional<at::Tensor>& b,
+                        int64_t groups) {
+    return at::convolution(in, w, b, stride, padding, dilation, false, no_output_padding, groups);
   };
+  const auto weight_of = [&](int64_t m) { return per_weight ? weight.select(0, m) : weight; };
   at::Tensor yp;
-  if (!per_weight && !per_bias) {
-    yp = conv(xp, weight, bias);
+  if (plan.layout == Layout::kShared) {
+    yp = conv(xp, weight, bias, 1);
+  } else if (plan.layout == Layout::kGrouped) {
+    yp = from_groups(conv(to_groups(xp, M), grouped_weight(weight, per_weight, M), grouped_bias(bias, M), M), M);
   } else {
-    // One convolution per modality on its contiguous slice of the packed pairs (a narrow(), no copy).
     std::vector<at::Tensor> pieces;
     int64_t start = 0;
     for (int64_t m = 0; m < M; ++m) {
-      const int64_t n = pairs.counts[m];
+      const int64_t n = plan.counts[m];
       if (n == 0) continue;
-      const auto w = per_weight ? weight.select(0, m) : weight;
-      const std::optional<at::Tensor> b = bias.has_value() ? std::optional<at::Tensor>(
-                                                                 per_bias ? bias->select(0, m) : *bias)
-                                                           : std::nullopt;
-      pieces.push_back(conv(xp.narrow(0, start, n), w, b));
+      std::optional<at::Tensor> b;
+      if (bias.has_value()) b = per_bias ? bias->select(0, m) : *bias;
+      pieces.push_back(conv(xp.narrow(0, start, n), weight_of(m), b, 1));
       start += n;
     }
-    if (pieces.empty()) {
-      // No pair present anywhere: run the convolution on an empty batch only to get the output shape.
-      yp = conv(xp, per_weight ? weight.select(0, 0) : weight, std::nullopt);
-    } else {
-      yp = pieces.size() == 1 ? pieces[0] : at::cat(pieces);
-    }
+    // No pair present anywhere: an empty-batch convolution still gives the output shape.
+    yp = pieces.empty() ? conv(xp, weight_of(0), std::nullopt, 1) : (pieces.size() == 1 ? pieces[0] : at::cat(pieces));
   }
-  auto y = call_scatter(yp, pairs.index, B * M);
   auto ys = yp.sizes().vec();
   ys[0] = M;
   ys.insert(ys.begin(), B);
-  return y.view(ys);
+  return call_scatter(yp, plan.index, B * M).view(ys);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_conv_backward_composite(
@@ -220,39 +284,42 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_conv_backward_composite(
   const bool per_bias = bias.has_value() && bias->dim() == 2;
   const bool need_bias = output_mask[2] && bias.has_value();
   const std::vector<int64_t> no_output_padding(nsp, 0);
-  const auto pairs = present_pairs(present, per_weight || per_bias);
-  auto flat = [&](const at::Tensor& t) {
-    auto s = t.sizes().vec();
-    s.erase(s.begin());
-    s[0] = B * M;
-    return t.reshape(s);
-  };
-  const auto xp = call_pack(flat(x), pairs.index);
-  const auto gp = call_pack(flat(grad_y), pairs.index);
+  const auto plan = plan_pairs(present, per_weight || per_bias);
+  const auto xp = call_pack(flat_pairs(x), plan.index);
+  const auto gp = call_pack(flat_pairs(grad_y), plan.index);
   const int64_t Cout = per_weight ? weight.size(1) : weight.size(0);
-  const std::vector<int64_t> bias_sizes{Cout};
-
-  const auto conv_backward = [&](int64_t start, int64_t n, const at::Tensor& w) {
+  const auto conv_backward = [&](const at::Tensor& g, const at::Tensor& in, const at::Tensor& w, int64_t groups) {
+    const std::vector<int64_t> bias_sizes{w.size(0)};
     return at::convolution_backward(
-        gp.narrow(0, start, n), xp.narrow(0, start, n), w,
-        need_bias ? at::OptionalIntArrayRef(bias_sizes) : at::OptionalIntArrayRef(), stride, padding, dilation,
-        false, no_output_padding, 1, {output_mask[0], output_mask[1], need_bias});
+        g, in, w, need_bias ? at::OptionalIntArrayRef(bias_sizes) : at::OptionalIntArrayRef(), stride, padding,
+        dilation, false, no_output_padding, groups, {output_mask[0], output_mask[1], need_bias});
   };
   at::Tensor dxp, dw, db;
-  if (!per_weight && !per_bias && xp.size(0) > 0) {
-    std::tie(dxp, dw, db) = conv_backward(0, xp.size(0), weight);
+  if (plan.layout == Layout::kShared) {
+    if (xp.size(0) > 0) {
+      std::tie(dxp, dw, db) = conv_backward(gp, xp, weight, 1);
+    } else {
+      dxp = output_mask[0] ? at::zeros_like(xp) : at::Tensor();
+      dw = output_mask[1] ? at::zeros(weight.sizes(), weight.options()) : at::Tensor();
+      db = need_bias ? at::zeros(bias->sizes(), bias->options()) : at::Tensor();
+    }
+  } else if (plan.layout == Layout::kGrouped) {
+    // Empty slots hold zero inputs and zero grads, so they add nothing to dw / db.
+    auto [gx, gw, gb] = conv_backward(to_groups(gp, M), to_groups(xp, M), grouped_weight(weight, per_weight, M), M);
+    if (output_mask[0]) dxp = from_groups(gx, M);
+    if (output_mask[1]) dw = per_weight ? gw.view(weight.sizes()) : gw.unflatten(0, {M, Cout}).sum(0);
+    if (need_bias) db = per_bias ? gb.view({M, Cout}) : gb.view({M, Cout}).sum(0);
   } else {
-    // Per-modality groups (or nothing present): accumulate into zeros, so a modality without pairs gets zeros.
+    // Accumulate into zeros, so a modality without pairs gets zeros.
     dxp = output_mask[0] ? at::zeros_like(xp) : at::Tensor();
     dw = output_mask[1] ? at::zeros(weight.sizes(), weight.options()) : at::Tensor();
     db = need_bias ? at::zeros(bias->sizes(), bias->options()) : at::Tensor();
-  }
-  if (per_weight || per_bias) {
     int64_t start = 0;
     for (int64_t m = 0; m < M; ++m) {
-      const int64_t n = pairs.counts[m];
+      const int64_t n = plan.counts[m];
       if (n > 0) {
-        auto [gx, gw, gb] = conv_backward(start, n, per_weight ? weight.select(0, m) : weight);
+        auto [gx, gw, gb] = conv_backward(gp.narrow(0, start, n), xp.narrow(0, start, n),
+                                          per_weight ? weight.select(0, m) : weight, 1);
         if (output_mask[0]) dxp.narrow(0, start, n).copy_(gx);
         if (output_mask[1]) (per_weight ? dw.select(0, m) : dw).add_(gw);
         if (need_bias) (per_bias ? db.select(0, m) : db).add_(gb);
@@ -261,8 +328,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_conv_backward_composite(
     }
   }
   at::Tensor dx;
-  if (output_mask[0]) dx = call_scatter(dxp, pairs.index, B * M).view(x.sizes());
-  // Contiguous like the fake kernel says (the vendor backward may pick another weight layout).
+  if (output_mask[0]) dx = call_scatter(dxp, plan.index, B * M).view(x.sizes());
+  // Contiguous, as the fake kernel says (the vendor backward may pick another weight layout).
   return {dx, dw.defined() ? dw.contiguous() : dw, db};
 }
 

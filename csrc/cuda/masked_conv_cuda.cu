@@ -35,8 +35,20 @@ __global__ void gather_rows_kernel(const Unit* __restrict__ src, const int64_t* 
        k += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t i = k / row_units, j = k - i * row_units;
     const int64_t r = index[i];
-    CUDA_KERNEL_ASSERT(r >= 0 && r < num_rows_src);
-    dst[k] = src[r * row_units + j];
+    CUDA_KERNEL_ASSERT(r >= -1 && r < num_rows_src);
+    dst[k] = r >= 0 ? src[r * row_units + j] : Unit{};  // -1: an empty slot of the grouped layout
+  }
+}
+
+// inverse[index[i]] = i for the entries that are not -1 (empty slots); distinct rows are the caller's contract
+// (checked on CPU only: on CUDA it would cost a host sync).
+__global__ void inverse_kernel(const int64_t* __restrict__ index, int64_t* __restrict__ inverse, int64_t n,
+                               int64_t num_rows) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t r = index[i];
+    CUDA_KERNEL_ASSERT(r >= -1 && r < num_rows);
+    if (r >= 0) inverse[r] = i;
   }
 }
 
@@ -117,17 +129,21 @@ at::Tensor scatter_pairs_cuda(const at::Tensor& y, const at::Tensor& index, int6
   TORCH_CHECK(num_pairs >= 0, "scatter_pairs: num_pairs must be >= 0, got ", num_pairs);
   const c10::cuda::CUDAGuard guard(y.device());
   const auto yc = y.contiguous();
-  // inverse[index[i]] = i (index_copy_ checks the range on the device; distinct rows are the caller's contract,
-  // checked on CPU only: on CUDA it would cost a host sync).
+  const auto ic = index.contiguous();
   auto inverse = at::full({num_pairs}, -1, index.options());
-  inverse.index_copy_(0, index, at::arange(index.numel(), index.options()));
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  if (ic.numel() > 0) {
+    inverse_kernel<<<blocks_for(ic.numel()), kThreads, 0, stream>>>(ic.const_data_ptr<int64_t>(),
+                                                                     inverse.mutable_data_ptr<int64_t>(), ic.numel(),
+                                                                     num_pairs);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
   auto sizes = y.sizes().vec();
   sizes[0] = num_pairs;
   auto out = at::empty(sizes, y.options());
   if (out.numel() == 0) return out;
   const int64_t row_bytes = out.nbytes() / num_pairs;
   const int64_t unit = unit_bytes(row_bytes, yc.const_data_ptr(), out.const_data_ptr());
-  const auto stream = c10::cuda::getCurrentCUDAStream();
   dispatch_unit(unit, [&](auto tag) {
     using Unit = decltype(tag);
     const int64_t row_units = row_bytes / static_cast<int64_t>(sizeof(Unit));
