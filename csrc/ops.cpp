@@ -1,7 +1,8 @@
 // Every gmd_ext op schema lives here, in one TORCH_LIBRARY block. Kernels register per dispatch key at the end
 // of their own files (csrc/cpu/<op>_cpu.cpp, csrc/cuda/<op>_cuda.cu); the Python front end is gmd_ext/ops.py.
+// The CMake build (libtorch users, no Python) defines GMD_EXT_NO_PYTHON and drops the module stub.
+#ifndef GMD_EXT_NO_PYTHON
 #include <Python.h>
-#include <torch/library.h>
 
 extern "C" {
 // Importing gmd_ext._C loads this .so, which runs the registrations below; the module itself is empty.
@@ -10,6 +11,9 @@ PyObject* PyInit__C(void) {
   return PyModule_Create(&module_def);
 }
 }
+#endif
+
+#include <torch/library.h>
 
 TORCH_LIBRARY(gmd_ext, m) {
   // ---- GMD projection (DESIGN §1, §3) ----
