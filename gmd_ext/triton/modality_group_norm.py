@@ -26,35 +26,6 @@ _ACT = {"none": 0, "relu": 1, "leaky_relu": 2}
 
 
 @triton.jit
-def _activate(z, ACT: tl.constexpr):
-    if ACT == 1:
-        z = tl.where(z > 0, z, 0.0)
-    elif ACT == 2:
-        z = tl.where(z > 0, z, z * 0.01)  # nn.LeakyReLU's default slope (ds_ops.LEAKY_SLOPE)
-    return z
-
-
-@triton.jit
-def _activate_grad(z, ACT: tl.constexpr):
-    # torch's convention at z == 0: relu' = 0, leaky_relu' = slope.
-    if ACT == 1:
-        d = tl.where(z > 0, 1.0, 0.0)
-    elif ACT == 2:
-        d = tl.where(z > 0, 1.0, 0.01)
-    else:
-        d = tl.full(z.shape, 1.0, tl.float32)
-    return d
-
-
-@triton.jit
-def _store(ptr, value, mask, OUT_BF16: tl.constexpr):
-    if OUT_BF16:
-        tl.store(ptr, _bf16_bits(value.to(tl.float32)), mask=mask)
-    else:
-        tl.store(ptr, value.to(ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
 def _group_norm_fwd_kernel(x_ptr, w_ptr, b_ptr, present_ptr, y_ptr, mean_ptr, rstd_ptr, M, C, G, L, eps,
                            ACT: tl.constexpr, ACC: tl.constexpr, OUT_BF16: tl.constexpr, BLOCK: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
@@ -68,17 +39,21 @@ def _group_norm_fwd_kernel(x_ptr, w_ptr, b_ptr, present_ptr, y_ptr, mean_ptr, rs
     if tl.load(present_ptr + pair) == 0:
         for start in range(0, n, BLOCK):
             idx = start + offs
-            _store(y_ptr + base + idx, tl.zeros([BLOCK], ACC), idx < n, OUT_BF16)
+            ok = idx < n
+            if OUT_BF16:
+                tl.store(y_ptr + base + idx, tl.zeros([BLOCK], dtype=tl.uint16), mask=ok)
+            else:
+                tl.store(y_ptr + base + idx, tl.zeros([BLOCK], dtype=y_ptr.dtype.element_ty), mask=ok)
         tl.store(mean_ptr + t, 0.0)
         tl.store(rstd_ptr + t, 0.0)
     else:
         # Two passes (mean, then centred variance): no cancellation, unlike sum / sum of squares.
-        acc = tl.zeros([BLOCK], ACC)
+        acc = tl.zeros([BLOCK], dtype=ACC)
         for start in range(0, n, BLOCK):
             idx = start + offs
             acc += tl.load(x_ptr + base + idx, mask=idx < n, other=0.0).to(ACC)
         mu = tl.sum(acc, 0) / n
-        acc = tl.zeros([BLOCK], ACC)
+        acc = tl.zeros([BLOCK], dtype=ACC)
         for start in range(0, n, BLOCK):
             idx = start + offs
             d = tl.load(x_ptr + base + idx, mask=idx < n, other=0.0).to(ACC) - mu
@@ -93,7 +68,15 @@ def _group_norm_fwd_kernel(x_ptr, w_ptr, b_ptr, present_ptr, y_ptr, mean_ptr, rs
             w = tl.load(w_ptr + ch, mask=ok, other=0.0).to(ACC)
             b = tl.load(b_ptr + ch, mask=ok, other=0.0).to(ACC)
             xv = tl.load(x_ptr + base + idx, mask=ok, other=0.0).to(ACC)
-            _store(y_ptr + base + idx, _activate((xv - mu) * rs * w + b, ACT), ok, OUT_BF16)
+            z = (xv - mu) * rs * w + b
+            if ACT == 1:
+                z = tl.where(z > 0, z, 0.0)
+            elif ACT == 2:
+                z = tl.where(z > 0, z, z * 0.01)  # nn.LeakyReLU's default slope (ds_ops.LEAKY_SLOPE)
+            if OUT_BF16:
+                tl.store(y_ptr + base + idx, _bf16_bits(z.to(tl.float32)), mask=ok)
+            else:
+                tl.store(y_ptr + base + idx, z.to(y_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -113,7 +96,11 @@ def _group_norm_bwd_kernel(gy_ptr, x_ptr, w_ptr, b_ptr, present_ptr, mean_ptr, r
     if tl.load(present_ptr + pair) == 0:
         for start in range(0, n, BLOCK):
             idx = start + offs
-            _store(dx_ptr + base + idx, tl.zeros([BLOCK], ACC), idx < n, OUT_BF16)
+            ok = idx < n
+            if OUT_BF16:
+                tl.store(dx_ptr + base + idx, tl.zeros([BLOCK], dtype=tl.uint16), mask=ok)
+            else:
+                tl.store(dx_ptr + base + idx, tl.zeros([BLOCK], dtype=dx_ptr.dtype.element_ty), mask=ok)
         for c in range(0, cg):
             tl.store(dg_ptr + pair * C + g * cg + c, 0.0)
             tl.store(db_ptr + pair * C + g * cg + c, 0.0)
@@ -122,21 +109,26 @@ def _group_norm_bwd_kernel(gy_ptr, x_ptr, w_ptr, b_ptr, present_ptr, mean_ptr, r
         rs = tl.load(rstd_ptr + t)
         # Pass 1, per channel: sum dz and sum dz * xhat (dz = dy * act'(z)); their w-weighted sums over the group
         # are n * mean(dxhat) and n * mean(dxhat * xhat) of the GroupNorm backward.
-        sum_w_dz = tl.sum(tl.zeros([BLOCK], ACC), 0)
-        sum_w_dz_xhat = tl.sum(tl.zeros([BLOCK], ACC), 0)
+        sum_w_dz = tl.sum(tl.zeros([BLOCK], dtype=ACC), 0)
+        sum_w_dz_xhat = tl.sum(tl.zeros([BLOCK], dtype=ACC), 0)
         for c in range(0, cg):
             ch = m * C + g * cg + c
             wc = tl.load(w_ptr + ch).to(ACC)
             bc = tl.load(b_ptr + ch).to(ACC)
-            acc_dz = tl.zeros([BLOCK], ACC)
-            acc_dzx = tl.zeros([BLOCK], ACC)
+            acc_dz = tl.zeros([BLOCK], dtype=ACC)
+            acc_dzx = tl.zeros([BLOCK], dtype=ACC)
             for start in range(0, L, BLOCK):
                 idx = start + offs
                 ok = idx < L
                 xv = tl.load(x_ptr + base + c * L + idx, mask=ok, other=0.0).to(ACC)
                 gy = tl.load(gy_ptr + base + c * L + idx, mask=ok, other=0.0).to(ACC)
                 xhat = (xv - mu) * rs
-                dz = gy * _activate_grad(xhat * wc + bc, ACT).to(ACC)
+                dz = gy
+                # torch's convention at z == 0: relu' = 0, leaky_relu' = slope.
+                if ACT == 1:
+                    dz = tl.where(xhat * wc + bc > 0, gy, 0.0)
+                elif ACT == 2:
+                    dz = tl.where(xhat * wc + bc > 0, gy, gy * 0.01)
                 acc_dz += dz
                 acc_dzx += dz * xhat
             dz_sum = tl.sum(acc_dz, 0)
@@ -156,8 +148,16 @@ def _group_norm_bwd_kernel(gy_ptr, x_ptr, w_ptr, b_ptr, present_ptr, mean_ptr, r
             b = tl.load(b_ptr + ch, mask=ok, other=0.0).to(ACC)
             xhat = (tl.load(x_ptr + base + idx, mask=ok, other=0.0).to(ACC) - mu) * rs
             gy = tl.load(gy_ptr + base + idx, mask=ok, other=0.0).to(ACC)
-            dz = gy * _activate_grad(xhat * w + b, ACT).to(ACC)
-            _store(dx_ptr + base + idx, rs * (dz * w - c1 - xhat * c2), ok, OUT_BF16)
+            dz = gy
+            if ACT == 1:
+                dz = tl.where(xhat * w + b > 0, gy, 0.0)
+            elif ACT == 2:
+                dz = tl.where(xhat * w + b > 0, gy, gy * 0.01)
+            dx = rs * (dz * w - c1 - xhat * c2)
+            if OUT_BF16:
+                tl.store(dx_ptr + base + idx, _bf16_bits(dx.to(tl.float32)), mask=ok)
+            else:
+                tl.store(dx_ptr + base + idx, dx.to(dx_ptr.dtype.element_ty), mask=ok)
 
 
 # ---------------------------------------------------------------- launchers
