@@ -19,6 +19,8 @@ while compiling it runs the dense form (same values and gradients, cost of all p
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -205,32 +207,46 @@ def present_index(present: torch.Tensor) -> torch.Tensor:
 
 
 def _masked_conv_torch(x, weight, bias, present, stride, padding, dilation, per_modality):
-    """The packed form in plain torch: gather present pairs, one vendor convolution per weight, scatter back."""
+    """The cpp op's algorithm in plain torch (csrc/cpu/masked_conv_cpu.cpp explains the layouts): gather present
+    pairs, one vendor convolution (grouped over modality slots for per-modality weights or biases, per modality
+    when the masks are too unbalanced for that), scatter back."""
     if torch.compiler.is_compiling():
         return masked_conv_reference(x, weight, bias, present, stride=stride, padding=padding, dilation=dilation)
     nsp = x.dim() - 3
     B, M = x.shape[:2]
-    conv = _CONV[nsp]
+    conv = functools.partial(_CONV[nsp], stride=stride, padding=padding, dilation=dilation)
+    out_shape = _conv_out_shape(x, weight, per_modality, stride, padding, dilation)
     idx = present_index(present)
-    xp = x.flatten(0, 1).index_select(0, idx)
+    P = idx.numel()
     per_bias = bias is not None and bias.dim() == 2
-    if per_modality or per_bias:
-        counts = present.sum(0).tolist()
-        pieces, start = [], 0
-        for m, n in enumerate(counts):
+    x_rows = x.flatten(0, 1)
+    counts = present.sum(0)
+    pmax = int(counts.max()) if (per_modality or per_bias) and P else 0
+    if not (per_modality or per_bias):
+        rows, yp = idx, conv(x_rows.index_select(0, idx), weight, bias)
+    elif P and M * pmax <= 2 * P:
+        # Slot (i, m) = modality m's i-th present pair; empty slots read an appended zero row (index B*M).
+        m_of = idx % M
+        rank = torch.arange(P, device=x.device) - (counts.cumsum(0) - counts)[m_of]
+        rows = torch.full((pmax * M,), B * M, dtype=torch.long, device=x.device).index_copy(0, rank * M + m_of, idx)
+        padded = torch.cat([x_rows, x_rows.new_zeros((1, *x_rows.shape[1:]))])
+        xg = padded.index_select(0, rows).reshape(pmax, -1, *x.shape[3:])
+        wg = weight.flatten(0, 1) if per_modality else weight.repeat(M, *([1] * (weight.dim() - 1)))
+        bg = None if bias is None else (bias.flatten() if per_bias else bias.repeat(M))
+        yp = conv(xg, wg, bg, groups=M).reshape(pmax * M, *out_shape[2:])
+    else:
+        rows, pieces, start = idx, [], 0
+        xp = x_rows.index_select(0, idx)
+        for m, n in enumerate(counts.tolist()):
             if n:
                 w = weight[m] if per_modality else weight
                 b = None if bias is None else (bias[m] if per_bias else bias)
-                pieces.append(conv(xp[start:start + n], w, b, stride=stride, padding=padding, dilation=dilation))
+                pieces.append(conv(xp[start:start + n], w, b))
             start += n
-        yp = torch.cat(pieces) if pieces else None
-    else:
-        yp = conv(xp, weight, bias, stride=stride, padding=padding, dilation=dilation)
-    out_shape = _conv_out_shape(x, weight, per_modality, stride, padding, dilation)
-    out = x.new_zeros((B * M, *out_shape[2:]))
-    if yp is not None:
-        out = out.index_copy(0, idx, yp)
-    return out.view(out_shape)
+        yp = torch.cat(pieces) if pieces else x.new_zeros((0, *out_shape[2:]))
+    # One extra output row absorbs the empty slots; it is dropped.
+    out = x.new_zeros((B * M + 1, *out_shape[2:])).index_copy(0, rows, yp)
+    return out[:-1].view(out_shape)
 
 
 def _modality_group_norm_torch(x, weight, bias, present, num_groups, eps, activation):
