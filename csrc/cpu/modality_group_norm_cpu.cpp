@@ -169,15 +169,27 @@ void group_norm_bwd_kernel(const at::Tensor& gy, const at::Tensor& x, const at::
         double dz_sum = 0, dz_xc_sum = 0;
         for (int64_t start = 0; start < L; start += kBlock) {
           const int64_t stop = std::min(L, start + kBlock);
-          acc_t s1 = 0, s2 = 0;
-          for (int64_t l = start; l < stop; ++l) {
+          // kLanes independent accumulators, as in blocked_sum: a single serial sum would not vectorise.
+          acc_t s1[kLanes] = {}, s2[kLanes] = {};
+          int64_t l = start;
+          for (; l + kLanes <= stop; l += kLanes) {
+            for (int64_t k = 0; k < kLanes; ++k) {
+              const acc_t xv = static_cast<acc_t>(xc[l + k]);
+              const acc_t dz = static_cast<acc_t>(gc[l + k]) * activate_grad<A>(xv * a + s);
+              s1[k] += dz;
+              s2[k] += dz * (xv - mu);
+            }
+          }
+          for (; l < stop; ++l) {
             const acc_t xv = static_cast<acc_t>(xc[l]);
             const acc_t dz = static_cast<acc_t>(gc[l]) * activate_grad<A>(xv * a + s);
-            s1 += dz;
-            s2 += dz * (xv - mu);
+            s1[0] += dz;
+            s2[0] += dz * (xv - mu);
           }
-          dz_sum += s1;
-          dz_xc_sum += s2;
+          for (int64_t k = 0; k < kLanes; ++k) {
+            dz_sum += s1[k];
+            dz_xc_sum += s2[k];
+          }
         }
         const double dz_xhat_sum = dz_xc_sum * rs;
         DB[part + c] = static_cast<acc_t>(dz_sum);
@@ -194,10 +206,11 @@ void group_norm_bwd_kernel(const at::Tensor& gy, const at::Tensor& x, const at::
         const scalar_t* xc = X + t * n + c * L;
         const scalar_t* gc = GY + t * n + c * L;
         scalar_t* dc = DX + t * n + c * L;
+        const acc_t rw = rs * wc, rc1 = rs * c1, rc2 = rs * c2;
         for (int64_t l = 0; l < L; ++l) {
           const acc_t xhat = (static_cast<acc_t>(xc[l]) - mu) * rs;
-          const acc_t dz = static_cast<acc_t>(gc[l]) * activate_grad<A>(xhat * wc + bc);
-          dc[l] = static_cast<scalar_t>(rs * (dz * wc - c1 - xhat * c2));
+          const acc_t g = static_cast<acc_t>(gc[l]) * activate_grad<A>(xhat * wc + bc);
+          dc[l] = static_cast<scalar_t>(g * rw - rc1 - xhat * rc2);
         }
       }
     }
