@@ -5,10 +5,10 @@ never computed, come out as zeros and receive no gradient.
 
 Backends (gmd_ext._backend.resolve):
   "cpp"    the registered ops gmd_ext::masked_conv / gmd_ext::modality_group_norm_fwd (csrc/), C++ CPU + CUDA.
-  "triton" gmd_ext::modality_group_norm_fwd_triton (gmd_ext/triton/modality_group_norm.py); masked_conv's only
-           kernels are row gathers/scatters around the vendor convolution, which the torch form already runs
-           at copy speed, so under "triton" masked_conv runs the torch form.
-  "torch"  the packed form in plain torch (index_select -> F.conv / F.group_norm -> index_copy).
+  "triton" gmd_ext::modality_group_norm_fwd_triton (gmd_ext/triton/modality_group_norm.py). masked_conv has no
+           Triton kernel (its own work is only the row gather/scatter around the vendor convolution), so under
+           "triton" it runs the torch form.
+  "torch"  the same packed algorithm in plain torch (index_select -> F.conv / F.group_norm -> index_copy).
 
 The dense references (`masked_conv_reference`, `modality_group_norm_reference`: every pair computed, then masked)
 are the ground truth of the tests and the "official execution" of the benchmarks.
