@@ -236,11 +236,11 @@ def _opcheck_cases():
     perms = torch.stack([torch.randperm(K) for _ in range(K)])
     return [
         (ops.gram_triton, (G,)),
-        (ops.gram_triton, (G.T.contiguous().T.bfloat16(),)),
+        (ops.gram_triton, (G.T.contiguous().T.bfloat16().requires_grad_(),)),
         (ops.pcgrad_coefficients_triton, (G @ G.T, perms)),
         (ops.combine_triton, (G, torch.randn(K), torch.rand(N) < 0.5, 0.2, 1.0)),
-        (ops.combine_triton, (G.half(), torch.randn(K), None, 0.2, 1.0)),
-        (ops.combine_rows_triton, (G, torch.randn(3, K))),
+        (ops.combine_triton, (G.half().requires_grad_(), torch.randn(K, requires_grad=True), None, 0.2, 1.0)),
+        (ops.combine_rows_triton, (G.requires_grad_(), torch.randn(3, K, requires_grad=True))),
     ]
 
 
@@ -248,6 +248,18 @@ def _opcheck_cases():
 def test_opcheck(case):
     op, args = _opcheck_cases()[case]
     torch.library.opcheck(op, args)
+
+
+@pytest.mark.filterwarnings("ignore:Input #. requires gradient and is not a double")
+def test_gradcheck():
+    """The autograd formulas (gram and combine_rows backward run on the Triton kernels too)."""
+    # fp32 kernels, so a coarse finite-difference step and tolerance (the op-level tests check the values).
+    tol = dict(eps=1e-2, atol=1e-2, rtol=1e-2)
+    G32 = torch.randn(2, 5, requires_grad=True)
+    c, A, shared = torch.randn(2, requires_grad=True), torch.randn(2, 2, requires_grad=True), torch.rand(5) < 0.5
+    assert torch.autograd.gradcheck(ops.gram_triton, (G32,), **tol)
+    assert torch.autograd.gradcheck(lambda g, c: ops.combine_triton(g, c, shared, 0.5, 2.0), (G32, c), **tol)
+    assert torch.autograd.gradcheck(ops.combine_rows_triton, (G32, A), **tol)
 
 
 def test_compile_fullgraph():
@@ -300,7 +312,8 @@ def _aot_cases():
 
 
 AOT_CASES = ["gram_K15_fp32", "gram_K15_bf16", "gram_K32_fp16", "gram_K64_bf16", "gram_K100_fp32",
-             "pcgrad_coefficients_K15", "pcgrad_coefficients_K64", "pcgrad_coefficients_K300", "combine", "combine_rows"]
+             "pcgrad_coefficients_K15", "pcgrad_coefficients_K64", "pcgrad_coefficients_K300", "combine",
+             "combine_rows"]
 
 _AOT_SCRIPT = """
 import json, os, subprocess, sys, tempfile
