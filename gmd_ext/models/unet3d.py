@@ -83,8 +83,9 @@ class DSUNet3d(nn.Module):
             "packed": the present pairs are gathered once into one batch, run through the shared network in
             plain torch (each row's GroupNorm affine gathered from its modality), and scattered back once.
             "layers": the network of DS layers on [B, M, ...] tensors (masked_conv / modality_group_norm ops,
-            each layer packs and scatters). Default "packed", the faster on the 2-core CPU dev box (see
-            bench/bench_ds.py, which times both).
+            each layer packs and scatters). Default "packed": fwd+bwd at 32³, 50% missing, 1 thread on the
+            2-core CPU dev box it ran 1.96x faster than the official execution, "layers" 1.53x
+            (bench/bench_ds.py times both).
         backend: backend of the masked_conv / modality_group_norm ops ("auto" | "cpp" | "triton" | "torch"),
             used by execution="layers".
 
