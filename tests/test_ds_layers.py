@@ -21,7 +21,7 @@ def make_present(kind, B, M):
     return p
 
 
-def per_pair(fn, x, present, out_like=None):
+def per_pair(fn, x, present):
     """Dense reference: fn(b, m, x[b, m]) for every present pair, zeros elsewhere."""
     outs = []
     for b in range(x.shape[0]):
