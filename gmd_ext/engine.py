@@ -408,11 +408,12 @@ class GMD:
     def _sequential(self, losses):
         reach, works = self._reach, []
         reach[:] = False
-        for b in self._buffers:
-            b.G.zero_()  # autograd adds into the row views
         K = len(losses)
         try:
             for k, loss in enumerate(losses):
+                for b in self._buffers:
+                    # Autograd adds into the row views; zeroing row k right before its pass keeps it cache-warm.
+                    b.G[k].zero_()
                 views = self._views[k]
                 for p, v in zip(self._params, views):
                     p.grad = v
