@@ -5,7 +5,9 @@ import torch
 from gmd_ext import _backend, masked_conv, testing
 from gmd_ext.ds_ops import masked_conv_reference, present_index
 
-BACKENDS = testing.backends_for("cpu")
+# masked_conv has no Triton kernel: "triton" runs the torch form (test_triton_backend_is_the_torch_form), so the
+# matrix below covers the two distinct implementations.
+BACKENDS = [b for b in testing.backends_for("cpu") if b != "triton"]
 needs_cpp = pytest.mark.skipif(not _backend.CPP_LOADED, reason="gmd_ext._C not built")
 
 
@@ -110,14 +112,14 @@ def test_absent_modality_gets_zero_weight_grad(backend):
     assert (dw[0] != 0).any() and (db[0] != 0).any()
 
 
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("per_modality", [False, True], ids=["shared", "per_modality"])
 def test_gradcheck(per_modality, backend):
     x, w, b = _inputs(1, per_modality, "per" if per_modality else "shared", B=2, M=3, Cin=2, Cout=2, size=5)
     present = torch.tensor([[True, False, True], [False, False, True]])
     leaves = [t.requires_grad_() for t in (x, w, b)]
     assert torch.autograd.gradcheck(
-        lambda x, w, b: masked_conv(x, w, b, present, stride=2, padding=1, backend=backend), leaves)
+        lambda x, w, b: masked_conv(x, w, b, present, stride=2, padding=1, backend=backend), leaves, fast_mode=True)
 
 
 @pytest.mark.parametrize("dtype", testing.low_precision)
@@ -147,6 +149,14 @@ def test_non_contiguous_input(backend):
     present = _present("random", 3, 4)
     torch.testing.assert_close(masked_conv(xt, w, b, present, backend=backend),
                                masked_conv_reference(xt, w, b, present))
+
+
+@pytest.mark.skipif("triton" not in testing.backends_for("cpu"), reason="triton unavailable")
+def test_triton_backend_is_the_torch_form():
+    x, w, b = _inputs(2, True, "per")
+    present = _present("random", 3, 4)
+    torch.testing.assert_close(masked_conv(x, w, b, present, backend="triton"),
+                               masked_conv(x, w, b, present, backend="torch"), rtol=0, atol=0)
 
 
 def test_present_index_is_modality_major():
@@ -205,7 +215,7 @@ def test_pack_scatter_match_torch_indexing():
 
 
 # cpp: one opaque op with a static output shape; torch: the dense form while compiling (no data-dependent shapes).
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("per_modality", [False, True], ids=["shared", "per_modality"])
 def test_torch_compile_fullgraph(per_modality, backend):
     x, w, b = _inputs(2, per_modality, "per" if per_modality else "shared", dtype=torch.float32)

@@ -31,8 +31,12 @@ def _grads(out, leaves, g):
     return torch.autograd.grad(out, leaves, g)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("mask", ["all", "modality_absent", "random"])
+# Triton runs through the CPU interpreter at seconds per case: its all-present case is left to 'random'.
+_REFERENCE_CASES = [(b, m) for b in BACKENDS for m in ("all", "modality_absent", "random")
+                    if not (b == "triton" and m == "all")]
+
+
+@pytest.mark.parametrize("backend,mask", _REFERENCE_CASES)
 @pytest.mark.parametrize("nsp,activation", [(1, None), (2, "relu"), (3, "leaky_relu"), (2, None), (1, "leaky_relu")])
 def test_matches_dense_reference(nsp, mask, activation, backend):
     x, w, b = (t.requires_grad_() for t in _inputs(nsp, size=4 if nsp == 3 else 5))
