@@ -182,10 +182,11 @@ class GMD:
             is_grads_batched=True)`` call over the K losses, falling back to sequential with one warning when the
             model does not support vmap). "batched" differentiates every objective's graph K times (vmap over the
             K one-hot cotangents), so it only pays off when the objectives share one graph (multi-head); with one
-            forward per modality subset use "sequential".
+            forward per modality subset use "sequential" (bench/bench_step.py, DSUNet3d, K = 4: batched costs
+            3.1x sequential with subset forwards, 1.08x with one shared forward).
         nonfinite: what a NaN/Inf loss or gradient does. "raise" (ValueError naming the objectives; .grad cleared),
             "skip" (grads cleared, info.skipped = True, `step()` does nothing), or "propagate" (no check, no host
-            synchronisation: the merged gradient carries the NaN/Inf — what torch.amp.GradScaler needs, see below).
+            synchronisation: the merged gradient becomes NaN everywhere — what torch.amp.GradScaler needs, below).
 
     AMP recipe (torch.amp.GradScaler)::
 
