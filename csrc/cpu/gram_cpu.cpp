@@ -108,8 +108,9 @@ GMD_INLINE void gram_block(const float* const* rows, int64_t K, int64_t B, float
   }
 }
 
-// Tile sizes: T x T accumulators + 2T loaded vectors must fit the register file (32 zmm / 16 ymm / 16 xmm).
-// Measured on the 2-core AMD EPYC dev box (K=15, N=8M fp32): AVX-512 with T=4 ... see the PR notes.
+// Tile sizes: T x T accumulators + T loaded vectors (+1 streamed) must fit the register file. AVX-512 (32 zmm):
+// T = 5 took 0.87x the time of T = 4 at K = 15, N = 8M fp32 on the 2-core AMD EPYC (AVX-512) dev box; AVX2 and
+// the baseline (16 registers) use T = 3.
 #ifdef GMD_X86
 GMD_TARGET_AVX512 void gram_block_avx512(const float* const* rows, int64_t K, int64_t B, float* part,
                                          const char* const* next, int64_t next_elem_bytes) {
@@ -177,8 +178,8 @@ void gram_kernel(const at::Tensor& G, at::Tensor& out) {
           load_fn(base, s0, s1, K, n0, nb, scratch.data(), B);
           for (int64_t k = 0; k < K; ++k) rows[k] = scratch.data() + k * B;
         }
-        // The next block is prefetched over this block's columns; a short next block is covered in full
-        // only when its length is at least nb, which holds for every block but the last.
+        // Only the last block can be shorter than B, so the next block is never longer than this one and
+        // the prefetch loops over this block's columns cover it.
         block_fn(rows.data(), K, nb, part.data(), has_next ? next.data() : nullptr,
                  static_cast<int64_t>(sizeof(T)));
         for (int64_t i = 0; i < K; ++i)
@@ -199,11 +200,11 @@ void gram_kernel(const at::Tensor& G, at::Tensor& out) {
 }  // namespace
 
 at::Tensor gram_cpu(const at::Tensor& G) {
-  TORCH_CHECK(G.dim() == 2, "gmd_ext::gram: G must be a 2-D [K, N] tensor, got a ", G.dim(), "-D tensor of shape ",
+  TORCH_CHECK_VALUE(G.dim() == 2, "gmd_ext::gram: G must be a 2-D [K, N] tensor, got a ", G.dim(), "-D tensor of shape ",
               G.sizes());
-  TORCH_CHECK(is_projection_dtype(G.scalar_type()), "gmd_ext::gram: G must be float32, float16 or bfloat16, got ",
+  TORCH_CHECK_TYPE(is_projection_dtype(G.scalar_type()), "gmd_ext::gram: G must be float32, float16 or bfloat16, got ",
               G.scalar_type());
-  TORCH_CHECK(G.device().is_cpu(), "gmd_ext::gram: G must be a CPU tensor for the CPU kernel, got ", G.device());
+  TORCH_CHECK_VALUE(G.device().is_cpu(), "gmd_ext::gram: G must be a CPU tensor for the CPU kernel, got ", G.device());
   const int64_t K = G.size(0), N = G.size(1);
   at::Tensor out = at::zeros({K, K}, G.options().dtype(at::kFloat));
   if (K == 0 || N == 0) return out;

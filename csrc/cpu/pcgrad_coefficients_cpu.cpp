@@ -15,15 +15,15 @@ namespace gmd_ext::cpu {
 
 at::Tensor pcgrad_coefficients_cpu(const at::Tensor& gram, const at::Tensor& perms) {
   constexpr const char* op = "gmd_ext::pcgrad_coefficients";
-  TORCH_CHECK(gram.dim() == 2 && gram.size(0) == gram.size(1), op,
+  TORCH_CHECK_VALUE(gram.dim() == 2 && gram.size(0) == gram.size(1), op,
               ": gram must be a square 2-D [K, K] tensor, got shape ", gram.sizes());
-  TORCH_CHECK(gram.scalar_type() == at::kFloat, op, ": gram must be float32, got ", gram.scalar_type());
-  TORCH_CHECK(gram.device().is_cpu(), op, ": gram must be a CPU tensor for the CPU kernel, got ", gram.device());
+  TORCH_CHECK_TYPE(gram.scalar_type() == at::kFloat, op, ": gram must be float32, got ", gram.scalar_type());
+  TORCH_CHECK_VALUE(gram.device().is_cpu(), op, ": gram must be a CPU tensor for the CPU kernel, got ", gram.device());
   const int64_t K = gram.size(0);
-  TORCH_CHECK(perms.dim() == 2 && perms.size(0) == K && perms.size(1) == K, op,
+  TORCH_CHECK_VALUE(perms.dim() == 2 && perms.size(0) == K && perms.size(1) == K, op,
               ": perms must be a [K, K] tensor with K = ", K, " (gram's size), got shape ", perms.sizes());
-  TORCH_CHECK(perms.scalar_type() == at::kLong, op, ": perms must be int64, got ", perms.scalar_type());
-  TORCH_CHECK(perms.device() == gram.device(), op, ": perms must be on gram's device ", gram.device(), ", got ",
+  TORCH_CHECK_TYPE(perms.scalar_type() == at::kLong, op, ": perms must be int64, got ", perms.scalar_type());
+  TORCH_CHECK_VALUE(perms.device() == gram.device(), op, ": perms must be on gram's device ", gram.device(), ", got ",
               perms.device());
 
   const at::Tensor g = gram.to(at::kDouble).contiguous();
@@ -31,7 +31,7 @@ at::Tensor pcgrad_coefficients_cpu(const at::Tensor& gram, const at::Tensor& per
   const double* Gm = g.const_data_ptr<double>();
   const int64_t* P = p.const_data_ptr<int64_t>();
   for (int64_t t = 0; t < K * K; ++t) {
-    TORCH_CHECK(P[t] >= 0 && P[t] < K, op, ": perms[", t / K, "][", t % K, "] = ", P[t],
+    TORCH_CHECK_VALUE(P[t] >= 0 && P[t] < K, op, ": perms[", t / K, "][", t % K, "] = ", P[t],
                 " is not an objective index in [0, ", K, ")");
   }
   at::Tensor A = at::zeros({K, K}, g.options());

@@ -58,17 +58,17 @@ at::Tensor combine_cuda(const at::Tensor& G, const at::Tensor& c, const std::opt
   constexpr const char* op = "gmd_ext::combine";
   check_G(op, G);
   const int64_t K = G.size(0), N = G.size(1);
-  TORCH_CHECK(c.dim() == 1 && c.size(0) == K, op, ": c must be a 1-D tensor of length K = ", K,
+  TORCH_CHECK_VALUE(c.dim() == 1 && c.size(0) == K, op, ": c must be a 1-D tensor of length K = ", K,
               " (one coefficient per row of G), got shape ", c.sizes());
-  TORCH_CHECK(c.scalar_type() == at::kFloat, op, ": c must be float32, got ", c.scalar_type());
-  TORCH_CHECK(c.device() == G.device(), op, ": c must be on G's device ", G.device(), ", got ", c.device());
+  TORCH_CHECK_TYPE(c.scalar_type() == at::kFloat, op, ": c must be float32, got ", c.scalar_type());
+  TORCH_CHECK_VALUE(c.device() == G.device(), op, ": c must be on G's device ", G.device(), ", got ", c.device());
   at::Tensor shared_c;
   if (shared.has_value()) {
-    TORCH_CHECK(shared->dim() == 1 && shared->size(0) == N, op, ": shared must be a 1-D tensor of length N = ", N,
+    TORCH_CHECK_VALUE(shared->dim() == 1 && shared->size(0) == N, op, ": shared must be a 1-D tensor of length N = ", N,
                 " (one flag per column of G), got shape ", shared->sizes());
-    TORCH_CHECK(shared->scalar_type() == at::kBool, op, ": shared must be a bool tensor, got ",
+    TORCH_CHECK_TYPE(shared->scalar_type() == at::kBool, op, ": shared must be a bool tensor, got ",
                 shared->scalar_type());
-    TORCH_CHECK(shared->device() == G.device(), op, ": shared must be on G's device ", G.device(), ", got ",
+    TORCH_CHECK_VALUE(shared->device() == G.device(), op, ": shared must be on G's device ", G.device(), ", got ",
                 shared->device());
   }
   const c10::cuda::CUDAGuard guard(G.device());
@@ -93,17 +93,17 @@ at::Tensor combine_rows_cuda(const at::Tensor& G, const at::Tensor& A) {
   constexpr const char* op = "gmd_ext::combine_rows";
   check_G(op, G);
   const int64_t K = G.size(0), N = G.size(1);
-  TORCH_CHECK(A.dim() == 2 && A.size(1) == K, op, ": A must be a 2-D [R, K] tensor with K = ", K,
+  TORCH_CHECK_VALUE(A.dim() == 2 && A.size(1) == K, op, ": A must be a 2-D [R, K] tensor with K = ", K,
               " (G's number of rows), got shape ", A.sizes());
-  TORCH_CHECK(A.scalar_type() == at::kFloat, op, ": A must be float32, got ", A.scalar_type());
-  TORCH_CHECK(A.device() == G.device(), op, ": A must be on G's device ", G.device(), ", got ", A.device());
+  TORCH_CHECK_TYPE(A.scalar_type() == at::kFloat, op, ": A must be float32, got ", A.scalar_type());
+  TORCH_CHECK_VALUE(A.device() == G.device(), op, ": A must be on G's device ", G.device(), ", got ", A.device());
   const c10::cuda::CUDAGuard guard(G.device());
   const int64_t R = A.size(0);
   at::Tensor out = at::empty({R, N}, G.options());
   if (R == 0 || N == 0) return out;
   const at::Tensor coef = A.contiguous();
   const int64_t groups = (R + kRowsPerThread - 1) / kRowsPerThread;
-  TORCH_CHECK(groups <= 2147483647LL, op, ": too many rows in A (", R, ")");
+  TORCH_CHECK_VALUE(groups <= 2147483647LL, op, ": too many rows in A (", R, ")");
   const dim3 grid(static_cast<unsigned>(groups), static_cast<unsigned>(column_blocks(G, N, groups)));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   dispatch_dtype(G.scalar_type(), [&](auto tag) {

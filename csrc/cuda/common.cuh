@@ -27,11 +27,11 @@ inline bool is_projection_dtype(at::ScalarType t) {
 }
 
 inline void check_G(const char* op, const at::Tensor& G) {
-  TORCH_CHECK(G.dim() == 2, op, ": G must be a 2-D [K, N] tensor, got a ", G.dim(), "-D tensor of shape ",
+  TORCH_CHECK_VALUE(G.dim() == 2, op, ": G must be a 2-D [K, N] tensor, got a ", G.dim(), "-D tensor of shape ",
               G.sizes());
-  TORCH_CHECK(is_projection_dtype(G.scalar_type()), op, ": G must be float32, float16 or bfloat16, got ",
+  TORCH_CHECK_TYPE(is_projection_dtype(G.scalar_type()), op, ": G must be float32, float16 or bfloat16, got ",
               G.scalar_type());
-  TORCH_CHECK(G.is_cuda(), op, ": G must be a CUDA tensor for the CUDA kernel, got ", G.device());
+  TORCH_CHECK_VALUE(G.is_cuda(), op, ": G must be a CUDA tensor for the CUDA kernel, got ", G.device());
 }
 
 // Calls fn(T{}) with T the C++ type of a projection dtype.

@@ -92,7 +92,7 @@ at::Tensor gram_cuda(const at::Tensor& G) {
   check_G(op, G);
   const c10::cuda::CUDAGuard guard(G.device());
   const int64_t K = G.size(0), N = G.size(1);
-  TORCH_CHECK(K <= 4096, op, ": the CUDA kernel supports K <= 4096 objectives, got K = ", K);
+  TORCH_CHECK_VALUE(K <= 4096, op, ": the CUDA kernel supports K <= 4096 objectives, got K = ", K);
   at::Tensor out = at::zeros({K, K}, G.options().dtype(at::kFloat));
   if (K == 0 || N == 0) return out;
   const int P = static_cast<int>((K + kTile - 1) / kTile);
