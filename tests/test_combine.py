@@ -55,7 +55,8 @@ def test_combine_fp32(backend, K, N, shared_kind):
     _assert_lincomb_bound(out / scale, c, G, "combine")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+# Not triton: the interpreter needs ~9 s for this size on the 2-core box; tests/test_triton.py covers its slicing.
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
 def test_combine_large_odd_n(backend):
     N = 2**20 + 3
     G, c, shared = _rows(3, N), torch.randn(3, generator=_gen(3)), _shared(N, "mixed")

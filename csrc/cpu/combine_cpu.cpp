@@ -15,10 +15,30 @@
 namespace gmd_ext::cpu {
 namespace {
 
-// out_r[n] = sum_k coef[r * K + k] * rows[k][n] for r < RT, n < B (fp32). U vectors per step give the
-// out-of-order core independent FMA chains; RT > 1 reuses each loaded input vector for RT outputs.
-template <int W, int RT, int U, typename T>
-GMD_INLINE void lincomb_tile(const T* const* rows, const float* coef, int64_t K, int64_t B, float* const* out) {
+// Per-element scale of combine: shared_scale where shared[n] (or everywhere when shared is null), else
+// other_scale. Fused into the store so the [N] result is written once (a separate pass over it cost 0.45x
+// of the whole op at K = 15, N = 8M on the 2-core dev box).
+struct Scale {
+  const bool* shared = nullptr;  // offset to the block's first column
+  float shared_scale = 1.f, other_scale = 1.f;
+};
+
+template <int W>
+GMD_INLINE vfloat<W> scale_vec(const Scale& sc, int64_t n) {
+  if (sc.shared == nullptr) return splat<W>(sc.shared_scale);
+  typedef uint8_t u8 __attribute__((vector_size(W)));
+  u8 m;
+  std::memcpy(&m, sc.shared + n, sizeof(m));  // torch bools are bytes holding 0 or 1
+  const vfloat<W> f = __builtin_convertvector(m, vfloat<W>);
+  return splat<W>(sc.other_scale) + f * (sc.shared_scale - sc.other_scale);
+}
+
+// out_r[n] = scale(n) * sum_k coef[r * K + k] * rows[k][n] for r < RT, n < B (fp32), scale(n) = 1 unless
+// SCALED. U vectors per step give the out-of-order core independent FMA chains; RT > 1 reuses each loaded
+// input vector for RT outputs.
+template <int W, int RT, int U, bool SCALED, typename T>
+GMD_INLINE void lincomb_tile(const T* const* rows, const float* coef, int64_t K, int64_t B, float* const* out,
+                             const Scale& sc) {
   using V = vfloat<W>;
   int64_t n = 0;
   for (; n + U * W <= B; n += U * W) {
@@ -38,6 +58,14 @@ GMD_INLINE void lincomb_tile(const T* const* rows, const float* coef, int64_t K,
         for (int u = 0; u < U; ++u) acc[r][u] += cr * x[u];
       }
     }
+    if constexpr (SCALED) {
+#pragma GCC unroll 8
+      for (int u = 0; u < U; ++u) {
+        const V s = scale_vec<W>(sc, n + u * W);
+#pragma GCC unroll 8
+        for (int r = 0; r < RT; ++r) acc[r][u] *= s;
+      }
+    }
 #pragma GCC unroll 8
     for (int r = 0; r < RT; ++r)
 #pragma GCC unroll 8
@@ -47,6 +75,7 @@ GMD_INLINE void lincomb_tile(const T* const* rows, const float* coef, int64_t K,
     for (int r = 0; r < RT; ++r) {
       float s = 0.f;
       for (int64_t k = 0; k < K; ++k) s += coef[r * K + k] * static_cast<float>(rows[k][n]);
+      if constexpr (SCALED) s *= (sc.shared == nullptr || sc.shared[n]) ? sc.shared_scale : sc.other_scale;
       out[r][n] = s;
     }
 }
@@ -57,14 +86,16 @@ GMD_INLINE void lincomb_rows(int rt, const T* const* rows, const float* coef, in
   if constexpr (RT > 1) {
     if (rt < RT) return lincomb_rows<W, RT - 1, U>(rt, rows, coef, K, B, out);
   }
-  lincomb_tile<W, RT, U>(rows, coef, K, B, out);
+  lincomb_tile<W, RT, U, false>(rows, coef, K, B, out, Scale{});
 }
 
 // All R output rows of one block: tiles of up to 4 output rows (4 x 2 accumulators + 2 inputs fit 16 regs).
+// `sc` non-null: combine (R == 1, scaled).
 template <int W, typename T>
 GMD_INLINE void lincomb_block(const T* const* rows, const float* coef, int64_t R, int64_t K, int64_t B,
-                              float* const* out) {
-  if (R == 1) return lincomb_tile<W, 1, 4>(rows, coef, K, B, out);
+                              float* const* out, const Scale* sc) {
+  if (sc != nullptr) return lincomb_tile<W, 1, 4, true>(rows, coef, K, B, out, *sc);
+  if (R == 1) return lincomb_tile<W, 1, 4, false>(rows, coef, K, B, out, Scale{});
   for (int64_t r0 = 0; r0 < R; r0 += 4) {
     const int rt = static_cast<int>(std::min<int64_t>(4, R - r0));
     lincomb_rows<W, 4, 2>(rt, rows, coef + r0 * K, K, B, out + r0);
@@ -72,23 +103,24 @@ GMD_INLINE void lincomb_block(const T* const* rows, const float* coef, int64_t R
 }
 
 template <typename T>
-using LincombFn = void (*)(const T* const*, const float*, int64_t, int64_t, int64_t, float* const*);
+using LincombFn = void (*)(const T* const*, const float*, int64_t, int64_t, int64_t, float* const*, const Scale*);
 
 #ifdef GMD_X86
 template <typename T>
 GMD_TARGET_AVX512 void lincomb_avx512(const T* const* rows, const float* coef, int64_t R, int64_t K, int64_t B,
-                                      float* const* out) {
-  lincomb_block<16>(rows, coef, R, K, B, out);
+                                      float* const* out, const Scale* sc) {
+  lincomb_block<16>(rows, coef, R, K, B, out, sc);
 }
 template <typename T>
 GMD_TARGET_AVX2 void lincomb_avx2(const T* const* rows, const float* coef, int64_t R, int64_t K, int64_t B,
-                                  float* const* out) {
-  lincomb_block<8>(rows, coef, R, K, B, out);
+                                  float* const* out, const Scale* sc) {
+  lincomb_block<8>(rows, coef, R, K, B, out, sc);
 }
 #endif
 template <typename T>
-void lincomb_baseline(const T* const* rows, const float* coef, int64_t R, int64_t K, int64_t B, float* const* out) {
-  lincomb_block<4>(rows, coef, R, K, B, out);
+void lincomb_baseline(const T* const* rows, const float* coef, int64_t R, int64_t K, int64_t B, float* const* out,
+                      const Scale* sc) {
+  lincomb_block<4>(rows, coef, R, K, B, out, sc);
 }
 template <typename T>
 LincombFn<T> pick_lincomb(Isa isa) {
@@ -99,8 +131,8 @@ LincombFn<T> pick_lincomb(Isa isa) {
   return lincomb_baseline<T>;
 }
 
-// out [R, N] (contiguous, G's dtype) = coef [R, K] @ G, then, when `scale` is given, out[r, n] *= scale(n)
-// with scale(n) = shared[n] ? shared_scale : other_scale (shared null: shared_scale everywhere).
+// out [R, N] (contiguous, G's dtype) = coef [R, K] @ G; with `scale` (combine, R == 1) out[n] *= scale(n),
+// scale(n) = shared[n] ? shared_scale : other_scale (shared null: shared_scale everywhere).
 template <typename T>
 void lincomb_kernel(const at::Tensor& G, const float* coef, int64_t R, T* out, const bool* shared, bool scale,
                     float shared_scale, float other_scale) {
@@ -127,26 +159,20 @@ void lincomb_kernel(const at::Tensor& G, const float* coef, int64_t R, T* out, c
       const int64_t n0 = blk * B, nb = std::min(B, N - n0);
       for (int64_t r = 0; r < R; ++r)
         outs[r] = to_float ? reinterpret_cast<float*>(out) + r * N + n0 : tmp.data() + r * B;
+      Scale sc{shared == nullptr ? nullptr : shared + n0, shared_scale, other_scale};
+      const Scale* scp = scale ? &sc : nullptr;
       if (direct) {
         for (int64_t k = 0; k < K; ++k) rows[k] = base + k * s0 + n0;
-        lin_fn(rows.data(), coef, R, K, nb, outs.data());
+        lin_fn(rows.data(), coef, R, K, nb, outs.data(), scp);
       } else {
         load_fn(base, s0, s1, K, n0, nb, scratch.data(), B);
         for (int64_t k = 0; k < K; ++k) frows[k] = scratch.data() + k * B;
-        lin_f32(frows.data(), coef, R, K, nb, outs.data());
+        lin_f32(frows.data(), coef, R, K, nb, outs.data(), scp);
       }
-      for (int64_t r = 0; r < R; ++r) {
-        float* o = outs[r];
-        if (scale) {
-          if (shared == nullptr) {
-            for (int64_t n = 0; n < nb; ++n) o[n] *= shared_scale;
-          } else {
-            for (int64_t n = 0; n < nb; ++n) o[n] *= shared[n0 + n] ? shared_scale : other_scale;
-          }
-        }
-        if constexpr (!std::is_same_v<T, float>) {
+      if constexpr (!std::is_same_v<T, float>) {
+        for (int64_t r = 0; r < R; ++r) {
           T* dst = out + r * N + n0;
-          for (int64_t n = 0; n < nb; ++n) dst[n] = static_cast<T>(o[n]);
+          for (int64_t n = 0; n < nb; ++n) dst[n] = static_cast<T>(outs[r][n]);
         }
       }
     }
