@@ -72,24 +72,25 @@ DEFAULTS = {
 
 # Demo presets: the joint and GMD runs differ only in "gmd". Chosen so the full demo (phantom generation, two
 # trainings, validation and 15-combination test evaluation) stays under 15 minutes on a 2-core CPU.
-DEMO = {"crop_size": 32, "batch_size": 2, "width": 0.25, "subsets_per_step": 4, "epochs": 10,
-        "steps_per_epoch": 10, "lr": 3e-3, "cache": True, "sw_overlap": 0.25, "val_every": 2}
+DEMO = {"crop_size": 32, "batch_size": 2, "width": 0.25, "subsets_per_step": 4, "epochs": 15,
+        "steps_per_epoch": 20, "lr": 3e-3, "cache": True, "sw_overlap": 0.25, "val_every": 3}
 DEMO_DATA = {"n": 20, "size": 48}
-QUICK = {"crop_size": 24, "batch_size": 2, "width": 0.25, "subsets_per_step": 4, "epochs": 2,
-         "steps_per_epoch": 2, "lr": 3e-3, "cache": True, "sw_overlap": 0.25, "val_every": 1}
-QUICK_DATA = {"n": 4, "size": 32}
+QUICK = {"crop_size": 24, "batch_size": 2, "width": 0.25, "subsets_per_step": 2, "epochs": 1,
+         "steps_per_epoch": 2, "lr": 3e-3, "cache": True, "sw_overlap": 0.0, "val_every": 1}
+QUICK_DATA = {"n": 3, "size": 32}
 
 
 # ----------------------------------------------------------------------------------------------- model side
 def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
-    """Soft Dice loss of sigmoid region probabilities, averaged over samples and regions.
+    """Soft Dice loss of sigmoid region probabilities, one Dice per region over the whole batch, averaged.
 
     logits, target: ``[B, 3, D, H, W]`` float (target 0/1 per region WT, TC, ET). Returns a scalar.
+    Summing over the batch ("batch Dice", as nnU-Net) keeps crops without enhancing tumour from dominating ET.
     """
-    p = torch.sigmoid(logits)
-    dims = tuple(range(2, p.dim()))
-    inter = (p * target).sum(dims)
-    denom = p.sum(dims) + target.sum(dims)
+    p = torch.sigmoid(logits).transpose(0, 1).flatten(1)
+    t = target.transpose(0, 1).flatten(1)
+    inter = (p * t).sum(1)
+    denom = p.sum(1) + t.sum(1)
     return (1.0 - (2.0 * inter + smooth) / (denom + smooth)).mean()
 
 
@@ -409,10 +410,11 @@ def run_eval(run_dir: str | Path, split: str = "test", checkpoint: str | None = 
 def compare(run_dirs: list[str | Path], out: str | Path) -> str:
     """Side-by-side table and plot of evaluated runs (reads each run's metrics.json); returns the markdown."""
     out = Path(out)
+    loaded = [(d, json.loads((d / "metrics.json").read_text())) for d in map(Path, run_dirs)]
+    modes = ["GMD" if m["config"]["gmd"] else "joint" for _, m in loaded]
     runs = {}
-    for d in map(Path, run_dirs):
-        m = json.loads((d / "metrics.json").read_text())
-        runs[("GMD" if m["config"]["gmd"] else "joint") + f" ({d.name})"] = m
+    for (d, m), mode in zip(loaded, modes):
+        runs[mode if modes.count(mode) == 1 else f"{mode} ({d})"] = m
     labels = list(runs)
     names = list(runs[labels[0]]["combinations"])
     head = "| modalities | " + " | ".join(f"{r} {lab}" for r in REGIONS for lab in labels) + " |"
@@ -459,8 +461,10 @@ def demo(out: str | Path = "runs/demo", data: str | Path | None = None, quick: b
         cfg = common.load_config(None, DEFAULTS, {**preset, "data_root": str(data), "gmd": use_gmd})
         run_dir = out / ("gmd" if use_gmd else "joint")
         if (run_dir / "last.pt").exists():
-            state = load_checkpoint(run_dir / "last.pt")
-            if state["epoch"] < cfg["epochs"]:
+            # Reuse (or finish) an earlier demo run only when it was made with these very settings.
+            if json.loads((run_dir / "config.json").read_text()) != cfg:
+                raise FileExistsError(f"{run_dir} holds a run with other settings; remove it or pass another --out")
+            if load_checkpoint(run_dir / "last.pt")["epoch"] < cfg["epochs"]:
                 train(cfg, run_dir, resume=True)
         else:
             train(cfg, run_dir)
