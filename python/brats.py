@@ -234,7 +234,10 @@ def train(cfg: dict, run_dir: str | Path, resume: bool = False, stop_after_epoch
     """Train one run into ``run_dir``; returns the path of the checkpoint chosen on the validation split.
 
     ``stop_after_epochs`` ends this invocation after that many epochs (a time-limited job); ``resume=True``
-    continues from ``run_dir/last.pt`` exactly where it stopped.
+    continues from ``run_dir/last.pt`` exactly where it stopped (bit-identical on CPU: data crops depend only on
+    (seed, epoch, case), and the optimizer, schedule, GMD order generator, subset sampler and global RNGs are
+    restored). The dominance monitor keeps appending to ``monitor.csv``; its plot covers the steps of the last
+    invocation only.
     """
     from tqdm import tqdm
 
@@ -342,7 +345,8 @@ def _fmt(stat: dict) -> str:
 def write_report(run_dir: Path, cfg: dict, summary: dict, per_case: dict, meta: dict) -> None:
     """report.md (15 rows x WT/TC/ET + mean row), metrics.json and dice_per_combination.png in ``run_dir``."""
     lines = [f"# BraTS evaluation: {'GMD' if cfg['gmd'] else 'joint training'} ({run_dir.name})", "",
-             f"- data: `{cfg['data_root']}`, split `{meta['split']}` ({len(meta['cases'])} cases)",
+             f"- data: `{cfg['data_root']}`, split `{meta['split']}` ({len(meta['cases'])} case"
+             f"{'' if len(meta['cases']) == 1 else 's'})",
              f"- checkpoint: `{meta['checkpoint']}` (epoch {meta['epoch']}; {meta['selection']})",
              f"- model: DSUNet3d width {cfg['width']}, crop {cfg['crop_size']}, batch {cfg['batch_size']}, "
              f"{cfg['epochs']} epochs x {cfg['steps_per_epoch']} steps, {cfg['subsets_per_step']} subsets/step, "
