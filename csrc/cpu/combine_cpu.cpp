@@ -2,8 +2,8 @@
 // combine_rows(G [K, N], A [R, K]) -> A @ G [R, N], CPU: pass 2 of the GMD projection (DESIGN §1).
 //
 // Both are linear combinations of the rows of G, computed per block of columns: a block of R_T output rows
-// keeps R_T x U vector accumulators in registers and streams the K input rows once (read in place for unit
-// column stride, widened on load for Half/BFloat16). Math in fp32; the result is rounded once to G's dtype.
+// keeps R_T x U vector accumulators in registers and streams the K input rows once. Math in fp32; the result
+// is rounded once to G's dtype.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -122,6 +122,37 @@ void lincomb_baseline(const T* const* rows, const float* coef, int64_t R, int64_
                       const Scale* sc) {
   lincomb_block<4>(rows, coef, R, K, B, out, sc);
 }
+// combine on Half/BFloat16 rows, widened on load (the scratch path costs 2.2x here: 54 vs 24 ms at K = 15,
+// N = 8M bf16 on the 2-core dev box). Only this one kernel shape is compiled per low-precision dtype.
+template <typename T>
+using CombineLowpFn = void (*)(const T* const*, const float*, int64_t, int64_t, float*, const Scale&);
+#ifdef GMD_X86
+template <typename T>
+GMD_TARGET_AVX512 void combine_lowp_avx512(const T* const* rows, const float* c, int64_t K, int64_t B, float* out,
+                                           const Scale& sc) {
+  lincomb_tile<16, 1, 4, true>(rows, c, K, B, &out, sc);
+}
+template <typename T>
+GMD_TARGET_AVX2 void combine_lowp_avx2(const T* const* rows, const float* c, int64_t K, int64_t B, float* out,
+                                       const Scale& sc) {
+  lincomb_tile<8, 1, 4, true>(rows, c, K, B, &out, sc);
+}
+#endif
+template <typename T>
+void combine_lowp_baseline(const T* const* rows, const float* c, int64_t K, int64_t B, float* out,
+                           const Scale& sc) {
+  lincomb_tile<4, 1, 4, true>(rows, c, K, B, &out, sc);
+}
+
+template <typename T>
+CombineLowpFn<T> pick_combine_lowp(Isa isa) {
+#ifdef GMD_X86
+  if (isa == Isa::Avx512) return combine_lowp_avx512<T>;
+  if (isa == Isa::Avx2) return combine_lowp_avx2<T>;
+#endif
+  return combine_lowp_baseline<T>;
+}
+
 template <typename T>
 LincombFn<T> pick_lincomb(Isa isa) {
 #ifdef GMD_X86
@@ -142,18 +173,22 @@ void lincomb_kernel(const at::Tensor& G, const float* coef, int64_t R, T* out, c
   // 2048 columns: the K input rows of a block (<= 256 KiB for K <= 32 in fp32) stay in L2 for the R / 4
   // re-reads of combine_rows, and the R output rows stay in L1/L2 until they are rounded and stored.
   constexpr int64_t B = 2048;
-  const bool direct = s1 == 1;  // unit column stride: read rows in place, widening on load
-  const bool to_float = std::is_same_v<T, float>;
+  // Unit column stride is read in place (fp32, and Half/BFloat16 for combine); other strides, and
+  // Half/BFloat16 for combine_rows, are first copied (widened) into an fp32 scratch block, which keeps the
+  // number of compiled kernel shapes (and the build time) down.
+  constexpr bool to_float = std::is_same_v<T, float>;
+  const bool direct = s1 == 1 && (to_float || scale);
   const Isa isa = cpu_isa();
-  const LincombFn<T> lin_fn = pick_lincomb<T>(isa);
   const LincombFn<float> lin_f32 = pick_lincomb<float>(isa);
+  CombineLowpFn<T> comb_lowp = nullptr;
+  if constexpr (!to_float) comb_lowp = pick_combine_lowp<T>(isa);
   const LoadBlockFn<T> load_fn = pick_load_block<T>(isa);
 
   at::parallel_for(0, (N + B - 1) / B, 1, [&](int64_t b_begin, int64_t b_end) {
     std::vector<float> scratch(direct ? 0 : K * B);
     std::vector<float> tmp(to_float ? 0 : R * B);
-    std::vector<const T*> rows(K);
     std::vector<const float*> frows(K);
+    std::vector<const T*> rows(K);
     std::vector<float*> outs(R);
     for (int64_t blk = b_begin; blk < b_end; ++blk) {
       const int64_t n0 = blk * B, nb = std::min(B, N - n0);
@@ -161,12 +196,16 @@ void lincomb_kernel(const at::Tensor& G, const float* coef, int64_t R, T* out, c
         outs[r] = to_float ? reinterpret_cast<float*>(out) + r * N + n0 : tmp.data() + r * B;
       Scale sc{shared == nullptr ? nullptr : shared + n0, shared_scale, other_scale};
       const Scale* scp = scale ? &sc : nullptr;
-      if (direct) {
+      if (direct && !to_float) {
         for (int64_t k = 0; k < K; ++k) rows[k] = base + k * s0 + n0;
-        lin_fn(rows.data(), coef, R, K, nb, outs.data(), scp);
+        comb_lowp(rows.data(), coef, K, nb, outs[0], sc);
       } else {
-        load_fn(base, s0, s1, K, n0, nb, scratch.data(), B);
-        for (int64_t k = 0; k < K; ++k) frows[k] = scratch.data() + k * B;
+        if (direct) {
+          for (int64_t k = 0; k < K; ++k) frows[k] = reinterpret_cast<const float*>(base) + k * s0 + n0;
+        } else {
+          load_fn(base, s0, s1, K, n0, nb, scratch.data(), B);
+          for (int64_t k = 0; k < K; ++k) frows[k] = scratch.data() + k * B;
+        }
         lin_f32(frows.data(), coef, R, K, nb, outs.data(), scp);
       }
       if constexpr (!std::is_same_v<T, float>) {

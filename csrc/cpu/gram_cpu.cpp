@@ -23,11 +23,11 @@ struct Prefetch {
   int64_t elem_bytes = 0;
 };
 
-// Dot products of TI rows `a` with TJ rows `b` over B columns -> out[i * ldo + j]. With DIAG (a == b,
-// TI == TJ) only j >= i is computed.
+// Dot products of TI rows `a` with TJ rows `b` over B columns -> out[i * ldo + j] for i < ti, j < tj (the
+// rows beyond are zero padding of the last tile). With DIAG (a == b, TI == TJ) only j >= i is computed.
 template <int W, int TI, int TJ, bool DIAG>
-GMD_INLINE void dot_tile(const float* const* a, const float* const* b, int64_t B, float* out, int64_t ldo,
-                         Prefetch pf) {
+GMD_INLINE void dot_tile(const float* const* a, const float* const* b, int64_t B, float* out, int64_t ldo, int ti,
+                         int tj, Prefetch pf) {
   using V = vfloat<W>;
   V acc[TI][TJ];
 #pragma GCC unroll 8
@@ -53,34 +53,16 @@ GMD_INLINE void dot_tile(const float* const* a, const float* const* b, int64_t B
   for (int i = 0; i < TI; ++i)
 #pragma GCC unroll 8
     for (int j = DIAG ? i : 0; j < TJ; ++j) {
+      if (i >= ti || j >= tj) continue;
       float s = hsum<W>(acc[i][j]);
       for (int64_t m = n; m < B; ++m) s += a[i][m] * b[j][m];
       out[i * ldo + j] = s;
     }
 }
 
-// Run dot_tile for runtime tile sizes ti, tj <= T (last tile row/column when T does not divide K).
-template <int W, int TI, int TJ>
-GMD_INLINE void off_tile(int ti, int tj, const float* const* a, const float* const* b, int64_t B, float* out,
-                         int64_t ldo, Prefetch pf) {
-  if constexpr (TI > 1) {
-    if (ti < TI) return off_tile<W, TI - 1, TJ>(ti, tj, a, b, B, out, ldo, pf);
-  }
-  if constexpr (TJ > 1) {
-    if (tj < TJ) return off_tile<W, TI, TJ - 1>(ti, tj, a, b, B, out, ldo, pf);
-  }
-  dot_tile<W, TI, TJ, false>(a, b, B, out, ldo, pf);
-}
-
-template <int W, int T>
-GMD_INLINE void diag_tile(int t, const float* const* a, int64_t B, float* out, int64_t ldo, Prefetch pf) {
-  if constexpr (T > 1) {
-    if (t < T) return diag_tile<W, T - 1>(t, a, B, out, ldo, pf);
-  }
-  dot_tile<W, T, T, true>(a, a, B, out, ldo, pf);
-}
-
-// Upper triangle of rows[0..K) . rows[0..K)^T over B columns -> part [K, K] (row-major, fp32).
+// Upper triangle of rows[0..K) . rows[0..K)^T over B columns -> part [K, K] (row-major, fp32), in T x T
+// tiles; `rows` is padded to a multiple of T with pointers to zeros, so only two tile shapes are compiled
+// per ISA (one instantiation per (ti, tj) pair made gram_cpu.cpp the build's critical path at 2.5 min).
 // Only the tiles of the first tile row touch memory for the first time, so without help the block's DRAM
 // traffic and most of its FMAs do not overlap (measured: single-core time = floor + compute). Each tile
 // therefore prefetches a share of the next block's rows (`next`, K pointers, may be null) into L2.
@@ -100,32 +82,34 @@ GMD_INLINE void gram_block(const float* const* rows, int64_t K, int64_t B, float
   };
   for (int64_t i0 = 0; i0 < K; i0 += T) {
     const int ti = static_cast<int>(std::min<int64_t>(T, K - i0));
-    diag_tile<W, T>(ti, rows + i0, B, part + i0 * K + i0, K, prefetch_for(tile++));
+    dot_tile<W, T, T, true>(rows + i0, rows + i0, B, part + i0 * K + i0, K, ti, ti, prefetch_for(tile++));
     for (int64_t j0 = i0 + T; j0 < K; j0 += T) {
       const int tj = static_cast<int>(std::min<int64_t>(T, K - j0));
-      off_tile<W, T, T>(ti, tj, rows + i0, rows + j0, B, part + i0 * K + j0, K, prefetch_for(tile++));
+      dot_tile<W, T, T, false>(rows + i0, rows + j0, B, part + i0 * K + j0, K, ti, tj, prefetch_for(tile++));
     }
   }
 }
 
-// Tile sizes: T x T accumulators + T loaded vectors (+1 streamed) must fit the register file. AVX-512 (32 zmm):
-// T = 5 took 0.87x the time of T = 4 at K = 15, N = 8M fp32 on the 2-core AMD EPYC (AVX-512) dev box; AVX2 and
-// the baseline (16 registers) use T = 3.
+// Tile sizes: T x T accumulators + T loaded vectors (+1 streamed) must fit the register file. AVX-512 (32 zmm)
+// has T = 4 and 5, whichever pads K less (T = 5 took 0.87x the time of T = 4 at K = 15, N = 8M fp32 on the
+// 2-core AMD EPYC dev box); AVX2 and the baseline (16 registers) use T = 3.
 #ifdef GMD_X86
 GMD_TARGET_AVX512 void gram_block_avx512(const float* const* rows, int64_t K, int64_t B, float* part,
-                                         const char* const* next, int64_t next_elem_bytes) {
-  gram_block<16, 5>(rows, K, B, part, next, next_elem_bytes);
+                                         const char* const* next, int64_t next_elem_bytes, int tile) {
+  if (tile == 5) return gram_block<16, 5>(rows, K, B, part, next, next_elem_bytes);
+  gram_block<16, 4>(rows, K, B, part, next, next_elem_bytes);
 }
 GMD_TARGET_AVX2 void gram_block_avx2(const float* const* rows, int64_t K, int64_t B, float* part,
-                                     const char* const* next, int64_t next_elem_bytes) {
+                                     const char* const* next, int64_t next_elem_bytes, int) {
   gram_block<8, 3>(rows, K, B, part, next, next_elem_bytes);
 }
 #endif
 void gram_block_baseline(const float* const* rows, int64_t K, int64_t B, float* part, const char* const* next,
-                         int64_t next_elem_bytes) {
+                         int64_t next_elem_bytes, int) {
   gram_block<4, 3>(rows, K, B, part, next, next_elem_bytes);
 }
-using GramBlockFn = void (*)(const float* const*, int64_t, int64_t, float*, const char* const*, int64_t);
+
+using GramBlockFn = void (*)(const float* const*, int64_t, int64_t, float*, const char* const*, int64_t, int);
 
 GramBlockFn pick_gram_block(Isa isa) {
 #ifdef GMD_X86
@@ -133,6 +117,16 @@ GramBlockFn pick_gram_block(Isa isa) {
   if (isa == Isa::Avx2) return gram_block_avx2;
 #endif
   return gram_block_baseline;
+}
+
+// The tile size gram_block_<isa> uses for K rows: the one with the fewest padded multiply-adds.
+int tile_size(Isa isa, int64_t K) {
+  if (isa != Isa::Avx512) return 3;
+  auto cost = [K](int64_t t) {
+    const int64_t P = (K + t - 1) / t;
+    return P * (P - 1) / 2 * t * t + P * t * (t + 1) / 2;
+  };
+  return cost(5) < cost(4) ? 5 : 4;
 }
 
 // Columns per block: the block (K rows, fp32) is re-read once per tile row, so it should stay in L2.
@@ -156,13 +150,16 @@ void gram_kernel(const at::Tensor& G, at::Tensor& out) {
   const bool direct = std::is_same_v<T, float> && s1 == 1;
   const Isa isa = cpu_isa();
   const GramBlockFn block_fn = pick_gram_block(isa);
+  const int tile = tile_size(isa, K);
+  const int64_t K_padded = (K + tile - 1) / tile * tile;
   const LoadBlockFn<T> load_fn = pick_load_block<T>(isa);
   std::vector<double> chunk_sums(nchunks * K * K, 0.0);
 
   at::parallel_for(0, nchunks, 1, [&](int64_t c_begin, int64_t c_end) {
     std::vector<float> scratch(direct ? 0 : K * B);
     std::vector<float> part(K * K);
-    std::vector<const float*> rows(K);
+    std::vector<float> zeros(B, 0.f);
+    std::vector<const float*> rows(K_padded, zeros.data());  // rows >= K stay zero padding
     std::vector<const char*> next(K);
     for (int64_t c = c_begin; c < c_end; ++c) {
       double* acc = chunk_sums.data() + c * K * K;
@@ -181,7 +178,7 @@ void gram_kernel(const at::Tensor& G, at::Tensor& out) {
         // Only the last block can be shorter than B, so the next block is never longer than this one and
         // the prefetch loops over this block's columns cover it.
         block_fn(rows.data(), K, nb, part.data(), has_next ? next.data() : nullptr,
-                 static_cast<int64_t>(sizeof(T)));
+                 static_cast<int64_t>(sizeof(T)), tile);
         for (int64_t i = 0; i < K; ++i)
           for (int64_t j = i; j < K; ++j) acc[i * K + j] += part[i * K + j];
       }
