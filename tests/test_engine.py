@@ -60,14 +60,7 @@ def setup(heads=3, **kw):
     return model, opt, (lambda: model.losses(x, y)), GMD(opt, **kw)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors: with 2 intra-op threads on a shared, oversubscribed 2-core box every op waits on a
-    # contended OpenMP barrier (measured: 225 ms vs 0.45 ms per tiny backward).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 ORDER = torch.tensor([[2, 0, 1], [1, 2, 0], [0, 2, 1]])

@@ -10,13 +10,7 @@ from gmd_ext.testing import assert_close_rel
 ORDER = torch.tensor([[2, 0, 1], [1, 2, 0], [0, 2, 1]])
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors on a shared 2-core box: one intra-op thread avoids contended OpenMP barriers.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Net(nn.Module):
