@@ -18,33 +18,21 @@ timed repetitions is reported. Writes bench/results/ds.csv and prints a markdown
 from __future__ import annotations
 
 import argparse
-import csv
 import os
-import platform
-import statistics
 import sys
-import time
 import warnings
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import utils  # noqa: E402
 
 from gmd_ext import DSUNet3d, masked_mean  # noqa: E402
 
-COLUMNS = ("op", "provider", "shape", "missing", "dtype", "device", "machine", "torch version", "median_ms", "ratio")
-
-
-def machine_name() -> str:
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{model}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+# CSV columns, in order: op, provider, shape, missing, dtype, device, machine, torch version, median_ms, ratio
 
 
 def missing_mask(batch: int, num_modalities: int, fraction: float, generator: torch.Generator) -> torch.Tensor:
@@ -85,22 +73,11 @@ def ds_layers_logits(model: DSUNet3d, x: torch.Tensor, present: torch.Tensor) ->
 PROVIDERS = {"official": official_logits, "ds": ds_logits, "ds_layers": ds_layers_logits}
 
 
-def step_ms(fn, model, x, present, target) -> float:
-    model.zero_grad(set_to_none=True)
-    start = time.perf_counter()
-    loss = F.binary_cross_entropy_with_logits(fn(model, x, present), target)
-    loss.backward()
-    return (time.perf_counter() - start) * 1e3
-
-
-def write_csv_atomic(path: Path, rows: list[dict]):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
+def make_step(fn, model, x, present, target):
+    def step():
+        model.zero_grad(set_to_none=True)
+        F.binary_cross_entropy_with_logits(fn(model, x, present), target).backward()
+    return step
 
 
 def main(argv=None):
@@ -116,7 +93,8 @@ def main(argv=None):
                         help=f"comma-separated subset of {','.join(PROVIDERS)} (official is always run: the ratios "
                              "are against it)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "ds.csv")
-    parser.add_argument("--machine", default=None, help="machine label for the CSV (default: CPU model, cores)")
+    parser.add_argument("--machine", default=None,
+                        help="machine label for the CSV (default: cores, CPU model, torch threads)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (default: torch's choice). On a CPU shared with other jobs, "
                              "1 avoids OpenMP barrier stalls that slowed both providers >20x on the 2-core dev box")
@@ -139,41 +117,32 @@ def main(argv=None):
     x = torch.randn(args.batch, M, args.size, args.size, args.size, generator=gen)
     target = (torch.rand(args.batch, model.num_classes, args.size, args.size, args.size, generator=gen) > 0.5).float()
     masks = {p: missing_mask(args.batch, M, p / 100, gen) for p in percents}
-    machine = args.machine or machine_name()
+    machine = args.machine or utils.machine(threads=True)
     shape = f"B={args.batch},M={M},{args.size}^3,width={args.width}"
     print(f"# DSUNet3d fwd+bwd, {shape}, {machine}, torch {torch.__version__}; "
           f"load average before: {os.getloadavg()[0]:.2f}", flush=True)
 
-    times = {(p, name): [] for p in percents for name in names}
-    for rep in range(args.warmup + args.reps):
-        for p in percents:
-            # Alternate the provider order so neither always runs on a cache/allocator state left by the other.
-            for name in (names if rep % 2 == 0 else names[::-1]):
-                ms = step_ms(PROVIDERS[name], model, x, masks[p], target)
-                if rep >= args.warmup:
-                    times[(p, name)].append(ms)
-                print(f"  rep {rep + 1}/{args.warmup + args.reps}{' (warm-up)' if rep < args.warmup else ''} "
-                      f"missing {p}% {name}: {ms:.0f} ms", flush=True)
+    # Alternating the call order, so no provider always runs on a cache/allocator state left by the same other one.
+    res = utils.time_interleaved({f"missing {p}% {name}": make_step(PROVIDERS[name], model, x, masks[p], target)
+                                  for p in percents for name in names},
+                                 rounds=args.reps, warmup=args.warmup, alternate=True, progress=True)
+    med = {(p, name): res[f"missing {p}% {name}"]["median_ms"] for p in percents for name in names}
 
     rows, table = [], []
     for p in percents:
-        base = statistics.median(times[(p, "official")])
+        base = med[(p, "official")]
         for name in names:
-            med = statistics.median(times[(p, name)])
             rows.append({"op": "dsunet3d_fwd_bwd", "provider": name, "shape": shape, "missing": f"{p}%",
                          "dtype": "float32", "device": "cpu", "machine": machine, "torch version": torch.__version__,
-                         "median_ms": f"{med:.1f}", "ratio": f"{base / med:.2f}"})
-        table.append((p, [statistics.median(times[(p, name)]) for name in names]))
-    write_csv_atomic(args.out, rows)
+                         "median_ms": f"{med[(p, name)]:.1f}", "ratio": f"{base / med[(p, name)]:.2f}"})
+        speedups = [cell for name in names[1:] for cell in (f"{med[(p, name)]:.0f}", f"{base / med[(p, name)]:.2f}x")]
+        table.append([f"{p}%", f"{base:.0f}", *speedups])
+    path = utils.write_csv(args.out, rows)
 
     print(f"\nload average after: {os.getloadavg()[0]:.2f}; median of {args.reps} after {args.warmup} warm-up\n")
-    others = names[1:]
-    print("| missing | official ms | " + " | ".join(f"{n} ms | {n} speed-up" for n in others) + " |")
-    print("|---|---|" + "---|---|" * len(others))
-    for p, meds in table:
-        cells = " | ".join(f"{med:.0f} | {meds[0] / med:.2f}x" for med in meds[1:])
-        print(f"| {p}% | {meds[0]:.0f} | {cells} |")
-    print(f"\nwrote {args.out}")
+    header = ["missing", "official ms"] + [h for n in names[1:] for h in (f"{n} ms", f"{n} speed-up")]
+    print(utils.markdown_table(header, table))
+    print(f"\nwrote {path}")
 
 
 if __name__ == "__main__":

@@ -19,20 +19,21 @@ from __future__ import annotations
 import argparse
 import csv
 import os
-import platform
 import statistics
 import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import utils  # noqa: E402
 
 from gmd_ext import GMD, _backend, sample_subsets  # noqa: E402
 from gmd_ext.models import DSUNet3d  # noqa: E402
 from gmd_ext.reference import pairwise_pcgrad  # noqa: E402
 
-RESULTS = os.path.join(os.path.dirname(__file__), "results")
+RESULTS = utils.RESULTS_DIR
 MODS = ("flair", "t1", "t1ce", "t2")
 
 
@@ -136,7 +137,7 @@ def main():
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--backend", default="auto")
-    ap.add_argument("--machine", default=f"{os.cpu_count()}-core CPU dev box ({platform.processor() or 'x86_64'})")
+    ap.add_argument("--machine", default=None, help="machine label for the CSV (default: cores and CPU model)")
     ap.add_argument("--providers", default="plain,k_backward,gmd_seq,gmd_batched,official")
     ap.add_argument("--shared-graph", action="store_true",
                     help="K losses on one all-modality forward (multi-task) instead of K subset forwards")
@@ -146,6 +147,7 @@ def main():
         render(os.path.join(RESULTS, "step.csv"), os.path.join(RESULTS, "step.md"))
         return
     torch.set_num_threads(args.threads)
+    machine = args.machine or utils.machine()
 
     torch.manual_seed(0)
     model = DSUNet3d(MODS, width=args.width)
@@ -176,16 +178,10 @@ def main():
     # Wall time and process CPU time: on a box shared with other jobs the wall clock of a 1-thread run mostly
     # measures the scheduler (measured: k_backward wall minima varied 2.5-3.6 s between runs of one config),
     # while CPU time counts only this process's work.
-    times = {n: [] for n in names}
-    cpu = {n: [] for n in names}
-    for r in range(args.warmup + args.repeats):
-        for n in names:
-            t0, c0 = time.perf_counter(), time.process_time()
-            steps[n](model, opt, losses)
-            dt, dc = time.perf_counter() - t0, time.process_time() - c0
-            if r >= args.warmup:
-                times[n].append(dt)
-                cpu[n].append(dc)
+    samples = utils.sample_interleaved({n: (lambda n=n: steps[n](model, opt, losses)) for n in names},
+                                       rounds=args.repeats, warmup=args.warmup)
+    times = {n: [ms / 1e3 for ms in samples[n]["wall_ms"]] for n in names}
+    cpu = {n: [ms / 1e3 for ms in samples[n]["cpu_ms"]] for n in names}
     med = {n: statistics.median(v) for n, v in times.items()}
 
     model_name = f"DSUNet3d(width={args.width}), " + ("one shared graph" if args.shared_graph else "subset forwards")
@@ -200,22 +196,9 @@ def main():
             "engine_cpu_median_s": (f"{statistics.median(engine_cpu[n][args.warmup:]):.4f}"
                                     if n == "gmd_seq" else ""),
             "repeats": args.repeats,
-            "torch": torch.__version__, "machine": args.machine,
+            "torch": torch.__version__, "machine": machine,
         })
-    os.makedirs(RESULTS, exist_ok=True)
-    path = os.path.join(RESULTS, "step.csv")
-    old = []
-    if os.path.exists(path):
-        with open(path, newline="") as f:
-            old = list(csv.DictReader(f))
-    fields = list(rows[0]) + [k for r in old for k in r if k not in rows[0]]
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="") as f:  # rewritten whole (atomically) so older rows gain new columns
-        w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(fields)), restval="")
-        w.writeheader()
-        w.writerows(old + rows)
-    os.replace(tmp, path)
-
+    path = utils.write_csv("step", rows, append=True)
     render(path, os.path.join(RESULTS, "step.md"))
 
 
@@ -223,6 +206,10 @@ def render(csv_path: str, md_path: str) -> None:
     """step.md from every configuration in step.csv (the latest run of each), ratios per configuration."""
     with open(csv_path, newline="") as f:
         rows = list(csv.DictReader(f))
+
+    def ratio(times, n, base):
+        return f"{times[n] / times[base]:.3f}" if base in times else ""
+
     configs: dict = {}
     for r in rows:
         key = (r["machine"], r["model"], r["params"], r["K"], r["input"], r["threads"], r["backend"], r["torch"])
@@ -238,15 +225,12 @@ def render(csv_path: str, md_path: str) -> None:
         reps = next(iter(provs.values()))["repeats"]
         lines += [f"## {model}, {int(params) / 1e6:.2f} M params, K = {K}, input {inp}", "",
                   f"Machine: {machine}; {threads} thread(s); projection backend {backend}; torch {tv}; "
-                  f"median of {reps}.", "",
-                  "| provider | median wall (s) | median CPU (s) | CPU vs plain | CPU vs k_backward "
-                  "| wall vs k_backward |", "|---|---|---|---|---|---|"]
-        for n in med:
-            vs_plain = f"{cpu[n] / cpu['plain']:.3f}" if "plain" in cpu else ""
-            vs_k = f"{cpu[n] / cpu['k_backward']:.3f}" if "k_backward" in cpu else ""
-            vs_k_wall = f"{med[n] / med['k_backward']:.3f}" if "k_backward" in med else ""
-            lines.append(f"| {n} | {med[n]:.4f} | {cpu[n]:.4f} | {vs_plain} | {vs_k} | {vs_k_wall} |")
-        lines.append("")
+                  f"median of {reps}.", ""]
+        header = ["provider", "median wall (s)", "median CPU (s)", "CPU vs plain", "CPU vs k_backward",
+                  "wall vs k_backward"]
+        lines += [utils.markdown_table(header, [
+            [n, f"{med[n]:.4f}", f"{cpu[n]:.4f}", ratio(cpu, n, "plain"), ratio(cpu, n, "k_backward"),
+             ratio(med, n, "k_backward")] for n in med]), ""]
         if "gmd_seq" in cpu and "k_backward" in cpu:
             over = (cpu["gmd_seq"] - cpu["k_backward"]) / cpu["gmd_seq"]
             over_wall = (med["gmd_seq"] - med["k_backward"]) / med["gmd_seq"]
@@ -255,8 +239,8 @@ def render(csv_path: str, md_path: str) -> None:
         eng = provs.get("gmd_seq", {}).get("engine_cpu_median_s", "")
         if eng:
             lines.append(f"- GMD's own CPU time per step outside the K backward passes (zeroing, projection, "
-                         f".grad views; its reach hooks run inside backward): {1e3 * float(eng):.1f} ms = {100 * float(eng) / cpu['gmd_seq']:.1f} % "
-                         f"of the gmd_seq step.")
+                         f".grad views; its reach hooks run inside backward): {1e3 * float(eng):.1f} ms = "
+                         f"{100 * float(eng) / cpu['gmd_seq']:.1f} % of the gmd_seq step.")
         if "official" in cpu and "gmd_seq" in cpu:
             lines.append(f"- official / gmd_seq = {cpu['official'] / cpu['gmd_seq']:.2f}x CPU time "
                          f"({med['official'] / med['gmd_seq']:.2f}x wall).")
@@ -265,10 +249,7 @@ def render(csv_path: str, md_path: str) -> None:
                          f"the K one-hot cotangents differentiates the whole graph K times, so 'batched' pays off "
                          f"only when the objectives share one graph (and a vmapped backward beats K plain ones).")
         lines.append("")
-    tmp = md_path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write("\n".join(lines))
-    os.replace(tmp, md_path)
+    utils.write_text(md_path, "\n".join(lines))
     print("\n".join(lines))
 
 

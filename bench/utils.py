@@ -9,25 +9,33 @@ import csv
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 
 import torch
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+# The scripts run as `python bench/<script>.py` from a source checkout: gmd_ext is importable from the repo root.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def machine() -> str:
-    """e.g. "2-core AMD EPYC 7B13 (cpu)" or "NVIDIA H100 80GB HBM3 (cuda)"."""
+def machine(threads: bool = False) -> str:
+    """e.g. "2-core AMD EPYC 7B13 (cpu)" or "NVIDIA H100 80GB HBM3 (cuda)".
+
+    threads=True appends torch's current intra-op thread count (", 1 torch thread(s)"): CPU timings depend on it.
+    """
     if torch.cuda.is_available():
-        return f"{torch.cuda.get_device_name()} (cuda)"
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{os.cpu_count()}-core {model} (cpu)"
+        name = f"{torch.cuda.get_device_name()} (cuda)"
+    else:
+        model = platform.processor() or platform.machine()
+        try:
+            with open("/proc/cpuinfo") as f:
+                model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+        except (OSError, StopIteration):
+            pass
+        name = f"{os.cpu_count()}-core {model} (cpu)"
+    return f"{name}, {torch.get_num_threads()} torch thread(s)" if threads else name
 
 
 def _sync(device: str):
@@ -35,36 +43,89 @@ def _sync(device: str):
         torch.cuda.synchronize()
 
 
+def sample_interleaved(fns: dict[str, Callable[[], object]], *, rounds: int = 7, warmup: int = 2,
+                       device: str = "cpu", alternate: bool = False,
+                       progress: bool = False) -> dict[str, dict[str, list[float]]]:
+    """Run each callable warmup + rounds times, interleaved (one call of each per round); returns
+    name -> {"wall_ms": [...], "cpu_ms": [...]}, one entry per timed round (warm-up rounds dropped).
+
+    cpu_ms is this process's CPU time (all threads): on a box shared with other jobs the wall clock mostly measures
+    the scheduler, CPU time only this process's work. alternate=True reverses the call order every other round so
+    that no callable always runs on the cache/allocator state left by the same neighbour. progress=True prints
+    every call's wall time as it happens (for long runs).
+    """
+    names = list(fns)
+    samples = {name: {"wall_ms": [], "cpu_ms": []} for name in names}
+    total = warmup + rounds
+    for r in range(total):
+        for name in (names[::-1] if alternate and r % 2 else names):
+            _sync(device)
+            c0 = time.process_time()
+            t0 = time.perf_counter()  # innermost: the wall time excludes the process_time calls
+            fns[name]()
+            _sync(device)
+            t1 = time.perf_counter()
+            wall, cpu = (t1 - t0) * 1e3, (time.process_time() - c0) * 1e3
+            if r >= warmup:
+                samples[name]["wall_ms"].append(wall)
+                samples[name]["cpu_ms"].append(cpu)
+            if progress:
+                print(f"  round {r + 1}/{total}{' (warm-up)' if r < warmup else ''} {name}: {wall:.0f} ms",
+                      flush=True)
+    return samples
+
+
+def summarize(xs: list[float]) -> dict[str, float]:
+    """{median_ms, q20_ms, q80_ms} of a list of millisecond samples."""
+    qs = statistics.quantiles(xs, n=5) if len(xs) >= 2 else [xs[0]] * 4
+    return {"median_ms": statistics.median(xs), "q20_ms": qs[0], "q80_ms": qs[-1]}
+
+
 def time_interleaved(fns: dict[str, Callable[[], object]], *, rounds: int = 7, warmup: int = 2,
-                     device: str = "cpu") -> dict[str, dict[str, float]]:
-    """Time each callable `rounds` times, interleaved; returns name -> {median_ms, q20_ms, q80_ms}."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            _sync(device)
-            t0 = time.perf_counter()
-            fn()
-            _sync(device)
-            samples[name].append((time.perf_counter() - t0) * 1e3)
-    out = {}
-    for name, xs in samples.items():
-        qs = statistics.quantiles(xs, n=5) if len(xs) >= 2 else [xs[0]] * 4
-        out[name] = {"median_ms": statistics.median(xs), "q20_ms": qs[0], "q80_ms": qs[-1]}
-    return out
+                     device: str = "cpu", alternate: bool = False,
+                     progress: bool = False) -> dict[str, dict[str, float]]:
+    """Time each callable `rounds` times, interleaved; returns name -> {median_ms, q20_ms, q80_ms} of the wall
+    time (alternate, progress: see sample_interleaved)."""
+    samples = sample_interleaved(fns, rounds=rounds, warmup=warmup, device=device, alternate=alternate,
+                                 progress=progress)
+    return {name: summarize(s["wall_ms"]) for name, s in samples.items()}
 
 
-def write_csv(name: str, rows: list[dict]) -> str:
-    """Write rows to bench/results/<name>.csv (atomically) and return the path."""
-    os.makedirs(RESULTS_DIR, exist_ok=True)
-    path = os.path.join(RESULTS_DIR, f"{name}.csv")
-    tmp = path + ".tmp"
+def results_path(name: str | os.PathLike) -> str:
+    """bench/results/<name>.csv for a bare name; a Path, or a str with a directory part or a ".csv" suffix, is
+    taken as the path itself."""
+    if isinstance(name, os.PathLike) or os.sep in name or name.endswith(".csv"):
+        return os.fspath(name)
+    return os.path.join(RESULTS_DIR, f"{name}.csv")
+
+
+def write_csv(name: str | os.PathLike, rows: list[dict], *, append: bool = False) -> str:
+    """Write rows to results_path(name) atomically; return the path.
+
+    append=True keeps the rows already in the file: it is rewritten whole with the union of the columns (this run's
+    first, then any only the older rows have), so older rows gain new columns as empty cells.
+    """
+    path = results_path(name)
+    old = []
+    if append and os.path.exists(path):
+        with open(path, newline="") as f:
+            old = list(csv.DictReader(f))
+    fields = list(dict.fromkeys([*rows[0], *(k for r in old for k in r)]))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(f, fieldnames=fields, restval="")
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows(old + rows)
+    os.replace(tmp, path)
+    return path
+
+
+def write_text(path: str, text: str) -> str:
+    """Write text to path atomically (tmp + os.replace); return the path."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
     os.replace(tmp, path)
     return path
 
