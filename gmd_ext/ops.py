@@ -50,7 +50,8 @@ def combine_rows(G: torch.Tensor, A: torch.Tensor, backend: str | None = None) -
 
 
 def _register_projection_ops():
-    """Fakes and autograd for the compiled projection ops (only when gmd_ext._C is loaded)."""
+    """Fakes and autograd for the compiled projection ops (only when gmd_ext._C is loaded); the Triton ops
+    register their own fakes (with their argument checks) and share the autograd below."""
 
     @torch.library.register_fake("gmd_ext::gram")
     def _(G):
@@ -68,15 +69,24 @@ def _register_projection_ops():
     def _(G, A):
         return G.new_empty((A.shape[0], G.shape[1]))
 
-    # d(G Gᵀ)/dG applied to dΓ is (dΓ + dΓᵀ) G: one combine_rows pass.
+    _register_projection_autograd("")
+
+
+def _register_projection_autograd(suffix: str) -> None:
+    """Autograd of gmd_ext::gram / combine / combine_rows + suffix: "" for the C++ ops (registered below),
+    "_triton" for the Triton ops (registered by gmd_ext.triton on import). One set of formulas for both backends;
+    the backward passes that are themselves a combine_rows run on the same backend's op."""
+    combine_rows = getattr(torch.ops.gmd_ext, f"combine_rows{suffix}")
+
     def _gram_setup(ctx, inputs, output):
         ctx.save_for_backward(inputs[0])
 
     def _gram_backward(ctx, grad):
+        # d(G Gᵀ)/dG applied to dΓ is (dΓ + dΓᵀ) G: one combine_rows pass.
         (G,) = ctx.saved_tensors
-        return torch.ops.gmd_ext.combine_rows(G, (grad + grad.T).float())
+        return combine_rows(G, (grad + grad.T).float())
 
-    torch.library.register_autograd("gmd_ext::gram", _gram_backward, setup_context=_gram_setup)
+    torch.library.register_autograd(f"gmd_ext::gram{suffix}", _gram_backward, setup_context=_gram_setup)
 
     def _combine_setup(ctx, inputs, output):
         G, c, shared, shared_scale, other_scale = inputs
@@ -85,29 +95,28 @@ def _register_projection_ops():
                               c if ctx.needs_input_grad[0] else None, shared)
 
     def _combine_backward(ctx, grad):
+        # out = s ⊙ (cᵀ G): dG = c ⊗ (s ⊙ dout) (an outer product, in G's dtype), dc = G (s ⊙ dout) in fp32.
         G, c, shared = ctx.saved_tensors
         shared_scale, other_scale = ctx.scales
-        if shared is None:
-            g = grad.float() * shared_scale
-        else:
-            g = grad.float() * torch.where(shared, shared_scale, other_scale)
-        dG = (c.float()[:, None] * g[None, :]).to(grad.dtype) if c is not None else None
-        dc = (G.float() @ g) if G is not None else None
+        g = grad.float() * (shared_scale if shared is None else torch.where(shared, shared_scale, other_scale))
+        dG = (c[:, None] * g[None, :]).to(grad.dtype) if c is not None else None  # c is float32 (op contract)
+        dc = torch.mv(G.float(), g) if G is not None else None
         return dG, dc, None, None, None
 
-    torch.library.register_autograd("gmd_ext::combine", _combine_backward, setup_context=_combine_setup)
+    torch.library.register_autograd(f"gmd_ext::combine{suffix}", _combine_backward, setup_context=_combine_setup)
 
     def _rows_setup(ctx, inputs, output):
         G, A = inputs
         ctx.save_for_backward(G if ctx.needs_input_grad[1] else None, A if ctx.needs_input_grad[0] else None)
 
     def _rows_backward(ctx, grad):
+        # out = A G: dG = Aᵀ dout (a combine_rows pass, in G's dtype), dA = dout Gᵀ in fp32.
         G, A = ctx.saved_tensors
-        dG = (A.float().T @ grad.float()).to(grad.dtype) if A is not None else None
-        dA = (grad.float() @ G.float().T) if G is not None else None
+        dG = combine_rows(grad, A.T.contiguous()) if A is not None else None
+        dA = grad.float() @ G.float().T if G is not None else None
         return dG, dA
 
-    torch.library.register_autograd("gmd_ext::combine_rows", _rows_backward, setup_context=_rows_setup)
+    torch.library.register_autograd(f"gmd_ext::combine_rows{suffix}", _rows_backward, setup_context=_rows_setup)
 
 
 if _backend.CPP_LOADED:

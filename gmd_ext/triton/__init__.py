@@ -6,3 +6,7 @@ tensors, or CPU tensors when TRITON_INTERPRET=1 is set before triton is imported
 """
 from gmd_ext.triton import combine, gram, pcgrad_coefficients  # noqa: F401
 from gmd_ext.triton import modality_group_norm  # noqa: F401
+from gmd_ext import ops as _ops
+
+# The projection ops' backward formulas live once, in gmd_ext.ops, for the C++ and the Triton ops alike.
+_ops._register_projection_autograd("_triton")

@@ -4,7 +4,8 @@ combine:      G [K, N], c [K], shared [N] | None -> out[n] = scale(n) · Σ_k c_
 combine_rows: G [K, N], A [R, K]               -> A @ G [R, N]                         (reduction='none')
 
 Layers: `_combine_kernel` / `_combine_rows_kernel`, the launchers `combine` / `combine_rows` (checks, block
-sizes), and the custom ops `gmd_ext::combine_triton` / `gmd_ext::combine_rows_triton` with fakes and autograd.
+sizes), and the custom ops `gmd_ext::combine_triton` / `gmd_ext::combine_rows_triton` with fakes (their autograd:
+gmd_ext.ops._register_projection_autograd).
 """
 from typing import Optional
 
@@ -187,37 +188,3 @@ def _(G, A):
     _check_combine_rows(G, A)
     return G.new_empty((A.shape[0], G.shape[1]))
 
-
-def _combine_setup_context(ctx, inputs, output):
-    G, c, shared, shared_scale, other_scale = inputs
-    ctx.scales = (shared_scale, other_scale)
-    ctx.save_for_backward(G if ctx.needs_input_grad[1] else None, c if ctx.needs_input_grad[0] else None, shared)
-
-
-def _combine_backward(ctx, grad):
-    # out = s ⊙ (cᵀ G): dG = c ⊗ (s ⊙ dout) (an outer product, in G's dtype), dc = G (s ⊙ dout) in fp32.
-    G, c, shared = ctx.saved_tensors
-    shared_scale, other_scale = ctx.scales
-    g = grad.float() * (shared_scale if shared is None else torch.where(shared, shared_scale, other_scale))
-    dG = (c[:, None] * g[None, :]).to(grad.dtype) if c is not None else None
-    dc = torch.mv(G.float(), g) if G is not None else None
-    return dG, dc, None, None, None
-
-
-combine_triton.register_autograd(_combine_backward, setup_context=_combine_setup_context)
-
-
-def _rows_setup_context(ctx, inputs, output):
-    G, A = inputs
-    ctx.save_for_backward(G if ctx.needs_input_grad[1] else None, A if ctx.needs_input_grad[0] else None)
-
-
-def _rows_backward(ctx, grad):
-    # out = A G: dG = Aᵀ dout (a combine_rows pass), dA = dout Gᵀ in fp32.
-    G, A = ctx.saved_tensors
-    dG = torch.ops.gmd_ext.combine_rows_triton(grad, A.T.contiguous()) if A is not None else None
-    dA = grad.float() @ G.float().T if G is not None else None
-    return dG, dA
-
-
-combine_rows_triton.register_autograd(_rows_backward, setup_context=_rows_setup_context)

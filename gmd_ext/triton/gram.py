@@ -2,7 +2,7 @@
 
 Layers: `_gram_kernel` (one program = one slice of N × one tile pair of K, fp32 partial K×K via tl.dot),
 `gram` (block sizes, partial buffer, deterministic fp64 reduction), and the custom op `gmd_ext::gram_triton` with
-its fake and autograd.
+its fake (its autograd: gmd_ext.ops._register_projection_autograd).
 """
 import torch
 import triton
@@ -103,15 +103,3 @@ def _(G):
     _utils.check_grads(_OP, G)
     return G.new_empty((G.shape[0], G.shape[0]), dtype=torch.float32)
 
-
-def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(inputs[0])
-
-
-def _backward(ctx, grad):
-    # d(G Gᵀ)/dG applied to dΓ is (dΓ + dΓᵀ) G: one combine_rows pass, on the Triton backend as well.
-    (G,) = ctx.saved_tensors
-    return torch.ops.gmd_ext.combine_rows_triton(G, (grad + grad.T).float())
-
-
-gram_triton.register_autograd(_backward, setup_context=_setup_context)
