@@ -4,21 +4,9 @@ import torch
 import torch.nn.functional as F
 
 from gmd_ext import DSConv, DSGroupNorm, DSLayerNorm, DSLinear, masked_mean
+from gmd_ext.testing import assert_close_rel, present_mask
 
 CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
-
-
-def make_present(kind, B, M):
-    if kind == "all":
-        return torch.ones(B, M, dtype=torch.bool)
-    if kind == "modality_absent":  # modality 1 missing from every sample
-        p = torch.ones(B, M, dtype=torch.bool)
-        p[:, 1] = False
-        return p
-    g = torch.Generator().manual_seed(B * 10 + M)
-    p = torch.rand(B, M, generator=g) > 0.5
-    p[torch.arange(B), torch.randint(0, M, (B,), generator=g)] = True  # every sample keeps one
-    return p
 
 
 def per_pair(fn, x, present):
@@ -43,6 +31,18 @@ def close(a, b, **kw):
     torch.testing.assert_close(a, b, rtol=kw.get("rtol", 1e-4), atol=kw.get("atol", 1e-5))
 
 
+def check_against_per_pair(y, ref, params, absent_modality_has_no_grad=False):
+    """y and its gradients w.r.t. params = [x, weight, bias] match the dense reference; with
+    absent_modality_has_no_grad (per-modality parameters, modality 1 absent) that modality's weight and bias
+    get exactly zero gradient."""
+    close(y, ref)
+    gs = grads(y, params)
+    for got, want in zip(gs, grads(ref, params)):
+        close(got, want)
+    if absent_modality_has_no_grad:
+        assert gs[1][1].abs().max() == 0 and gs[2][1].abs().max() == 0
+
+
 # ---------------------------------------------------------------- DSConv
 @pytest.mark.parametrize("dims", [1, 2, 3])
 @pytest.mark.parametrize("shared", [True, False])
@@ -52,7 +52,7 @@ def test_dsconv_matches_per_pair_reference(dims, shared, mask, geometry):
     B, M, Cin, Cout = 3, 3, 2, 4
     layer = DSConv(Cin, Cout, 3, dims=dims, shared=shared, num_modalities=M, **geometry).double()
     x = torch.randn(B, M, Cin, *([7] * dims), dtype=torch.float64, requires_grad=True)
-    present = make_present(mask, B, M)
+    present = present_mask(mask, B, M)
     y = layer(x, present)
 
     def ref_fn(b, m, xi):
@@ -60,18 +60,14 @@ def test_dsconv_matches_per_pair_reference(dims, shared, mask, geometry):
         bias = layer.bias if shared else layer.bias[m]
         return CONV[dims](xi[None], w, bias, **geometry)[0]
 
-    ref = per_pair(ref_fn, x, present)
-    close(y, ref)
-    params = [x, layer.weight, layer.bias]
-    for got, want in zip(grads(y, params), grads(ref, params)):
-        close(got, want)
+    check_against_per_pair(y, per_pair(ref_fn, x, present), [x, layer.weight, layer.bias])
 
 
 def test_dsconv_per_modality_absent_modality_gets_no_gradient():
     B, M = 4, 3
     layer = DSConv(2, 3, 3, padding=1, dims=2, shared=False, num_modalities=M)
     x = torch.randn(B, M, 2, 6, 6, requires_grad=True)
-    present = make_present("modality_absent", B, M)
+    present = present_mask("modality_absent", B, M)
     layer(x, present).square().sum().backward()
     for p in (layer.weight, layer.bias):
         assert p.grad is not None and p.grad[1].abs().max() == 0
@@ -113,18 +109,12 @@ def test_dsgroupnorm_matches_per_pair_reference(activation, mask):
         layer.weight.normal_()
         layer.bias.normal_()
     x = torch.randn(B, M, C, 4, 5, dtype=torch.float64, requires_grad=True)
-    present = make_present(mask, B, M)
+    present = present_mask(mask, B, M)
     y = layer(x, present)
     act = {None: lambda t: t, "relu": F.relu, "leaky_relu": F.leaky_relu}[activation]
     ref = per_pair(lambda b, m, xi: act(F.group_norm(xi[None], G, layer.weight[m], layer.bias[m], 1e-5)[0]),
                    x, present)
-    close(y, ref)
-    params = [x, layer.weight, layer.bias]
-    gs = grads(y, params)
-    for got, want in zip(gs, grads(ref, params)):
-        close(got, want)
-    if mask == "modality_absent":
-        assert gs[1][1].abs().max() == 0 and gs[2][1].abs().max() == 0
+    check_against_per_pair(y, ref, [x, layer.weight, layer.bias], mask == "modality_absent")
 
 
 def test_dsgroupnorm_validation():
@@ -143,17 +133,11 @@ def test_dslinear_matches_per_pair_reference(shared, mask):
     B, M, T, Fin, Fout = 4, 3, 5, 6, 7
     layer = DSLinear(Fin, Fout, shared=shared, num_modalities=M).double()
     x = torch.randn(B, M, T, Fin, dtype=torch.float64, requires_grad=True)
-    present = make_present(mask, B, M)
+    present = present_mask(mask, B, M)
     y = layer(x, present)
     ref = per_pair(lambda b, m, xi: F.linear(xi, layer.weight if shared else layer.weight[m],
                                              layer.bias if shared else layer.bias[m]), x, present)
-    close(y, ref)
-    params = [x, layer.weight, layer.bias]
-    gs = grads(y, params)
-    for got, want in zip(gs, grads(ref, params)):
-        close(got, want)
-    if mask == "modality_absent" and not shared:
-        assert gs[1][1].abs().max() == 0 and gs[2][1].abs().max() == 0
+    check_against_per_pair(y, ref, [x, layer.weight, layer.bias], mask == "modality_absent" and not shared)
 
 
 @pytest.mark.parametrize("mask", ["all", "modality_absent", "random"])
@@ -164,16 +148,10 @@ def test_dslayernorm_matches_per_pair_reference(mask):
         layer.weight.normal_()
         layer.bias.normal_()
     x = torch.randn(B, M, T, C, dtype=torch.float64, requires_grad=True)
-    present = make_present(mask, B, M)
+    present = present_mask(mask, B, M)
     y = layer(x, present)
     ref = per_pair(lambda b, m, xi: F.layer_norm(xi, (C,), layer.weight[m], layer.bias[m]), x, present)
-    close(y, ref)
-    params = [x, layer.weight, layer.bias]
-    gs = grads(y, params)
-    for got, want in zip(gs, grads(ref, params)):
-        close(got, want)
-    if mask == "modality_absent":
-        assert gs[1][1].abs().max() == 0 and gs[2][1].abs().max() == 0
+    check_against_per_pair(y, ref, [x, layer.weight, layer.bias], mask == "modality_absent")
 
 
 @pytest.mark.parametrize("layer", [DSLinear(4, 3), DSLinear(4, 3, shared=False, num_modalities=2), DSLayerNorm(2, 4)])
@@ -206,11 +184,9 @@ def test_masked_mean_matches_manual_mean_and_ignores_absent_entries():
 
 def test_masked_mean_low_precision_accumulates_in_fp32():
     out = torch.randn(4, 3, 16)
-    present = make_present("random", 4, 3)
+    present = present_mask("random", 4, 3)
     ref = masked_mean(out.double(), present)
     plain = (torch.where(present[..., None], out.bfloat16(), 0).sum(1) / present.sum(1, keepdim=True)).bfloat16()
-    from gmd_ext.testing import assert_close_rel
-
     assert_close_rel(masked_mean(out.bfloat16(), present), ref, plain, factor=1.0)
 
 

@@ -11,23 +11,6 @@ BACKENDS = [b for b in testing.backends_for("cpu") if b != "triton"]
 needs_cpp = pytest.mark.skipif(not _backend.CPP_LOADED, reason="gmd_ext._C not built")
 
 
-def _present(kind, B, M, generator=None):
-    if kind == "all":
-        return torch.ones(B, M, dtype=torch.bool)
-    if kind == "modality_absent":  # modality 1 missing in every sample
-        p = torch.ones(B, M, dtype=torch.bool)
-        p[:, 1] = False
-        return p
-    if kind == "one_modality":  # only modality 0 (plus one extra pair): too unbalanced for the grouped layout
-        p = torch.zeros(B, M, dtype=torch.bool)
-        p[:, 0] = True
-        p[0, 2] = True
-        return p
-    p = torch.rand(B, M, generator=generator) < 0.5
-    p[torch.arange(B), torch.randint(M, (B,), generator=generator)] = True  # every sample keeps one modality
-    return p
-
-
 def _inputs(nsp, per_modality, bias_kind, B=3, M=4, Cin=3, Cout=5, size=6, k=3, dtype=torch.float64):
     x = torch.randn(B, M, Cin, *([size] * nsp), dtype=dtype)
     w = torch.randn(*((M,) if per_modality else ()), Cout, Cin, *([k] * nsp), dtype=dtype)
@@ -59,7 +42,7 @@ def _check_against_reference(x, w, b, present, backend, **conv):
 def test_matches_dense_reference(nsp, per_modality, mask, backend):
     size, Cin = (4, 2) if nsp == 3 else (7, 3)  # float64 conv3d takes ATen's slow path: keep it tiny
     x, w, b = _inputs(nsp, per_modality, "per" if per_modality else "shared", size=size, Cin=Cin)
-    _check_against_reference(x, w, b, _present(mask, 3, 4), backend, padding=1)
+    _check_against_reference(x, w, b, testing.present_mask(mask, 3, 4), backend, padding=1)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -67,7 +50,7 @@ def test_matches_dense_reference(nsp, per_modality, mask, backend):
 @pytest.mark.parametrize("per_modality,bias_kind", [(False, None), (False, "per"), (True, None), (True, "shared")])
 def test_bias_variants(per_modality, bias_kind, mask, backend):
     x, w, b = _inputs(2, per_modality, bias_kind)
-    _check_against_reference(x, w, b, _present(mask, 3, 4), backend)
+    _check_against_reference(x, w, b, testing.present_mask(mask, 3, 4), backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -77,7 +60,7 @@ def test_bias_variants(per_modality, bias_kind, mask, backend):
 ], ids=["stride", "pad_dil", "tuples", "same", "valid_stride"])
 def test_stride_padding_dilation(conv, backend):
     x, w, b = _inputs(2, True, "per", size=9)
-    _check_against_reference(x, w, b, _present("random", 3, 4), backend, **conv)
+    _check_against_reference(x, w, b, testing.present_mask("random", 3, 4), backend, **conv)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -90,7 +73,7 @@ def test_present_none_is_all_present(backend):
 def test_absent_pairs_are_never_read(backend):
     """NaN in absent slices must not leak into outputs or gradients: absent pairs are not computed at all."""
     x, w, b = _inputs(2, True, "per")
-    present = _present("modality_absent", 3, 4)
+    present = testing.present_mask("modality_absent", 3, 4)
     x[~present] = float("nan")
     x.requires_grad_()
     w.requires_grad_()
@@ -103,7 +86,7 @@ def test_absent_pairs_are_never_read(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_absent_modality_gets_zero_weight_grad(backend):
     x, w, b = _inputs(2, True, "per")
-    present = _present("modality_absent", 3, 4)
+    present = testing.present_mask("modality_absent", 3, 4)
     w.requires_grad_()
     b.requires_grad_()
     y = masked_conv(x, w, b, present, backend=backend)
@@ -127,7 +110,7 @@ def test_gradcheck(per_modality, backend):
 def test_low_precision(dtype, backend):
     """fp16/bf16 error within 2x (values) / 3x (grads) of plain torch's at the same precision, vs fp32."""
     x, w, b = _inputs(2, True, "per", dtype=torch.float32, Cin=8, Cout=8, size=8)
-    present = _present("random", 3, 4)
+    present = testing.present_mask("random", 3, 4)
     ref_in = [t.requires_grad_() for t in (x, w, b)]
     out_in = [t.detach().to(dtype).requires_grad_() for t in ref_in]
     base_in = [t.detach().to(dtype).requires_grad_() for t in ref_in]
@@ -135,10 +118,7 @@ def test_low_precision(dtype, backend):
     out = masked_conv(*out_in, present, padding=1, backend=backend)
     base = masked_conv_reference(*base_in, present, padding=1)
     testing.assert_close_rel(out, ref, base)
-    g = torch.randn_like(ref)
-    grads = zip(_grads(out, out_in, g.to(dtype)), _grads(ref, ref_in, g), _grads(base, base_in, g.to(dtype)))
-    for name, (got, want, plain) in zip(("x", "weight", "bias"), grads):
-        testing.assert_close_rel(got, want, plain, factor=3.0, what=f"grad {name}")
+    testing.assert_grads_close_rel((out, ref, base), (out_in, ref_in, base_in), ("x", "weight", "bias"))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -146,7 +126,7 @@ def test_non_contiguous_input(backend):
     x, w, b = _inputs(2, False, "shared", size=8)
     xt = x.transpose(-1, -2)
     assert not xt.is_contiguous()
-    present = _present("random", 3, 4)
+    present = testing.present_mask("random", 3, 4)
     torch.testing.assert_close(masked_conv(xt, w, b, present, backend=backend),
                                masked_conv_reference(xt, w, b, present))
 
@@ -154,7 +134,7 @@ def test_non_contiguous_input(backend):
 @pytest.mark.skipif("triton" not in testing.backends_for("cpu"), reason="triton unavailable")
 def test_triton_backend_is_the_torch_form():
     x, w, b = _inputs(2, True, "per")
-    present = _present("random", 3, 4)
+    present = testing.present_mask("random", 3, 4)
     torch.testing.assert_close(masked_conv(x, w, b, present, backend="triton"),
                                masked_conv(x, w, b, present, backend="torch"), rtol=0, atol=0)
 
@@ -219,7 +199,7 @@ def test_pack_scatter_match_torch_indexing():
 @pytest.mark.parametrize("per_modality", [False, True], ids=["shared", "per_modality"])
 def test_torch_compile_fullgraph(per_modality, backend):
     x, w, b = _inputs(2, per_modality, "per" if per_modality else "shared", dtype=torch.float32)
-    present = _present("random", 3, 4)
+    present = testing.present_mask("random", 3, 4)
     leaves = [t.requires_grad_() for t in (x, w, b)]
 
     def f(x, w, b, present):

@@ -10,18 +10,6 @@ ACTIVATIONS = [None, "relu", "leaky_relu"]
 needs_cpp = pytest.mark.skipif(not _backend.CPP_LOADED, reason="gmd_ext._C not built")
 
 
-def _present(kind, B, M):
-    if kind == "all":
-        return torch.ones(B, M, dtype=torch.bool)
-    p = torch.ones(B, M, dtype=torch.bool)
-    if kind == "modality_absent":
-        p[:, 1] = False
-    else:
-        p = torch.rand(B, M) < 0.5
-        p[torch.arange(B), torch.randint(M, (B,))] = True
-    return p
-
-
 def _inputs(nsp, B=3, M=4, C=6, size=5, dtype=torch.float64):
     x = torch.randn(B, M, C, *([size] * nsp), dtype=dtype) * 2 + 0.5
     return x, torch.randn(M, C, dtype=dtype), torch.randn(M, C, dtype=dtype)
@@ -40,7 +28,7 @@ _REFERENCE_CASES = [(b, m) for b in BACKENDS for m in ("all", "modality_absent",
 @pytest.mark.parametrize("nsp,activation", [(1, None), (2, "relu"), (3, "leaky_relu"), (2, None), (1, "leaky_relu")])
 def test_matches_dense_reference(nsp, mask, activation, backend):
     x, w, b = (t.requires_grad_() for t in _inputs(nsp, size=4 if nsp == 3 else 5))
-    present = _present(mask, 3, 4)
+    present = testing.present_mask(mask, 3, 4)
     y = modality_group_norm(x, w, b, present, num_groups=3, activation=activation, backend=backend)
     ref = modality_group_norm_reference(x, w, b, present, num_groups=3, activation=activation)
     torch.testing.assert_close(y, ref)
@@ -53,7 +41,7 @@ def test_matches_dense_reference(nsp, mask, activation, backend):
 @pytest.mark.parametrize("num_groups", [1, 2, 6])
 def test_group_counts_and_eps(num_groups, backend):
     x, w, b = _inputs(2)
-    present = _present("random", 3, 4)
+    present = testing.present_mask("random", 3, 4)
     torch.testing.assert_close(
         modality_group_norm(x, w, b, present, num_groups=num_groups, eps=0.1, backend=backend),
         modality_group_norm_reference(x, w, b, present, num_groups=num_groups, eps=0.1))
@@ -63,7 +51,7 @@ def test_group_counts_and_eps(num_groups, backend):
 def test_absent_pairs(backend):
     """Absent pairs: zero output, zero dx, no contribution to the affine grads (NaN there must not leak)."""
     x, w, b = _inputs(2)
-    present = _present("modality_absent", 3, 4)
+    present = testing.present_mask("modality_absent", 3, 4)
     x[~present] = float("nan")
     x, w, b = (t.requires_grad_() for t in (x, w, b))
     y = modality_group_norm(x, w, b, present, num_groups=2, activation="relu", backend=backend)
@@ -94,7 +82,7 @@ def test_gradcheck(activation, backend):
 def test_low_precision(dtype, backend):
     """fp16/bf16 error within 2x (values) / 3x (grads) of plain torch's at the same precision, vs fp32."""
     x, w, b = _inputs(2, C=8, size=8, dtype=torch.float32)
-    present = _present("random", 3, 4)
+    present = testing.present_mask("random", 3, 4)
     ref_in = [t.requires_grad_() for t in (x, w, b)]
     # The affine parameters stay fp32 (mixed-precision training); x is low precision.
     out_in = [x.detach().to(dtype).requires_grad_(), w.detach().clone().requires_grad_(),
@@ -107,10 +95,7 @@ def test_low_precision(dtype, backend):
     base = modality_group_norm_reference(*base_in, present, **kw)
     assert out.dtype == dtype
     testing.assert_close_rel(out, ref, base)
-    g = torch.randn_like(ref)
-    grads = zip(_grads(out, out_in, g.to(dtype)), _grads(ref, ref_in, g), _grads(base, base_in, g.to(dtype)))
-    for name, (got, want, plain) in zip(("x", "weight", "bias"), grads):
-        testing.assert_close_rel(got, want, plain, factor=3.0, what=f"grad {name}")
+    testing.assert_grads_close_rel((out, ref, base), (out_in, ref_in, base_in), ("x", "weight", "bias"))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -118,7 +103,7 @@ def test_non_contiguous_and_constant_input(backend):
     x, w, b = _inputs(2, size=6)
     x[0, 0] = 3.0  # zero variance: rstd = 1/sqrt(eps), output = bias
     xt = x.transpose(-1, -2)
-    present = _present("all", 3, 4)
+    present = testing.present_mask("all", 3, 4)
     y = modality_group_norm(xt, w, b, present, num_groups=3, backend=backend)
     torch.testing.assert_close(y, modality_group_norm_reference(xt, w, b, present, num_groups=3))
     torch.testing.assert_close(y[0, 0], b[0].view(-1, 1, 1).expand(-1, 6, 6))
@@ -164,7 +149,7 @@ def test_statistics_outputs():
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "torch"])
 def test_torch_compile_fullgraph(backend):
     x, w, b = (t.float().requires_grad_() for t in _inputs(2))
-    present = _present("random", 3, 4)
+    present = testing.present_mask("random", 3, 4)
 
     def f(x, w, b, present):
         return modality_group_norm(x, w, b, present, num_groups=3, activation="relu", backend=backend) * 2
