@@ -36,7 +36,9 @@ def _want_cuda():
 def _extension():
     with_cuda = _want_cuda()
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-    cxx = ["-O3", "-std=c++17", "-fopenmp", "-DPy_LIMITED_API=0x030a0000"]
+    # -g0 overrides the -g inherited from Python's CFLAGS: measured 37 s -> 28 s for gram_cpu.cpp and a
+    # 4.4 MB -> 0.17 MB library.
+    cxx = ["-O3", "-g0", "-std=c++17", "-fopenmp", "-DPy_LIMITED_API=0x030a0000"]
     define_macros = []
     if with_cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
