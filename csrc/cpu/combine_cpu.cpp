@@ -10,6 +10,10 @@
 #include <algorithm>
 #include <vector>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 #include "simd.h"
 
 namespace gmd_ext::cpu {
@@ -235,6 +239,24 @@ void dispatch_dtype(at::ScalarType t, Fn&& fn) {
   }
 }
 
+// A fresh multi-MB output is mapped by the kernel on first touch, one 4 KiB page fault at a time: for an
+// 8M-float combine output that cost 15 ms against 8 ms for the writes themselves (2-core EPYC dev box). Asking
+// for transparent huge pages on the untouched buffer (THP in "madvise" mode there) removes that cost; the
+// advice is only a hint, so a kernel without THP simply ignores it.
+at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  at::Tensor out = at::empty(sizes, options);
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(1) << 21;
+  const size_t nbytes = out.nbytes();
+  if (nbytes >= 2 * kHuge) {
+    const uintptr_t begin = reinterpret_cast<uintptr_t>(out.data_ptr());
+    const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1), last = (begin + nbytes) & ~(kHuge - 1);
+    if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+  }
+#endif
+  return out;
+}
+
 }  // namespace
 
 at::Tensor combine_cpu(const at::Tensor& G, const at::Tensor& c, const std::optional<at::Tensor>& shared,
@@ -256,7 +278,7 @@ at::Tensor combine_cpu(const at::Tensor& G, const at::Tensor& c, const std::opti
                 shared->device());
     shared_c = shared->contiguous();
   }
-  at::Tensor out = at::empty({N}, G.options());
+  at::Tensor out = empty_output({N}, G.options());
   if (N == 0) return out;
   const at::Tensor coef = c.contiguous();
   dispatch_dtype(G.scalar_type(), [&](auto tag) {
@@ -277,7 +299,7 @@ at::Tensor combine_rows_cpu(const at::Tensor& G, const at::Tensor& A) {
   TORCH_CHECK_TYPE(A.scalar_type() == at::kFloat, op, ": A must be float32, got ", A.scalar_type());
   TORCH_CHECK_VALUE(A.device() == G.device(), op, ": A must be on G's device ", G.device(), ", got ", A.device());
   const int64_t R = A.size(0);
-  at::Tensor out = at::empty({R, N}, G.options());
+  at::Tensor out = empty_output({R, N}, G.options());
   if (R == 0 || N == 0) return out;
   const at::Tensor coef = A.contiguous();
   dispatch_dtype(G.scalar_type(), [&](auto tag) {
