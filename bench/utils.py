@@ -18,6 +18,7 @@ import torch
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 # The scripts run as `python bench/<script>.py` from a source checkout: gmd_ext is importable from the repo root.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from gmd_ext.checkpoint import atomic_write  # noqa: E402
 
 
 def machine(threads: bool = False) -> str:
@@ -111,22 +112,17 @@ def write_csv(name: str | os.PathLike, rows: list[dict], *, append: bool = False
         with open(path, newline="") as f:
             old = list(csv.DictReader(f))
     fields = list(dict.fromkeys([*rows[0], *(k for r in old for k in r)]))
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", newline="") as f:
+    with atomic_write(path, "w") as f:
         writer = csv.DictWriter(f, fieldnames=fields, restval="")
         writer.writeheader()
         writer.writerows(old + rows)
-    os.replace(tmp, path)
     return path
 
 
 def write_text(path: str, text: str) -> str:
     """Write text to path atomically (tmp + os.replace); return the path."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
+    with atomic_write(path, "w") as f:
         f.write(text)
-    os.replace(tmp, path)
     return path
 
 

@@ -15,6 +15,7 @@ Typical use in a training loop::
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import tempfile
@@ -68,6 +69,24 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "wb", suffix: str = ".tmp"):
+    """Open a temporary file beside `path` for writing; on success it replaces `path` (os.replace), on any error
+    it is removed, so readers see the old file or the complete new one, never a partial write.
+    The parent folder is created. mode: "wb" or "w" (UTF-8)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    try:
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            yield f
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
 def save_checkpoint(path: str | os.PathLike, **state: Any) -> Path:
     """Write ``state`` (keyword arguments, e.g. ``model=model.state_dict()``) to ``path`` atomically.
 
@@ -79,18 +98,10 @@ def save_checkpoint(path: str | os.PathLike, **state: Any) -> Path:
     if not state:
         raise ValueError("save_checkpoint: nothing to save; pass the state as keyword arguments, e.g. model=...")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_write(path, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
     return path
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Sequence
@@ -22,6 +21,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from gmd_ext.checkpoint import atomic_write
 from gmd_ext.metrics.brats import LABELS, labels_to_regions
 
 __all__ = ["MODALITIES", "BraTSDataError", "BraTSDataset", "find_cases", "make_splits", "load_case",
@@ -368,13 +368,5 @@ def _random_crop_flip(image: np.ndarray, labels: np.ndarray | None, crop: tuple,
 
 
 def _write_json_atomic(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_write(path, "w") as f:
+        json.dump(obj, f, indent=2)

@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import os
 import pickle
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from gmd_ext.checkpoint import atomic_write
 
 __all__ = ["make", "GAINS", "NUISANCE"]
 
@@ -97,17 +98,9 @@ def make(path: str | os.PathLike, n=(1284, 229, 686), aligned: bool = True, dims
     data = {split: _split(rng, int(k), dirs, dims, ts, aligned, split) for split, k in zip(_SPLITS, n)}
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            if path.suffix == ".npz":
-                np.savez(f, **{f"{s}/{k}": v for s, d in data.items() for k, v in d.items()})
-            else:
-                pickle.dump(data, f, protocol=4)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_write(path, "wb") as f:
+        if path.suffix == ".npz":
+            np.savez(f, **{f"{s}/{k}": v for s, d in data.items() for k, v in d.items()})
+        else:
+            pickle.dump(data, f, protocol=4)
     return path
