@@ -222,23 +222,6 @@ void lincomb_kernel(const at::Tensor& G, const float* coef, int64_t R, T* out, c
   });
 }
 
-void check_G(const char* op, const at::Tensor& G) {
-  TORCH_CHECK_VALUE(G.dim() == 2, op, ": G must be a 2-D [K, N] tensor, got a ", G.dim(), "-D tensor of shape ",
-              G.sizes());
-  TORCH_CHECK_TYPE(is_projection_dtype(G.scalar_type()), op, ": G must be float32, float16 or bfloat16, got ",
-              G.scalar_type());
-  TORCH_CHECK_VALUE(G.device().is_cpu(), op, ": G must be a CPU tensor for the CPU kernel, got ", G.device());
-}
-
-template <typename Fn>
-void dispatch_dtype(at::ScalarType t, Fn&& fn) {
-  switch (t) {
-    case at::kFloat: return fn(float{});
-    case at::kHalf: return fn(c10::Half{});
-    default: return fn(c10::BFloat16{});
-  }
-}
-
 // A fresh multi-MB output is mapped by the kernel on first touch, one 4 KiB page fault at a time: for an
 // 8M-float combine output that cost 15 ms against 8 ms for the writes themselves (2-core EPYC dev box). Asking
 // for transparent huge pages on the untouched buffer (THP in "madvise" mode there) removes that cost; the
@@ -262,22 +245,11 @@ at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options)
 at::Tensor combine_cpu(const at::Tensor& G, const at::Tensor& c, const std::optional<at::Tensor>& shared,
                        double shared_scale, double other_scale) {
   constexpr const char* op = "gmd_ext::combine";
-  check_G(op, G);
-  const int64_t K = G.size(0), N = G.size(1);
-  TORCH_CHECK_VALUE(c.dim() == 1 && c.size(0) == K, op, ": c must be a 1-D tensor of length K = ", K,
-              " (one coefficient per row of G), got shape ", c.sizes());
-  TORCH_CHECK_TYPE(c.scalar_type() == at::kFloat, op, ": c must be float32, got ", c.scalar_type());
-  TORCH_CHECK_VALUE(c.device() == G.device(), op, ": c must be on G's device ", G.device(), ", got ", c.device());
+  check_G(op, G, c10::DeviceType::CPU, "CPU");
+  const int64_t N = G.size(1);
+  check_combine_args(op, G, c, shared);
   at::Tensor shared_c;
-  if (shared.has_value()) {
-    TORCH_CHECK_VALUE(shared->dim() == 1 && shared->size(0) == N, op, ": shared must be a 1-D tensor of length N = ", N,
-                " (one flag per column of G), got shape ", shared->sizes());
-    TORCH_CHECK_TYPE(shared->scalar_type() == at::kBool, op, ": shared must be a bool tensor, got ",
-                shared->scalar_type());
-    TORCH_CHECK_VALUE(shared->device() == G.device(), op, ": shared must be on G's device ", G.device(), ", got ",
-                shared->device());
-    shared_c = shared->contiguous();
-  }
+  if (shared.has_value()) shared_c = shared->contiguous();
   at::Tensor out = empty_output({N}, G.options());
   if (N == 0) return out;
   const at::Tensor coef = c.contiguous();
@@ -292,12 +264,9 @@ at::Tensor combine_cpu(const at::Tensor& G, const at::Tensor& c, const std::opti
 
 at::Tensor combine_rows_cpu(const at::Tensor& G, const at::Tensor& A) {
   constexpr const char* op = "gmd_ext::combine_rows";
-  check_G(op, G);
-  const int64_t K = G.size(0), N = G.size(1);
-  TORCH_CHECK_VALUE(A.dim() == 2 && A.size(1) == K, op, ": A must be a 2-D [R, K] tensor with K = ", K,
-              " (G's number of rows), got shape ", A.sizes());
-  TORCH_CHECK_TYPE(A.scalar_type() == at::kFloat, op, ": A must be float32, got ", A.scalar_type());
-  TORCH_CHECK_VALUE(A.device() == G.device(), op, ": A must be on G's device ", G.device(), ", got ", A.device());
+  check_G(op, G, c10::DeviceType::CPU, "CPU");
+  const int64_t N = G.size(1);
+  check_combine_rows_args(op, G, A);
   const int64_t R = A.size(0);
   at::Tensor out = empty_output({R, N}, G.options());
   if (R == 0 || N == 0) return out;

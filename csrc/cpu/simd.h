@@ -16,6 +16,8 @@
 #include <c10/util/Half.h>
 
 #include <cstdint>
+
+#include "../projection_checks.h"
 #include <cstring>
 
 #pragma GCC diagnostic ignored "-Wpsabi"  // vector types never cross a non-inlined call boundary
@@ -175,10 +177,6 @@ LoadBlockFn<T> pick_load_block(Isa isa) {
   if (isa == Isa::Avx2) return load_block_avx2<T>;
 #endif
   return load_block_baseline<T>;
-}
-
-inline bool is_projection_dtype(at::ScalarType t) {
-  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
 }
 
 }  // namespace gmd_ext::cpu

@@ -56,21 +56,10 @@ int64_t column_blocks(const at::Tensor& G, int64_t N, int64_t parallel_groups) {
 at::Tensor combine_cuda(const at::Tensor& G, const at::Tensor& c, const std::optional<at::Tensor>& shared,
                         double shared_scale, double other_scale) {
   constexpr const char* op = "gmd_ext::combine";
-  check_G(op, G);
+  check_G(op, G, c10::DeviceType::CUDA, "CUDA");
   const int64_t K = G.size(0), N = G.size(1);
-  TORCH_CHECK_VALUE(c.dim() == 1 && c.size(0) == K, op, ": c must be a 1-D tensor of length K = ", K,
-              " (one coefficient per row of G), got shape ", c.sizes());
-  TORCH_CHECK_TYPE(c.scalar_type() == at::kFloat, op, ": c must be float32, got ", c.scalar_type());
-  TORCH_CHECK_VALUE(c.device() == G.device(), op, ": c must be on G's device ", G.device(), ", got ", c.device());
+  check_combine_args(op, G, c, shared);
   at::Tensor shared_c;
-  if (shared.has_value()) {
-    TORCH_CHECK_VALUE(shared->dim() == 1 && shared->size(0) == N, op, ": shared must be a 1-D tensor of length N = ", N,
-                " (one flag per column of G), got shape ", shared->sizes());
-    TORCH_CHECK_TYPE(shared->scalar_type() == at::kBool, op, ": shared must be a bool tensor, got ",
-                shared->scalar_type());
-    TORCH_CHECK_VALUE(shared->device() == G.device(), op, ": shared must be on G's device ", G.device(), ", got ",
-                shared->device());
-  }
   const c10::cuda::CUDAGuard guard(G.device());
   if (shared.has_value()) shared_c = shared->contiguous();
   at::Tensor out = at::empty({N}, G.options());
@@ -91,12 +80,9 @@ at::Tensor combine_cuda(const at::Tensor& G, const at::Tensor& c, const std::opt
 
 at::Tensor combine_rows_cuda(const at::Tensor& G, const at::Tensor& A) {
   constexpr const char* op = "gmd_ext::combine_rows";
-  check_G(op, G);
+  check_G(op, G, c10::DeviceType::CUDA, "CUDA");
   const int64_t K = G.size(0), N = G.size(1);
-  TORCH_CHECK_VALUE(A.dim() == 2 && A.size(1) == K, op, ": A must be a 2-D [R, K] tensor with K = ", K,
-              " (G's number of rows), got shape ", A.sizes());
-  TORCH_CHECK_TYPE(A.scalar_type() == at::kFloat, op, ": A must be float32, got ", A.scalar_type());
-  TORCH_CHECK_VALUE(A.device() == G.device(), op, ": A must be on G's device ", G.device(), ", got ", A.device());
+  check_combine_rows_args(op, G, A);
   const c10::cuda::CUDAGuard guard(G.device());
   const int64_t R = A.size(0);
   at::Tensor out = at::empty({R, N}, G.options());

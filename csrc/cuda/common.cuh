@@ -12,6 +12,8 @@
 
 #include <cstdint>
 
+#include "../projection_checks.h"
+
 namespace gmd_ext::cuda {
 
 constexpr int kThreads = 256;
@@ -20,28 +22,6 @@ __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
   return v;
-}
-
-inline bool is_projection_dtype(at::ScalarType t) {
-  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
-}
-
-inline void check_G(const char* op, const at::Tensor& G) {
-  TORCH_CHECK_VALUE(G.dim() == 2, op, ": G must be a 2-D [K, N] tensor, got a ", G.dim(), "-D tensor of shape ",
-              G.sizes());
-  TORCH_CHECK_TYPE(is_projection_dtype(G.scalar_type()), op, ": G must be float32, float16 or bfloat16, got ",
-              G.scalar_type());
-  TORCH_CHECK_VALUE(G.is_cuda(), op, ": G must be a CUDA tensor for the CUDA kernel, got ", G.device());
-}
-
-// Calls fn(T{}) with T the C++ type of a projection dtype.
-template <typename Fn>
-void dispatch_dtype(at::ScalarType t, Fn&& fn) {
-  switch (t) {
-    case at::kFloat: return fn(float{});
-    case at::kHalf: return fn(c10::Half{});
-    default: return fn(c10::BFloat16{});
-  }
 }
 
 inline int num_sms(const at::Tensor& t) {

@@ -89,7 +89,7 @@ __global__ void gram_finalize_kernel(const float* __restrict__ partial, int slic
 
 at::Tensor gram_cuda(const at::Tensor& G) {
   constexpr const char* op = "gmd_ext::gram";
-  check_G(op, G);
+  check_G(op, G, c10::DeviceType::CUDA, "CUDA");
   const c10::cuda::CUDAGuard guard(G.device());
   const int64_t K = G.size(0), N = G.size(1);
   TORCH_CHECK_VALUE(K <= 4096, op, ": the CUDA kernel supports K <= 4096 objectives, got K = ", K);
