@@ -19,8 +19,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import utils  # noqa: E402
 
 import gmd_ext  # noqa: E402
-from gmd_ext import _backend, reference  # noqa: E402
-from gmd_ext.projection import make_perms  # noqa: E402
+from gmd_ext import _backend  # noqa: E402
+from gmd_ext.ops import reference  # noqa: E402
+from gmd_ext.gmd.projection import make_perms  # noqa: E402
 
 
 def providers(G, perms, pairwise_ok):

@@ -30,8 +30,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import utils  # noqa: E402
 
 from gmd_ext import GMD, _backend, sample_subsets  # noqa: E402
-from gmd_ext.models import DSUNet3d  # noqa: E402
-from gmd_ext.reference import pairwise_pcgrad  # noqa: E402
+from gmd_ext import DSUNet3d  # noqa: E402
+from gmd_ext.ops.reference import pairwise_pcgrad  # noqa: E402
 
 RESULTS = utils.RESULTS_DIR
 MODS = ("flair", "t1", "t1ce", "t2")

@@ -18,7 +18,7 @@ import torch
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 # The scripts run as `python bench/<script>.py` from a source checkout: gmd_ext is importable from the repo root.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from gmd_ext.checkpoint import atomic_write  # noqa: E402
+from gmd_ext.io import atomic_write  # noqa: E402
 
 
 def machine(threads: bool = False) -> str:

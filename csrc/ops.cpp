@@ -16,7 +16,7 @@ PyObject* PyInit__C(void) {
 #include <torch/library.h>
 
 TORCH_LIBRARY(gmd_ext, m) {
-  // ---- GMD projection (DESIGN §1, §3) ----
+  // ---- GMD projection (docs/design.md) ----
   // G [K, N] fp32/fp16/bf16 -> Gamma = G G^T [K, K] fp32 (fp64 accumulation across blocks).
   m.def("gram(Tensor G) -> Tensor");
   // gram [K, K] fp32, perms [K, K] int64 (row i: the order g_i is projected against the original g_j)
@@ -28,7 +28,7 @@ TORCH_LIBRARY(gmd_ext, m) {
   // A [R, K] fp32, G [K, N] -> A @ G [R, N] in G's dtype (fp32 accumulation); reduction='none' and grad of gram.
   m.def("combine_rows(Tensor G, Tensor A) -> Tensor");
 
-  // ---- Dynamic Sharing (DESIGN §3) ----
+  // ---- Dynamic Sharing (docs/design.md) ----
   // Row gather / scatter around the vendor convolution; each is the other's adjoint (rows in index are distinct;
   // an entry -1 is an empty slot: a zero row in pack_pairs, a dropped row in scatter_pairs).
   // x [N, *F], index [P] int64 -> x[index] [P, *F].

@@ -1,15 +1,19 @@
 """gmd-ext: fast Gradient-guided Modality Decoupling (GMD) and Dynamic Sharing (DS) for PyTorch.
 
+Layers, each importing only those below it (docs/design.md):
+  gmd_ext.ops     typed front of the registered ops, their pure-torch references, one registry of fakes/autograd
+  gmd_ext.triton  Triton kernels and launchers (imports nothing else from gmd_ext)
+  gmd_ext.gmd     the GMD projection, engine, subsets and dominance monitor
+  gmd_ext.ds      Dynamic Sharing layers
+  gmd_ext.apps    BraTS and MOSI applications: models, loaders, offline data, metrics
 Importing this package loads the compiled ops when they are built and never touches a GPU.
 """
-from gmd_ext import _backend
-from gmd_ext import ops
-from gmd_ext.projection import gram, project_conflicts
-from gmd_ext.engine import GMD
-from gmd_ext.subsets import subsets, sample_subsets
-from gmd_ext import monitor
-from gmd_ext.ds_ops import masked_conv, modality_group_norm
-from gmd_ext.ds import DSConv, DSGroupNorm, DSLinear, DSLayerNorm, masked_mean
-from gmd_ext.models import DSUNet3d, DSSentimentNet
+from gmd_ext import _backend, ops
+from gmd_ext.apps.brats import DSUNet3d
+from gmd_ext.apps.mosi import DSSentimentNet
+from gmd_ext.ds import DSConv, DSGroupNorm, DSLayerNorm, DSLinear, masked_mean
+from gmd_ext.gmd import GMD, gram, project_conflicts, sample_subsets, subsets
+from gmd_ext.gmd import monitor
+from gmd_ext.ops import masked_conv, modality_group_norm
 
 __version__ = "0.1.0"

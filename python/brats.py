@@ -35,11 +35,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import common  # noqa: E402
 from gmd_ext import GMD, DSUNet3d, sample_subsets, subsets  # noqa: E402
-from gmd_ext.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state  # noqa: E402
+from gmd_ext.io import load_checkpoint, rng_state, save_checkpoint, set_rng_state  # noqa: E402
 from gmd_ext.data import phantom  # noqa: E402
-from gmd_ext.data.brats import MODALITIES, BraTSDataset, find_cases  # noqa: E402
-from gmd_ext.metrics.brats import REGIONS, brats_dice, regions_to_labels  # noqa: E402
-from gmd_ext.monitor import DominanceMonitor  # noqa: E402
+from gmd_ext.apps.brats.data import MODALITIES, BraTSDataset, find_cases  # noqa: E402
+from gmd_ext.apps.brats.metrics import REGIONS, brats_dice, regions_to_labels  # noqa: E402
+from gmd_ext.gmd.monitor import DominanceMonitor  # noqa: E402
 
 DEFAULTS = {
     "data_root": "data/BraTS2018",

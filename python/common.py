@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from gmd_ext.checkpoint import atomic_write
+from gmd_ext.io import atomic_write
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:

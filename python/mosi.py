@@ -36,10 +36,10 @@ from tqdm import tqdm
 
 from common import load_config, pick_device, save_figure, seed_everything, write_json, write_text
 from gmd_ext import GMD, DSSentimentNet, sample_subsets, subsets
-from gmd_ext.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from gmd_ext.io import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from gmd_ext.data import load_mmsa, synthetic_mosi
-from gmd_ext.data.mmsa import MODALITIES
-from gmd_ext.metrics.sentiment import METRIC_NAMES, sentiment_metrics
+from gmd_ext.apps.mosi.mmsa import MODALITIES
+from gmd_ext.apps.mosi.metrics import METRIC_NAMES, sentiment_metrics
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_CONFIGS = [HERE / "configs" / "mosi_gmd.json", HERE / "configs" / "mosi_joint.json"]

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from gmd_ext.data import BraTSDataset
-from gmd_ext.data.brats import BraTSDataError, find_cases, load_case, make_splits, preprocess
+from gmd_ext.apps.brats.data import BraTSDataError, find_cases, load_case, make_splits, preprocess
 
 MODS = ("flair", "t1", "t1ce", "t2")
 

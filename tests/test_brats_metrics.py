@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from gmd_ext.metrics import brats_dice
-from gmd_ext.metrics.brats import labels_to_regions, regions_to_labels
+from gmd_ext.apps.brats.metrics import labels_to_regions, regions_to_labels
 
 
 def _numpy_dice(pred, target):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from gmd_ext import DSUNet3d, subsets
-from gmd_ext.checkpoint import load_checkpoint
+from gmd_ext.io import load_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 MODS = ("flair", "t1", "t1ce", "t2")

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from gmd_ext.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from gmd_ext.io import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 
 
 def _draw():

@@ -6,9 +6,9 @@ import torch
 from torch import nn
 
 from gmd_ext import GMD
-from gmd_ext.engine import StepInfo
-from gmd_ext.projection import make_perms
-from gmd_ext.reference import pairwise_pcgrad
+from gmd_ext.gmd.engine import StepInfo
+from gmd_ext.gmd.projection import make_perms
+from gmd_ext.ops.reference import pairwise_pcgrad
 from gmd_ext.testing import backends_for
 
 

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from gmd_ext import GMD
-from gmd_ext.reference import pairwise_pcgrad
+from gmd_ext.ops.reference import pairwise_pcgrad
 from gmd_ext.testing import assert_close_rel
 
 ORDER = torch.tensor([[2, 0, 1], [1, 2, 0], [0, 2, 1]])

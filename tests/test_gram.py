@@ -160,7 +160,7 @@ def test_every_simd_path(capability):
 
     code = (
         "import torch, gmd_ext\n"
-        "from gmd_ext import reference as R\n"
+        "from gmd_ext.ops import reference as R\n"
         "g = torch.Generator().manual_seed(0)\n"
         "for dt in (torch.float32, torch.float16, torch.bfloat16):\n"
         "    for K, N in ((1, 5), (7, 4099), (16, 3001)):\n"

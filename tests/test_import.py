@@ -20,7 +20,7 @@ def test_import_does_not_initialise_cuda():
         "torch.cuda._lazy_init = boom\n"
         "torch.cuda.is_available = lambda: boom()\n"
         "torch.cuda.device_count = lambda: boom()\n"
-        "import gmd_ext, gmd_ext.ops, gmd_ext.projection\n"
+        "import gmd_ext, gmd_ext.ops, gmd_ext.gmd.projection\n"
         "print('ok')\n"
     )
     r = _run(code)

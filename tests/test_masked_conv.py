@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from gmd_ext import _backend, masked_conv, testing
-from gmd_ext.ds_ops import masked_conv_reference, present_index
+from gmd_ext.ops.reference import masked_conv_reference, present_index
 
 # masked_conv has no Triton kernel: "triton" runs the torch form (test_triton_backend_is_the_torch_form), so the
 # matrix below covers the two distinct implementations.

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from gmd_ext import _backend, modality_group_norm, testing
-from gmd_ext.ds_ops import modality_group_norm_reference
+from gmd_ext.ops.reference import modality_group_norm_reference
 
 BACKENDS = testing.backends_for("cpu")
 ACTIVATIONS = [None, "relu", "leaky_relu"]

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from gmd_ext import GMD, sample_subsets, subsets
-from gmd_ext.monitor import DominanceMonitor
+from gmd_ext.gmd.monitor import DominanceMonitor
 
 MODS = ("a", "b", "c")
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from gmd_ext import DSSentimentNet, subsets
-from gmd_ext.checkpoint import load_checkpoint
-from gmd_ext.metrics.sentiment import METRIC_NAMES
+from gmd_ext.io import load_checkpoint
+from gmd_ext.apps.mosi.metrics import METRIC_NAMES
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "python" / "configs"

@@ -7,7 +7,8 @@ second check.
 import pytest
 import torch
 
-from gmd_ext import _backend, ops, reference
+from gmd_ext import _backend, ops
+from gmd_ext.ops import reference
 from gmd_ext.testing import backends_for
 
 BACKENDS = backends_for("cpu")

@@ -1,4 +1,4 @@
-"""project_conflicts against the literal official loop (gmd_ext.reference.pairwise_pcgrad), every backend."""
+"""project_conflicts against the literal official loop (gmd_ext.ops.reference.pairwise_pcgrad), every backend."""
 import os
 
 import pytest
@@ -6,8 +6,8 @@ import torch
 
 import gmd_ext
 from gmd_ext import _backend, testing
-from gmd_ext.projection import make_perms
-from gmd_ext.reference import pairwise_pcgrad
+from gmd_ext.gmd.projection import make_perms
+from gmd_ext.ops.reference import pairwise_pcgrad
 
 BACKENDS = testing.backends_for("cpu")
 # The triton interpreter executes every program in Python: keep its problem sizes small.

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from gmd_ext.metrics import sentiment_metrics
-from gmd_ext.metrics.sentiment import METRIC_NAMES
+from gmd_ext.apps.mosi.metrics import METRIC_NAMES
 
 # Hand-worked example: two zero labels (dropped by Non0), ties at .5 in both arrays (np.round: half to even), a
 # prediction beyond the 7-class clip, one beyond the 5-class clip.

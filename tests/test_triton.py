@@ -13,14 +13,15 @@ import sys
 import pytest
 import torch
 
-from gmd_ext import reference
+from gmd_ext.ops import reference
 from gmd_ext.testing import assert_close_rel
 
 triton = pytest.importorskip("triton", reason="the Triton kernels need triton (`pip install triton`)")
 
+from gmd_ext.ops._registry import triton_ops  # noqa: E402
 from gmd_ext.triton import combine as tcombine, gram as tgram, pcgrad_coefficients as tpc  # noqa: E402
 
-ops = torch.ops.gmd_ext
+ops = triton_ops()
 EPS32 = torch.finfo(torch.float32).eps
 
 

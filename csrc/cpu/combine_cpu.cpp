@@ -1,5 +1,5 @@
 // combine(G [K, N], c [K], shared [N] | None, shared_scale, other_scale) -> [N] and
-// combine_rows(G [K, N], A [R, K]) -> A @ G [R, N], CPU: pass 2 of the GMD projection (DESIGN §1).
+// combine_rows(G [K, N], A [R, K]) -> A @ G [R, N], CPU: pass 2 of the GMD projection (docs/design.md).
 //
 // Both are linear combinations of the rows of G, computed per block of columns: a block of R_T output rows
 // keeps R_T x U vector accumulators in registers and streams the K input rows once. Math in fp32; the result

@@ -1,4 +1,4 @@
-// gram(G [K, N]) -> G G^T [K, K] fp32, CPU: pass 1 of the GMD projection (DESIGN §1).
+// gram(G [K, N]) -> G G^T [K, K] fp32, CPU: pass 1 of the GMD projection (docs/design.md).
 //
 // G is cut into blocks of columns that stay in L2. Per block, the upper triangle of the block Gramian is
 // computed with register tiles of T x T row pairs (each vector of a row is loaded once per tile and feeds T

@@ -1,4 +1,4 @@
-// masked_conv (Dynamic Sharing, DESIGN §3): convolve only the present (b, m) pairs.
+// masked_conv (Dynamic Sharing, docs/design.md): convolve only the present (b, m) pairs.
 //
 // The op is a composition pack_pairs -> at::convolution (oneDNN here, cuDNN on CUDA) -> scatter_pairs, written
 // once below and registered for CPU here and for CUDA in csrc/cuda/masked_conv_cuda.cu; only the row

@@ -1,4 +1,4 @@
-// modality_group_norm (Dynamic Sharing, DESIGN §3): GroupNorm statistics per (b, m) pair, affine parameters per
+// modality_group_norm (Dynamic Sharing, docs/design.md): GroupNorm statistics per (b, m) pair, affine parameters per
 // modality [M, C], optional fused ReLU / LeakyReLU(0.01); absent pairs are skipped (zeros out, no gradient).
 //
 // x [B, M, C, L] contiguous (L = prod(*S)) puts group g of pair (b, m) at the contiguous range

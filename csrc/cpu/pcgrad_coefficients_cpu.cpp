@@ -1,6 +1,6 @@
 // pcgrad_coefficients(gram [K, K] fp32, perms [K, K] int64) -> A [K, K] fp32, CPU.
 //
-// The sequential GMD projection loop run on K x K numbers instead of K x N (DESIGN §1): row i of A starts as
+// The sequential GMD projection loop run on K x K numbers instead of K x N (docs/design.md): row i of A starts as
 // e_i and v = A_i Gamma holds g_i' . g_j for every j; projecting against g_j (v_j < 0 and Gamma_jj > 0)
 // changes only A_ij and updates v with row j of Gamma. Rows are independent. Computed in fp64 so the
 // coefficients carry no more error than the fp32 Gramian they come from.

@@ -1,5 +1,5 @@
 // combine(G [K, N], c [K], shared [N] | None, shared_scale, other_scale) -> [N] and
-// combine_rows(G [K, N], A [R, K]) -> A @ G [R, N], CUDA: pass 2 of the GMD projection (DESIGN §1).
+// combine_rows(G [K, N], A [R, K]) -> A @ G [R, N], CUDA: pass 2 of the GMD projection (docs/design.md).
 //
 // One thread per column (grid-stride), coalesced over columns when G's column stride is 1; fp32 math, one
 // rounding to G's dtype. combine_rows gives each thread up to 8 output rows so every loaded element of G

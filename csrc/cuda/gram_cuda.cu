@@ -1,4 +1,4 @@
-// gram(G [K, N]) -> G G^T [K, K] fp32, CUDA: pass 1 of the GMD projection (DESIGN §1).
+// gram(G [K, N]) -> G G^T [K, K] fp32, CUDA: pass 1 of the GMD projection (docs/design.md).
 //
 // The upper triangle of Gamma is cut into 4 x 4 tiles of row pairs. Kernel 1: blockIdx.x is the tile and
 // blockIdx.y a slice of columns; every thread keeps a 4 x 4 register tile of fp32 products over its columns,

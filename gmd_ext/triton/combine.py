@@ -1,11 +1,11 @@
-"""Triton combination pass (pass 2 of the projection, DESIGN §3).
+"""Triton combination pass (pass 2 of the projection, docs/design.md).
 
 combine:      G [K, N], c [K], shared [N] | None -> out[n] = scale(n) · Σ_k c_k G[k, n]   (reduction mean/sum)
 combine_rows: G [K, N], A [R, K]               -> A @ G [R, N]                         (reduction='none')
 
 Layers: `_combine_kernel` / `_combine_rows_kernel`, the launchers `combine` / `combine_rows` (checks, block
-sizes), and the custom ops `gmd_ext::combine_triton` / `gmd_ext::combine_rows_triton` with fakes (their autograd:
-gmd_ext.ops._register_projection_autograd).
+sizes). gmd_ext/ops/_registry.py registers them as the custom ops `gmd_ext::combine_triton` /
+`gmd_ext::combine_rows_triton`.
 """
 from typing import Optional
 
@@ -97,7 +97,7 @@ def _combine_rows_kernel(g_ptr, a_ptr, out_ptr, R, K, N, stride_gk, stride_gn, s
         tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
-def _check_combine(G, c, shared) -> None:
+def check_combine(G, c, shared) -> None:
     op = "combine_triton"
     _utils.check_grads(op, G)
     K, N = G.shape
@@ -112,7 +112,7 @@ def _check_combine(G, c, shared) -> None:
         _utils.check_same_device(op, "shared", shared, "G", G)
 
 
-def _check_combine_rows(G, A) -> None:
+def check_combine_rows(G, A) -> None:
     op = "combine_rows_triton"
     _utils.check_grads(op, G)
     _utils.check_tensor(op, "A", A)
@@ -132,7 +132,7 @@ def combine(G: torch.Tensor, c: torch.Tensor, shared: Optional[torch.Tensor], sh
     """G [K, N] float32/float16/bfloat16 (any strides), c [K] float32, shared [N] bool | None
     -> [N] in G's dtype: scale(n) · Σ_k c_k G[k, n], scale = shared_scale where shared[n] (or shared is None),
     other_scale elsewhere. fp32 accumulation."""
-    _check_combine(G, c, shared)
+    check_combine(G, c, shared)
     K, N = G.shape
     out = torch.empty((N,), dtype=G.dtype, device=G.device)
     if N == 0:
@@ -150,7 +150,7 @@ def combine(G: torch.Tensor, c: torch.Tensor, shared: Optional[torch.Tensor], sh
 def combine_rows(G: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
     """G [K, N] float32/float16/bfloat16 (any strides), A [R, K] float32 -> A @ G [R, N] in G's dtype, fp32
     accumulation."""
-    _check_combine_rows(G, A)
+    check_combine_rows(G, A)
     K, N = G.shape
     R = A.shape[0]
     out = torch.empty((R, N), dtype=G.dtype, device=G.device)
@@ -162,29 +162,3 @@ def combine_rows(G: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
         OUT_BF16=out.dtype == torch.bfloat16, BLOCK_R=ROWS_BLOCK_R, BLOCK_K=ROWS_BLOCK_K, BLOCK_N=ROWS_BLOCK_N,
         num_warps=ROWS_NUM_WARPS, enable_fp_fusion=True)
     return out
-
-
-@torch.library.custom_op("gmd_ext::combine_triton", mutates_args=())
-def combine_triton(G: torch.Tensor, c: torch.Tensor, shared: Optional[torch.Tensor], shared_scale: float,
-                   other_scale: float) -> torch.Tensor:
-    """Triton backend of gmd_ext::combine: G [K, N], c [K] float32, shared [N] bool | None -> [N] in G's dtype."""
-    return combine(G, c, shared, shared_scale, other_scale)
-
-
-@combine_triton.register_fake
-def _(G, c, shared, shared_scale, other_scale):
-    _check_combine(G, c, shared)
-    return G.new_empty((G.shape[1],))
-
-
-@torch.library.custom_op("gmd_ext::combine_rows_triton", mutates_args=())
-def combine_rows_triton(G: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
-    """Triton backend of gmd_ext::combine_rows: G [K, N], A [R, K] float32 -> A @ G [R, N] in G's dtype."""
-    return combine_rows(G, A)
-
-
-@combine_rows_triton.register_fake
-def _(G, A):
-    _check_combine_rows(G, A)
-    return G.new_empty((A.shape[0], G.shape[1]))
-

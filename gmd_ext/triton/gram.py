@@ -1,8 +1,8 @@
-"""Triton Gramian: G [K, N] -> Γ = G Gᵀ [K, K] float32 (pass 1 of the projection, DESIGN §3).
+"""Triton Gramian: G [K, N] -> Γ = G Gᵀ [K, K] float32 (pass 1 of the projection, docs/design.md).
 
-Layers: `_gram_kernel` (one program = one slice of N × one tile pair of K, fp32 partial K×K via tl.dot),
-`gram` (block sizes, partial buffer, deterministic fp64 reduction), and the custom op `gmd_ext::gram_triton` with
-its fake (its autograd: gmd_ext.ops._register_projection_autograd).
+Layers: `_gram_kernel` (one program = one slice of N × one tile pair of K, fp32 partial K×K via tl.dot) and the
+launcher `gram` (block sizes, partial buffer, deterministic fp64 reduction). gmd_ext/ops/_registry.py registers it
+as the custom op `gmd_ext::gram_triton`.
 """
 import torch
 import triton
@@ -66,6 +66,11 @@ def config(K: int, dtype: torch.dtype) -> dict:
                 PRECISION="ieee" if dtype == torch.float32 else "tf32")
 
 
+def check(G) -> None:
+    """G: a 2-D [K, N] float32/float16/bfloat16 tensor on a device Triton can run."""
+    _utils.check_grads(_OP, G)
+
+
 def gram(G: torch.Tensor) -> torch.Tensor:
     """G [K, N] float32/float16/bfloat16 (cuda, or cpu under TRITON_INTERPRET=1; any strides) -> G Gᵀ [K, K] float32.
 
@@ -73,7 +78,7 @@ def gram(G: torch.Tensor) -> torch.Tensor:
     fixed-order reduction, so the result is deterministic, unlike atomics), and the upper triangle is mirrored
     so Γ is exactly symmetric.
     """
-    _utils.check_grads(_OP, G)
+    check(G)
     K, N = G.shape
     if K == 0 or N == 0:
         return torch.zeros((K, K), dtype=torch.float32, device=G.device)
@@ -90,16 +95,3 @@ def gram(G: torch.Tensor) -> torch.Tensor:
                                             enable_fp_fusion=True, **cfg)  # fma: one rounding per multiply-add
     upper = partial.sum(0, dtype=torch.float64).triu()
     return (upper + upper.triu(1).T).float()
-
-
-@torch.library.custom_op("gmd_ext::gram_triton", mutates_args=())
-def gram_triton(G: torch.Tensor) -> torch.Tensor:
-    """Triton backend of gmd_ext::gram: G [K, N] -> G Gᵀ [K, K] float32."""
-    return gram(G)
-
-
-@gram_triton.register_fake
-def _(G):
-    _utils.check_grads(_OP, G)
-    return G.new_empty((G.shape[0], G.shape[0]), dtype=torch.float32)
-

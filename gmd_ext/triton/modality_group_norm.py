@@ -1,10 +1,9 @@
-"""Triton modality_group_norm (Dynamic Sharing, DESIGN §3): GroupNorm per (b, m) pair with modality-specific
+"""Triton modality_group_norm (Dynamic Sharing, docs/design.md): GroupNorm per (b, m) pair with modality-specific
 affine [M, C] and a fused activation; absent pairs are skipped (zeros out, zero gradient).
 
-Layers: the kernels `_group_norm_fwd_kernel` / `_group_norm_bwd_kernel` (one program per (b, m, group)), the
-launchers `group_norm_fwd` / `group_norm_bwd` (checks, block size), and the custom ops
-`gmd_ext::modality_group_norm_fwd_triton` / `gmd_ext::modality_group_norm_bwd_triton` with fakes; autograd of
-the forward op is registered here with the same setup_context as the C++ op (gmd_ext/ds_ops.py).
+Layers: the kernels `_group_norm_fwd_kernel` / `_group_norm_bwd_kernel` (one program per (b, m, group)) and the
+launchers `group_norm_fwd` / `group_norm_bwd` (checks, block size). gmd_ext/ops/_registry.py registers them as
+the custom ops `gmd_ext::modality_group_norm_fwd_triton` / `gmd_ext::modality_group_norm_bwd_triton`.
 
 x [B, M, C, L] contiguous puts group g of pair (b, m) at [t * n, (t + 1) * n), t = (b * M + m) * G + g,
 n = C / G * L: each program streams one contiguous range.
@@ -13,7 +12,6 @@ import torch
 import triton
 import triton.language as tl
 
-from gmd_ext import ds_ops
 from gmd_ext.triton import _utils
 from gmd_ext.triton.combine import _bf16_bits
 
@@ -72,7 +70,7 @@ def _group_norm_fwd_kernel(x_ptr, w_ptr, b_ptr, present_ptr, y_ptr, mean_ptr, rs
             if ACT == 1:
                 z = tl.where(z > 0, z, 0.0)
             elif ACT == 2:
-                z = tl.where(z > 0, z, z * 0.01)  # nn.LeakyReLU's default slope (ds_ops.LEAKY_SLOPE)
+                z = tl.where(z > 0, z, z * 0.01)  # nn.LeakyReLU's default slope (gmd_ext.ops.reference.LEAKY_SLOPE)
             if OUT_BF16:
                 tl.store(y_ptr + base + idx, _bf16_bits(z.to(tl.float32)), mask=ok)
             else:
@@ -161,7 +159,7 @@ def _group_norm_bwd_kernel(gy_ptr, x_ptr, w_ptr, b_ptr, present_ptr, mean_ptr, r
 
 
 # ---------------------------------------------------------------- launchers
-def _check(op, x, weight, bias, present, num_groups, activation):
+def check(op, x, weight, bias, present, num_groups, activation):
     for name, t in (("x", x), ("weight", weight), ("bias", bias), ("present", present)):
         _utils.check_tensor(op, name, t)
         _utils.check_device(op, name, t)
@@ -201,7 +199,7 @@ def _kernel_args(x, weight, bias, present):
 def group_norm_fwd(x, weight, bias, present, num_groups: int, eps: float, activation: str):
     """x [B, M, C, *S] float32/float16/bfloat16/float64, weight/bias [M, C], present [B, M] bool
     -> (y in x's dtype, mean [B, M, G], rstd [B, M, G] in fp32 (fp64 for fp64 x)); zeros at absent pairs."""
-    _check("modality_group_norm_fwd_triton", x, weight, bias, present, num_groups, activation)
+    check("modality_group_norm_fwd_triton", x, weight, bias, present, num_groups, activation)
     B, M, C = x.shape[:3]
     xc, w, b, flags, L, acc = _kernel_args(x, weight, bias, present)
     y = torch.empty_like(xc)
@@ -220,7 +218,7 @@ def group_norm_fwd(x, weight, bias, present, num_groups: int, eps: float, activa
 def group_norm_bwd(grad_y, x, weight, bias, present, mean, rstd, num_groups: int, activation: str):
     """-> (grad_x in x's dtype, grad_weight, grad_bias in their parameters' dtypes); absent pairs give nothing.
     All three always: the kernel produces the affine partials on its way to dx at no extra pass."""
-    _check("modality_group_norm_bwd_triton", x, weight, bias, present, num_groups, activation)
+    check("modality_group_norm_bwd_triton", x, weight, bias, present, num_groups, activation)
     B, M, C = x.shape[:3]
     xc, w, b, flags, L, acc = _kernel_args(x, weight, bias, present)
     gy = grad_y.to(x.dtype).contiguous()
@@ -236,43 +234,3 @@ def group_norm_bwd(grad_y, x, weight, bias, present, mean, rstd, num_groups: int
         dg.zero_()
         db.zero_()
     return dx, dg.sum(0).to(weight.dtype), db.sum(0).to(bias.dtype)
-
-
-# ---------------------------------------------------------------- registration
-@torch.library.custom_op("gmd_ext::modality_group_norm_fwd_triton", mutates_args=())
-def modality_group_norm_fwd_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, present: torch.Tensor,
-                                   num_groups: int, eps: float, activation: str
-                                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Triton backend of gmd_ext::modality_group_norm_fwd (same signature and outputs)."""
-    return group_norm_fwd(x, weight, bias, present, num_groups, eps, activation)
-
-
-@modality_group_norm_fwd_triton.register_fake
-def _(x, weight, bias, present, num_groups, eps, activation):
-    _check("modality_group_norm_fwd_triton", x, weight, bias, present, num_groups, activation)
-    return ds_ops._group_norm_fake(x, num_groups)
-
-
-@torch.library.custom_op("gmd_ext::modality_group_norm_bwd_triton", mutates_args=())
-def modality_group_norm_bwd_triton(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                                   present: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, num_groups: int,
-                                   activation: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Triton backend of gmd_ext::modality_group_norm_bwd without output_mask (custom ops cannot return None):
-    always (grad_x, grad_weight, grad_bias)."""
-    return group_norm_bwd(grad_y, x, weight, bias, present, mean, rstd, num_groups, activation)
-
-
-@modality_group_norm_bwd_triton.register_fake
-def _(grad_y, x, weight, bias, present, mean, rstd, num_groups, activation):
-    return x.new_empty(x.shape), weight.new_empty(weight.shape), bias.new_empty(bias.shape)
-
-
-def _backward(ctx, grad_y, grad_mean, grad_rstd):
-    # mean and rstd are non-differentiable outputs (marked in ds_ops._gn_setup).
-    x, weight, bias, present, mean, rstd = ctx.saved_tensors
-    dx, dw, db = modality_group_norm_bwd_triton(grad_y, x, weight, bias, present, mean, rstd, *ctx.gn)
-    keep = ctx.needs_input_grad
-    return (dx if keep[0] else None, dw if keep[1] else None, db if keep[2] else None, None, None, None, None)
-
-
-modality_group_norm_fwd_triton.register_autograd(_backward, setup_context=ds_ops._gn_setup)

@@ -1,7 +1,8 @@
-"""Triton projection loop on the K×K matrix: Γ [K, K], perms [K, K] -> A [K, K] (DESIGN §1).
+"""Triton projection loop on the K×K matrix: Γ [K, K], perms [K, K] -> A [K, K] (docs/design.md).
 
 Layers: `_pcgrad_coefficients_kernel` (the sequential loop over perms[i] in registers, in fp64, for a block of
-rows at once), `pcgrad_coefficients` (checks, launch), and the custom op `gmd_ext::pcgrad_coefficients_triton`.
+rows at once) and the launcher `pcgrad_coefficients` (checks, launch). gmd_ext/ops/_registry.py registers it as the
+custom op `gmd_ext::pcgrad_coefficients_triton`.
 """
 import torch
 import triton
@@ -14,7 +15,7 @@ _OP = "pcgrad_coefficients_triton"
 
 # Rows per program x padded K: the rows of A are independent, so a program runs the loop for BLOCK_R rows at
 # once, vectorised across them: up to MAX_TILE elements, which makes K <= 64 one program (the one-block kernel of
-# DESIGN §3). Under the interpreter this costs K sequential steps instead of K² (K = 64 on the 2-core dev box:
+# docs/design.md). Under the interpreter this costs K sequential steps instead of K² (K = 64 on the 2-core dev box:
 # 7.4 s with one program per row, 2.6 s as one program). MAX_TILE and NUM_WARPS: the largest tile whose fp64
 # v, A and gathered Γ rows compile for sm_90 without register spills (Triton's ahead-of-time compile read back
 # with cuobjdump; re-checked by tests/test_triton.py::test_aot_compile_sm90): at 8 warps K = 64 uses 251
@@ -54,7 +55,7 @@ def _pcgrad_coefficients_kernel(gram_ptr, perms_ptr, a_ptr, K, stride_gi, stride
     tl.store(a_ptr + rows[:, None] * K + cols[None, :], a.to(tl.float32), mask=tile_ok)
 
 
-def _check(gram, perms) -> None:
+def check(gram, perms) -> None:
     _utils.check_tensor(_OP, "gram", gram)
     if gram.dim() != 2 or gram.shape[0] != gram.shape[1]:
         raise ValueError(f"{_OP}: gram must be a square [K, K] tensor, got shape {list(gram.shape)}")
@@ -90,7 +91,7 @@ def config(K: int) -> dict:
 def pcgrad_coefficients(gram: torch.Tensor, perms: torch.Tensor) -> torch.Tensor:
     """Γ [K, K] float32, perms [K, K] int64 (row i: the order g_i is projected against the original g_j)
     -> A [K, K] float32, projected g_i' = Σ_k A_ik g_k. Zero-norm objectives are skipped. No host sync."""
-    _check(gram, perms)
+    check(gram, perms)
     _check_perms_range(perms)
     K = gram.shape[0]
     A = torch.empty((K, K), dtype=torch.float32, device=gram.device)
@@ -100,15 +101,3 @@ def pcgrad_coefficients(gram: torch.Tensor, perms: torch.Tensor) -> torch.Tensor
     _pcgrad_coefficients_kernel[(triton.cdiv(K, cfg["BLOCK_R"]),)](
         gram, perms, A, K, gram.stride(0), gram.stride(1), perms.stride(0), perms.stride(1), **cfg)
     return A
-
-
-@torch.library.custom_op("gmd_ext::pcgrad_coefficients_triton", mutates_args=())
-def pcgrad_coefficients_triton(gram: torch.Tensor, perms: torch.Tensor) -> torch.Tensor:
-    """Triton backend of gmd_ext::pcgrad_coefficients: Γ [K, K] float32, perms [K, K] int64 -> A [K, K] float32."""
-    return pcgrad_coefficients(gram, perms)
-
-
-@pcgrad_coefficients_triton.register_fake
-def _(gram, perms):
-    _check(gram, perms)
-    return torch.empty_like(gram, dtype=torch.float32, memory_format=torch.contiguous_format)

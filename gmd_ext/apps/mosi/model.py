@@ -15,9 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
-from gmd_ext.ds import DSLayerNorm, DSLinear, check_present, masked_mean
+from gmd_ext.apps.mosi.constants import MODALITIES as MOSI_MODALITIES
+from gmd_ext.ds.layers import DSLayerNorm, DSLinear, check_present, masked_mean
 
-MOSI_MODALITIES = ("text", "audio", "vision")
 
 
 class DSSentimentNet(nn.Module):

@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gmd_ext.ds import DSConv, DSGroupNorm, check_present, masked_apply, masked_mean
+from gmd_ext.apps.brats.constants import MODALITIES as BRATS_MODALITIES
+from gmd_ext.ds.layers import DSConv, DSGroupNorm, check_present, masked_apply, masked_mean
 
-BRATS_MODALITIES = ("flair", "t1", "t1ce", "t2")
 _BASE_CHANNELS = (32, 64, 128, 256, 512)
 _DEPTH = 4  # number of ×2 down-samplings
 EXECUTIONS = ("packed", "layers")

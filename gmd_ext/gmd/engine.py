@@ -1,4 +1,4 @@
-"""`GMD`: the GMD engine for ordinary PyTorch training loops (DESIGN §1, issue 4).
+"""`GMD`: the GMD engine for ordinary PyTorch training loops (docs/design.md).
 
 K losses in, one conflict-free gradient out on the parameters' `.grad`. The per-objective gradients are never
 copied out of autograd: during backward pass k every trainable parameter's `.grad` is a view into row k of a
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from gmd_ext import _backend, ops
-from gmd_ext.projection import _info, make_perms
+from gmd_ext.gmd.projection import _info, make_perms
 
 _REDUCTIONS = ("mean", "sum")
 _ORDERS = ("random", "sequential")
@@ -165,7 +165,7 @@ class GMD:
             so every rank projects in the same order).
         backend: "auto" | "cpp" | "triton" | "torch" for the projection ops (gmd_ext._backend.resolve).
         monitor: None or a callable ``monitor(step, info)`` called after every backward (e.g.
-            gmd_ext.monitor.DominanceMonitor); its info is on the host.
+            gmd_ext.gmd.monitor.DominanceMonitor); its info is on the host.
         ddp_module: the DistributedDataParallel-wrapped model. GMD keeps it in no-sync mode for its lifetime
             (DDP decides at *forward* time whether the next backward all-reduces, so wrapping only the backward
             passes in ``no_sync()`` would not stop it — construct GMD before the first forward) and all-reduces

@@ -1,4 +1,4 @@
-"""Modality-subset objectives: every non-empty subset S of the M modalities is one GMD objective (DESIGN §1).
+"""Modality-subset objectives: every non-empty subset S of the M modalities is one GMD objective (docs/design.md).
 
 Canonical order (used everywhere: applications, monitor columns, reports): by subset size, then
 lexicographically by modality index — exactly `itertools.combinations(range(M), r)` for r = 1..M. For

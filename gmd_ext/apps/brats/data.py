@@ -21,13 +21,13 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from gmd_ext.checkpoint import atomic_write
-from gmd_ext.metrics.brats import LABELS, labels_to_regions
+from gmd_ext.io import atomic_write
+from gmd_ext.apps.brats.constants import LABELS, MODALITIES
+from gmd_ext.apps.brats.metrics import labels_to_regions
 
 __all__ = ["MODALITIES", "BraTSDataError", "BraTSDataset", "find_cases", "make_splits", "load_case",
            "preprocess"]
 
-MODALITIES = ("flair", "t1", "t1ce", "t2")
 _SPLITS = ("train", "val", "test")
 _EXTS = (".nii.gz", ".nii")
 

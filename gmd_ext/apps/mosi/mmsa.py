@@ -30,10 +30,11 @@ from pathlib import Path
 
 import numpy as np
 
+from gmd_ext.apps.mosi.constants import MODALITIES
+
 __all__ = ["load_mmsa", "SPLITS", "MODALITIES", "REQUIRED_KEYS", "LABEL_RANGE"]
 
 SPLITS = ("train", "valid", "test")
-MODALITIES = ("text", "audio", "vision")
 REQUIRED_KEYS = (*MODALITIES, "regression_labels", "id", "raw_text")
 LABEL_RANGE = (-3.0, 3.0)
 

@@ -2,7 +2,7 @@
 
 Anatomy comes from the MNI ICBM152 2009a grey/white-matter probability maps and brain mask that the nilearn wheel
 bundles (read from files inside the wheel, no download); CSF = brain - GM - WM. Their copyright notice
-(``gmd_ext/data/NOTICE.MNI152``) is copied into every folder the phantom writes.
+(``gmd_ext/apps/brats/NOTICE.MNI152``) is copied into every folder the phantom writes.
 
 Per case: a random affine + smooth elastic deformation of the anatomy; a tumour built from a deformed ellipsoidal
 distance field with a necrotic / non-enhancing core (label 1), an enhancing rim (4) and edema (2) that spreads
@@ -34,10 +34,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from gmd_ext.apps.brats.constants import MODALITIES as _MODALITIES
+
 __all__ = ["make_cases", "NOTICE_FILE", "case_name"]
 
 NOTICE_FILE = Path(__file__).with_name("NOTICE.MNI152")
-_MODALITIES = ("flair", "t1", "t1ce", "t2")
 # Tissue classes: csf, gm, wm, edema, necrosis (label 1), enhancing (label 4).
 _CONTRAST = {
     "t1": (0.25, 0.55, 0.80, 0.46, 0.30, 0.52),

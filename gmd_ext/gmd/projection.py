@@ -1,4 +1,4 @@
-"""`project_conflicts`: the official GMD gradient projection (DESIGN §1) in two passes over K×N memory.
+"""`project_conflicts`: the official GMD gradient projection (docs/design.md) in two passes over K×N memory.
 
 Pass 1 computes the Gramian Γ = G Gᵀ; the sequential projection loop then runs on the K×K coefficient matrix A
 (projected g_i' = Σ_k A_ik g_k, and g_i'·g_j = (A Γ)_ij), and pass 2 combines the rows with c = column sums of A.

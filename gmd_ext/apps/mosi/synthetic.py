@@ -23,7 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from gmd_ext.checkpoint import atomic_write
+from gmd_ext.apps.mosi.constants import MODALITIES as _MODALITIES
+from gmd_ext.io import atomic_write
 
 __all__ = ["make", "GAINS", "NUISANCE"]
 
@@ -32,7 +33,6 @@ NUISANCE = 0.5  # std of the per-sample noise shared by all frames of one sample
 _T_ALIGNED = (50, 50, 50)
 _T_UNALIGNED = (50, 375, 500)  # MMSA's unaligned_50.pkl for MOSI
 _SPLITS = ("train", "valid", "test")
-_MODALITIES = ("text", "audio", "vision")
 
 
 def _labels(rng: np.random.Generator, n: int) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""BraTS region Dice and the label <-> region conversions (DESIGN §5).
+"""BraTS region Dice and the label <-> region conversions (conventions: gmd_ext/apps/brats/constants.py).
 
 Labels: 0 background, 1 necrotic / non-enhancing core, 2 edema, 4 enhancing tumour.
 Regions: WT (whole tumour) = {1, 2, 4}, TC (tumour core) = {1, 4}, ET (enhancing tumour) = {4}.
@@ -8,11 +8,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["LABELS", "REGIONS", "REGION_LABELS", "labels_to_regions", "regions_to_labels", "brats_dice"]
+from gmd_ext.apps.brats.constants import LABELS, REGION_LABELS, REGIONS
 
-LABELS = (0, 1, 2, 4)
-REGIONS = ("WT", "TC", "ET")
-REGION_LABELS = {"WT": (1, 2, 4), "TC": (1, 4), "ET": (4,)}
+__all__ = ["LABELS", "REGIONS", "REGION_LABELS", "labels_to_regions", "regions_to_labels", "brats_dice"]
 
 
 def _as_tensor(x, name: str) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Dynamic Sharing layers (DESIGN §1): one set of weights for every modality, normalisation per modality.
+"""Dynamic Sharing layers (docs/design.md): one set of weights for every modality, normalisation per modality.
 
 Every layer maps a [B, M, ...] tensor plus `present` (bool [B, M], None = all present) to a [B, M, ...] tensor
 whose absent (sample, modality) pairs are exactly zero and contribute no gradient to anything. `masked_mean`
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gmd_ext import ds_ops
+from gmd_ext.ops import ds_ops
 
 _ACTIVATIONS = (None, "relu", "leaky_relu")
 

@@ -1,0 +1,279 @@
+"""The one home of every op registration: fakes (meta kernels for torch.compile) and autograd formulas of the
+compiled ops (csrc/), and the Triton ops `gmd_ext::<op>_triton` (custom ops over the gmd_ext/triton/ launchers)
+with their fakes and autograd. One set of formulas serves both backends.
+
+The compiled ops are registered when gmd_ext._C loads (import of gmd_ext.ops); the Triton ops on first use
+(`triton_ops()`): importing triton costs about a second, and TRITON_INTERPRET must be set before it.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from gmd_ext import _backend
+from gmd_ext.ops import reference
+
+
+def _register_cpp_projection():
+    """Fakes and autograd of the compiled projection ops."""
+
+    @torch.library.register_fake("gmd_ext::gram")
+    def _(G):
+        return G.new_empty((G.shape[0], G.shape[0]), dtype=torch.float32)
+
+    @torch.library.register_fake("gmd_ext::pcgrad_coefficients")
+    def _(gram, perms):
+        return torch.empty_like(gram, dtype=torch.float32)
+
+    @torch.library.register_fake("gmd_ext::combine")
+    def _(G, c, shared, shared_scale, other_scale):
+        return G.new_empty((G.shape[1],))
+
+    @torch.library.register_fake("gmd_ext::combine_rows")
+    def _(G, A):
+        return G.new_empty((A.shape[0], G.shape[1]))
+
+    _register_projection_autograd("")
+
+
+def _register_projection_autograd(suffix: str) -> None:
+    """Autograd of gmd_ext::gram / combine / combine_rows + suffix: "" for the C++ ops, "_triton" for the
+    Triton ops. One set of formulas for both backends;
+    the backward passes that are themselves a combine_rows run on the same backend's op."""
+    combine_rows = getattr(torch.ops.gmd_ext, f"combine_rows{suffix}")
+
+    def _gram_setup(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+
+    def _gram_backward(ctx, grad):
+        # d(G Gᵀ)/dG applied to dΓ is (dΓ + dΓᵀ) G: one combine_rows pass.
+        (G,) = ctx.saved_tensors
+        return combine_rows(G, (grad + grad.T).float())
+
+    torch.library.register_autograd(f"gmd_ext::gram{suffix}", _gram_backward, setup_context=_gram_setup)
+
+    def _combine_setup(ctx, inputs, output):
+        G, c, shared, shared_scale, other_scale = inputs
+        ctx.scales = (shared_scale, other_scale)
+        ctx.save_for_backward(G if ctx.needs_input_grad[1] else None,
+                              c if ctx.needs_input_grad[0] else None, shared)
+
+    def _combine_backward(ctx, grad):
+        # out = s ⊙ (cᵀ G): dG = c ⊗ (s ⊙ dout) (an outer product, in G's dtype), dc = G (s ⊙ dout) in fp32.
+        G, c, shared = ctx.saved_tensors
+        shared_scale, other_scale = ctx.scales
+        g = grad.float() * (shared_scale if shared is None else torch.where(shared, shared_scale, other_scale))
+        dG = (c[:, None] * g[None, :]).to(grad.dtype) if c is not None else None  # c is float32 (op contract)
+        dc = torch.mv(G.float(), g) if G is not None else None
+        return dG, dc, None, None, None
+
+    torch.library.register_autograd(f"gmd_ext::combine{suffix}", _combine_backward, setup_context=_combine_setup)
+
+    def _rows_setup(ctx, inputs, output):
+        G, A = inputs
+        ctx.save_for_backward(G if ctx.needs_input_grad[1] else None, A if ctx.needs_input_grad[0] else None)
+
+    def _rows_backward(ctx, grad):
+        # out = A G: dG = Aᵀ dout (a combine_rows pass, in G's dtype), dA = dout Gᵀ in fp32.
+        G, A = ctx.saved_tensors
+        dG = combine_rows(grad, A.T.contiguous()) if A is not None else None
+        dA = grad.float() @ G.float().T if G is not None else None
+        return dG, dA
+
+    torch.library.register_autograd(f"gmd_ext::combine_rows{suffix}", _rows_backward, setup_context=_rows_setup)
+
+
+def _register_cpp_ds():
+    """Fake (meta) kernels for torch.compile and autograd formulas of the DS ops in csrc/ (when _C is loaded)."""
+    lib = "gmd_ext::"
+
+    @torch.library.register_fake(lib + "pack_pairs")
+    def _(x, index):
+        return x.new_empty((index.shape[0], *x.shape[1:]))
+
+    @torch.library.register_fake(lib + "scatter_pairs")
+    def _(y, index, num_pairs):
+        return y.new_empty((num_pairs, *y.shape[1:]))
+
+    # pack and scatter are each other's adjoint for distinct indices.
+    def _pack_setup(ctx, inputs, output):
+        x, index = inputs
+        ctx.num_rows = x.shape[0]
+        ctx.save_for_backward(index)
+
+    def _pack_backward(ctx, grad):
+        (index,) = ctx.saved_tensors
+        return torch.ops.gmd_ext.scatter_pairs(grad, index, ctx.num_rows), None
+
+    torch.library.register_autograd(lib + "pack_pairs", _pack_backward, setup_context=_pack_setup)
+
+    def _scatter_setup(ctx, inputs, output):
+        ctx.save_for_backward(inputs[1])
+
+    def _scatter_backward(ctx, grad):
+        (index,) = ctx.saved_tensors
+        return torch.ops.gmd_ext.pack_pairs(grad, index), None, None
+
+    torch.library.register_autograd(lib + "scatter_pairs", _scatter_backward, setup_context=_scatter_setup)
+
+    @torch.library.register_fake(lib + "masked_conv")
+    def _(x, weight, bias, present, stride, padding, dilation):
+        per_modality = weight.dim() == x.dim()
+        return x.new_empty(reference._conv_out_shape(x, weight, per_modality, stride, padding, dilation))
+
+    @torch.library.register_fake(lib + "masked_conv_backward")
+    def _(grad_y, x, weight, bias, present, stride, padding, dilation, output_mask):
+        return (x.new_empty(x.shape) if output_mask[0] else None,
+                weight.new_empty(weight.shape) if output_mask[1] else None,
+                bias.new_empty(bias.shape) if output_mask[2] and bias is not None else None)
+
+    def _conv_setup(ctx, inputs, output):
+        x, weight, bias, present, stride, padding, dilation = inputs
+        ctx.conv = (stride, padding, dilation)
+        ctx.save_for_backward(x, weight, bias, present)
+
+    def _conv_backward(ctx, grad):
+        x, weight, bias, present = ctx.saved_tensors
+        mask = list(ctx.needs_input_grad[:3])
+        dx, dw, db = torch.ops.gmd_ext.masked_conv_backward(grad, x, weight, bias, present, *ctx.conv, mask)
+        return dx, dw, db, None, None, None, None
+
+    torch.library.register_autograd(lib + "masked_conv", _conv_backward, setup_context=_conv_setup)
+
+    @torch.library.register_fake(lib + "modality_group_norm_fwd")
+    def _(x, weight, bias, present, num_groups, eps, activation):
+        return _group_norm_fake(x, num_groups)
+
+    @torch.library.register_fake(lib + "modality_group_norm_bwd")
+    def _(grad_y, x, weight, bias, present, mean, rstd, num_groups, activation, output_mask):
+        return (x.new_empty(x.shape) if output_mask[0] else None,
+                weight.new_empty(weight.shape) if output_mask[1] else None,
+                bias.new_empty(bias.shape) if output_mask[2] else None)
+
+    def _gn_backward(ctx, grad_y, grad_mean, grad_rstd):
+        # mean and rstd are returned for the backward only (marked non-differentiable): their grads are None.
+        x, weight, bias, present, mean, rstd = ctx.saved_tensors
+        mask = list(ctx.needs_input_grad[:3])
+        dx, dw, db = torch.ops.gmd_ext.modality_group_norm_bwd(grad_y, x, weight, bias, present, mean, rstd,
+                                                               *ctx.gn, mask)
+        return dx, dw, db, None, None, None, None
+
+    torch.library.register_autograd(lib + "modality_group_norm_fwd", _gn_backward, setup_context=_gn_setup)
+
+
+def _group_norm_fake(x, num_groups):
+    """(y, mean, rstd) shapes and dtypes of the modality_group_norm forward ops."""
+    stat = torch.float64 if x.dtype == torch.float64 else torch.float32
+    mean = x.new_empty((x.shape[0], x.shape[1], num_groups), dtype=stat)
+    return x.new_empty(x.shape), mean, torch.empty_like(mean)
+
+
+def _gn_setup(ctx, inputs, output):
+    """setup_context shared by the cpp and triton forward ops (same signature, same saved tensors)."""
+    x, weight, bias, present, num_groups, eps, activation = inputs
+    _, mean, rstd = output
+    ctx.mark_non_differentiable(mean, rstd)
+    ctx.gn = (num_groups, activation)
+    ctx.save_for_backward(x, weight, bias, present, mean, rstd)
+
+
+_triton_registered = False
+
+
+def triton_ops():
+    """Register the Triton ops (once) and return torch.ops.gmd_ext. A plain flag rather than functools.cache:
+    Dynamo traces through cache wrappers, and a traced call must only read the flag."""
+    if not _triton_registered:
+        _register_triton()
+    return torch.ops.gmd_ext
+
+
+def _register_triton():
+    global _triton_registered
+    from gmd_ext import triton as tk
+
+    @torch.library.custom_op("gmd_ext::gram_triton", mutates_args=())
+    def gram_triton(G: torch.Tensor) -> torch.Tensor:
+        """Triton backend of gmd_ext::gram: G [K, N] -> G Gᵀ [K, K] float32."""
+        return tk.gram.gram(G)
+
+    @gram_triton.register_fake
+    def _(G):
+        tk.gram.check(G)
+        return G.new_empty((G.shape[0], G.shape[0]), dtype=torch.float32)
+
+    @torch.library.custom_op("gmd_ext::pcgrad_coefficients_triton", mutates_args=())
+    def pcgrad_coefficients_triton(gram: torch.Tensor, perms: torch.Tensor) -> torch.Tensor:
+        """Triton backend of gmd_ext::pcgrad_coefficients: Γ [K, K] float32, perms [K, K] int64 -> A [K, K]."""
+        return tk.pcgrad_coefficients.pcgrad_coefficients(gram, perms)
+
+    @pcgrad_coefficients_triton.register_fake
+    def _(gram, perms):
+        tk.pcgrad_coefficients.check(gram, perms)
+        return torch.empty_like(gram, dtype=torch.float32, memory_format=torch.contiguous_format)
+
+    @torch.library.custom_op("gmd_ext::combine_triton", mutates_args=())
+    def combine_triton(G: torch.Tensor, c: torch.Tensor, shared: Optional[torch.Tensor], shared_scale: float,
+                       other_scale: float) -> torch.Tensor:
+        """Triton backend of gmd_ext::combine: G [K, N], c [K] float32, shared [N] bool | None -> [N]."""
+        return tk.combine.combine(G, c, shared, shared_scale, other_scale)
+
+    @combine_triton.register_fake
+    def _(G, c, shared, shared_scale, other_scale):
+        tk.combine.check_combine(G, c, shared)
+        return G.new_empty((G.shape[1],))
+
+    @torch.library.custom_op("gmd_ext::combine_rows_triton", mutates_args=())
+    def combine_rows_triton(G: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+        """Triton backend of gmd_ext::combine_rows: G [K, N], A [R, K] float32 -> A @ G [R, N]."""
+        return tk.combine.combine_rows(G, A)
+
+    @combine_rows_triton.register_fake
+    def _(G, A):
+        tk.combine.check_combine_rows(G, A)
+        return G.new_empty((A.shape[0], G.shape[1]))
+
+    _register_projection_autograd("_triton")
+
+    gn = tk.modality_group_norm
+
+    @torch.library.custom_op("gmd_ext::modality_group_norm_fwd_triton", mutates_args=())
+    def modality_group_norm_fwd_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                                       present: torch.Tensor, num_groups: int, eps: float, activation: str
+                                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Triton backend of gmd_ext::modality_group_norm_fwd (same signature and outputs)."""
+        return gn.group_norm_fwd(x, weight, bias, present, num_groups, eps, activation)
+
+    @modality_group_norm_fwd_triton.register_fake
+    def _(x, weight, bias, present, num_groups, eps, activation):
+        gn.check("modality_group_norm_fwd_triton", x, weight, bias, present, num_groups, activation)
+        return _group_norm_fake(x, num_groups)
+
+    @torch.library.custom_op("gmd_ext::modality_group_norm_bwd_triton", mutates_args=())
+    def modality_group_norm_bwd_triton(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                                       bias: torch.Tensor, present: torch.Tensor, mean: torch.Tensor,
+                                       rstd: torch.Tensor, num_groups: int, activation: str
+                                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Triton backend of gmd_ext::modality_group_norm_bwd without output_mask (custom ops cannot return
+        None): always (grad_x, grad_weight, grad_bias)."""
+        return gn.group_norm_bwd(grad_y, x, weight, bias, present, mean, rstd, num_groups, activation)
+
+    @modality_group_norm_bwd_triton.register_fake
+    def _(grad_y, x, weight, bias, present, mean, rstd, num_groups, activation):
+        return x.new_empty(x.shape), weight.new_empty(weight.shape), bias.new_empty(bias.shape)
+
+    def _gn_backward(ctx, grad_y, grad_mean, grad_rstd):
+        # mean and rstd are non-differentiable outputs (marked in _gn_setup).
+        x, weight, bias, present, mean, rstd = ctx.saved_tensors
+        dx, dw, db = modality_group_norm_bwd_triton(grad_y, x, weight, bias, present, mean, rstd, *ctx.gn)
+        keep = ctx.needs_input_grad
+        return (dx if keep[0] else None, dw if keep[1] else None, db if keep[2] else None, None, None, None, None)
+
+    modality_group_norm_fwd_triton.register_autograd(_gn_backward, setup_context=_gn_setup)
+    _triton_registered = True
+
+
+if _backend.CPP_LOADED:
+    _register_cpp_projection()
+    _register_cpp_ds()
