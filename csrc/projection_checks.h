@@ -59,4 +59,22 @@ inline void check_combine_rows_args(const char* op, const at::Tensor& G, const a
   TORCH_CHECK_VALUE(A.device() == G.device(), op, ": A must be on G's device ", G.device(), ", got ", A.device());
 }
 
+// pcgrad_coefficients(gram [K, K] float32, perms [K, K] int64); returns K. The range of perms' entries is checked
+// by the CPU kernel (it reads them on the host); the CUDA kernel must not sync with the host to check them.
+inline int64_t check_pcgrad_args(const char* op, const at::Tensor& gram, const at::Tensor& perms,
+                                 c10::DeviceType device, const char* device_name) {
+  TORCH_CHECK_VALUE(gram.dim() == 2 && gram.size(0) == gram.size(1), op,
+                    ": gram must be a square 2-D [K, K] tensor, got shape ", gram.sizes());
+  TORCH_CHECK_TYPE(gram.scalar_type() == at::kFloat, op, ": gram must be float32, got ", gram.scalar_type());
+  TORCH_CHECK_VALUE(gram.device().type() == device, op, ": gram must be a ", device_name, " tensor for the ",
+                    device_name, " kernel, got ", gram.device());
+  const int64_t K = gram.size(0);
+  TORCH_CHECK_VALUE(perms.dim() == 2 && perms.size(0) == K && perms.size(1) == K, op,
+                    ": perms must be a [K, K] tensor with K = ", K, " (gram's size), got shape ", perms.sizes());
+  TORCH_CHECK_TYPE(perms.scalar_type() == at::kLong, op, ": perms must be int64, got ", perms.scalar_type());
+  TORCH_CHECK_VALUE(perms.device() == gram.device(), op, ": perms must be on gram's device ", gram.device(),
+                    ", got ", perms.device());
+  return K;
+}
+
 }  // namespace gmd_ext

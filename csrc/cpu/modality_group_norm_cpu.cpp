@@ -9,67 +9,19 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "../ds_common.h"
+
 #include <algorithm>
 #include <cmath>
 
 namespace gmd_ext {
 
-enum class Activation { kNone, kRelu, kLeakyRelu };
-
-Activation parse_activation(c10::string_view activation) {
-  if (activation == "none") return Activation::kNone;
-  if (activation == "relu") return Activation::kRelu;
-  if (activation == "leaky_relu") return Activation::kLeakyRelu;
-  TORCH_CHECK_VALUE(false, "modality_group_norm: activation must be \"none\", \"relu\" or \"leaky_relu\", got \"",
-                    std::string(activation), "\"");
-}
-
-// Checks shared by the CPU and CUDA kernels; returns the element count L of one channel.
-int64_t check_group_norm_args(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
-                              const at::Tensor& present, int64_t num_groups) {
-  TORCH_CHECK_VALUE(x.dim() >= 4 && x.dim() <= 6,
-                    "modality_group_norm: x must be [B, M, C, *S] with 1-3 spatial dims, got ", x.sizes());
-  const int64_t B = x.size(0), M = x.size(1), C = x.size(2);
-  TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(0) == M && weight.size(1) == C,
-                    "modality_group_norm: weight must be [M, C] = [", M, ", ", C, "], got ", weight.sizes());
-  TORCH_CHECK_VALUE(bias.dim() == 2 && bias.size(0) == M && bias.size(1) == C,
-                    "modality_group_norm: bias must be [M, C] = [", M, ", ", C, "], got ", bias.sizes());
-  TORCH_CHECK_VALUE(present.scalar_type() == at::kBool && present.dim() == 2 && present.size(0) == B &&
-                        present.size(1) == M,
-                    "modality_group_norm: present must be bool [B, M] = [", B, ", ", M, "], got ",
-                    present.scalar_type(), " ", present.sizes());
-  TORCH_CHECK_VALUE(num_groups > 0 && C % num_groups == 0, "modality_group_norm: num_groups (", num_groups,
-                    ") must be positive and divide C = ", C);
-  for (const auto* t : {&weight, &bias, &present}) {
-    TORCH_CHECK_VALUE(t->device() == x.device(), "modality_group_norm: all tensors must be on x's device ",
-                      x.device(), ", got one on ", t->device());
-  }
-  const int64_t rows = B * M * C;
-  return rows ? x.numel() / rows : 0;
-}
-
 namespace {
 
-constexpr double kLeakySlope = 0.01;   // nn.LeakyReLU's default, also in gmd_ext/ds_ops.py (LEAKY_SLOPE)
 // Tasks below ~32 K elements are batched per thread: smaller hand-offs cost more than they save.
 constexpr int64_t kGrainElems = 32768;
 constexpr int64_t kLanes = 8;       // independent accumulators: lets the compiler vectorise the reductions
 constexpr int64_t kBlock = 1024;    // lane sums are folded into a double every kBlock elements (bounds fp32 error)
-
-template <Activation A, typename acc_t>
-inline acc_t activate(acc_t z) {
-  if constexpr (A == Activation::kRelu) return z > 0 ? z : acc_t(0);
-  if constexpr (A == Activation::kLeakyRelu) return z > 0 ? z : z * acc_t(kLeakySlope);
-  return z;
-}
-
-// d activation / dz (torch's convention at z == 0: relu 0, leaky_relu the slope).
-template <Activation A, typename acc_t>
-inline acc_t activate_grad(acc_t z) {
-  if constexpr (A == Activation::kRelu) return z > 0 ? acc_t(1) : acc_t(0);
-  if constexpr (A == Activation::kLeakyRelu) return z > 0 ? acc_t(1) : acc_t(kLeakySlope);
-  return acc_t(1);
-}
 
 // sum over p[0, n) of f(p[i]) with fp32 (acc_t) lanes inside each block and a double across blocks.
 template <typename acc_t, typename scalar_t, typename F>
@@ -233,17 +185,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> modality_group_norm_fwd_cpu(const
   auto mean = at::empty({x.size(0), x.size(1), num_groups}, x.options().dtype(acc));
   auto rstd = at::empty_like(mean);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "modality_group_norm_fwd_cpu", [&] {
-    switch (act) {
-      case Activation::kNone:
-        group_norm_fwd_kernel<scalar_t, Activation::kNone>(xc, w, b, pc, num_groups, L, eps, y, mean, rstd);
-        break;
-      case Activation::kRelu:
-        group_norm_fwd_kernel<scalar_t, Activation::kRelu>(xc, w, b, pc, num_groups, L, eps, y, mean, rstd);
-        break;
-      case Activation::kLeakyRelu:
-        group_norm_fwd_kernel<scalar_t, Activation::kLeakyRelu>(xc, w, b, pc, num_groups, L, eps, y, mean, rstd);
-        break;
-    }
+    dispatch_activation(act, [&](auto a) {
+      group_norm_fwd_kernel<scalar_t, decltype(a)::value>(xc, w, b, pc, num_groups, L, eps, y, mean, rstd);
+    });
   });
   return {y, mean, rstd};
 }
@@ -265,20 +209,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> modality_group_norm_bwd_cpu(
   auto dgamma = at::empty({x.size(0), x.size(1), x.size(2)}, x.options().dtype(acc));
   auto dbeta = at::empty_like(dgamma);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "modality_group_norm_bwd_cpu", [&] {
-    switch (act) {
-      case Activation::kNone:
-        group_norm_bwd_kernel<scalar_t, Activation::kNone>(gc, xc, w, b, pc, mc, rc, num_groups, L, dx, dgamma,
-                                                            dbeta);
-        break;
-      case Activation::kRelu:
-        group_norm_bwd_kernel<scalar_t, Activation::kRelu>(gc, xc, w, b, pc, mc, rc, num_groups, L, dx, dgamma,
-                                                            dbeta);
-        break;
-      case Activation::kLeakyRelu:
-        group_norm_bwd_kernel<scalar_t, Activation::kLeakyRelu>(gc, xc, w, b, pc, mc, rc, num_groups, L, dx,
-                                                                 dgamma, dbeta);
-        break;
-    }
+    dispatch_activation(act, [&](auto a) {
+      group_norm_bwd_kernel<scalar_t, decltype(a)::value>(gc, xc, w, b, pc, mc, rc, num_groups, L, dx, dgamma,
+                                                           dbeta);
+    });
   });
   // The per-pair partials [B, M, C] are reduced over the batch here: absent pairs contributed zeros.
   at::Tensor dw = output_mask[1] ? dgamma.sum(0).to(weight.scalar_type()) : at::Tensor();

@@ -8,6 +8,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "../projection_checks.h"
+
 #include <algorithm>
 #include <vector>
 
@@ -15,16 +17,7 @@ namespace gmd_ext::cpu {
 
 at::Tensor pcgrad_coefficients_cpu(const at::Tensor& gram, const at::Tensor& perms) {
   constexpr const char* op = "gmd_ext::pcgrad_coefficients";
-  TORCH_CHECK_VALUE(gram.dim() == 2 && gram.size(0) == gram.size(1), op,
-              ": gram must be a square 2-D [K, K] tensor, got shape ", gram.sizes());
-  TORCH_CHECK_TYPE(gram.scalar_type() == at::kFloat, op, ": gram must be float32, got ", gram.scalar_type());
-  TORCH_CHECK_VALUE(gram.device().is_cpu(), op, ": gram must be a CPU tensor for the CPU kernel, got ", gram.device());
-  const int64_t K = gram.size(0);
-  TORCH_CHECK_VALUE(perms.dim() == 2 && perms.size(0) == K && perms.size(1) == K, op,
-              ": perms must be a [K, K] tensor with K = ", K, " (gram's size), got shape ", perms.sizes());
-  TORCH_CHECK_TYPE(perms.scalar_type() == at::kLong, op, ": perms must be int64, got ", perms.scalar_type());
-  TORCH_CHECK_VALUE(perms.device() == gram.device(), op, ": perms must be on gram's device ", gram.device(), ", got ",
-              perms.device());
+  const int64_t K = check_pcgrad_args(op, gram, perms, at::kCPU, "CPU");
 
   const at::Tensor g = gram.to(at::kDouble).contiguous();
   const at::Tensor p = perms.contiguous();

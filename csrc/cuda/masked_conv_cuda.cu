@@ -1,29 +1,22 @@
-// masked_conv on CUDA: the row gather (pack_pairs) and the fused scatter + mask (scatter_pairs) kernels; the op
-// itself is the device-independent composition pack -> at::convolution (cuDNN) -> scatter written in
-// csrc/cpu/masked_conv_cpu.cpp, registered here for the CUDA key.
+// pack_pairs / scatter_pairs on CUDA: the row gather and the fused scatter + mask kernels around the vendor
+// convolution of masked_conv (csrc/masked_conv.cpp composes them, device-independently).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "../ds_common.h"
+#include "common.cuh"
+
 #include <array>
 #include <optional>
 
 namespace gmd_ext {
 
-// Defined in csrc/cpu/masked_conv_cpu.cpp (compiled into the same library).
-at::Tensor masked_conv_composite(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                                 const at::Tensor& present, at::IntArrayRef stride, at::IntArrayRef padding,
-                                 at::IntArrayRef dilation);
-std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_conv_backward_composite(
-    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-    const at::Tensor& present, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-    std::array<bool, 3> output_mask);
-
 namespace {
 
-constexpr int kThreads = 256;
+using cuda::kThreads;
 
 // Rows are copied in the widest unit that divides the row size and the pointers' alignment (16 bytes for
 // fp32 rows of a multiple of 4 elements): a memory-bound copy wants 128-bit accesses.
@@ -89,17 +82,11 @@ int blocks_for(int64_t total) {
   return static_cast<int>(std::min<int64_t>((total + kThreads - 1) / kThreads, 65535));
 }
 
-void check_index(const at::Tensor& index, const at::Tensor& t) {
-  TORCH_CHECK(index.dim() == 1 && index.scalar_type() == at::kLong,
-              "index must be a 1-D int64 tensor, got ", index.dim(), "-D ", index.scalar_type());
-  TORCH_CHECK(index.device() == t.device(), "index must be on ", t.device(), ", got ", index.device());
-}
-
 }  // namespace
 
 at::Tensor pack_pairs_cuda(const at::Tensor& x, const at::Tensor& index) {
   TORCH_CHECK(x.dim() >= 1, "pack_pairs: x must have a leading row dim, got a 0-D tensor");
-  check_index(index, x);
+  check_index(index, x, "x");
   const c10::cuda::CUDAGuard guard(x.device());
   const auto xc = x.contiguous();
   const auto ic = index.contiguous();
@@ -123,7 +110,7 @@ at::Tensor pack_pairs_cuda(const at::Tensor& x, const at::Tensor& index) {
 
 at::Tensor scatter_pairs_cuda(const at::Tensor& y, const at::Tensor& index, int64_t num_pairs) {
   TORCH_CHECK(y.dim() >= 1, "scatter_pairs: y must have a leading row dim, got a 0-D tensor");
-  check_index(index, y);
+  check_index(index, y, "y");
   TORCH_CHECK(index.numel() == y.size(0), "scatter_pairs: index has ", index.numel(), " entries but y has ",
               y.size(0), " rows");
   TORCH_CHECK(num_pairs >= 0, "scatter_pairs: num_pairs must be >= 0, got ", num_pairs);
@@ -160,6 +147,4 @@ at::Tensor scatter_pairs_cuda(const at::Tensor& y, const at::Tensor& index, int6
 TORCH_LIBRARY_IMPL(gmd_ext, CUDA, m) {
   m.impl("pack_pairs", &gmd_ext::pack_pairs_cuda);
   m.impl("scatter_pairs", &gmd_ext::scatter_pairs_cuda);
-  m.impl("masked_conv", &gmd_ext::masked_conv_composite);
-  m.impl("masked_conv_backward", &gmd_ext::masked_conv_backward_composite);
 }

@@ -11,34 +11,16 @@
 
 #include <cub/block/block_reduce.cuh>
 
+#include "../ds_common.h"
+#include "common.cuh"
+
 #include <array>
 
 namespace gmd_ext {
 
-// Declared as in csrc/cpu/modality_group_norm_cpu.cpp, which defines the two functions (same library).
-enum class Activation { kNone, kRelu, kLeakyRelu };
-Activation parse_activation(c10::string_view activation);
-int64_t check_group_norm_args(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
-                              const at::Tensor& present, int64_t num_groups);
-
 namespace {
 
-constexpr int kThreads = 256;
-constexpr double kLeakySlope = 0.01;  // nn.LeakyReLU's default, as on the CPU
-
-template <Activation A, typename acc_t>
-__device__ __forceinline__ acc_t activate(acc_t z) {
-  if constexpr (A == Activation::kRelu) return z > 0 ? z : acc_t(0);
-  if constexpr (A == Activation::kLeakyRelu) return z > 0 ? z : z * acc_t(kLeakySlope);
-  return z;
-}
-
-template <Activation A, typename acc_t>
-__device__ __forceinline__ acc_t activate_grad(acc_t z) {
-  if constexpr (A == Activation::kRelu) return z > 0 ? acc_t(1) : acc_t(0);
-  if constexpr (A == Activation::kLeakyRelu) return z > 0 ? acc_t(1) : acc_t(kLeakySlope);
-  return acc_t(1);
-}
+using cuda::kThreads;
 
 template <typename acc_t>
 using BlockReduce = cub::BlockReduce<acc_t, kThreads>;
@@ -145,15 +127,6 @@ __global__ void group_norm_bwd_kernel(const scalar_t* __restrict__ gy, const sca
     const acc_t xhat = (static_cast<acc_t>(x[t * n + i]) - mu) * rs;
     const acc_t dz = static_cast<acc_t>(gy[t * n + i]) * activate_grad<A>(xhat * wc + b[ch]);
     dx[t * n + i] = static_cast<scalar_t>(rs * (dz * wc - c1 - xhat * c2));
-  }
-}
-
-template <typename F>
-void dispatch_activation(Activation act, F&& f) {
-  switch (act) {
-    case Activation::kNone: f(std::integral_constant<Activation, Activation::kNone>{}); break;
-    case Activation::kRelu: f(std::integral_constant<Activation, Activation::kRelu>{}); break;
-    case Activation::kLeakyRelu: f(std::integral_constant<Activation, Activation::kLeakyRelu>{}); break;
   }
 }
 

@@ -46,16 +46,7 @@ __global__ void pcgrad_coefficients_kernel(const float* __restrict__ gram, const
 
 at::Tensor pcgrad_coefficients_cuda(const at::Tensor& gram, const at::Tensor& perms) {
   constexpr const char* op = "gmd_ext::pcgrad_coefficients";
-  TORCH_CHECK_VALUE(gram.dim() == 2 && gram.size(0) == gram.size(1), op,
-              ": gram must be a square 2-D [K, K] tensor, got shape ", gram.sizes());
-  TORCH_CHECK_TYPE(gram.scalar_type() == at::kFloat, op, ": gram must be float32, got ", gram.scalar_type());
-  TORCH_CHECK_VALUE(gram.is_cuda(), op, ": gram must be a CUDA tensor for the CUDA kernel, got ", gram.device());
-  const int64_t K = gram.size(0);
-  TORCH_CHECK_VALUE(perms.dim() == 2 && perms.size(0) == K && perms.size(1) == K, op,
-              ": perms must be a [K, K] tensor with K = ", K, " (gram's size), got shape ", perms.sizes());
-  TORCH_CHECK_TYPE(perms.scalar_type() == at::kLong, op, ": perms must be int64, got ", perms.scalar_type());
-  TORCH_CHECK_VALUE(perms.device() == gram.device(), op, ": perms must be on gram's device ", gram.device(), ", got ",
-              perms.device());
+  const int64_t K = check_pcgrad_args(op, gram, perms, at::kCUDA, "CUDA");
   // Two fp64 vectors of length K per warp in shared memory (48 KiB without opt-in).
   constexpr int64_t kSmem = 48 * 1024;
   TORCH_CHECK_VALUE(K <= kSmem / 16, op, ": the CUDA kernel supports K <= ", kSmem / 16, " objectives, got K = ", K);

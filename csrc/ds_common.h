@@ -1,0 +1,84 @@
+// Pieces shared by the Dynamic Sharing kernels (masked_conv, modality_group_norm) on every device: the fused
+// activation, the row-index check of pack/scatter and the group-norm argument checks. Host/device inline so the
+// CPU (.cpp) and CUDA (.cu) kernels compile the same definitions.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/macros/Macros.h>
+#include <c10/util/string_view.h>
+
+#include <string>
+
+namespace gmd_ext {
+
+enum class Activation { kNone, kRelu, kLeakyRelu };
+
+// nn.LeakyReLU's default slope; gmd_ext/ops/reference.py LEAKY_SLOPE and the Triton kernel use the same value.
+constexpr double kLeakySlope = 0.01;
+
+inline Activation parse_activation(c10::string_view activation) {
+  if (activation == "none") return Activation::kNone;
+  if (activation == "relu") return Activation::kRelu;
+  if (activation == "leaky_relu") return Activation::kLeakyRelu;
+  TORCH_CHECK_VALUE(false, "modality_group_norm: activation must be \"none\", \"relu\" or \"leaky_relu\", got \"",
+                    std::string(activation), "\"");
+}
+
+template <Activation A, typename acc_t>
+C10_HOST_DEVICE inline acc_t activate(acc_t z) {
+  if constexpr (A == Activation::kRelu) return z > 0 ? z : acc_t(0);
+  if constexpr (A == Activation::kLeakyRelu) return z > 0 ? z : z * acc_t(kLeakySlope);
+  return z;
+}
+
+// d activation / dz (torch's convention at z == 0: relu 0, leaky_relu the slope).
+template <Activation A, typename acc_t>
+C10_HOST_DEVICE inline acc_t activate_grad(acc_t z) {
+  if constexpr (A == Activation::kRelu) return z > 0 ? acc_t(1) : acc_t(0);
+  if constexpr (A == Activation::kLeakyRelu) return z > 0 ? acc_t(1) : acc_t(kLeakySlope);
+  return acc_t(1);
+}
+
+// Calls f with the activation as a compile-time constant.
+template <typename F>
+void dispatch_activation(Activation act, F&& f) {
+  switch (act) {
+    case Activation::kNone: f(std::integral_constant<Activation, Activation::kNone>{}); break;
+    case Activation::kRelu: f(std::integral_constant<Activation, Activation::kRelu>{}); break;
+    case Activation::kLeakyRelu: f(std::integral_constant<Activation, Activation::kLeakyRelu>{}); break;
+  }
+}
+
+// pack_pairs / scatter_pairs: index is a 1-D int64 tensor of rows of t, on t's device.
+inline void check_index(const at::Tensor& index, const at::Tensor& t, const char* tname) {
+  TORCH_CHECK(index.dim() == 1 && index.scalar_type() == at::kLong,
+              "index must be a 1-D int64 tensor, got ", index.dim(), "-D ", index.scalar_type());
+  TORCH_CHECK(index.device() == t.device(), "index must be on ", tname, "'s device ", t.device(), ", got ",
+              index.device());
+}
+
+// modality_group_norm's argument checks, the same for every device; returns the element count L of one channel.
+inline int64_t check_group_norm_args(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                                     const at::Tensor& present, int64_t num_groups) {
+  TORCH_CHECK_VALUE(x.dim() >= 4 && x.dim() <= 6,
+                    "modality_group_norm: x must be [B, M, C, *S] with 1-3 spatial dims, got ", x.sizes());
+  const int64_t B = x.size(0), M = x.size(1), C = x.size(2);
+  TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(0) == M && weight.size(1) == C,
+                    "modality_group_norm: weight must be [M, C] = [", M, ", ", C, "], got ", weight.sizes());
+  TORCH_CHECK_VALUE(bias.dim() == 2 && bias.size(0) == M && bias.size(1) == C,
+                    "modality_group_norm: bias must be [M, C] = [", M, ", ", C, "], got ", bias.sizes());
+  TORCH_CHECK_VALUE(present.scalar_type() == at::kBool && present.dim() == 2 && present.size(0) == B &&
+                        present.size(1) == M,
+                    "modality_group_norm: present must be bool [B, M] = [", B, ", ", M, "], got ",
+                    present.scalar_type(), " ", present.sizes());
+  TORCH_CHECK_VALUE(num_groups > 0 && C % num_groups == 0, "modality_group_norm: num_groups (", num_groups,
+                    ") must be positive and divide C = ", C);
+  for (const auto* t : {&weight, &bias, &present}) {
+    TORCH_CHECK_VALUE(t->device() == x.device(), "modality_group_norm: all tensors must be on x's device ",
+                      x.device(), ", got one on ", t->device());
+  }
+  const int64_t rows = B * M * C;
+  return rows ? x.numel() / rows : 0;
+}
+
+}  // namespace gmd_ext
