@@ -8,19 +8,86 @@ from gmd_ext import _backend
 dtypes = (torch.float32, torch.float16, torch.bfloat16)
 low_precision = (torch.float16, torch.bfloat16)
 
+# The device axis of the test matrix. "cuda:1" is the second GPU: a kernel that launches without a device guard
+# runs on the current device (cuda:0) and reads another device's memory there.
+DEVICE_IDS = ("cpu", "cuda", "cuda:1")
+BACKEND_IDS = ("cpp", "triton", "torch")
+
+
+def device_status(device) -> tuple[bool, str | None]:
+    """(present, reason_if_not) for a device id such as "cpu", "cuda", "cuda:1". Queries CUDA lazily (never at
+    import), without creating a CUDA context."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return True, None
+    if device.type != "cuda":
+        return False, f"no test matrix entry for {device.type} devices"
+    if not torch.cuda.is_available():
+        return False, "CUDA is not available (CPU-only torch or no GPU)"
+    index = device.index or 0
+    count = torch.cuda.device_count()
+    if index >= count:
+        return False, f"{device} needs {index + 1} GPUs, {count} present"
+    return True, None
+
 
 def devices() -> list[torch.device]:
-    """CPU always; CUDA only when present (queried lazily, never at import)."""
-    out = [torch.device("cpu")]
-    if torch.cuda.is_available():
-        out.append(torch.device("cuda"))
-    return out
+    """The devices of DEVICE_IDS present here: CPU always, CUDA (and cuda:1) only when present."""
+    return [torch.device(d) for d in DEVICE_IDS if device_status(d)[0]]
 
 
 def backends_for(device) -> list[str]:
     """Every backend that can run on `device` in this environment."""
     device = torch.device(device)
-    return [b for b in ("cpp", "triton", "torch") if _backend.available(b, device)[0]]
+    return [b for b in BACKEND_IDS if _backend.available(b, device)[0]]
+
+
+def case_status(device, backend: str) -> tuple[bool, str | None]:
+    """(runnable, reason_if_not) for one (device, backend) cell of the matrix."""
+    ok, reason = device_status(device)
+    if not ok:
+        return False, reason
+    ok, reason = _backend.available(backend, torch.device(device))
+    return ok, (None if ok else f"{backend} on {device}: {reason}")
+
+
+def device_backends(backends=BACKEND_IDS, devices=DEVICE_IDS) -> list:
+    """pytest parameters (device: str, backend: str) for every cell of devices × backends, with ids such as
+    "cpu-cpp" or "cuda:1-triton".
+
+    Every cell is collected on every machine, so a CPU box lists the CUDA cases and skips them with the reason
+    (a suite that only ever builds CPU tensors re-tests the CPU paths on a GPU machine). Use as
+    `@pytest.mark.parametrize("device,backend", device_backends())`; the test builds its tensors on `device`.
+    """
+    import pytest  # only the test suite needs pytest
+
+    params = []
+    for d in devices:
+        for b in backends:
+            ok, reason = case_status(d, b)
+            marks = () if ok else (pytest.mark.skip(reason=reason),)
+            params.append(pytest.param(d, b, id=f"{d}-{b}", marks=marks))
+    return params
+
+
+def device_params(devices=DEVICE_IDS) -> list:
+    """pytest parameters (device: str) for every entry of DEVICE_IDS, skipped where absent; for tests that are
+    about a device rather than a backend."""
+    import pytest
+
+    params = []
+    for d in devices:
+        ok, reason = device_status(d)
+        params.append(pytest.param(d, id=d, marks=() if ok else (pytest.mark.skip(reason=reason),)))
+    return params
+
+
+def synchronize(device) -> None:
+    """Wait for the work queued on `device` (a no-op on CPU): tests time nothing, but a kernel error on CUDA only
+    surfaces at a synchronisation point."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def assert_close_rel(out, ref, baseline, *, factor=2.0, atol=1e-6, what="output"):
