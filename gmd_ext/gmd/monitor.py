@@ -25,6 +25,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from gmd_ext.gmd.projection import ProjectionInfo
+
 _BINS = np.linspace(0.0, 180.0, 91)  # 2° angle bins
 
 
@@ -66,8 +68,10 @@ class DominanceMonitor:
     def __call__(self, step: int, info) -> dict:
         """Record one step. `info`: a GMD StepInfo (or any object with gram, coefficients, losses, names).
         Returns the recorded row as a dict (column -> value)."""
-        gram = info.gram.detach().to("cpu", torch.float64)
-        A = info.coefficients.detach().to("cpu", torch.float64)
+        # The indicators come from the step info; any other object with gram and coefficients gets them derived.
+        proj = info if isinstance(info, ProjectionInfo) else ProjectionInfo(info.gram, info.coefficients)
+        gram = proj.gram.detach().cpu()
+        A = proj.coefficients.detach().cpu()
         K = gram.shape[0]
         names = list(info.names) if getattr(info, "names", None) is not None else None
         if self.objective_names is None:
@@ -83,12 +87,12 @@ class DominanceMonitor:
                              f"{list(self.objective_names)}")
         cols = [self.objective_names.index(n) for n in names]
 
-        norms = gram.diagonal().clamp_min(0).sqrt()
-        cos = _cosines(gram)
-        cos_after = _cosines(A @ gram @ A.T)
+        norms = proj.norms.detach().cpu()
+        cos = proj.cosines.detach().cpu()
+        cos_after = proj.projected_cosines.detach().cpu()
         losses = [float(v) for v in (info.losses if hasattr(info, "losses") else [math.nan] * K)]
-        num_conflicts = int((gram < 0).triu(diagonal=1).sum())
-        dominance = self._dominance(names, gram) if self.modalities is not None else {}
+        num_conflicts = proj.num_conflicts
+        dominance = self._dominance(names, gram.double()) if self.modalities is not None else {}
 
         T = len(self.objective_names)
         if bool(torch.isfinite(gram).all()):  # a skipped (NaN/Inf) step would poison the plot's averages
@@ -228,12 +232,6 @@ def _names(values, what) -> tuple[str, ...]:
     if not out or any(not isinstance(v, str) or not v for v in out) or len(set(out)) != len(out):
         raise ValueError(f"{what} must be distinct non-empty strings, got {list(out)}")
     return out
-
-
-def _cosines(gram: torch.Tensor) -> torch.Tensor:
-    n = gram.diagonal().clamp_min(0).sqrt()
-    d = n[:, None] * n[None, :]
-    return torch.where(d > 0, gram / d.clamp_min(1e-300), 0.0)
 
 
 def _angles(cos: np.ndarray) -> np.ndarray:

@@ -5,8 +5,8 @@ Pass 1 computes the Gramian Γ = G Gᵀ; the sequential projection loop then run
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 
@@ -16,26 +16,59 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _REDUCTIONS = ("mean", "sum", "none")
 
 
-@dataclass
 class ProjectionInfo:
     """What the projection saw: the dominance indicators of the paper, all derived from Γ and A.
 
     gram [K, K] float32: Γ = G Gᵀ. coefficients [K, K] float32: A, projected gradients = A @ G.
     cosines [K, K] float32: Γ_ij / √(Γ_ii Γ_jj) (0 where a norm is 0). norms [K] float32: ‖g_i‖.
     num_conflicts: number of pairs i < j of original gradients with g_i·g_j < 0.
+    projected_gram [K, K]: A Γ Aᵀ, the Gramian of the projected gradients; projected_cosines [K, K]: its cosines.
+    Everything but gram and coefficients is computed on first access (num_conflicts reads Γ on the host).
     """
 
-    gram: torch.Tensor
-    coefficients: torch.Tensor
-    cosines: torch.Tensor
-    norms: torch.Tensor
-    num_conflicts: int
+    _KEYS = ("gram", "coefficients", "cosines", "norms", "num_conflicts")
 
-    def __getitem__(self, key):  # info["gram"] works as well as info.gram
-        return getattr(self, key)
+    def __init__(self, gram: torch.Tensor, coefficients: torch.Tensor):
+        self.gram = gram
+        self.coefficients = coefficients
+
+    @functools.cached_property
+    def norms(self) -> torch.Tensor:
+        return self.gram.diagonal().clamp_min(0).sqrt()
+
+    @functools.cached_property
+    def cosines(self) -> torch.Tensor:
+        return _cosines(self.gram, self.norms)
+
+    @functools.cached_property
+    def num_conflicts(self) -> int:
+        return int((self.gram < 0).triu(diagonal=1).sum())
+
+    @functools.cached_property
+    def projected_gram(self) -> torch.Tensor:
+        A = self.coefficients
+        return A @ self.gram @ A.T
+
+    @functools.cached_property
+    def projected_cosines(self) -> torch.Tensor:
+        g = self.projected_gram
+        return _cosines(g, g.diagonal().clamp_min(0).sqrt())
 
     def keys(self):
-        return ("gram", "coefficients", "cosines", "norms", "num_conflicts")
+        return self._KEYS
+
+    def __getitem__(self, key):  # info["gram"] works as well as info.gram
+        if key not in self.keys():
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def __repr__(self):
+        return f"{type(self).__name__}(K={self.gram.shape[0]})"
+
+
+def _cosines(gram: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+    denom = norms[:, None] * norms[None, :]
+    return torch.where(denom > 0, gram / denom.clamp_min(torch.finfo(gram.dtype).tiny), 0.0)
 
 
 def as_matrix(grads, name: str = "grads") -> torch.Tensor:
@@ -108,29 +141,40 @@ def make_perms(order, K: int, generator: torch.Generator | None = None, device="
     return order.to(device)
 
 
-def _info(gram: torch.Tensor, A: torch.Tensor) -> ProjectionInfo:
-    sq = gram.diagonal().clamp_min(0)
-    norms = sq.sqrt()
-    denom = norms[:, None] * norms[None, :]
-    cosines = torch.where(denom > 0, gram / denom.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
-    num_conflicts = int((gram < 0).triu(diagonal=1).sum())
-    return ProjectionInfo(gram=gram, coefficients=A, cosines=cosines, norms=norms, num_conflicts=num_conflicts)
-
-
-def project(G: torch.Tensor, perms: torch.Tensor, shared: torch.Tensor | None, reduction: str,
-            backend: str | None = None):
+def project(G, perms: torch.Tensor, shared, reduction: str, backend: str | None = None, *,
+            scale: float = 1.0, finite: torch.Tensor | None = None):
     """The two-pass projection on validated inputs, without host synchronisation.
 
-    Returns (merged, gram, A): merged is [N] (or [K, N] for reduction='none') in G's dtype.
+    Args:
+        G: one [K, N] buffer, or a list of [K, N_b] buffers (any dtypes / devices) projected as one [K, ΣN_b]
+            matrix: Γ is summed over buffers, the K×K loop runs once, then one combination pass per buffer.
+        perms: int64 [K, K] order. shared: None or bool [N] for one buffer; a list (None or bool [N_b]) for a list.
+        reduction: "mean" | "sum" | "none" ("none" only for one buffer).
+        scale: multiplies every merged element (rides on the K coefficients: no pass over the buffer).
+        finite: optional bool scalar tensor; False makes the merged gradient NaN everywhere, as does a non-finite
+            Γ diagonal (NaN/Inf in a gradient, or overflowing squared norms, which would otherwise silently skip
+            every projection). Free: it goes through the K coefficients.
+    Returns:
+        (merged, gram, A): merged [N] ([K, N] for "none") in G's dtype, or a list of [N_b] for a list of buffers.
     """
-    gram_ = ops.gram(G, backend)
-    A = ops.pcgrad_coefficients(gram_, perms, backend)
+    many = isinstance(G, (list, tuple))
+    Gs, masks = (list(G), list(shared)) if many else ([G], [shared])
+    grams = [ops.gram(g, backend) for g in Gs]
+    gram_ = grams[0] if len(grams) == 1 else sum(g.to(grams[0].device) for g in grams)
+    A = ops.pcgrad_coefficients(gram_, perms.to(gram_.device), backend)
     if reduction == "none":
+        if many:
+            raise ValueError('reduction="none" projects one buffer, got a list')
         return ops.combine_rows(G, A, backend), gram_, A
-    K = G.shape[0]
-    shared_scale = 1.0 / K if reduction == "mean" else 1.0
     # c_k = Σ_i A_ik: the merged gradient is Σ_i g_i' = cᵀ G, scaled per element.
-    return ops.combine(G, A.sum(0), shared, shared_scale, 1.0, backend), gram_, A
+    c = A.sum(0) if scale == 1.0 else A.sum(0) * scale
+    ok = torch.isfinite(gram_.diagonal()).all()
+    if finite is not None:
+        ok = ok & finite.to(ok.device)
+    c = torch.where(ok, c, float("nan"))
+    shared_scale = 1.0 / A.shape[0] if reduction == "mean" else 1.0
+    merged = [ops.combine(g, c.to(g.device), m, shared_scale, 1.0, backend) for g, m in zip(Gs, masks)]
+    return (merged if many else merged[0]), gram_, A
 
 
 def project_conflicts(grads, *, shared=None, order="random", generator=None, reduction="mean", backend="auto",
@@ -168,7 +212,7 @@ def project_conflicts(grads, *, shared=None, order="random", generator=None, red
                          f"(or their squared norms overflow float32)")
     if not return_info:
         return merged
-    return merged, _info(gram_, A)
+    return merged, ProjectionInfo(gram_, A)
 
 
 def gram(grads, backend="auto") -> torch.Tensor:

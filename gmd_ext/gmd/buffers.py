@@ -1,0 +1,184 @@
+"""The per-objective gradient buffers of the GMD engine (docs/design.md §1).
+
+The per-objective gradients are never copied out of autograd: while objective k is differentiated every trainable
+parameter's `.grad` is a view into row k of a preallocated [K, N] buffer (one per (device, dtype)), and autograd's
+AccumulateGrad adds into an existing `.grad` in place (`variable_grad += new_grad` when grad mode is off, which it
+is during a first-order backward). A post-accumulate-grad hook per parameter records which objectives reached it
+— exact, and one Python call per (parameter, objective) — and checks the in-place contract held (if autograd ever
+replaced `.grad`, the hook copies the new tensor into the row once and warns).
+"""
+from __future__ import annotations
+
+import warnings
+import weakref
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+GRAD_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class Buffer:
+    """The [K, N] per-objective gradient rows of the parameters sharing one (device, dtype), and their views."""
+
+    def __init__(self, params, index, K):
+        self.params = params          # parameters in optimizer order
+        self.index = index            # their positions in the engine's flat parameter list
+        p0 = params[0]
+        self.sizes = [p.numel() for p in params]
+        self.offsets = np.concatenate([[0], np.cumsum(self.sizes)[:-1]]).tolist()
+        self.N = int(sum(self.sizes))
+        # Same strides as the parameter when it is dense (channels_last, transposed...), so elementwise
+        # accumulation walks both in the same memory order; contiguous otherwise (empty_like's rule).
+        self.strides = [torch.empty_like(p, device="meta").stride() for p in params]
+        self.G = torch.zeros((K, self.N), dtype=p0.dtype, device=p0.device)
+        self.views = [self.row_views(self.G, k) for k in range(K)]
+
+    def row_views(self, flat: torch.Tensor, k: int = 0):
+        base = flat.storage_offset() + k * self.N
+        return [flat.as_strided(p.shape, s, base + o) for p, s, o in zip(self.params, self.strides, self.offsets)]
+
+    def batched_view(self, j: int):
+        """[K, *shape_j] view of parameter j's slice in every row."""
+        p = self.params[j]
+        return self.G.as_strided((self.G.shape[0], *p.shape), (self.N, *self.strides[j]),
+                                 self.G.storage_offset() + self.offsets[j])
+
+
+def check_params(params) -> None:
+    if not params:
+        raise ValueError("optimizer has no trainable parameters (none with requires_grad=True)")
+    for k, p in enumerate(params):
+        if p.dtype not in GRAD_DTYPES:
+            raise TypeError(f"GMD supports float32/float16/bfloat16 parameters, parameter {k} of the optimizer "
+                            f"is {p.dtype}")
+        if p.is_sparse:
+            raise TypeError(f"parameter {k} of the optimizer is sparse; GMD needs dense parameters")
+
+
+class GradBuffers:
+    """K rows of per-objective gradients over `params`, filled by backward passes; `reach[k, i]` says whether
+    objective k's graph reached parameter i."""
+
+    def __init__(self, params: list, K: int):
+        check_params(params)
+        groups: dict = {}
+        for i, p in enumerate(params):
+            groups.setdefault((p.device, p.dtype), []).append(i)
+        # The only place a [K, N] buffer is created: first step, or K / parameters changed.
+        self.buffers = [Buffer([params[i] for i in idx], idx, K) for idx in groups.values()]
+        self.params = params
+        self.reach = np.zeros((K, len(params)), dtype=np.bool_)
+        self._slot = [None] * len(params)  # parameter i -> (buffer, position in it)
+        for b in self.buffers:
+            for j, i in enumerate(b.index):
+                self._slot[i] = (b, j)
+        self._row = None                   # the objective being differentiated, else None
+        self._warned = False
+        ref = weakref.ref(self)
+        self._handles = [p.register_post_accumulate_grad_hook(_hook(ref, i)) for i, p in enumerate(params)]
+
+    @property
+    def K(self) -> int:
+        return self.reach.shape[0]
+
+    def matches(self, params, K) -> bool:
+        return K == self.K and len(params) == len(self.params) and all(a is b for a, b in zip(params, self.params))
+
+    def view(self, k: int, i: int) -> torch.Tensor:
+        b, j = self._slot[i]
+        return b.views[k][j]
+
+    def fill_sequential(self, losses, after_row: Callable[[int], None]) -> None:
+        """One backward pass per objective into its row; `after_row(k)` runs right after row k is complete."""
+        self.reach[:] = False
+        K = len(losses)
+        try:
+            for k, loss in enumerate(losses):
+                for b in self.buffers:
+                    # Autograd adds into the row views; zeroing row k right before its pass keeps it cache-warm.
+                    b.G[k].zero_()
+                for i, p in enumerate(self.params):
+                    p.grad = self.view(k, i)
+                self._row = k
+                loss.backward(retain_graph=k < K - 1)
+                self._row = None
+                after_row(k)
+        finally:
+            self._row = None
+
+    def fill_batched(self, losses) -> bool:
+        """All rows from one vmapped `torch.autograd.grad`; False (rows untouched) when the model cannot vmap."""
+        L = torch.stack([l.reshape(()) for l in losses])
+        K = L.shape[0]
+        eye = torch.eye(K, dtype=L.dtype, device=L.device)
+        try:
+            grads = torch.autograd.grad(L, self.params, grad_outputs=eye, is_grads_batched=True,
+                                        allow_unused=True, retain_graph=True)
+        except RuntimeError as e:
+            warnings.warn(f"gmd_ext.GMD: strategy='batched' is not supported by this model ({e}); falling back "
+                          f"to strategy='sequential' for the rest of training", RuntimeWarning, stacklevel=3)
+            return False
+        self.reach[:] = False
+        target = {id(p): i for i, p in enumerate(self.params)}
+        for k, loss in enumerate(losses):
+            self.reach[k, _reached(loss, target)] = True
+        for b in self.buffers:
+            for j, i in enumerate(b.index):
+                g = grads[i]
+                if g is None:
+                    b.batched_view(j).zero_()
+                else:
+                    b.batched_view(j).copy_(g)
+        return True
+
+    def _accumulated(self, p, i):
+        k = self._row
+        self.reach[k, i] = True
+        view = self.view(k, i)
+        if p.grad is not view:
+            # Autograd replaced .grad instead of adding into it (e.g. a backward under create_graph=True).
+            if not self._warned:
+                self._warned = True
+                warnings.warn("gmd_ext.GMD: autograd replaced a parameter's .grad instead of accumulating into "
+                              "the engine's buffer view; copying it into the buffer (one extra copy per such "
+                              "parameter)", RuntimeWarning, stacklevel=2)
+            view.copy_(p.grad)
+            p.grad = view
+
+    def close(self) -> None:
+        """Remove the gradient hooks from the parameters."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+def _hook(ref, i):
+    def hook(p):
+        bufs = ref()
+        if bufs is not None and bufs._row is not None:
+            bufs._accumulated(p, i)
+    return hook
+
+
+def _reached(loss: torch.Tensor, target: dict) -> list[int]:
+    """Indices (values of `target`, keyed by id(param)) of the leaves the autograd graph of `loss` reaches."""
+    out = []
+    if loss.grad_fn is None:
+        i = target.get(id(loss))
+        return [i] if i is not None else out
+    stack, seen = [loss.grad_fn], set()
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        var = getattr(fn, "variable", None)  # AccumulateGrad nodes hold their leaf
+        if var is not None:
+            i = target.get(id(var))
+            if i is not None:
+                out.append(i)
+            continue
+        stack.extend(f for f, _ in fn.next_functions)
+    return out
