@@ -1,7 +1,10 @@
-"""GMD under torch.distributed: 2 processes, gloo, localhost.
+"""GMD under torch.distributed: 2 and 4 processes, gloo, localhost, against one process on the concatenated batch.
 
-Tolerance: the all-reduced per-objective gradients differ from the single-process ones only by fp32 summation
-order, so merged gradients and parameters after 3 SGD steps agree to rtol 1e-5 / atol 1e-6.
+Every communication (all-reduce, reduce-scatter; DDP and process_group=; sequential and batched backward) and the
+FSDP2 path (gmd_ext/gmd/fsdp.py) must give the single-process merged gradients and parameters after STEPS SGD
+steps. Tolerance: the rank-summed per-objective gradients differ from the single-process ones only by fp32
+summation order (and Γ by the order of its shard sums), so merged gradients and parameters agree to rtol 1e-5 /
+atol 1e-6.
 """
 import os
 import socket
@@ -16,14 +19,15 @@ from torch import nn
 
 from gmd_ext import GMD
 
-WORLD = 2
 STEPS = 3
+ROWS = 4  # batch rows per rank
+TOL = dict(rtol=1e-5, atol=1e-6)
 
 
 class Net(nn.Module):
     def __init__(self):
         super().__init__()
-        self.trunk = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 8))
+        self.trunk = nn.Sequential(nn.Linear(6, 15), nn.ReLU(), nn.Linear(15, 8)  # N = 305: padded shards)
         self.heads = nn.ModuleList(nn.Linear(8, 2) for _ in range(3))
         self.solo = nn.Linear(8, 2)  # reached by objective 0 only: summed, not averaged
 
@@ -39,41 +43,70 @@ def losses_of(outs, y):
     return out
 
 
-def data():
+def sampled(step_gen):
+    """Losses of a sampled subset of the objectives (2 or 3 of them), the same on every rank when the generators
+    are seeded alike: K and the reach pattern change between steps."""
+    def pick(outs, y):
+        losses = losses_of(outs, y)
+        k = int(torch.randint(2, 4, (), generator=step_gen))
+        return [losses[i] for i in sorted(torch.randperm(3, generator=step_gen)[:k].tolist())]
+    return pick
+
+
+def data(world):
     g = torch.Generator().manual_seed(1)
-    return torch.randn(4 * WORLD, 6, generator=g), torch.randn(4 * WORLD, 2, generator=g)
+    return torch.randn(ROWS * world, 6, generator=g), torch.randn(ROWS * world, 2, generator=g)
 
 
-def run(model, gmd, x, y, forward=None):
+def flat_grads(model):
+    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in model.parameters()])
+
+
+def run(model, gmd, x, y, forward=None, pick=losses_of):
     forward = forward or model
     merged = []
     for _ in range(STEPS):
         gmd.zero_grad()
-        gmd.backward(losses_of(forward(x), y))
-        merged.append(torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten()
-                                 for p in model.parameters()]))
+        gmd.backward(pick(forward(x), y))
+        merged.append(flat_grads(model))
         gmd.step()
     return merged, [p.detach().clone() for p in model.parameters()]
 
 
-def _worker(rank, port, out_dir):
+VARIANTS = ("ddp_all_reduce", "ddp_reduce_scatter", "group_all_reduce", "group_reduce_scatter",
+            "group_reduce_scatter_batched", "sampled_reduce_scatter")
+
+
+def run_variant(variant, x, y):
+    torch.manual_seed(0)
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    communication = "all_reduce" if "all_reduce" in variant else "reduce_scatter"
+    pick = sampled(torch.Generator().manual_seed(5)) if variant.startswith("sampled") else losses_of
+    if variant.startswith("ddp"):
+        ddp = nn.parallel.DistributedDataParallel(model)
+        gmd = GMD(opt, ddp_module=ddp, seed=3, communication=communication)
+        return run(model, gmd, x, y, forward=ddp)
+    gmd = GMD(opt, process_group=dist.group.WORLD, seed=3, communication=communication,
+              strategy="batched" if variant.endswith("batched") else "sequential")
+    return run(model, gmd, x, y, pick=pick)
+
+
+def reference(variant, world):
+    torch.manual_seed(0)
+    model = Net()
+    x, y = data(world)
+    pick = sampled(torch.Generator().manual_seed(5)) if variant.startswith("sampled") else losses_of
+    return run(model, GMD(torch.optim.SGD(model.parameters(), lr=0.1), seed=3), x, y, pick=pick)
+
+
+def _worker(rank, world, port, out_dir):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=5))
-    x, y = data()
-    shard = slice(rank * 4, (rank + 1) * 4)
-    result = {}
-    for variant in ("ddp", "group"):
-        torch.manual_seed(0)
-        model = Net()
-        opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        if variant == "ddp":
-            ddp = nn.parallel.DistributedDataParallel(model)
-            gmd = GMD(opt, ddp_module=ddp, seed=3)
-            result[variant] = run(model, gmd, x[shard], y[shard], forward=ddp)
-        else:
-            gmd = GMD(opt, process_group=dist.group.WORLD, seed=3)
-            result[variant] = run(model, gmd, x[shard], y[shard])
+    x, y = data(world)
+    shard = slice(rank * ROWS, (rank + 1) * ROWS)
+    result = {v: run_variant(v, x[shard], y[shard]) for v in VARIANTS}
     # A DDP model without ddp_module=: DDP's own error, re-raised with the fix.
     torch.manual_seed(0)
     plain = Net()
@@ -83,10 +116,22 @@ def _worker(rank, port, out_dir):
         result["no_ddp_module"] = None
     except RuntimeError as e:
         result["no_ddp_module"] = str(e)
+    # The last rank passes one objective fewer: every rank fails at the next step, before any row moves.
+    model = Net()
+    gmd = GMD(torch.optim.SGD(model.parameters(), lr=0.1), process_group=dist.group.WORLD, seed=3,
+              communication="reduce_scatter")
+    losses = losses_of(model(x[shard]), y[shard])
+    t0 = time.monotonic()
+    try:
+        gmd.backward(losses[:-1] if rank == world - 1 else losses)
+        result["diverged_k"] = None
+    except RuntimeError as e:
+        result["diverged_k"] = str(e)
+    result["diverged_k_elapsed"] = time.monotonic() - t0
     torch.save(result, os.path.join(out_dir, f"equal_{rank}.pt"))
-    # Then rank 1 dies before the next step's all-reduce; rank 0 must fail within the timeout, not hang.
+    # Then the last rank dies before the next step's collectives; rank 0 must fail within the timeout, not hang.
     dist.barrier()
-    if rank == 1:
+    if rank == world - 1:
         os._exit(0)
     dead = {}
     t0 = time.monotonic()
@@ -96,7 +141,8 @@ def _worker(rank, port, out_dir):
     except RuntimeError as e:
         dead["error"] = str(e)
     dead["elapsed"] = time.monotonic() - t0
-    torch.save(dead, os.path.join(out_dir, "dead_0.pt"))
+    if rank == 0:
+        torch.save(dead, os.path.join(out_dir, "dead_0.pt"))
     os._exit(0)  # the group cannot be torn down cleanly with a dead peer
 
 
@@ -106,49 +152,59 @@ def _free_port():
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def ranks(tmp_path_factory):
-    """One 2-rank launch for both tests (spawning and importing torch dominates their time)."""
-    out = tmp_path_factory.mktemp("ddp")
+def launch(worker, world, out, timeout=120):
     ctx = mp.get_context("spawn")
     port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, port, str(out))) for r in range(WORLD)]
+    procs = [ctx.Process(target=worker, args=(r, world, port, str(out))) for r in range(world)]
     for p in procs:
         p.start()
-    deadline = time.monotonic() + 90
+    deadline = time.monotonic() + timeout
     for p in procs:
         p.join(max(0.0, deadline - time.monotonic()))
     alive = [p for p in procs if p.is_alive()]
     for p in alive:
         p.kill()
-    assert not alive, "ranks still running after 90 s (hang)"
+    assert not alive, f"ranks still running after {timeout} s (hang)"
     return out
 
 
-def test_two_ranks_equal_one_process_on_concatenated_batch(ranks):
-    torch.set_num_threads(1)  # tiny tensors on a shared 2-core box: avoid contended OpenMP barriers
-    torch.manual_seed(0)
-    model = Net()
-    x, y = data()
-    ref_merged, ref_params = run(model, GMD(torch.optim.SGD(model.parameters(), lr=0.1), seed=3), x, y)
-    assert all(m[-18:].abs().sum() > 0 for m in ref_merged)  # objective-0-only params got a gradient
-    for rank in range(WORLD):
-        res = torch.load(ranks / f"equal_{rank}.pt")
-        for variant in ("ddp", "group"):
-            merged, params = res[variant]
-            for m, r in zip(merged, ref_merged):
-                torch.testing.assert_close(m, r, rtol=1e-5, atol=1e-6)
-            for p, r in zip(params, ref_params):
-                torch.testing.assert_close(p, r, rtol=1e-5, atol=1e-6)
+@pytest.fixture(scope="module", params=[2, 4], ids=["2ranks", "4ranks"])
+def ranks(request, tmp_path_factory):
+    """One launch per world size for all tests (spawning and importing torch dominates their time)."""
+    world = request.param
+    return world, launch(_worker, world, tmp_path_factory.mktemp(f"ddp{world}"))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_ranks_equal_one_process_on_concatenated_batch(ranks, variant, one_thread):
+    world, out = ranks
+    ref_merged, ref_params = reference(variant, world)
+    if variant == "ddp_all_reduce":
+        assert all(m[-18:].abs().sum() > 0 for m in ref_merged)  # objective-0-only params got a gradient
+    for rank in range(world):
+        merged, params = torch.load(out / f"equal_{rank}.pt")[variant]
+        for m, r in zip(merged, ref_merged):
+            torch.testing.assert_close(m, r, **TOL)
+        for p, r in zip(params, ref_params):
+            torch.testing.assert_close(p, r, **TOL)
+
+
+def test_ranks_diverging_in_k_fail_fast(ranks):
+    world, out = ranks
+    for rank in range(world):
+        res = torch.load(out / f"equal_{rank}.pt")
+        assert res["diverged_k"] is not None and "disagree on the number of objectives" in res["diverged_k"]
+        assert res["diverged_k_elapsed"] < 4, res["diverged_k_elapsed"]  # before the 5 s timeout
 
 
 def test_dead_rank_fails_within_timeout(ranks):
-    res = torch.load(ranks / "dead_0.pt")
-    assert res["error"] is not None and "all-reduce of the per-objective gradients failed" in res["error"]
+    res = torch.load(ranks[1] / "dead_0.pt")
+    assert res["error"] is not None and "collective on the per-objective gradients failed" in res["error"]
     assert res["elapsed"] < 30, res
 
 
 def test_ddp_model_without_ddp_module_raises_with_hint(ranks):
-    for rank in range(WORLD):
-        msg = torch.load(ranks / f"equal_{rank}.pt")["no_ddp_module"]
+    world, out = ranks
+    for rank in range(world):
+        msg = torch.load(out / f"equal_{rank}.pt")["no_ddp_module"]
         assert msg is not None and "pass GMD(..., ddp_module=" in msg

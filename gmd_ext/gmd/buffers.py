@@ -22,7 +22,7 @@ GRAD_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 class Buffer:
     """The [K, N] per-objective gradient rows of the parameters sharing one (device, dtype), and their views."""
 
-    def __init__(self, params, index, K):
+    def __init__(self, params, index, K, rows=None, width=None):
         self.params = params          # parameters in optimizer order
         self.index = index            # their positions in the engine's flat parameter list
         p0 = params[0]
@@ -32,17 +32,20 @@ class Buffer:
         # Same strides as the parameter when it is dense (channels_last, transposed...), so elementwise
         # accumulation walks both in the same memory order; contiguous otherwise (empty_like's rule).
         self.strides = [torch.empty_like(p, device="meta").stride() for p in params]
-        self.G = torch.zeros((K, self.N), dtype=p0.dtype, device=p0.device)
-        self.views = [self.row_views(self.G, k) for k in range(K)]
+        # rows < K: objective k is differentiated into row k % rows (a communication that moves each row off the
+        # rank right after its backward pass needs one); width >= N pads each row (shardable into equal parts).
+        self.width = self.N if width is None else width(self.N)
+        self.G = torch.zeros((K if rows is None else rows, self.width), dtype=p0.dtype, device=p0.device)
+        self.views = [self.row_views(self.G, k) for k in range(self.G.shape[0])]
 
     def row_views(self, flat: torch.Tensor, k: int = 0):
-        base = flat.storage_offset() + k * self.N
+        base = flat.storage_offset() + k * self.width
         return [flat.as_strided(p.shape, s, base + o) for p, s, o in zip(self.params, self.strides, self.offsets)]
 
     def batched_view(self, j: int):
         """[K, *shape_j] view of parameter j's slice in every row."""
         p = self.params[j]
-        return self.G.as_strided((self.G.shape[0], *p.shape), (self.N, *self.strides[j]),
+        return self.G.as_strided((self.G.shape[0], *p.shape), (self.width, *self.strides[j]),
                                  self.G.storage_offset() + self.offsets[j])
 
 
@@ -61,13 +64,13 @@ class GradBuffers:
     """K rows of per-objective gradients over `params`, filled by backward passes; `reach[k, i]` says whether
     objective k's graph reached parameter i."""
 
-    def __init__(self, params: list, K: int):
+    def __init__(self, params: list, K: int, rows: int | None = None, width: Callable[[int], int] | None = None):
         check_params(params)
         groups: dict = {}
         for i, p in enumerate(params):
             groups.setdefault((p.device, p.dtype), []).append(i)
         # The only place a [K, N] buffer is created: first step, or K / parameters changed.
-        self.buffers = [Buffer([params[i] for i in idx], idx, K) for idx in groups.values()]
+        self.buffers = [Buffer([params[i] for i in idx], idx, K, rows, width) for idx in groups.values()]
         self.params = params
         self.reach = np.zeros((K, len(params)), dtype=np.bool_)
         self._slot = [None] * len(params)  # parameter i -> (buffer, position in it)
@@ -88,7 +91,7 @@ class GradBuffers:
 
     def view(self, k: int, i: int) -> torch.Tensor:
         b, j = self._slot[i]
-        return b.views[k][j]
+        return b.views[k % len(b.views)][j]
 
     def fill_sequential(self, losses, after_row: Callable[[int], None]) -> None:
         """One backward pass per objective into its row; `after_row(k)` runs right after row k is complete."""
@@ -98,7 +101,7 @@ class GradBuffers:
             for k, loss in enumerate(losses):
                 for b in self.buffers:
                     # Autograd adds into the row views; zeroing row k right before its pass keeps it cache-warm.
-                    b.G[k].zero_()
+                    b.G[k % b.G.shape[0]].zero_()
                 for i, p in enumerate(self.params):
                     p.grad = self.view(k, i)
                 self._row = k
@@ -132,6 +135,14 @@ class GradBuffers:
                 else:
                     b.batched_view(j).copy_(g)
         return True
+
+    def set_grads(self, merged) -> None:
+        """`.grad` of every parameter: its view of the merged gradient (one [N_b] per buffer), None where no
+        objective reached it."""
+        reach_any = self.reach.any(0)
+        for b, m in zip(self.buffers, merged):
+            for p, v, i in zip(b.params, b.row_views(m), b.index):
+                p.grad = v if reach_any[i] else None
 
     def _accumulated(self, p, i):
         k = self._row

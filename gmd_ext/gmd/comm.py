@@ -1,8 +1,25 @@
-"""Communication of the GMD engine: summing the per-objective gradient rows over the ranks of a process group.
+"""Communication of the GMD engine: the per-objective gradient rows across the ranks of a process group.
 
-The engine talks to this module only through `Comm`: `backward_context()` around the K backward passes,
-`reduce(rows)` to start an asynchronous sum of some [*, N] rows, `wait(works)`, and `scale` (1 / world size),
-which the engine folds into the combination coefficients instead of a pass over the buffer (docs/design.md §1).
+The engine talks to a communication only through the `Comm` interface (docs/design.md §1):
+
+    check(K)                     every rank agrees on K (fails fast with the ranks' values otherwise)
+    rows(K, batched), width(N)   the shape of the row buffers autograd fills: rows < K reuses a scratch row
+    backward_context()           around the K backward passes
+    row_done(bufs, k)            after row k's backward pass (sequential), or rows_done(bufs) (batched)
+    local(bufs, masks)           the [K, n] rows and [n] shared masks this rank projects
+    reduce_gram(gram)            this rank's Γ -> the Γ of the full rows
+    restore(merged)              this rank's merged [n] -> the merged [N] that goes to .grad
+    scale                        folded into the combination coefficients instead of a pass over the rows
+
+Two communications under DDP / process_group=:
+- "all_reduce": every row is all-reduced (sum) right after its backward pass: 2·K·N values sent per rank (ring
+  all-reduce), the full [K, N] buffer on every rank, and each rank projects all of it.
+- "reduce_scatter": row k is reduce-scattered right after backward k (rank r keeps elements [r·S, (r+1)·S) of the
+  sum, S = ⌈N / W⌉) into a [K, S] shard buffer, so one scratch row of N is all the full-length memory autograd
+  needs; Γ = Σ over ranks of the shard Gramians (one all-reduce of K×K values); every rank then derives the same
+  coefficients from the same Γ and order, combines its shard, and one all-gather of the merged shard restores the
+  merged [N] gradient (into the scratch row): (K + 1)·N values sent per rank, N + K·N/W gradient memory.
+  The per-element shared masks are sliced exactly as the rows are.
 """
 from __future__ import annotations
 
@@ -10,9 +27,25 @@ import contextlib
 
 import torch
 
+COMMUNICATIONS = ("auto", "all_reduce", "reduce_scatter")
+# communication="auto" switches to "reduce_scatter" from this many gradient elements per rank on. Below it the
+# K + 1 extra collective latencies outweigh the halved volume (bench/bench_distributed.py, gloo, 2-core CPU box).
+REDUCE_SCATTER_MIN_NUMEL = 1 << 16
+
+
+def make_comm(ddp_module=None, process_group=None, communication: str = "auto", numel: int = 0) -> "Comm":
+    """The communication of a GMD engine over `numel` trainable elements: single process, or one of
+    COMMUNICATIONS over a process group ("auto": "reduce_scatter" from REDUCE_SCATTER_MIN_NUMEL on)."""
+    if communication not in COMMUNICATIONS:
+        raise ValueError(f"communication must be one of {COMMUNICATIONS}, got {communication!r}")
+    if communication == "auto":
+        communication = "reduce_scatter" if numel >= REDUCE_SCATTER_MIN_NUMEL else "all_reduce"
+    cls = ReduceScatterComm if communication == "reduce_scatter" else Comm
+    return cls(ddp_module, process_group)
+
 
 class Comm:
-    """Sum-reduction of gradient rows over `ddp_module`'s process group, or over `process_group`, or nothing
+    """Sum all-reduce of every gradient row over `ddp_module`'s process group, or over `process_group`, or nothing
     (single process: both None)."""
 
     def __init__(self, ddp_module=None, process_group=None):
@@ -26,10 +59,15 @@ class Comm:
         if ddp_module is not None:
             # DDP decides at forward time whether the next backward all-reduces: keep it off for good.
             ddp_module.require_backward_grad_sync = False
+        self._works: list = []
 
     @property
     def world_size(self) -> int:
         return 1 if self.group is None else torch.distributed.get_world_size(self.group)
+
+    @property
+    def rank(self) -> int:
+        return 0 if self.group is None else torch.distributed.get_rank(self.group)
 
     @property
     def scale(self) -> float:
@@ -43,6 +81,25 @@ class Comm:
         t = torch.tensor([seed], dtype=torch.int64, device=device)
         torch.distributed.broadcast(t, src=torch.distributed.get_global_rank(self.group, 0), group=self.group)
         return int(t.item())
+
+    def check(self, K: int, device) -> None:
+        """Raise on every rank when the ranks disagree on K: their row collectives would otherwise pair up wrongly
+        and hang until the timeout, or silently mix objectives. One 2-value all-reduce."""
+        if self.group is None:
+            return
+        t = torch.tensor([K, -K], dtype=torch.int64, device=device)
+        self._run(lambda: torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX, group=self.group))
+        hi, lo = int(t[0]), -int(t[1])
+        if hi != lo:
+            raise RuntimeError(f"gmd_ext.GMD: the ranks disagree on the number of objectives (between {lo} and "
+                               f"{hi}; this rank, {self.rank}, has K = {K}); every rank must pass the same K losses "
+                               f"each step (sample subsets with identically seeded generators)")
+
+    def rows(self, K: int, batched: bool) -> int:
+        return K
+
+    def width(self, N: int) -> int:
+        return N
 
     @contextlib.contextmanager
     def backward_context(self):
@@ -63,24 +120,127 @@ class Comm:
                                    "the K passes without DDP sync and all-reduces once: " + str(e)) from e
             raise
 
-    def reduce(self, rows: list[torch.Tensor]) -> list:
-        """Start asynchronous SUM all-reduces of `rows` in place; returns the works for `wait`."""
-        if self.group is None:
-            return []
-        try:
-            return [torch.distributed.all_reduce(r, group=self.group, async_op=True) for r in rows]
-        except RuntimeError as e:
-            raise _comm_error(e) from e
+    def row_done(self, bufs, k: int) -> None:
+        # Row k's all-reduce starts right after its backward pass, overlapping the next one.
+        self._reduce([b.G[k] for b in bufs.buffers])
 
-    def wait(self, works: list) -> None:
+    def rows_done(self, bufs) -> None:
+        self._reduce([b.G for b in bufs.buffers])
+
+    def local(self, bufs, masks):
+        self._wait()
+        return [b.G for b in bufs.buffers], masks
+
+    def reduce_gram(self, gram: torch.Tensor) -> torch.Tensor:
+        return gram
+
+    def restore(self, merged: list) -> list:
+        return merged
+
+    # ------------------------------------------------------------------ collectives
+    def _reduce(self, rows: list[torch.Tensor]) -> None:
+        if self.group is not None:
+            for r in rows:
+                self._works.append(self._run(
+                    lambda r=r: torch.distributed.all_reduce(r, group=self.group, async_op=True)))
+
+    def _wait(self) -> None:
+        works, self._works = self._works, []
         for w in works:
-            try:
-                w.wait()
-            except RuntimeError as e:
-                raise _comm_error(e) from e
+            self._run(w.wait)
+
+    @staticmethod
+    def _run(fn):
+        try:
+            return fn()
+        except RuntimeError as e:
+            raise RuntimeError(f"gmd_ext.GMD: a collective on the per-objective gradients failed on the process "
+                               f"group (a rank died, diverged in K / parameters, or timed out; the timeout is "
+                               f"init_process_group(timeout=...)): {e}") from e
 
 
-def _comm_error(e: Exception) -> RuntimeError:
-    return RuntimeError(f"gmd_ext.GMD: all-reduce of the per-objective gradients failed on the process group (a "
-                        f"rank died, diverged in K / parameters, or timed out; the timeout is "
-                        f"init_process_group(timeout=...)): {e}")
+class ReduceScatterComm(Comm):
+    """Row k reduce-scattered right after backward k; the Gramian of the shards all-reduced; the merged shard
+    all-gathered (module docstring). Single process: the plain path (nothing to scatter)."""
+
+    def __init__(self, ddp_module=None, process_group=None):
+        super().__init__(ddp_module, process_group)
+        self._shards: list[torch.Tensor] = []
+        self._scratch: list[torch.Tensor] = []
+        self._mask_cache: dict = {}
+
+    @property
+    def sharded(self) -> bool:
+        return self.world_size > 1
+
+    def rows(self, K: int, batched: bool) -> int:
+        # Batched backward fills every row at once; sequential reuses one scratch row.
+        return K if batched or not self.sharded else 1
+
+    def width(self, N: int) -> int:
+        W = self.world_size
+        return -(-N // W) * W
+
+    def _shard_buffers(self, bufs):
+        K = bufs.K
+        if len(self._shards) != len(bufs.buffers) or any(
+                s.shape != (K, b.width // self.world_size) or s.dtype != b.G.dtype or s.device != b.G.device
+                for s, b in zip(self._shards, bufs.buffers)):
+            self._shards = [b.G.new_empty((K, b.width // self.world_size)) for b in bufs.buffers]
+            self._mask_cache.clear()
+        return self._shards
+
+    def row_done(self, bufs, k: int) -> None:
+        if not self.sharded:
+            return
+        shards = self._shard_buffers(bufs)
+        for b, s in zip(bufs.buffers, shards):
+            self._works.append(self._run(lambda b=b, s=s: torch.distributed.reduce_scatter_tensor(
+                s[k], b.G[k % b.G.shape[0]], group=self.group, async_op=True)))
+        if bufs.buffers[0].G.shape[0] < bufs.K:
+            # The next backward pass writes into the same scratch row.
+            self._wait()
+
+    def rows_done(self, bufs) -> None:
+        for k in range(bufs.K):
+            self.row_done(bufs, k)
+
+    def local(self, bufs, masks):
+        self._wait()
+        if not self.sharded:
+            return [b.G for b in bufs.buffers], masks
+        self._scratch = [(b.G[0], b.N) for b in bufs.buffers]
+        return list(self._shards), [self._shard_mask(m, s.shape[1]) for m, s in zip(masks, self._shards)]
+
+    def _shard_mask(self, m, S: int):
+        if m is None:
+            return None
+        hit = self._mask_cache.get(id(m))
+        if hit is not None and hit[0] is m:
+            return hit[1]
+        start = self.rank * S
+        part = m[start:start + S]
+        if part.numel() < S:  # the padding elements are zero in every row: their scale is irrelevant
+            part = torch.cat([part, part.new_ones(S - part.numel())])
+        if len(self._mask_cache) >= 16:
+            self._mask_cache.clear()
+        self._mask_cache[id(m)] = (m, part)  # keeps m alive, so its id cannot be reused while cached
+        return part
+
+    def reduce_gram(self, gram: torch.Tensor) -> torch.Tensor:
+        if not self.sharded:
+            return gram
+        gram = gram.contiguous()
+        # One ring all-reduce: every rank ends with the same bits, so the same coefficients.
+        self._run(lambda: torch.distributed.all_reduce(gram, group=self.group))
+        return gram
+
+    def restore(self, merged: list) -> list:
+        if not self.sharded:
+            return merged
+        out = []
+        for part, (row, n) in zip(merged, self._scratch):
+            self._run(lambda part=part, row=row: torch.distributed.all_gather_into_tensor(
+                row, part.contiguous(), group=self.group))
+            out.append(row[:n])
+        return out

@@ -15,7 +15,7 @@ import torch
 
 from gmd_ext import _backend
 from gmd_ext.gmd.buffers import GradBuffers
-from gmd_ext.gmd.comm import Comm
+from gmd_ext.gmd.comm import make_comm
 from gmd_ext.gmd.projection import ProjectionInfo, make_perms, project
 
 _REDUCTIONS = ("mean", "sum")
@@ -111,6 +111,12 @@ class GMD:
             "skip" (grads cleared, info.skipped = True, `step()` does nothing), or "propagate" (no check, no host
             synchronisation: the merged gradient becomes NaN everywhere — what torch.amp.GradScaler needs, below).
 
+        communication: under ddp_module= / process_group=, "reduce_scatter" (row k reduce-scattered right after
+            backward k, the shard Gramians all-reduced, the merged shard all-gathered: (K + 1)·N values sent per
+            rank instead of 2·K·N, gradient memory N + K·N/W instead of K·N), "all_reduce" (every row all-reduced)
+            or "auto" (reduce_scatter from gmd_ext.gmd.comm.REDUCE_SCATTER_MIN_NUMEL trainable elements on). Both
+            equal one process on the concatenated batch (gmd_ext/gmd/comm.py).
+
     AMP recipe (torch.amp.GradScaler)::
 
         scaler = torch.amp.GradScaler(device)
@@ -135,7 +141,8 @@ class GMD:
 
     def __init__(self, optimizer: torch.optim.Optimizer, *, reduction: str = "mean", order="random",
                  seed: int | None = None, backend: str = "auto", monitor: Callable | None = None,
-                 ddp_module=None, process_group=None, strategy: str = "sequential", nonfinite: str = "raise"):
+                 ddp_module=None, process_group=None, strategy: str = "sequential", nonfinite: str = "raise",
+                 communication: str = "auto"):
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if reduction not in _REDUCTIONS:
@@ -157,7 +164,8 @@ class GMD:
             raise ValueError(f"strategy must be one of {_STRATEGIES}, got {strategy!r}")
         if nonfinite not in _NONFINITE:
             raise ValueError(f"nonfinite must be one of {_NONFINITE}, got {nonfinite!r}")
-        self.comm = Comm(ddp_module, process_group)
+        numel = sum(p.numel() for g in optimizer.param_groups for p in g["params"] if p.requires_grad)
+        self.comm = make_comm(ddp_module, process_group, communication, numel)
 
         self.optimizer = optimizer
         self.reduction = reduction
@@ -200,24 +208,24 @@ class GMD:
         names, losses = self._check_losses(losses)
         K = len(losses)
         self.last_info = None
-        bufs = self._prepare(K)
         comm = self.comm
-        works = []
+        comm.check(K, losses[0].device)
+        bufs = self._prepare(K)
         with comm.backward_context():
             if self.strategy == "batched" and not bufs.fill_batched(losses):
                 self.strategy = "sequential"
+                bufs = self._prepare(K)  # the sequential rows may be fewer (a scratch row)
             if self.strategy == "batched":
-                works = comm.reduce([b.G for b in bufs.buffers])
+                comm.rows_done(bufs)
             else:
-                # Row k's all-reduce starts right after its backward pass, overlapping the next one.
-                bufs.fill_sequential(losses, lambda k: works.extend(comm.reduce([b.G[k] for b in bufs.buffers])))
-        comm.wait(works)
+                bufs.fill_sequential(losses, lambda k: comm.row_done(bufs, k))
+        rows, masks = comm.local(bufs, self._shared_masks())
 
         perms = self._perms(K, bufs.buffers[0].G.device)
         loss_tensor = torch.stack([l.detach().float().reshape(()) for l in losses])
-        merged, gram, A = project([b.G for b in bufs.buffers], perms, self._shared_masks(), self.reduction,
-                                  self.backend, scale=comm.scale,
-                                  finite=torch.isfinite(loss_tensor).all())
+        merged, gram, A = project(rows, perms, masks, self.reduction, self.backend, scale=comm.scale,
+                                  finite=torch.isfinite(loss_tensor).all(), reduce_gram=comm.reduce_gram)
+        merged = comm.restore(merged)
         if comm.scale != 1.0:
             gram = gram * (comm.scale * comm.scale)
         info = self._finish(names, merged, gram, A, loss_tensor)
@@ -293,10 +301,11 @@ class GMD:
     # ------------------------------------------------------------------ projection policy
     def _prepare(self, K: int) -> GradBuffers:
         params = [p for g in self.optimizer.param_groups for p in g["params"] if p.requires_grad]
-        if self._bufs is None or not self._bufs.matches(params, K):
+        rows = self.comm.rows(K, self.strategy == "batched")
+        if self._bufs is None or not self._bufs.matches(params, K) or self._bufs.buffers[0].G.shape[0] != rows:
             self.close()
             self._bufs = None  # free the old [K, N] buffers before allocating the new ones
-            self._bufs = GradBuffers(params, K)
+            self._bufs = GradBuffers(params, K, rows, self.comm.width)
             self._mask_cache.clear()
         return self._bufs
 
@@ -362,8 +371,5 @@ class GMD:
                                      f"such steps, or nonfinite='propagate' with torch.amp.GradScaler")
                 info.skipped, info.reason = True, reason
                 return info
-        reach_any = self._bufs.reach.any(0)
-        for b, m in zip(self._bufs.buffers, merged):
-            for p, v, i in zip(b.params, b.row_views(m), b.index):
-                p.grad = v if reach_any[i] else None
+        self._bufs.set_grads(merged)
         return info

@@ -142,7 +142,7 @@ def make_perms(order, K: int, generator: torch.Generator | None = None, device="
 
 
 def project(G, perms: torch.Tensor, shared, reduction: str, backend: str | None = None, *,
-            scale: float = 1.0, finite: torch.Tensor | None = None):
+            scale: float = 1.0, finite: torch.Tensor | None = None, reduce_gram=None):
     """The two-pass projection on validated inputs, without host synchronisation.
 
     Args:
@@ -154,6 +154,8 @@ def project(G, perms: torch.Tensor, shared, reduction: str, backend: str | None 
         finite: optional bool scalar tensor; False makes the merged gradient NaN everywhere, as does a non-finite
             Γ diagonal (NaN/Inf in a gradient, or overflowing squared norms, which would otherwise silently skip
             every projection). Free: it goes through the K coefficients.
+        reduce_gram: optional callable Γ -> Γ applied before the coefficients (G holds one rank's shard of the
+            columns: the shard Gramians are summed over ranks, gmd_ext/gmd/comm.py).
     Returns:
         (merged, gram, A): merged [N] ([K, N] for "none") in G's dtype, or a list of [N_b] for a list of buffers.
     """
@@ -161,6 +163,8 @@ def project(G, perms: torch.Tensor, shared, reduction: str, backend: str | None 
     Gs, masks = (list(G), list(shared)) if many else ([G], [shared])
     grams = [ops.gram(g, backend) for g in Gs]
     gram_ = grams[0] if len(grams) == 1 else sum(g.to(grams[0].device) for g in grams)
+    if reduce_gram is not None:
+        gram_ = reduce_gram(gram_)
     A = ops.pcgrad_coefficients(gram_, perms.to(gram_.device), backend)
     if reduction == "none":
         if many:
