@@ -27,7 +27,7 @@ TOL = dict(rtol=1e-5, atol=1e-6)
 class Net(nn.Module):
     def __init__(self):
         super().__init__()
-        self.trunk = nn.Sequential(nn.Linear(6, 15), nn.ReLU(), nn.Linear(15, 8)  # N = 305: padded shards)
+        self.trunk = nn.Sequential(nn.Linear(6, 15), nn.ReLU(), nn.Linear(15, 8))  # N = 305: padded shards
         self.heads = nn.ModuleList(nn.Linear(8, 2) for _ in range(3))
         self.solo = nn.Linear(8, 2)  # reached by objective 0 only: summed, not averaged
 
