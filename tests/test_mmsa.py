@@ -4,6 +4,7 @@ import pickle
 import numpy as np
 import pytest
 
+from gmd_ext.apps.mosi.mmsa import MMSAFileError
 from gmd_ext.data import load_mmsa, synthetic_mosi
 
 N = (24, 6, 10)
@@ -149,7 +150,7 @@ def _broken(tmp_path, aligned, edit, name="broken.pkl"):
 def test_missing_split_and_key(tmp_path, aligned):
     with pytest.raises(ValueError, match=r"broken\.pkl.*missing split 'valid'"):
         load_mmsa(_broken(tmp_path, aligned, lambda d: d.pop("valid")))
-    with pytest.raises(ValueError, match=r"broken\.pkl: test has no key 'audio'"):
+    with pytest.raises(ValueError, match=r"broken\.pkl: test: has no key 'audio'"):
         load_mmsa(_broken(tmp_path, aligned, lambda d: d["test"].pop("audio")))
 
 
@@ -165,7 +166,7 @@ def test_nonfinite_features(tmp_path, aligned):
         d["valid"]["audio"][0, 3, 1] = -np.inf  # the released MOSI audio has -inf entries
         d["valid"]["audio"][2, 0, 0] = np.nan
     path = _broken(tmp_path, aligned, edit)
-    with pytest.raises(ValueError, match=r"broken\.pkl: valid/audio has 2 non-finite.*nonfinite='zero'"):
+    with pytest.raises(ValueError, match=r"broken\.pkl: valid/audio: has 2 non-finite.*nonfinite='zero'"):
         load_mmsa(path)
     with pytest.warns(UserWarning, match=r"valid/audio: replaced 2 non-finite"):
         d = load_mmsa(path, nonfinite="zero")
@@ -178,24 +179,24 @@ def test_nonfinite_features(tmp_path, aligned):
 def test_labels_out_of_range(tmp_path, aligned):
     def edit(d):
         d["test"]["regression_labels"][4] = 3.5
-    with pytest.raises(ValueError, match=r"broken\.pkl: test/regression_labels has 1 value.*outside \[-3, 3\].*index 4"):
+    with pytest.raises(ValueError, match=r"broken\.pkl: test/regression_labels: has 1 value.*outside \[-3, 3\].*index 4"):
         load_mmsa(_broken(tmp_path, aligned, edit))
 
 
 def test_bad_lengths_and_dims(tmp_path, unaligned, aligned):
     def edit(d):
         d["train"]["vision_lengths"][0] = 501
-    with pytest.raises(ValueError, match=r"train/vision_lengths must lie in \[0, 500\]"):
+    with pytest.raises(ValueError, match=r"train/vision_lengths: must lie in \[0, 500\]"):
         load_mmsa(_broken(tmp_path, unaligned, edit))
 
     def edit2(d):
         d["test"]["audio"] = d["test"]["audio"][:, :, :4]
-    with pytest.raises(ValueError, match=r"feature size D of 'audio' differs between splits"):
+    with pytest.raises(ValueError, match=r"audio: feature size D differs between splits"):
         load_mmsa(_broken(tmp_path, aligned, edit2))
 
     def edit3(d):
         d["train"]["text"] = d["train"]["text"][:, 0]
-    with pytest.raises(ValueError, match=r"train/text must have shape \(N, T, D\)"):
+    with pytest.raises(ValueError, match=r"train/text: must have shape \(N, T, D\)"):
         load_mmsa(_broken(tmp_path, aligned, edit3))
 
 
@@ -203,7 +204,7 @@ def test_unreadable_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.pkl"):
         load_mmsa(tmp_path / "nope.pkl")
     (tmp_path / "trunc.pkl").write_bytes(pickle.dumps({"train": {}})[:-3])
-    with pytest.raises(ValueError, match=r"trunc\.pkl: not a readable"):
+    with pytest.raises(ValueError, match=r"trunc\.pkl: truncated pickle"):
         load_mmsa(tmp_path / "trunc.pkl")
     _write(tmp_path / "list.pkl", [1, 2])
     with pytest.raises(ValueError, match=r"list\.pkl: expected a dict of splits"):
@@ -211,3 +212,30 @@ def test_unreadable_files(tmp_path):
     np.savez(tmp_path / "flat.npz", text=np.zeros(3))
     with pytest.raises(ValueError, match=r"flat\.npz: npz entry 'text' is not named"):
         load_mmsa(tmp_path / "flat.npz")
+
+
+def test_string_forms_and_error_attributes(tmp_path, aligned):
+    # ids as object arrays (the writer's form), unicode arrays and plain lists all load as unicode arrays.
+    data = _raw(aligned)
+    assert data["train"]["id"].dtype == object
+    want = load_mmsa(aligned)["train"]["id"]
+    data["train"]["id"] = data["train"]["id"].astype(str)
+    data["valid"]["id"] = list(data["valid"]["id"])
+    d = load_mmsa(_write(tmp_path / "forms.pkl", data))
+    np.testing.assert_array_equal(d["train"]["id"], want)
+    assert d["valid"]["id"].dtype.kind == "U" and d["train"]["text"].flags.writeable
+
+    data["test"]["raw_text"] = np.array(["ok", 3], dtype=object)
+    with pytest.raises(MMSAFileError) as e:
+        load_mmsa(_write(tmp_path / "mixed.pkl", data))
+    assert e.value.key == "test/raw_text" and e.value.path == tmp_path / "mixed.pkl"
+    assert isinstance(e.value, ValueError) and isinstance(e.value, pickle.UnpicklingError)
+
+
+def test_writer_states_its_size(tmp_path, caplog):
+    assert synthetic_mosi.file_size() == (1284 + 229 + 686) * (4 * 50 * (768 + 5 + 20) + 4)
+    with caplog.at_level("INFO", logger="gmd_ext.apps.mosi.synthetic"):
+        p = synthetic_mosi.make(tmp_path / "s.pkl", n=(4, 2, 2), dims=(8, 3, 4))
+    size = synthetic_mosi.file_size((4, 2, 2), True, (8, 3, 4))
+    assert f"{size / 1e6:.0f} MB" in caplog.text and str(p) in caplog.text
+    assert size <= p.stat().st_size < size + 4096
