@@ -1,25 +1,29 @@
 """BraTS 2018 with GMD + Dynamic Sharing: training, 15-combination evaluation, the offline demo.
 
-    python python/brats.py demo [--quick]                      # phantom data, joint vs GMD, comparison table
+    python python/brats.py demo [--quick] [--threads N]        # phantom data, joint vs GMD, comparison table
     python python/brats.py train --config python/configs/brats_gmd.json --out runs/brats_gmd [--resume]
-    python python/brats.py eval --run runs/brats_gmd           # test split, all 15 modality combinations
+    python python/brats.py eval --run runs/brats_gmd [--split test]   # all 15 modality combinations
     python python/brats.py compare runs/brats_joint runs/brats_gmd --out runs/compare
     python python/brats.py phantom --out data/phantom --n 24 --size 64
 
-A standard PyTorch loop on gmd_ext: DSUNet3d; one soft-Dice objective per modality subset (all 15, or k sampled
-ones); GMD (``gmd.backward(losses)``) or joint training (sum of the subset losses, plain backward) chosen by the
-``gmd`` switch — python/configs/brats_gmd.json and brats_joint.json differ only there. Adam with a per-step poly
-or cosine schedule, atomic checkpoints every epoch (model, optimizer, scheduler, GMD, sampler and RNG state) that
-``--resume`` continues exactly, the checkpoint chosen on the validation split, sliding-window evaluation on the
-test split, ``report.md`` + ``metrics.json`` + PNG plots per run.
+What is BraTS-specific lives here; the rest (configs, the GMD-or-joint step, checkpoints and exact resume, paired
+comparison, plots) is the shared skeleton python/recipe.py. Here: DSUNet3d (``modalities``, ``num_classes``,
+``forward_branches``); one soft-Dice objective per modality subset (all 15, or k sampled); the BraTS NIfTI loader
+with seeded random crops; the checkpoint chosen on the validation split by the mean Dice over all combinations;
+sliding-window evaluation. python/configs/brats_gmd.json and brats_joint.json differ only in ``gmd``.
 
 With DS every modality runs through the network on its own, so a subset's logits are the mean of its modalities'
 branch logits. Evaluation computes the four branch logits once per case and fuses them for all 15 combinations
 (exact, and 15x cheaper than 15 inferences).
+
+Outputs are never silently replaced: a run folder that is not empty is refused unless ``--resume`` (same config
+and seed, verified against config.json and the checkpoint) or ``--overwrite``; evaluations are named by split
+(report_test.md, metrics_val.json, ...).
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import sys
@@ -30,18 +34,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import common  # noqa: E402
-from gmd_ext import GMD, DSUNet3d, sample_subsets, subsets  # noqa: E402
-from gmd_ext.io import load_checkpoint, rng_state, save_checkpoint, set_rng_state  # noqa: E402
-from gmd_ext.data import phantom  # noqa: E402
-from gmd_ext.apps.brats.data import MODALITIES, BraTSDataset, find_cases  # noqa: E402
-from gmd_ext.apps.brats.metrics import REGIONS, brats_dice, regions_to_labels  # noqa: E402
-from gmd_ext.gmd.monitor import DominanceMonitor  # noqa: E402
+import recipe
+from gmd_ext import DSUNet3d, subsets
+from gmd_ext.apps.brats.constants import REGION_LABELS
+from gmd_ext.apps.brats.data import MODALITIES, BraTSDataset, find_cases
+from gmd_ext.apps.brats.metrics import REGIONS, brats_dice, regions_to_labels
+from gmd_ext.data import phantom
+from gmd_ext.io import load_checkpoint
 
 DEFAULTS = {
+    **recipe.SHARED_DEFAULTS,
     "data_root": "data/BraTS2018",
     "modalities": list(MODALITIES),
     "split_seed": 0,
@@ -51,33 +53,36 @@ DEFAULTS = {
     "crop_size": 128,
     "batch_size": 2,
     "width": 0.5,              # DSUNet3d channel multiplier; 0.5 is the paper's 3.25 M-parameter model
-    "gmd": True,               # THE switch: GMD projection vs joint training (sum of subset losses)
-    "subsets_per_step": 15,    # 15 = every modality combination; k < 15 samples k (always with the full set)
     "epochs": 300,
     "steps_per_epoch": 100,
     "lr": 3e-4,
     "weight_decay": 1e-5,
-    "lr_schedule": "poly",     # poly | cosine | constant, stepped every optimizer step
-    "warmup_steps": 0,
+    "lr_schedule": "poly",
     "dice_smooth": 1.0,
-    "val_every": 1,            # epochs between validations (checkpoint selection)
     "sw_overlap": 0.5,         # sliding-window overlap at evaluation; window = crop_size
     "sw_weighting": "gaussian",  # gaussian | uniform
     "sw_batch_size": 2,
     "seed": 0,
     "device": "auto",
     "backend": "auto",         # gmd_ext backend for the DS ops and GMD projection
-    "monitor": True,           # dominance monitor CSV + plot (GMD runs)
 }
 
 # Demo presets: the joint and GMD runs differ only in "gmd". Chosen so the full demo (phantom generation, two
-# trainings, validation and 15-combination test evaluation) stays under 15 minutes on a 2-core CPU.
+# trainings, validation and 15-combination test evaluation) fits a short session on a 2-core CPU.
 DEMO = {"crop_size": 32, "batch_size": 2, "width": 0.25, "subsets_per_step": 4, "epochs": 15,
         "steps_per_epoch": 20, "lr": 3e-3, "cache": True, "sw_overlap": 0.25, "val_every": 3}
 DEMO_DATA = {"n": 20, "size": 48}
 QUICK = {"crop_size": 24, "batch_size": 2, "width": 0.25, "subsets_per_step": 2, "epochs": 1,
          "steps_per_epoch": 2, "lr": 3e-3, "cache": True, "sw_overlap": 0.0, "val_every": 1}
 QUICK_DATA = {"n": 3, "size": 32}
+
+# What a run folder may hold from this recipe (--overwrite removes these, and only these).
+OUTPUTS = (*recipe.RUN_OUTPUTS, "splits.json", "report_*.md", "metrics_*.json", "dice_*.png")
+REGION_NOTE = ("regions: " + "; ".join(
+    f"{r} ({name}) = labels {{{', '.join(map(str, REGION_LABELS[r]))}}}" for r, name in
+    zip(REGIONS, ("whole tumour: necrotic/non-enhancing core + edema + enhancing tumour",
+                  "tumour core: necrotic/non-enhancing core + enhancing tumour", "enhancing tumour")))
+               + ". Dice per case on sigmoid > 0.5; empty truth and empty prediction score 1.")
 
 
 # ----------------------------------------------------------------------------------------------- model side
@@ -92,11 +97,6 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1
     inter = (p * t).sum(1)
     denom = p.sum(1) + t.sum(1)
     return (1.0 - (2.0 * inter + smooth) / (denom + smooth)).mean()
-
-
-def subset_losses(branches: torch.Tensor, target: torch.Tensor, chosen, smooth: float = 1.0) -> dict:
-    """One soft-Dice loss per subset: fuse the subset's branch logits by their mean (the DS fusion)."""
-    return {s.name: soft_dice_loss(branches[:, list(s.indices)].mean(1), target, smooth) for s in chosen}
 
 
 def _gaussian_window(size: tuple, device) -> torch.Tensor:
@@ -189,6 +189,13 @@ def summarise(per_case: dict) -> dict:
     return {"combinations": combos, "mean": mean}
 
 
+
+
+def data_kind(root: str | Path) -> str:
+    """"phantom" for folders written by gmd_ext.data.phantom (they carry its MNI152 notice), else "real"."""
+    return "phantom" if (Path(root) / phantom.NOTICE_FILE.name).is_file() else "real"
+
+
 # ----------------------------------------------------------------------------------------------- training
 def _collate(items: list[dict]) -> dict:
     return {"image": torch.stack([it["image"] for it in items]),
@@ -212,190 +219,132 @@ def _datasets(cfg: dict, run_dir: Path):
     return train, val
 
 
-def _build(cfg: dict, device):
-    model = DSUNet3d(cfg["modalities"], 3, cfg["width"], backend=cfg["backend"]).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-    total = cfg["epochs"] * cfg["steps_per_epoch"]
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, common.lr_lambda(cfg["lr_schedule"], total, cfg["warmup_steps"]))
-    return model, opt, sched
+def _model(cfg: dict, device) -> DSUNet3d:
+    return DSUNet3d(cfg["modalities"], len(REGIONS), cfg["width"], backend=cfg["backend"]).to(device)
 
 
-def _check_cfg(cfg: dict) -> None:
-    for key in ("epochs", "steps_per_epoch", "batch_size", "val_every", "sw_batch_size"):
+def check_config(cfg: dict) -> None:
+    recipe.check_config(cfg, len(cfg["modalities"]))
+    for key in ("steps_per_epoch", "sw_batch_size"):
         if cfg[key] < 1:
             raise ValueError(f"config {key} must be >= 1, got {cfg[key]}")
-    k = cfg["subsets_per_step"]
-    total = 2 ** len(cfg["modalities"]) - 1
-    if not 1 <= k <= total:
-        raise ValueError(f"config subsets_per_step must be in [1, {total}], got {k}")
 
 
-def train(cfg: dict, run_dir: str | Path, resume: bool = False, stop_after_epochs: int | None = None) -> Path:
-    """Train one run into ``run_dir``; returns the path of the checkpoint chosen on the validation split.
+def train(cfg: dict, run_dir: str | Path, resume: bool = False, stop_after_epochs: int | None = None,
+          overwrite: bool = False) -> Path:
+    """Train one run into ``run_dir``; returns the checkpoint chosen on the validation split (best.pt; last.pt
+    when the val split is empty).
 
     ``stop_after_epochs`` ends this invocation after that many epochs (a time-limited job); ``resume=True``
     continues from ``run_dir/last.pt`` exactly where it stopped (bit-identical on CPU: data crops depend only on
     (seed, epoch, case), and the optimizer, schedule, GMD order generator, subset sampler and global RNGs are
-    restored). The dominance monitor keeps appending to ``monitor.csv``; its plot covers the steps of the last
-    invocation only.
+    restored) after checking that config.json and the checkpoint hold this config and seed. ``overwrite=True``
+    replaces an earlier run's outputs in ``run_dir``.
     """
-    from tqdm import tqdm
-
-    _check_cfg(cfg)
+    check_config(cfg)
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    last, best_path = run_dir / "last.pt", run_dir / "best.pt"
-    if resume:
-        if not last.is_file():
-            raise FileNotFoundError(f"--resume: no checkpoint at {last}")
-        saved = json.loads((run_dir / "config.json").read_text())
-        if saved != cfg:
-            diff = sorted(k for k in set(saved) | set(cfg) if saved.get(k) != cfg.get(k))
-            raise ValueError(f"--resume: config differs from the run's {run_dir / 'config.json'} in {diff}")
-    else:
-        if last.exists():
-            raise FileExistsError(f"{run_dir} already holds a run (last.pt); pass --resume or another --out")
-        common.write_json(run_dir / "config.json", cfg)
-
-    device = common.pick_device(cfg["device"])
-    common.seed_everything(cfg["seed"])
-    model, opt, sched = _build(cfg, device)
-    combos = subsets(cfg["modalities"])
-    names = [s.name for s in combos]
-    monitor = None
-    if cfg["gmd"] and cfg["monitor"]:
-        monitor = DominanceMonitor(run_dir / "monitor.csv", objective_names=names, modalities=cfg["modalities"])
-    gmd = GMD(opt, seed=cfg["seed"], backend=cfg["backend"], monitor=monitor) if cfg["gmd"] else None
-    subset_gen = torch.Generator().manual_seed(cfg["seed"] + 1)
-    start_epoch, step, best, history = 0, 0, -1.0, []
-    if resume:
-        state = load_checkpoint(last)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        if gmd is not None:
-            gmd.load_state_dict(state["gmd"])
-        subset_gen.set_state(state["subset_generator"])
-        set_rng_state(state["rng"])
-        start_epoch, step, best, history = state["epoch"], state["step"], state["best_val"], state["history"]
-
+    last = run_dir / "last.pt"
+    if resume and not last.is_file():
+        raise FileNotFoundError(f"--resume: no checkpoint at {last}")
+    recipe.prepare_folder(run_dir, "config.json", cfg, resume=resume, overwrite=overwrite, outputs=OUTPUTS)
+    device = recipe.pick_device(cfg["device"])
     train_ds, val_ds = _datasets(cfg, run_dir)
     if len(train_ds) == 0:
         raise ValueError(f"the train split of {cfg['data_root']} is empty (see {run_dir / 'splits.json'})")
-    end_epoch = cfg["epochs"] if stop_after_epochs is None else min(cfg["epochs"], start_epoch + stop_after_epochs)
-    k = cfg["subsets_per_step"]
-    model.train()
-    for epoch in range(start_epoch, end_epoch):
+
+    def batches(epoch, _generator):
         train_ds.set_epoch(epoch)
-        batches = _epoch_batches(len(train_ds), cfg["steps_per_epoch"], cfg["batch_size"], cfg["seed"], epoch)
-        loader = torch.utils.data.DataLoader(train_ds, batch_sampler=batches, collate_fn=_collate,
-                                             num_workers=cfg["num_workers"])
-        t0, losses_sum = time.time(), 0.0
-        bar = tqdm(loader, desc=f"{'gmd' if gmd else 'joint'} epoch {epoch + 1}/{cfg['epochs']}",
-                   dynamic_ncols=True, leave=False)
-        for batch in bar:
-            x, y = batch["image"].to(device), batch["regions"].to(device)
-            chosen = combos if k == len(combos) else sample_subsets(cfg["modalities"], k, subset_gen)
-            # One packed DS forward gives every modality's branch logits; subset S fuses the mean over S.
-            losses = subset_losses(model.forward_branches(x), y, chosen, cfg["dice_smooth"])
-            if gmd is not None:
-                gmd.zero_grad()
-                gmd.backward(losses)
-                gmd.step()
-            else:
-                opt.zero_grad(set_to_none=True)
-                torch.stack(list(losses.values())).sum().backward()
-                opt.step()
-            sched.step()
-            step += 1
-            mean_loss = float(torch.stack([v.detach() for v in losses.values()]).mean())
-            losses_sum += mean_loss
-            bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{sched.get_last_lr()[0]:.2e}")
-        record = {"epoch": epoch + 1, "step": step, "train_loss": losses_sum / len(batches),
-                  "lr": sched.get_last_lr()[0], "seconds": time.time() - t0}
-        if len(val_ds) and ((epoch + 1) % cfg["val_every"] == 0 or epoch + 1 == cfg["epochs"]):
-            val = summarise(evaluate(model, val_ds, cfg, device, desc="val"))
-            record["val_dice"] = val["mean"]
-            score = float(np.mean(list(val["mean"].values())))
-            record["val_score"] = score
-            if score > best:
-                best = score
-                save_checkpoint(best_path, model=model.state_dict(), epoch=epoch + 1, step=step, val=val["mean"])
-        history.append(record)
-        print(json.dumps(record), flush=True)
-        save_checkpoint(last, model=model.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(),
-                        gmd=gmd.state_dict() if gmd is not None else None, subset_generator=subset_gen.get_state(),
-                        rng=rng_state(), epoch=epoch + 1, step=step, best_val=best, history=history)
-    common.write_json(run_dir / "history.json", history)
-    if monitor is not None and monitor.steps:
-        monitor.plot(run_dir / "dominance.png")
-    if gmd is not None:
-        gmd.close()
-    if not len(val_ds):
+        order = _epoch_batches(len(train_ds), cfg["steps_per_epoch"], cfg["batch_size"], cfg["seed"], epoch)
+        return torch.utils.data.DataLoader(train_ds, batch_sampler=order, collate_fn=_collate,
+                                           num_workers=cfg["num_workers"])
+
+    def forward(model, batch):
+        # One packed DS forward gives every modality's branch logits; subset S fuses the mean over S.
+        return model.forward_branches(batch["image"].to(device)), batch["regions"].to(device)
+
+    def validate(model):
+        if not len(val_ds):
+            return None
+        val = summarise(evaluate(model, val_ds, cfg, device, desc="val"))
+        return float(np.mean(list(val["mean"].values()))), {"val_dice": val["mean"]}
+
+    out = recipe.fit(run_dir, cfg, cfg["seed"], build_model=lambda: _model(cfg, device),
+                     steps_per_epoch=cfg["steps_per_epoch"], batches=batches, forward=forward,
+                     loss_fn=functools.partial(soft_dice_loss, smooth=cfg["dice_smooth"]), validate=validate,
+                     mode="max", resume=resume, stop_after_epochs=stop_after_epochs, backend=cfg["backend"],
+                     label="gmd" if cfg["gmd"] else "joint")
+    if out["finished"] and not len(val_ds):
         print(f"note: the val split is empty; evaluation uses the last checkpoint {last}", flush=True)
-        return last
-    return best_path
+    return out["checkpoint"]
 
 
 # ----------------------------------------------------------------------------------------------- reporting
+def eval_paths(run_dir: Path, split: str) -> dict[str, Path]:
+    """The files an evaluation of ``split`` writes (named by split, so evaluations never replace each other)."""
+    return {"report": run_dir / f"report_{split}.md", "metrics": run_dir / f"metrics_{split}.json",
+            "plot": run_dir / f"dice_{split}.png"}
+
+
 def _fmt(stat: dict) -> str:
     return f"{stat['mean']:.4f} ± {stat['std']:.4f}"
 
 
 def write_report(run_dir: Path, cfg: dict, summary: dict, per_case: dict, meta: dict) -> None:
-    """report.md (15 rows x WT/TC/ET + mean row), metrics.json and dice_per_combination.png in ``run_dir``."""
-    lines = [f"# BraTS evaluation: {'GMD' if cfg['gmd'] else 'joint training'} ({run_dir.name})", "",
-             f"- data: `{cfg['data_root']}`, split `{meta['split']}` ({len(meta['cases'])} case"
-             f"{'' if len(meta['cases']) == 1 else 's'})",
+    """report_<split>.md (15 rows x WT/TC/ET + mean row), metrics_<split>.json and dice_<split>.png."""
+    paths = eval_paths(run_dir, meta["split"])
+    n = len(meta["cases"])
+    k = cfg["subsets_per_step"]
+    lines = [f"# BraTS evaluation: {'GMD' if cfg['gmd'] else 'joint training'} ({run_dir.name}), "
+             f"{meta['split']} split", "",
+             f"- {recipe.data_note(data_kind(cfg['data_root']), 'BraTS 2018')}",
+             f"- {REGION_NOTE}",
+             f"- data: `{cfg['data_root']}`, split `{meta['split']}` ({n} case{'' if n == 1 else 's'})",
              f"- checkpoint: `{meta['checkpoint']}` (epoch {meta['epoch']}; {meta['selection']})",
              f"- model: DSUNet3d width {cfg['width']}, crop {cfg['crop_size']}, batch {cfg['batch_size']}, "
-             f"{cfg['epochs']} epochs x {cfg['steps_per_epoch']} steps, {cfg['subsets_per_step']} subsets/step, "
-             f"Adam lr {cfg['lr']} ({cfg['lr_schedule']})",
+             f"{cfg['epochs']} epochs x {cfg['steps_per_epoch']} steps, "
+             f"{'all 15' if k in (0, 15) else k} subsets/step, Adam lr {cfg['lr']} ({cfg['lr_schedule']}); "
+             + (f"GMD ({cfg['gmd_reduction']}, {cfg['gmd_order']} order)" if cfg["gmd"]
+                else f"joint training ({cfg['joint_reduction']} of the subset losses)"),
              f"- inference: sliding window {cfg['crop_size']}, overlap {cfg['sw_overlap']}, {cfg['sw_weighting']} "
-             f"weighting; Dice per case (sigmoid > 0.5, empty truth and prediction = 1), mean ± std over cases",
+             f"weighting; mean ± std over cases",
              "", "| modalities | WT | TC | ET |", "|---|---|---|---|"]
     for name, stat in summary["combinations"].items():
         lines.append(f"| {name} | " + " | ".join(_fmt(stat[r]) for r in REGIONS) + " |")
     lines.append("| **mean over combinations** | " + " | ".join(f"**{summary['mean'][r]:.4f}**" for r in REGIONS)
                  + " |")
-    common.write_text(run_dir / "report.md", "\n".join(lines) + "\n")
-    common.write_json(run_dir / "metrics.json", {**meta, "config": cfg, **summary, "per_case": per_case})
-    _plot_combinations(run_dir / "dice_per_combination.png", {run_dir.name: summary})
+    lines += ["", f"![Dice per modality combination]({paths['plot'].name})", ""]
+    if cfg["gmd"]:
+        lines += recipe.dominance_markdown(run_dir / "monitor.csv", "dominance.png", cfg["modalities"])
+    recipe.write_text(paths["report"], "\n".join(lines) + "\n")
+    recipe.write_json(paths["metrics"], {**meta, "config": cfg, **summary, "per_case": per_case})
+    _plot(paths["plot"], {run_dir.name: summary}, f"{run_dir.name}: Dice per modality combination "
+                                                   f"({meta['split']} split)")
 
 
-def _plot_combinations(path: Path, runs: dict) -> None:
-    """Bars of mean Dice per combination, one panel per region, one bar colour per run."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(next(iter(runs.values()))["combinations"])
-    fig, axes = plt.subplots(1, 3, figsize=(18, 5), sharey=True)
-    width = 0.8 / len(runs)
-    for ax, region in zip(axes, REGIONS):
-        for j, (label, summary) in enumerate(runs.items()):
-            means = [summary["combinations"][n][region]["mean"] for n in names]
-            stds = [summary["combinations"][n][region]["std"] for n in names]
-            ax.bar(np.arange(len(names)) + (j - (len(runs) - 1) / 2) * width, means, width, yerr=stds,
-                   capsize=2, label=f"{label} (mean {summary['mean'][region]:.3f})")
-        ax.set_title(f"{region} Dice per modality combination")
-        ax.set_xticks(range(len(names)), names, rotation=90, fontsize=8)
-        ax.set_ylim(0, 1)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    common.save_figure(fig, path)
+def _plot(path: Path, runs: dict, title: str) -> None:
+    means = {lab: {c: {r: s["combinations"][c][r]["mean"] for r in REGIONS} for c in s["combinations"]}
+             for lab, s in runs.items()}
+    stds = {lab: {c: {r: s["combinations"][c][r]["std"] for r in REGIONS} for c in s["combinations"]}
+            for lab, s in runs.items()}
+    recipe.plot_per_combination(path, means, [f"{r}" for r in REGIONS], title=title + " (bars: std over cases)",
+                                errors=stds, ylim=(0, 1))
 
 
-def run_eval(run_dir: str | Path, split: str = "test", checkpoint: str | None = None) -> dict:
-    """Evaluate a trained run on ``split`` over all combinations; writes the report files; returns the summary."""
+def run_eval(run_dir: str | Path, split: str = "test", checkpoint: str | None = None,
+             overwrite: bool = False) -> dict:
+    """Evaluate a trained run on ``split`` over all combinations; writes report_<split>.md, metrics_<split>.json
+    and dice_<split>.png (refusing existing ones unless ``overwrite``); returns the summary."""
     run_dir = Path(run_dir)
-    cfg = common.load_config(run_dir / "config.json", DEFAULTS)
-    device = common.pick_device(cfg["device"])
+    cfg = recipe.load_config(run_dir / "config.json", DEFAULTS)
+    existing = [p.name for p in eval_paths(run_dir, split).values() if p.exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"{run_dir} already holds an evaluation of the {split} split ({', '.join(existing)}); "
+                              f"pass --overwrite to replace it")
+    device = recipe.pick_device(cfg["device"])
     ckpt = Path(checkpoint) if checkpoint else (run_dir / "best.pt" if (run_dir / "best.pt").is_file()
                                                  else run_dir / "last.pt")
-    state = load_checkpoint(ckpt)
-    model = DSUNet3d(cfg["modalities"], 3, cfg["width"], backend=cfg["backend"]).to(device)
+    state = recipe.load_matching(ckpt, cfg, cfg["seed"])  # the checkpoint belongs to this run
+    model = _model(cfg, device)
     model.load_state_dict(state["model"])
     ds = BraTSDataset(cfg["data_root"], split, modalities=cfg["modalities"], crop_size=cfg["crop_size"],
                       split_file=run_dir / "splits.json", cache=False)
@@ -411,10 +360,47 @@ def run_eval(run_dir: str | Path, split: str = "test", checkpoint: str | None = 
     return summary
 
 
-def compare(run_dirs: list[str | Path], out: str | Path) -> str:
-    """Side-by-side table and plot of evaluated runs (reads each run's metrics.json); returns the markdown."""
+def _paired_rows(joint: dict, gmd: dict) -> list[dict]:
+    """GMD - joint per combination and region (and for the mean over combinations), bootstrap over cases."""
+    cases = list(joint["cases"])
+    if sorted(cases) != sorted(gmd["cases"]):
+        raise ValueError("compare: the two runs were evaluated on different cases; paired differences need the "
+                         "same split (same data_root, split_seed and split_ratios)")
+    names = list(joint["combinations"])
+
+    def per_case(m, name, r):
+        return np.array([m["per_case"][name][c][r] for c in cases])
+
+    rows = []
+    for name in [*names, "mean over combinations"]:
+        for r in REGIONS:
+            if name in joint["combinations"]:
+                a, b = per_case(gmd, name, r), per_case(joint, name, r)
+            else:
+                a = np.mean([per_case(gmd, n, r) for n in names], axis=0)
+                b = np.mean([per_case(joint, n, r) for n in names], axis=0)
+            d = a - b
+            lo, hi = recipe.bootstrap_interval(lambda idx: d[idx].mean(1), len(d))
+            rows.append({"combination": name, "metric": f"{r} Dice", "joint": float(b.mean()),
+                         "gmd": float(a.mean()), "diff": float(d.mean()), "lo": lo, "hi": hi,
+                         "higher_is_better": True})
+    return rows
+
+
+def compare(run_dirs: list[str | Path], out: str | Path, split: str = "test", overwrite: bool = False) -> str:
+    """comparison.md + comparison.png of evaluated runs (each run's metrics_<split>.json): the side-by-side mean
+    Dice and, for one joint and one GMD run, the paired differences GMD - joint with bootstrap intervals over
+    cases. Returns the markdown."""
     out = Path(out)
-    loaded = [(d, json.loads((d / "metrics.json").read_text())) for d in map(Path, run_dirs)]
+    targets = [out / "comparison.md", out / "comparison.png"]
+    if any(p.exists() for p in targets) and not overwrite:
+        raise FileExistsError(f"{out} already holds comparison.md / comparison.png; pass --overwrite to replace them")
+    loaded = []
+    for d in map(Path, run_dirs):
+        path = eval_paths(d, split)["metrics"]
+        if not path.is_file():
+            raise FileNotFoundError(f"compare: {path} does not exist; run `brats.py eval --run {d} --split {split}`")
+        loaded.append((d, json.loads(path.read_text(encoding="utf-8"))))
     modes = ["GMD" if m["config"]["gmd"] else "joint" for _, m in loaded]
     runs = {}
     for (d, m), mode in zip(loaded, modes):
@@ -429,32 +415,62 @@ def compare(run_dirs: list[str | Path], out: str | Path) -> str:
     lines.append("| **mean** | " + " | ".join(f"**{runs[lab]['mean'][r]:.4f}**" for r in REGIONS for lab in labels)
                  + " |")
     table = "\n".join(lines)
-    common.write_text(out / "comparison.md", "# GMD vs joint training, Dice per modality combination (test split)"
-                      "\n\n" + table + "\n")
-    _plot_combinations(out / "comparison.png", runs)
-    return table
+    cfg0 = loaded[0][1]["config"]
+    ncases = len(loaded[0][1]["cases"])
+    doc = [f"# GMD vs joint training: Dice per modality combination ({split} split, {ncases} cases)", "",
+           f"- {recipe.data_note(data_kind(cfg0['data_root']), 'BraTS 2018')}", f"- {REGION_NOTE}",
+           "- runs: " + ", ".join(f"{lab} = `{d}`" for lab, (d, _) in zip(labels, loaded)), "",
+           "## Mean Dice over cases", "", table, "", "![Dice per modality combination](comparison.png)", ""]
+    if sorted(modes) == ["GMD", "joint"]:
+        joint, gmd = (m for _, m in sorted(loaded, key=lambda dm: dm[1]["config"]["gmd"]))
+        doc += ["## Paired differences (GMD − joint)", "",
+                recipe.comparison_markdown(_paired_rows(joint, gmd), n=ncases,
+                                           unit=f"{split} case{'' if ncases == 1 else 's'}")]
+    text = "\n".join(doc) + "\n"
+    recipe.write_text(out / "comparison.md", text)
+    _plot(out / "comparison.png", runs, f"GMD vs joint training ({split} split)")
+    return text
 
 
 # ----------------------------------------------------------------------------------------------- demo
 def ensure_phantom(root: Path, n: int, size: int, seed: int = 0) -> None:
-    """Generate the phantom set into ``root`` unless it already holds exactly these cases."""
+    """Generate the phantom set into ``root`` unless it already holds exactly these cases.
+
+    Raises:
+        FileExistsError: ``root`` is not empty and is not a phantom folder of the demo (or was made with other
+            settings).
+    """
     want = {phantom.case_name(seed, i) for i in range(n)}
-    have = set(find_cases(root)) if root.is_dir() and any(root.iterdir()) else set()
+    spec = {"n": n, "size": size, "seed": seed}
     marker = root / "phantom.json"
-    same = marker.is_file() and json.loads(marker.read_text()) == {"n": n, "size": size, "seed": seed}
-    if have == want and same:
-        return
-    if have - want:
-        raise FileExistsError(f"{root} holds other cases ({sorted(have - want)[:3]}...); pass another --data")
+    if root.is_dir() and any(root.iterdir()):
+        if marker.is_file():
+            saved = json.loads(marker.read_text(encoding="utf-8"))
+            if saved != spec:
+                raise FileExistsError(f"demo --data {root}: holds phantom cases made with {saved}, not {spec}; "
+                                      f"pass another --data")
+            if set(find_cases(root)) == want:
+                return
+        else:
+            # Without the marker (written last) the folder is only ours if it holds an interrupted generation.
+            extra = sorted({p.name for p in root.iterdir()} - want - {phantom.NOTICE_FILE.name})
+            if extra:
+                raise FileExistsError(f"demo --data {root}: the folder is not empty ({', '.join(extra[:3])}"
+                                      f"{', ...' if len(extra) > 3 else ''}) and holds no demo phantom set (no "
+                                      f"phantom.json); pass an empty or new folder, where the demo will write "
+                                      f"{n} phantom cases")
     t0 = time.time()
     print(f"writing {n} phantom cases ({size}^3) to {root} ...", flush=True)
     phantom.make_cases(root, n, size=size, seed=seed)
-    common.write_json(marker, {"n": n, "size": size, "seed": seed})
+    recipe.write_json(marker, spec)
     print(f"  done in {time.time() - t0:.1f} s", flush=True)
 
 
-def demo(out: str | Path = "runs/demo", data: str | Path | None = None, quick: bool = False) -> str:
-    """Phantom data -> joint and GMD training -> 15-combination evaluation -> comparison table (printed)."""
+def demo(out: str | Path = "runs/demo", data: str | Path | None = None, quick: bool = False,
+         overwrite: bool = False) -> str:
+    """Phantom data -> joint and GMD training -> 15-combination evaluation -> comparison (printed).
+
+    A rerun continues (or reuses) the runs in ``out`` when they were made with the same settings."""
     t0 = time.time()
     preset, spec = (QUICK, QUICK_DATA) if quick else (DEMO, DEMO_DATA)
     data = Path(data) if data else Path("data") / ("phantom-quick" if quick else "phantom")
@@ -462,25 +478,28 @@ def demo(out: str | Path = "runs/demo", data: str | Path | None = None, quick: b
     out = Path(out) / ("quick" if quick else "full")
     runs = []
     for use_gmd in (False, True):
-        cfg = common.load_config(None, DEFAULTS, {**preset, "data_root": str(data), "gmd": use_gmd})
+        cfg = recipe.load_config(None, DEFAULTS, {**preset, "data_root": str(data), "gmd": use_gmd})
         run_dir = out / ("gmd" if use_gmd else "joint")
-        if (run_dir / "last.pt").exists():
-            # Reuse (or finish) an earlier demo run only when it was made with these very settings.
-            if json.loads((run_dir / "config.json").read_text()) != cfg:
-                raise FileExistsError(f"{run_dir} holds a run with other settings; remove it or pass another --out")
-            if load_checkpoint(run_dir / "last.pt")["epoch"] < cfg["epochs"]:
-                train(cfg, run_dir, resume=True)
-        else:
-            train(cfg, run_dir)
-        summary = run_eval(run_dir)
+        has_run = (run_dir / "last.pt").is_file()
+        # A folder holding only our config.json is a run killed in its first epoch: start it again.
+        restart = (not has_run and (run_dir / "config.json").is_file()
+                   and json.loads((run_dir / "config.json").read_text(encoding="utf-8")) == cfg)
+        try:
+            train(cfg, run_dir, resume=has_run and not overwrite, overwrite=overwrite or restart)
+        except ValueError as e:
+            raise FileExistsError(f"{run_dir} holds a run with other settings ({e}); pass --overwrite or another "
+                                  f"--out") from e
+        metrics = eval_paths(run_dir, "test")["metrics"]
+        summary = (json.loads(metrics.read_text(encoding="utf-8")) if metrics.is_file() and not overwrite
+                   else run_eval(run_dir, overwrite=overwrite))
         print(f"{run_dir.name}: mean Dice over 15 combinations " +
               ", ".join(f"{r} {summary['mean'][r]:.4f}" for r in REGIONS), flush=True)
         runs.append(run_dir)
-    table = compare(runs, out)
-    print("\n" + table + "\n")
-    print(f"demo finished in {time.time() - t0:.0f} s; reports in {out}/{{joint,gmd}}/report.md, "
+    text = compare(runs, out, overwrite=True)  # derived from the two runs above only
+    print("\n" + text)
+    print(f"demo finished in {time.time() - t0:.0f} s; reports in {out}/{{joint,gmd}}/report_test.md, "
           f"comparison in {out}/comparison.md", flush=True)
-    return table
+    return text
 
 
 # ----------------------------------------------------------------------------------------------- CLI
@@ -515,35 +534,46 @@ def main(argv=None) -> int:
     e.add_argument("--run", required=True)
     e.add_argument("--split", default="test", choices=["test", "val", "train"])
     e.add_argument("--checkpoint", default=None)
-    c = sub.add_parser("compare", help="side-by-side table and plot of evaluated runs")
+    c = sub.add_parser("compare", help="side-by-side table, paired differences and plot of evaluated runs")
     c.add_argument("runs", nargs="+")
     c.add_argument("--out", required=True)
+    c.add_argument("--split", default="test", choices=["test", "val", "train"])
     g = sub.add_parser("phantom", help="write BraTS-layout phantom cases")
     g.add_argument("--out", required=True)
     g.add_argument("--n", type=int, default=20)
     g.add_argument("--size", type=int, default=64)
     g.add_argument("--seed", type=int, default=0)
+    for q in (d, t, e, c):
+        q.add_argument("--overwrite", action="store_true", help="replace earlier outputs instead of refusing")
+    for q in (d, t, e):
+        q.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = p.parse_args(argv)
 
-    if args.cmd == "demo":
-        demo(args.out, args.data, args.quick)
-    elif args.cmd == "train":
-        cfg = common.load_config(args.config, DEFAULTS, _parse_set(args.set))
-        if args.resume:
-            saved = common.load_config(Path(args.out) / "config.json", DEFAULTS)
-            cfg = saved if args.config is None and not args.set else cfg
-        train(cfg, args.out, resume=args.resume, stop_after_epochs=args.stop_after_epochs)
-        state = load_checkpoint(Path(args.out) / "last.pt")
-        if not args.no_eval and state["epoch"] >= cfg["epochs"]:
-            run_eval(args.out)
-            print(Path(args.out, "report.md").read_text())
-    elif args.cmd == "eval":
-        run_eval(args.run, args.split, args.checkpoint)
-        print(Path(args.run, "report.md").read_text())
-    elif args.cmd == "compare":
-        print(compare(args.runs, args.out))
-    elif args.cmd == "phantom":
-        phantom.make_cases(args.out, args.n, size=args.size, seed=args.seed)
+    recipe.require_extras("brats")
+    note = recipe.kernel_note()
+    if note:
+        print(note, flush=True)
+    with recipe.threads(getattr(args, "threads", 0)):
+        if args.cmd == "demo":
+            demo(args.out, args.data, args.quick, overwrite=args.overwrite)
+        elif args.cmd == "train":
+            out = Path(args.out)
+            cfg = recipe.load_config(args.config, DEFAULTS, _parse_set(args.set))
+            if args.resume and args.config is None and not args.set and (out / "config.json").is_file():
+                cfg = recipe.load_config(out / "config.json", DEFAULTS)
+            train(cfg, out, resume=args.resume, stop_after_epochs=args.stop_after_epochs, overwrite=args.overwrite)
+            report = eval_paths(out, "test")["report"]
+            if not args.no_eval and load_checkpoint(out / "last.pt")["epoch"] >= cfg["epochs"]:
+                if not report.is_file():
+                    run_eval(out)
+                print(report.read_text(encoding="utf-8"))
+        elif args.cmd == "eval":
+            run_eval(args.run, args.split, args.checkpoint, overwrite=args.overwrite)
+            print(eval_paths(Path(args.run), args.split)["report"].read_text(encoding="utf-8"))
+        elif args.cmd == "compare":
+            print(compare(args.runs, args.out, args.split, overwrite=args.overwrite))
+        elif args.cmd == "phantom":
+            phantom.make_cases(args.out, args.n, size=args.size, seed=args.seed)
     return 0
 
 

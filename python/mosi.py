@@ -5,12 +5,15 @@ evaluated on each of the 7 text/audio/vision combinations with the MMSA metrics.
     python python/mosi.py --synthetic                                       # offline stand-in, same format
     python python/mosi.py --synthetic --config python/configs/mosi_gmd.json --seeds 0 1 2 --out runs/gmd
 
-Each ``--config`` (default: the paired ``mosi_gmd.json`` and ``mosi_joint.json``, which differ only in ``"gmd"``) is
-trained for every seed in ``--seeds``. Per (config, seed): Adam on the L1 losses of the 7 subsets (or ``subsets``
-= k sampled per step), a checkpoint after every epoch (atomic; ``--resume`` continues exactly where it stopped),
-model selection on the valid split by the mean L1 over the 7 subsets, then the test split evaluated with only the
-subset's modalities present. Writes ``metrics.json``, ``report.md`` and ``metrics.png`` to ``--out``: per config the
-mean (and std) over seeds, and a side-by-side table when several configs ran.
+What is MOSI-specific lives here; the rest (configs, the GMD-or-joint step, checkpoints and exact resume, paired
+comparison, plots) is the shared skeleton python/recipe.py. Each ``--config`` (default: the paired
+``mosi_gmd.json`` and ``mosi_joint.json``, which differ only in ``"gmd"``) is trained for every seed in
+``--seeds``. Per (config, seed): Adam on the L1 losses of the 7 subsets (or ``subsets_per_step`` = k sampled per
+step), a checkpoint after every epoch (atomic; ``--resume`` continues exactly where it stopped), model selection
+on the valid split by the mean L1 over the 7 subsets, then the test split evaluated with only the subset's
+modalities present. Writes ``metrics.json``, ``report.md``, ``metrics.png`` and, for a GMD/joint pair,
+``comparison.md`` (paired differences with bootstrap intervals over test samples) to ``--out``; an ``--out``
+that is not empty is refused unless ``--resume`` (same settings) or ``--overwrite``.
 
 Why one forward pass serves all 7 objectives: DS branches do not interact before the late mean fusion, so the
 prediction of a subset is the mean of its modalities' branch predictions (``forward_branches``), and a subset's
@@ -20,7 +23,6 @@ that subset present would.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import os
@@ -32,38 +34,39 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
-from common import load_config, pick_device, save_figure, seed_everything, write_json, write_text
-from gmd_ext import GMD, DSSentimentNet, sample_subsets, subsets
-from gmd_ext.io import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+import recipe
+from gmd_ext import DSSentimentNet, subsets
+from gmd_ext.apps.mosi.constants import MODALITIES
 from gmd_ext.data import load_mmsa, synthetic_mosi
-from gmd_ext.apps.mosi.mmsa import MODALITIES
-from gmd_ext.apps.mosi.metrics import METRIC_NAMES, sentiment_metrics
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_CONFIGS = [HERE / "configs" / "mosi_gmd.json", HERE / "configs" / "mosi_joint.json"]
 
-# MMSA feature sizes and split sizes (the issue's table); used to warn when --dataset does not match the file.
+# MMSA feature sizes and split sizes; used to warn when --dataset does not match the file.
 DATASETS = {
     "mosi": {"dims": (768, 5, 20), "n": (1284, 229, 686)},
     "mosei": {"dims": (768, 74, 35), "n": (16326, 1871, 4659)},
 }
 
 DEFAULTS = {
-    "gmd": True,             # the one switch: GMD-merged gradients, or the plain mean of the subset losses
+    **recipe.SHARED_DEFAULTS,
     "epochs": 10,
     "batch_size": 32,
     "lr": 1e-3,
     "weight_decay": 0.0,
-    "subsets": 0,            # 0: all 7 subsets every step; k in 1..7: k sampled per step (full set always in)
     "hidden": 64,
     "num_layers": 1,
     "dropout": 0.1,
-    "gmd_reduction": "mean",
-    "gmd_order": "random",
     "eval_batch_size": 256,
 }
+
+# What --out may hold from this recipe (--overwrite removes these, and only these; the synthetic data stays).
+OUTPUTS = ("metrics.json", "report.md", "metrics.png", "comparison.md",
+           *(f"*/seed*/{name}" for name in (*recipe.RUN_OUTPUTS, "result.json")))
+# Metrics of the paired comparison, vectorised over bootstrap resamples (definitions as in
+# gmd_ext.apps.mosi.metrics: Has0 counts truth >= 0 as positive, Non0 drops truth == 0).
+PAIRED = {"Has0_acc_2": True, "Non0_acc_2": True, "MAE": False, "Corr": True}  # name -> higher is better
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -78,17 +81,20 @@ def _to_tensors(split: dict) -> dict:
     }
 
 
-def load_data(args) -> tuple[dict, str]:
-    """Returns ({split: tensors}, description of the data source)."""
+def load_data(args) -> tuple[dict, str, str]:
+    """Returns ({split: tensors}, description of the data source, data kind "synthetic" | "real")."""
     if args.synthetic:
         spec = DATASETS[args.dataset]
         n = tuple(args.synthetic_n) if args.synthetic_n else spec["n"]
         dims = tuple(args.synthetic_dims) if args.synthetic_dims else spec["dims"]
         layout = "aligned" if not args.unaligned else "unaligned"
-        path = Path(args.out) / "data" / f"synthetic_{args.dataset}_{layout}_{'x'.join(map(str, n))}_" \
-                                         f"{'x'.join(map(str, dims))}.pkl"
+        path = recipe.inside(args.out, "data", f"synthetic_{args.dataset}_{layout}_{'x'.join(map(str, n))}_"
+                                               f"{'x'.join(map(str, dims))}.pkl")
         if not path.exists():  # deterministic (seed 0), so an existing file is the same file
+            t0 = time.time()
+            print(f"writing a synthetic {args.dataset}-format file to {path} ...", flush=True)
             synthetic_mosi.make(path, n=n, aligned=not args.unaligned, dims=dims, seed=0)
+            print(f"  wrote {path.stat().st_size / 1e6:.0f} MB in {time.time() - t0:.1f} s", flush=True)
         source = f"synthetic {args.dataset}-format file ({layout}, n={n}, dims={dims}, data seed 0): {path}"
     else:
         path = Path(args.data)
@@ -100,7 +106,8 @@ def load_data(args) -> tuple[dict, str]:
     if not args.synthetic and (dims != spec["dims"] or sizes != spec["n"]):
         warnings.warn(f"{path}: dims {dims} / split sizes {sizes} differ from {args.dataset.upper()}'s "
                       f"{spec['dims']} / {spec['n']}; is --dataset right?", stacklevel=2)
-    return {s: _to_tensors(raw[s]) for s in ("train", "valid", "test")}, source
+    return ({s: _to_tensors(raw[s]) for s in ("train", "valid", "test")}, source,
+            "synthetic" if args.synthetic else "real")
 
 
 def _batch(data: dict, idx: torch.Tensor, device) -> tuple[dict, dict, torch.Tensor]:
@@ -124,8 +131,8 @@ def branch_predictions(model, data: dict, batch_size: int, device) -> torch.Tens
 
 
 @torch.no_grad()
-def evaluate_subsets(model, data: dict, batch_size: int, device) -> dict[str, dict[str, float]]:
-    """MMSA metrics per modality combination, running the model with only that combination present."""
+def predict_subsets(model, data: dict, batch_size: int, device) -> dict[str, torch.Tensor]:
+    """Test predictions [N] per modality combination, running the model with only that combination present."""
     model.eval()
     n = data["y"].shape[0]
     results = {}
@@ -136,101 +143,57 @@ def evaluate_subsets(model, data: dict, batch_size: int, device) -> dict[str, di
             present = s.mask.to(device).expand(len(x["text"]), -1)
             x = {m: (t if m in s else None) for m, t in x.items()}  # absent inputs are never read
             preds.append(model(x, present, lengths).cpu())
-        results[s.name] = sentiment_metrics(torch.cat(preds), data["y"])
+        results[s.name] = torch.cat(preds)
     return results
-
-
-def subset_l1(branches: torch.Tensor, y: torch.Tensor, objectives) -> dict[str, torch.Tensor]:
-    """L1 loss of each subset's fused prediction (mean of its branches): branches [B, M], y [B]."""
-    return {s.name: F.l1_loss(branches[:, list(s.indices)].mean(1), y) for s in objectives}
 
 
 def train_one(cfg: dict, data: dict, seed: int, run_dir: Path, device, *, resume: bool,
               stop_after: int | None = None, progress: bool = True) -> dict | None:
     """Train one (config, seed); returns its result dict, or None when stopped early by ``stop_after``."""
-    ckpt_path = run_dir / "last.pt"
-    if ckpt_path.exists() and not resume:
-        raise FileExistsError(f"{ckpt_path} exists: pass --resume to continue that run, or choose another --out")
-    seed_everything(seed)
-    gen = torch.Generator().manual_seed(seed)  # batch order and subset sampling
-    input_dims = tuple(data["train"]["x"][m].shape[2] for m in MODALITIES)
-    model = DSSentimentNet(MODALITIES, input_dims, cfg["hidden"], num_layers=cfg["num_layers"],
-                           dropout=cfg["dropout"]).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-    gmd = GMD(opt, reduction=cfg["gmd_reduction"], order=cfg["gmd_order"], seed=seed) if cfg["gmd"] else None
-    state = {"epoch": 0, "history": [], "best_score": math.inf, "best_epoch": -1, "best_model": None,
-             "train_seconds": 0.0}
+    from gmd_ext.metrics import sentiment_metrics
 
-    if resume and ckpt_path.exists():
-        ck = load_checkpoint(ckpt_path, map_location=device)
-        if ck["config"] != cfg or ck["seed"] != seed:
-            raise ValueError(f"{ckpt_path} was written with config {ck['config']} seed {ck['seed']}, not "
-                             f"{cfg} seed {seed}; resume with the same settings or choose another --out")
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        if gmd is not None:
-            gmd.load_state_dict(ck["gmd"])
-        gen.set_state(ck["generator"])
-        set_rng_state(ck["rng"])
-        state = {k: ck[k] for k in state}
-
-    train = data["train"]
+    result_path = run_dir / "result.json"
+    if resume and result_path.is_file():
+        recipe.load_matching(run_dir / "last.pt", cfg, seed)  # the finished run is this one
+        return json.loads(result_path.read_text(encoding="utf-8"))
+    train, valid = data["train"], data["valid"]
     n = train["y"].shape[0]
-    k = cfg["subsets"]
+    input_dims = tuple(train["x"][m].shape[2] for m in MODALITIES)
     every = subsets(MODALITIES)
-    for epoch in range(state["epoch"], cfg["epochs"]):
-        if stop_after is not None and epoch >= stop_after:
-            return None
-        model.train()
-        t0 = time.perf_counter()
-        order = torch.randperm(n, generator=gen)
-        steps = range(0, n, cfg["batch_size"])
-        total, conflicts = 0.0, []
-        bar = tqdm(steps, desc=f"{run_dir.parent.name} seed {seed} epoch {epoch + 1}/{cfg['epochs']}",
-                   leave=False, disable=not progress)
-        for i in bar:
-            x, lengths, y = _batch(train, order[i:i + cfg["batch_size"]], device)
-            objectives = every if k == 0 else sample_subsets(MODALITIES, k, gen)
-            losses = subset_l1(model.forward_branches(x, None, lengths), y, objectives)
-            if gmd is not None:
-                gmd.zero_grad()
-                info = gmd.backward(losses)
-                gmd.step()
-                if getattr(info, "num_conflicts", None) is not None:
-                    conflicts.append(float(info.num_conflicts))
-            else:
-                opt.zero_grad()
-                # The mean, not the sum: Adam is invariant to the scale, and the mean matches GMD's shared scale.
-                torch.stack(list(losses.values())).mean().backward()
-                opt.step()
-            loss = float(torch.stack([v.detach() for v in losses.values()]).mean())
-            total += loss
-            bar.set_postfix(loss=f"{loss:.3f}")
-        state["train_seconds"] += time.perf_counter() - t0
 
-        branches = branch_predictions(model, data["valid"], cfg["eval_batch_size"], device)
-        valid = {name: float(v) for name, v in
-                 subset_l1(branches, data["valid"]["y"], every).items()}
-        score = float(np.mean(list(valid.values())))
-        record = {"epoch": epoch + 1, "train_l1": total / len(steps), "valid_l1": score, "valid_l1_subsets": valid}
-        if conflicts:
-            record["conflicts_per_step"] = float(np.mean(conflicts))
-        state["history"].append(record)
-        if score < state["best_score"]:
-            state.update(best_score=score, best_epoch=epoch + 1, best_model=copy.deepcopy(model.state_dict()))
-        state["epoch"] = epoch + 1
-        save_checkpoint(ckpt_path, model=model.state_dict(), optimizer=opt.state_dict(),
-                        gmd=gmd.state_dict() if gmd is not None else None, generator=gen.get_state(),
-                        rng=rng_state(), config=cfg, seed=seed, **state)
-        print(f"[{run_dir.parent.name} seed {seed}] epoch {epoch + 1}: train L1 {record['train_l1']:.4f}  "
-              f"valid L1 (mean of 7) {score:.4f}" + ("  *" if state["best_epoch"] == epoch + 1 else ""),
-              flush=True)
+    def build():
+        return DSSentimentNet(MODALITIES, input_dims, cfg["hidden"], num_layers=cfg["num_layers"],
+                              dropout=cfg["dropout"]).to(device)
 
-    model.load_state_dict(state["best_model"])
-    test = evaluate_subsets(model, data["test"], cfg["eval_batch_size"], device)
-    result = {"seed": seed, "best_epoch": state["best_epoch"], "best_valid_l1": state["best_score"],
-              "train_seconds": state["train_seconds"], "history": state["history"], "test": test}
-    write_json(run_dir / "result.json", result)
+    def batches(epoch, generator):
+        order = torch.randperm(n, generator=generator)
+        for i in range(0, n, cfg["batch_size"]):
+            yield _batch(train, order[i:i + cfg["batch_size"]], device)
+
+    def forward(model, batch):
+        x, lengths, y = batch
+        return model.forward_branches(x, None, lengths), y
+
+    def validate(model):
+        branches = branch_predictions(model, valid, cfg["eval_batch_size"], device)
+        l1 = {k: float(v) for k, v in recipe.subset_losses(branches, valid["y"], F.l1_loss, every).items()}
+        return float(np.mean(list(l1.values()))), {"valid_l1_subsets": l1}
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    out = recipe.fit(run_dir, cfg, seed, build_model=build, steps_per_epoch=math.ceil(n / cfg["batch_size"]),
+                     batches=batches, forward=forward, loss_fn=F.l1_loss, validate=validate, mode="min",
+                     resume=resume, stop_after_epochs=stop_after, progress=progress,
+                     label=f"{run_dir.parent.name} seed {seed}")
+    if not out["finished"]:
+        return None
+    model = out["model"]
+    model.load_state_dict(recipe.load_matching(out["checkpoint"], cfg, seed)["model"])
+    preds = predict_subsets(model, data["test"], cfg["eval_batch_size"], device)
+    result = {"seed": seed, "best_epoch": out["best_epoch"], "best_valid_l1": out["best_score"],
+              "train_seconds": sum(h["seconds"] for h in out["history"]), "history": out["history"],
+              "test": {c: sentiment_metrics(p, data["test"]["y"]) for c, p in preds.items()},
+              "test_predictions": {c: p.tolist() for c, p in preds.items()}}
+    recipe.write_json(result_path, result)
     return result
 
 
@@ -238,6 +201,8 @@ def train_one(cfg: dict, data: dict, seed: int, run_dir: Path, device, *, resume
 
 def aggregate(results: list[dict]) -> tuple[dict, dict]:
     """Mean and std (ddof 1; 0 for one seed) over seeds of every test metric: {combination: {metric: value}}."""
+    from gmd_ext.apps.mosi.metrics import METRIC_NAMES
+
     combos = list(results[0]["test"])
     mean, std = {}, {}
     for c in combos:
@@ -245,6 +210,44 @@ def aggregate(results: list[dict]) -> tuple[dict, dict]:
         mean[c] = {k: float(v.mean()) for k, v in vals.items()}
         std[c] = {k: float(v.std(ddof=1)) if v.size > 1 else 0.0 for k, v in vals.items()}
     return mean, std
+
+
+def _metric_rows(name: str, p: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """One metric for each row of ``p`` / ``y`` ([B, N]): the MMSA definition, vectorised over resamples."""
+    if name == "MAE":
+        return np.abs(p - y).mean(1)
+    if name == "Corr":
+        pc, yc = p - p.mean(1, keepdims=True), y - y.mean(1, keepdims=True)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return (pc * yc).sum(1) / np.sqrt((pc * pc).sum(1) * (yc * yc).sum(1))
+    if name == "Has0_acc_2":
+        return ((p >= 0) == (y >= 0)).mean(1)
+    nz = y != 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return (((p > 0) == (y > 0)) & nz).sum(1) / nz.sum(1)
+
+
+def paired_rows(joint: dict, gmd: dict, y: np.ndarray) -> list[dict]:
+    """GMD - joint per combination and metric: the mean over seeds of the paired difference (seeds matched by
+    number), with a bootstrap interval over test samples."""
+    jr = {r["seed"]: r for r in joint["seeds"]}
+    pairs = [(g, jr[g["seed"]]) for g in gmd["seeds"] if g["seed"] in jr]
+    if not pairs:
+        raise ValueError("comparison: the GMD and joint runs share no seed")
+    rows = []
+    for c in gmd["mean"]:
+        pg = np.array([g["test_predictions"][c] for g, _ in pairs])
+        pj = np.array([j["test_predictions"][c] for _, j in pairs])
+        for metric, higher in PAIRED.items():
+            def stat(idx, metric=metric):
+                return np.mean([_metric_rows(metric, a[idx], y[idx]) - _metric_rows(metric, b[idx], y[idx])
+                                for a, b in zip(pg, pj)], axis=0)
+            g = float(np.mean([g_["test"][c][metric] for g_, _ in pairs]))
+            j = float(np.mean([j_["test"][c][metric] for _, j_ in pairs]))
+            lo, hi = recipe.bootstrap_interval(stat, len(y))
+            rows.append({"combination": c, "metric": metric, "joint": j, "gmd": g, "diff": g - j, "lo": lo,
+                         "hi": hi, "higher_is_better": higher})
+    return rows
 
 
 def _fmt(x: float) -> str:
@@ -257,12 +260,20 @@ def _by_epoch(results: list[dict], key: str) -> str:
 
 
 def write_report(out: Path, summary: dict) -> None:
+    from gmd_ext.apps.mosi.metrics import METRIC_NAMES
+
     runs = summary["runs"]
+    benchmark = "CMU-MOSI" if summary["dataset"] == "mosi" else "CMU-MOSEI"
     lines = [f"# {summary['dataset'].upper()}: DSSentimentNet per modality combination (test split)", "",
+             f"- {recipe.data_note(summary['kind'], benchmark)}",
              f"- data: {summary['source']}",
              f"- seeds: {summary['seeds']}; device: {summary['device']}; machine: {summary['machine']}",
              "- metrics as MMSA computes them (gmd_ext.metrics.sentiment_metrics); mean over seeds"
-             + (" ± std" if len(summary["seeds"]) > 1 else ""), ""]
+             + (" ± std" if len(summary["seeds"]) > 1 else ""), "",
+             "![test metrics per modality combination](metrics.png)", ""]
+    if "comparison" in summary:
+        lines += [f"Paired differences GMD − joint with bootstrap intervals: [comparison.md](comparison.md). "
+                  f"{summary['comparison']}", ""]
     for name, run in runs.items():
         cfg = run["config"]
         lines += [f"## {name} ({'GMD' if cfg['gmd'] else 'joint'} training)", "",
@@ -270,11 +281,14 @@ def write_report(out: Path, summary: dict) -> None:
                   f"best epochs {[r['best_epoch'] for r in run['seeds']]}, training time "
                   f"{np.mean([r['train_seconds'] for r in run['seeds']]):.1f} s per seed", "",
                   "valid L1 (mean of the 7 subsets) by epoch, mean over seeds: "
-                  + _by_epoch(run["seeds"], "valid_l1"), ""]
+                  + _by_epoch(run["seeds"], "val_score"), ""]
         if cfg["gmd"]:
             # Conflicts between subset gradients rise as the strong modality takes over: the dominance signal.
-            lines += ["GMD conflicting subset-gradient pairs per step (info.num_conflicts, of 21) by epoch, mean over seeds: "
-                      + _by_epoch(run["seeds"], "conflicts_per_step"), ""]
+            lines += ["GMD conflicting subset-gradient pairs per step (info.num_conflicts, of 21) by epoch, mean "
+                      "over seeds: " + _by_epoch(run["seeds"], "conflicts_per_step"), ""]
+            seed0 = f"seed{run['seeds'][0]['seed']}"
+            lines += recipe.dominance_markdown(out / name / seed0 / "monitor.csv", f"{name}/{seed0}/dominance.png",
+                                               MODALITIES)
         lines += ["| combination | " + " | ".join(METRIC_NAMES) + " |", "|---|" + "---|" * len(METRIC_NAMES)]
         for c, m in run["mean"].items():
             cells = [_fmt(m[k]) + (f" ± {run['std'][c][k]:.4f}" if len(run["seeds"]) > 1 else "")
@@ -290,31 +304,16 @@ def write_report(out: Path, summary: dict) -> None:
             cells = [" / ".join(_fmt(runs[n]["mean"][c][k]) for n in names) for k in keys]
             lines.append(f"| {c} | " + " | ".join(cells) + " |")
         lines.append("")
-    write_text(out / "report.md", "\n".join(lines))
+    recipe.write_text(out / "report.md", "\n".join(lines))
 
 
 def write_plot(out: Path, summary: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     runs = summary["runs"]
-    combos = list(next(iter(runs.values()))["mean"])
     keys = ("Non0_acc_2", "Non0_F1_score", "MAE", "Corr")
-    fig, axes = plt.subplots(len(keys), 1, figsize=(10, 2.6 * len(keys)), sharex=True)
-    width = 0.8 / len(runs)
-    pos = np.arange(len(combos))
-    for ax, key in zip(axes, keys):
-        for j, (name, run) in enumerate(runs.items()):
-            ax.bar(pos + (j - (len(runs) - 1) / 2) * width, [run["mean"][c][key] for c in combos], width,
-                   yerr=[run["std"][c][key] for c in combos] if len(summary["seeds"]) > 1 else None, label=name)
-        ax.set_ylabel(key)
-        ax.grid(axis="y", alpha=0.3)
-    axes[0].legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    axes[-1].set_xticks(pos, combos, rotation=30, ha="right")
-    fig.suptitle(f"{summary['dataset'].upper()} test metrics per modality combination")
-    save_figure(fig, out / "metrics.png")
+    errors = {n: r["std"] for n, r in runs.items()} if len(summary["seeds"]) > 1 else None
+    recipe.plot_per_combination(out / "metrics.png", {n: r["mean"] for n, r in runs.items()}, keys,
+                                title=f"{summary['dataset'].upper()} test metrics per modality combination"
+                                      + (" (bars: std over seeds)" if errors else ""), errors=errors)
 
 
 # ----------------------------------------------------------------------------------------------- main
@@ -326,7 +325,7 @@ def parse_args(argv=None):
     src.add_argument("--data", help="MMSA feature file (aligned_50.pkl / unaligned_50.pkl, or the same as .npz)")
     src.add_argument("--synthetic", action="store_true", help="generate and use a synthetic file in MMSA format")
     p.add_argument("--synthetic-n", type=int, nargs=3, metavar=("TRAIN", "VALID", "TEST"),
-                   help="synthetic split sizes (default: the dataset's)")
+                   help="synthetic split sizes (default: the dataset's; MOSI-sized aligned is ~350 MB on disk)")
     p.add_argument("--synthetic-dims", type=int, nargs=3, metavar=("TEXT", "AUDIO", "VISION"),
                    help="synthetic feature sizes (default: the dataset's)")
     p.add_argument("--unaligned", action="store_true", help="synthetic: unaligned layout (T = 50/375/500)")
@@ -335,6 +334,7 @@ def parse_args(argv=None):
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--out", type=Path, default=Path("runs/mosi"))
     p.add_argument("--resume", action="store_true", help="continue the runs in --out from their last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier run in --out")
     p.add_argument("--device", default="auto")
     p.add_argument("--nonfinite", choices=("zero", "raise"), default="zero",
                    help="NaN/Inf features: replace with 0 and warn (MMSA's own loader zeroes -inf audio), or fail")
@@ -343,7 +343,9 @@ def parse_args(argv=None):
                    help="torch CPU threads (0: torch's default). The GRU steps are tiny: on a loaded 2-core box one "
                         "thread ran a GMD step 12x faster than two (0.16 s vs 2.0 s, hidden 8, batch 16)")
     # Overrides apply to every config alike, so a GMD/joint pair stays a one-switch comparison.
-    for key in ("epochs", "batch_size", "subsets", "hidden"):
+    p.add_argument("--subsets-per-step", "--subsets", type=int, dest="subsets_per_step",
+                   help="0: all 7 subsets every step; k in 1..7: k sampled per step")
+    for key in ("epochs", "batch_size", "hidden"):
         p.add_argument(f"--{key.replace('_', '-')}", type=int, dest=key)
     p.add_argument("--lr", type=float)
     p.add_argument("--stop-after-epochs", type=int, help=argparse.SUPPRESS)  # simulates an interruption (tests)
@@ -354,35 +356,40 @@ def main(argv=None) -> dict | None:
     """Run the recipe (``argv`` as on the command line); returns the summary written to metrics.json, or None
     when ``--stop-after-epochs`` interrupted it."""
     args = parse_args(argv)
-    threads = torch.get_num_threads()
-    if args.threads < 0:
-        raise ValueError(f"--threads must be >= 0, got {args.threads}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
+    recipe.require_extras("mosi")
+    note = recipe.kernel_note()
+    if note:
+        print(note, flush=True)
+    with recipe.threads(args.threads):
         return _run(args)
-    finally:
-        torch.set_num_threads(threads)  # main() is also called in-process (tests); leave torch as found
 
 
 def _run(args) -> dict | None:
-    overrides = {k: getattr(args, k) for k in ("epochs", "batch_size", "subsets", "hidden", "lr")}
+    overrides = {k: getattr(args, k) for k in ("epochs", "batch_size", "subsets_per_step", "hidden", "lr")}
     configs = {}
     for path in args.config:
-        cfg = load_config(path, DEFAULTS, overrides)
-        if not 0 <= cfg["subsets"] <= 7:
-            raise ValueError(f"{path}: subsets must be 0 (all 7) or k in 1..7, got {cfg['subsets']}")
+        cfg = recipe.load_config(path, DEFAULTS, overrides)
+        try:
+            recipe.check_config(cfg, len(MODALITIES))
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from e
         if path.stem in configs:
             raise ValueError(f"--config: two configs share the name {path.stem!r}")
+        recipe.inside(args.out, path.stem)  # a config's name becomes a folder of --out
         configs[path.stem] = cfg
-    device = pick_device(args.device)
-    data, source = load_data(args)
+    manifest = {"dataset": args.dataset, "data": args.data, "synthetic": args.synthetic,
+                "synthetic_n": args.synthetic_n, "synthetic_dims": args.synthetic_dims, "unaligned": args.unaligned,
+                "nonfinite": args.nonfinite, "configs": configs, "seeds": args.seeds}
+    recipe.prepare_folder(args.out, "run.json", manifest, resume=args.resume, overwrite=args.overwrite,
+                          outputs=OUTPUTS)
+    device = recipe.pick_device(args.device)
+    data, source, kind = load_data(args)
 
     runs, stopped = {}, False
     for name, cfg in configs.items():
         results = []
         for seed in args.seeds:
-            r = train_one(cfg, data, seed, args.out / name / f"seed{seed}", device, resume=args.resume,
+            r = train_one(cfg, data, seed, recipe.inside(args.out, name, f"seed{seed}"), device, resume=args.resume,
                           stop_after=args.stop_after_epochs, progress=not args.no_progress)
             stopped |= r is None
             results.append(r)
@@ -394,13 +401,27 @@ def _run(args) -> dict | None:
         return None
     machine = (torch.cuda.get_device_name(device) if device.type == "cuda"
                else f"{os.cpu_count()}-core {platform.machine()} CPU")
-    summary = {"dataset": args.dataset, "source": source, "seeds": args.seeds, "device": str(device),
+    summary = {"dataset": args.dataset, "source": source, "kind": kind, "seeds": args.seeds, "device": str(device),
                "machine": f"{machine}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
                "runs": runs}
-    write_json(args.out / "metrics.json", summary)
+    modes = {name: run["config"]["gmd"] for name, run in runs.items()}
+    if sorted(modes.values()) == [False, True]:
+        joint, gmd = (runs[n] for n in sorted(modes, key=modes.get))
+        rows = paired_rows(joint, gmd, data["test"]["y"].numpy().astype(np.float64))
+        text = recipe.comparison_markdown(rows, n=len(data["test"]["y"]), unit="test samples",
+                                          detail=f"; differences averaged over seeds {args.seeds}")
+        summary["comparison"] = text.strip().splitlines()[-1]
+        benchmark = "CMU-MOSI" if args.dataset == "mosi" else "CMU-MOSEI"
+        recipe.write_text(args.out / "comparison.md",
+                          f"# {args.dataset.upper()}: GMD vs joint training per modality combination (test split)\n\n"
+                          f"- {recipe.data_note(kind, benchmark)}\n- data: {source}\n- seeds: {args.seeds}\n\n"
+                          + text)
+        summary["paired"] = rows
+    recipe.write_json(args.out / "metrics.json", summary)
     write_report(args.out, summary)
     write_plot(args.out, summary)
-    print(f"wrote {args.out / 'report.md'}, metrics.json, metrics.png", flush=True)
+    print(f"wrote {args.out / 'report.md'}, metrics.json, metrics.png"
+          + (", comparison.md" if "comparison" in summary else ""), flush=True)
     return summary
 
 

@@ -24,8 +24,11 @@ def _load(name, path):
     return mod
 
 
+# A recipe run as `python python/brats.py` has python/ on sys.path (for its skeleton python/recipe.py).
+if str(ROOT / "python") not in sys.path:
+    sys.path.insert(0, str(ROOT / "python"))
 brats = _load("brats_recipe", ROOT / "python" / "brats.py")
-common = sys.modules["common"]
+recipe = sys.modules["recipe"]
 
 
 def _write_cases(root, n=2, size=24):
@@ -59,11 +62,15 @@ def data(tmp_path_factory):
 def _cfg(data, **kw):
     base = {"data_root": str(data), "crop_size": 16, "batch_size": 1, "width": 0.25, "epochs": 4,
             "steps_per_epoch": 1, "lr": 1e-3, "cache": True, "subsets_per_step": 4, "sw_overlap": 0.25}
-    return common.load_config(None, brats.DEFAULTS, {**base, **kw})
+    return recipe.load_config(None, brats.DEFAULTS, {**base, **kw})
 
 
 def _params(run):
     return load_checkpoint(run / "last.pt")
+
+
+def _csv_steps(path):
+    return [int(line.split(",")[0]) for line in path.read_text().splitlines()[1:]]
 
 
 def test_resume_is_bit_identical(data, tmp_path):
@@ -74,21 +81,30 @@ def test_resume_is_bit_identical(data, tmp_path):
     brats.train(cfg, full)
     brats.train(cfg, part, stop_after_epochs=2)
     assert load_checkpoint(part / "last.pt")["step"] == 2
+    # A kill after step 2's monitor row but before the epoch's checkpoint leaves a row the resume will redo.
+    last_row = (part / "monitor.csv").read_text().splitlines()[-1]
+    with open(part / "monitor.csv", "a") as f:
+        f.write("2" + last_row[last_row.index(","):] + "\n")
     brats.train(cfg, part, resume=True)
     a, b = _params(full), _params(part)
     assert a["step"] == b["step"] == 4
     for k, v in a["model"].items():
         assert torch.equal(v, b["model"][k]), k
-    for k, v in a["optimizer"]["state"].items():
+    opt_a, opt_b = a["step_state"]["gmd"]["optimizer"], b["step_state"]["gmd"]["optimizer"]
+    for k, v in opt_a["state"].items():
         for name, t in v.items():
-            assert torch.equal(torch.as_tensor(t), torch.as_tensor(b["optimizer"]["state"][k][name]))
+            assert torch.equal(torch.as_tensor(t), torch.as_tensor(opt_b["state"][k][name]))
     assert a["scheduler"] == b["scheduler"]
     # The learning rate really decayed (poly schedule stepped every optimizer step).
     assert a["scheduler"]["_last_lr"][0] < 0.5 * cfg["lr"]
-    assert a["gmd"]["step"] == 4 and torch.equal(a["gmd"]["generator"], b["gmd"]["generator"])
+    ga, gb = a["step_state"]["gmd"], b["step_state"]["gmd"]
+    assert ga["step"] == 4 and torch.equal(ga["generator"], gb["generator"])
+    assert a["config"] == cfg and a["seed"] == cfg["seed"]
     assert (full / "monitor.csv").is_file() and (full / "dominance.png").is_file()
+    # The interrupted run's monitor.csv holds each step once, like the uninterrupted one.
+    assert _csv_steps(part / "monitor.csv") == _csv_steps(full / "monitor.csv") == [0, 1, 2, 3]
     # Training moved the parameters away from the seeded initialisation.
-    common.seed_everything(cfg["seed"])
+    recipe.seed_everything(cfg["seed"])
     init = DSUNet3d(MODS, 3, 0.25)
     assert any(not torch.equal(v, a["model"][k]) for k, v in init.state_dict().items())
 
@@ -110,10 +126,14 @@ def test_report_lists_all_15_combinations(data, tmp_path):
     brats.train(cfg, run)
     summary = brats.run_eval(run)
     names = [s.name for s in subsets(MODS)]
-    report = (run / "report.md").read_text()
+    report = (run / "report_test.md").read_text()
     rows = [line for line in report.splitlines() if line.startswith("| ")][1:]
     assert [r.split(" | ")[0][2:] for r in rows[:15]] == names and "mean over combinations" in rows[15]
-    metrics = json.loads((run / "metrics.json").read_text())
+    # A reader learns what WT/TC/ET are, where the data came from, and what the dominance plot shows.
+    assert "WT (whole tumour" in report and "TC (tumour core" in report and "ET (enhancing tumour)" in report
+    assert "data source: **real**" in report  # these NIfTI cases were not written by the phantom generator
+    assert "[dominance.png](dominance.png)" in report and "(dice_test.png)" in report
+    metrics = json.loads((run / "metrics_test.json").read_text())
     assert list(metrics["combinations"]) == names
     assert metrics["split"] == "test" and metrics["cases"] == json.loads((run / "splits.json").read_text())["test"]
     for name in names:
@@ -124,9 +144,106 @@ def test_report_lists_all_15_combinations(data, tmp_path):
             assert 0.0 <= min(vals) <= max(vals) <= 1.0
     assert summary["mean"]["WT"] == pytest.approx(np.mean([metrics["combinations"][n]["WT"]["mean"]
                                                             for n in names]))
-    assert (run / "dice_per_combination.png").stat().st_size > 0
+    assert (run / "dice_test.png").stat().st_size > 0
     table = brats.compare([run, run], tmp_path / "cmp")
     assert all(n in table for n in names) and (tmp_path / "cmp" / "comparison.png").is_file()
+    # Evaluations are named by split and never replace each other or themselves silently.
+    before = (run / "report_test.md").read_bytes()
+    brats.run_eval(run, "train")  # (2 cases: the val split is empty)
+    assert (run / "report_train.md").is_file() and (run / "report_test.md").read_bytes() == before
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        brats.run_eval(run, "train")
+    brats.run_eval(run, "train", overwrite=True)
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        brats.compare([run, run], tmp_path / "cmp")
+
+
+def test_resume_refuses_a_checkpoint_of_another_run(data, tmp_path):
+    """A GMD last.pt dropped into a joint run's folder (config.json unchanged) is refused on --resume."""
+    joint, gmd = _cfg(data, epochs=2, gmd=False), _cfg(data, epochs=2, gmd=True)
+    brats.train(joint, tmp_path / "joint", stop_after_epochs=1)
+    brats.train(gmd, tmp_path / "gmd", stop_after_epochs=1)
+    (tmp_path / "joint" / "last.pt").write_bytes((tmp_path / "gmd" / "last.pt").read_bytes())
+    with pytest.raises(ValueError, match=r"another config/seed \(differs in \['gmd'\]"):
+        brats.train(joint, tmp_path / "joint", resume=True)
+    with pytest.raises(ValueError, match="seed"):
+        recipe.load_matching(tmp_path / "gmd" / "last.pt", gmd, seed=1)
+
+
+def test_never_overwrites_a_folder_without_overwrite(data, tmp_path):
+    run = tmp_path / "mine"
+    run.mkdir()
+    (run / "config.json").write_text('{"mine": 1}')
+    (run / "report_test.md").write_text("my report")
+    with pytest.raises(FileExistsError, match="not empty.*--overwrite"):
+        brats.train(_cfg(data, epochs=1), run)
+    assert (run / "config.json").read_text() == '{"mine": 1}'
+    (run / "notes.txt").write_text("keep")
+    brats.train(_cfg(data, epochs=1), run, overwrite=True)
+    assert json.loads((run / "config.json").read_text())["epochs"] == 1
+    assert not (run / "report_test.md").exists() and (run / "notes.txt").read_text() == "keep"
+
+
+def test_paired_comparison_of_joint_and_gmd(data, tmp_path):
+    runs = []
+    for use_gmd in (False, True):
+        run = tmp_path / ("gmd" if use_gmd else "joint")
+        brats.train(_cfg(data, gmd=use_gmd, epochs=1), run)
+        brats.run_eval(run)
+        runs.append(run)
+    text = brats.compare(runs, tmp_path / "cmp")
+    assert "## Paired differences (GMD − joint)" in text and "Intervals: none: 1 test case cannot estimate the spread" in text
+    rows = [line for line in text.split("## Paired differences")[1].splitlines() if line.startswith("| ")][1:]
+    assert len(rows) == 16 * 3  # 15 combinations + their mean, x WT/TC/ET
+    j = json.loads((runs[0] / "metrics_test.json").read_text())
+    g = json.loads((runs[1] / "metrics_test.json").read_text())
+    wt = rows[0].split(" | ")
+    assert wt[0] == "| flair" and wt[1] == "WT Dice"
+    assert float(wt[4]) == pytest.approx(g["combinations"]["flair"]["WT"]["mean"] - j["combinations"]["flair"]["WT"]
+                                         ["mean"], abs=1e-4)
+    # One case cannot estimate a spread: no interval, so nothing is called a difference.
+    assert "not distinguishable in" in text and "data source: **real**" in text
+
+
+def test_demo_data_folder_that_is_not_a_phantom_set(tmp_path):
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(FileExistsError, match="not empty.*no phantom.json"):
+        brats.ensure_phantom(tmp_path, 2, 16)
+
+
+def test_start_up_checks_name_the_fix(monkeypatch, capsys):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "nilearn" else real(name, *a))
+    with pytest.raises(SystemExit, match=r'nilearn.*pip install "gmd-ext\[brats\]"'):
+        brats.main(["demo", "--quick"])
+    monkeypatch.setattr(recipe._backend, "CPP_LOADED", False)
+    monkeypatch.setattr(recipe._backend, "CPP_REASON", "the C++ extension gmd_ext._C is not built; rebuild with X")
+    assert "not loaded" in recipe.kernel_note() and "rebuild with X" in recipe.kernel_note()
+
+
+def test_threads_and_output_names():
+    before = torch.get_num_threads()
+    with recipe.threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    with pytest.raises(ValueError, match="threads"):
+        with recipe.threads(-1):
+            pass
+    assert recipe.inside("out", "mosi_gmd", "seed0") == Path("out/mosi_gmd/seed0")
+    for bad in ("..", "...", "../x", "a/b", ".hidden", ""):
+        with pytest.raises(ValueError, match="outside"):
+            recipe.inside("out", bad)
+
+
+def test_bootstrap_interval_and_verdict():
+    d = np.array([0.1, 0.2, 0.3, 0.4])
+    lo, hi = recipe.bootstrap_interval(lambda idx: d[idx].mean(1), 4, n_boot=4000, seed=0)
+    assert 0.1 <= lo < d.mean() < hi <= 0.4
+    assert (lo, hi) == recipe.bootstrap_interval(lambda idx: d[idx].mean(1), 4, n_boot=4000, seed=0)
+    assert recipe.verdict(lo, hi, True) == "GMD better" and recipe.verdict(lo, hi, False) == "joint better"
+    assert recipe.verdict(-0.1, 0.2, True) == "not distinguishable"
+    assert recipe.verdict(1e-7, 2e-7, True) == "not distinguishable"  # below the tables' precision
+    assert np.isnan(recipe.bootstrap_interval(lambda idx: d[idx].mean(1), 1)).all()  # one unit: no spread
 
 
 def test_sliding_window_matches_direct_inference():
@@ -158,7 +275,7 @@ def test_soft_dice_and_subset_losses():
     assert float(brats.soft_dice_loss(logits, target)) == pytest.approx(ref, rel=1e-5)
     branches = torch.randn(2, 4, 3, 4, 4, 4)
     chosen = subsets(MODS)
-    losses = brats.subset_losses(branches, target, chosen)
+    losses = recipe.subset_losses(branches, target, brats.soft_dice_loss, chosen)
     assert list(losses) == [s.name for s in chosen]
     assert float(losses["flair+t1ce"]) == pytest.approx(
         float(brats.soft_dice_loss(branches[:, [0, 2]].mean(1), target)))
@@ -169,15 +286,19 @@ def test_paired_configs_differ_only_in_gmd():
     joint = json.loads((ROOT / "python" / "configs" / "brats_joint.json").read_text())
     assert gmd["gmd"] is True and joint["gmd"] is False
     assert {k: v for k, v in gmd.items() if k != "gmd"} == {k: v for k, v in joint.items() if k != "gmd"}
-    common.load_config(ROOT / "python" / "configs" / "brats_gmd.json", brats.DEFAULTS)  # every key known
+    recipe.load_config(ROOT / "python" / "configs" / "brats_gmd.json", brats.DEFAULTS)  # every key known
     assert {k: v for k, v in brats.DEMO.items() if k != "gmd"} == brats.DEMO  # demo presets carry no switch
+    # The knobs both recipes share have one name and one default, from the skeleton.
+    mosi_cfg = json.loads((ROOT / "python" / "configs" / "mosi_gmd.json").read_text())
+    for key in ("gmd", "gmd_reduction", "gmd_order", "joint_reduction", "subsets_per_step"):
+        assert key in gmd and key in mosi_cfg and key in recipe.SHARED_DEFAULTS
 
 
 def test_lr_schedule_decays():
-    f = common.lr_lambda("poly", 10)
+    f = recipe.lr_lambda("poly", 10)
     vals = [f(i) for i in range(11)]
     assert vals[0] == 1.0 and vals[-1] == 0.0 and all(a > b for a, b in zip(vals, vals[1:]))
-    g = common.lr_lambda("cosine", 10, warmup_steps=2)
+    g = recipe.lr_lambda("cosine", 10, warmup_steps=2)
     assert g(0) == 0.5 and g(1) == 1.0 and g(10) == pytest.approx(0.0, abs=1e-12)
     with pytest.raises(ValueError, match="poly"):
-        common.lr_lambda("step", 10)
+        recipe.lr_lambda("step", 10)

@@ -1,6 +1,7 @@
 """End-to-end checks of python/mosi.py on a tiny synthetic MMSA file (a few seconds each on a 2-core CPU)."""
 import importlib.util
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -19,14 +20,18 @@ COMBOS = ["text", "audio", "vision", "text+audio", "text+vision", "audio+vision"
 
 @pytest.fixture(scope="module")
 def mosi():
-    sys.path.insert(0, str(ROOT / "python"))  # the recipe imports its sibling common.py
+    # A recipe run as `python python/mosi.py` has python/ on sys.path (for its skeleton python/recipe.py).
+    added = str(ROOT / "python") not in sys.path
+    if added:
+        sys.path.insert(0, str(ROOT / "python"))
     try:
         spec = importlib.util.spec_from_file_location("mosi_recipe", ROOT / "python" / "mosi.py")
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         yield module
     finally:
-        sys.path.remove(str(ROOT / "python"))
+        if added:
+            sys.path.remove(str(ROOT / "python"))
 
 
 def _argv(out, *extra):
@@ -39,6 +44,8 @@ def _strip_timing(summary):
     for run in summary["runs"].values():
         for r in run["seeds"]:
             r.pop("train_seconds")
+            for h in r["history"]:
+                h.pop("seconds")
     return summary
 
 
@@ -54,7 +61,7 @@ def test_end_to_end_and_resume_equals_uninterrupted(mosi, tmp_path):
     full = mosi.main(_argv(tmp_path / "full"))
     assert mosi.main(_argv(tmp_path / "cut", "--stop-after-epochs", "1")) is None
     ck = load_checkpoint(tmp_path / "cut" / "mosi_gmd" / "seed0" / "last.pt")
-    assert ck["epoch"] == 1 and ck["gmd"] is not None
+    assert ck["epoch"] == 1 and ck["step_state"]["gmd"] is not None and ck["seed"] == 0
     resumed = mosi.main(_argv(tmp_path / "cut", "--resume"))
 
     for name in ("mosi_gmd", "mosi_joint"):
@@ -72,7 +79,19 @@ def test_end_to_end_and_resume_equals_uninterrupted(mosi, tmp_path):
         assert list(on_disk["runs"][name]["mean"]) == COMBOS
         assert all(list(m) == list(METRIC_NAMES) for m in on_disk["runs"][name]["mean"].values())
     report = (tmp_path / "full" / "report.md").read_text()
-    assert "## Side by side" in report
+    assert "## Side by side" in report and "data source: **synthetic**" in report and "not comparable" in report
+    assert "[mosi_gmd/seed0/dominance.png](mosi_gmd/seed0/dominance.png)" in report
+    assert (tmp_path / "full" / "mosi_gmd" / "seed0" / "dominance.png").is_file()
+    # The paired comparison: every combination x metric, a bootstrap interval, a plain verdict.
+    comparison = (tmp_path / "full" / "comparison.md").read_text()
+    assert "percentile bootstrap over the 16 test samples" in comparison and "not distinguishable in" in comparison
+    rows = on_disk["paired"]
+    assert len(rows) == 7 * 4
+    for row in rows:
+        g = on_disk["runs"]["mosi_gmd"]["mean"][row["combination"]][row["metric"]]
+        j = on_disk["runs"]["mosi_joint"]["mean"][row["combination"]][row["metric"]]
+        assert row["diff"] == pytest.approx(g - j, nan_ok=True)
+        assert math.isnan(row["lo"]) or row["lo"] <= row["hi"]
     for c in COMBOS:
         assert report.count(f"| {c} |") == 3  # one table per config + the side-by-side one
     assert (tmp_path / "full" / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -84,9 +103,9 @@ def test_end_to_end_and_resume_equals_uninterrupted(mosi, tmp_path):
 
 def test_mean_over_seeds_and_sampled_subsets(mosi, tmp_path):
     summary = mosi.main(_argv(tmp_path, "--config", str(CONFIGS / "mosi_gmd.json"), "--seeds", "0", "1",
-                              "--subsets", "3", "--epochs", "1"))
+                              "--subsets-per-step", "3", "--epochs", "1"))
     run = summary["runs"]["mosi_gmd"]
-    assert run["config"]["subsets"] == 3
+    assert run["config"]["subsets_per_step"] == 3
     per_seed = [r["test"] for r in run["seeds"]]
     assert per_seed[0] != per_seed[1]
     for c in COMBOS:
@@ -99,12 +118,34 @@ def test_mean_over_seeds_and_sampled_subsets(mosi, tmp_path):
 def test_refuses_to_clobber_or_resume_with_other_settings(mosi, tmp_path):
     joint = ["--config", str(CONFIGS / "mosi_joint.json"), "--epochs", "1"]
     mosi.main(_argv(tmp_path, *joint))
-    with pytest.raises(FileExistsError, match="--resume"):
+    before = (tmp_path / "metrics.json").read_bytes()
+    with pytest.raises(FileExistsError, match="--resume.*--overwrite"):
         mosi.main(_argv(tmp_path, *joint))
-    with pytest.raises(ValueError, match="was written with config"):
+    with pytest.raises(FileExistsError, match="--overwrite"):  # other seeds into the same --out: refused too
+        mosi.main(_argv(tmp_path, *joint, "--seeds", "1"))
+    assert (tmp_path / "metrics.json").read_bytes() == before
+    with pytest.raises(ValueError, match=r"settings differ.*\['configs'\]"):
         mosi.main(_argv(tmp_path, *joint, "--resume", "--lr", "0.01"))
-    with pytest.raises(ValueError, match="subsets must be 0"):
+    with pytest.raises(ValueError, match="subsets_per_step must be 0"):
         mosi.main(_argv(tmp_path / "x", *joint, "--subsets", "8"))
+    summary = mosi.main(_argv(tmp_path, *joint, "--seeds", "1", "--overwrite"))
+    assert summary["seeds"] == [1] and not (tmp_path / "mosi_joint" / "seed0" / "last.pt").exists()
+
+
+def test_resume_checks_each_checkpoint_and_names_stay_inside_out(mosi, tmp_path):
+    both = ["--epochs", "2", "--stop-after-epochs", "1"]
+    assert mosi.main(_argv(tmp_path, *both)) is None
+    # Swapping a GMD checkpoint into the joint run is caught by the checkpoint's own config record.
+    gmd, joint = (tmp_path / n / "seed0" / "last.pt" for n in ("mosi_gmd", "mosi_joint"))
+    joint.write_bytes(gmd.read_bytes())
+    with pytest.raises(ValueError, match=r"another config/seed \(differs in \['gmd'\]"):
+        mosi.main(_argv(tmp_path, "--epochs", "2", "--resume"))
+    # A config whose name would be a path outside --out ('...json' has the stem '..') is refused up front.
+    bad = tmp_path / "...json"
+    bad.write_text((CONFIGS / "mosi_gmd.json").read_text())
+    with pytest.raises(ValueError, match="outside"):
+        mosi.main(_argv(tmp_path / "o", "--config", str(bad)))
+    assert not (tmp_path / "seed0").exists()
 
 
 def test_subset_prediction_is_the_mean_of_its_branches(mosi):
@@ -116,7 +157,8 @@ def test_subset_prediction_is_the_mean_of_its_branches(mosi):
     lengths = {"text": torch.full((6,), 7), "audio": torch.tensor([9, 1, 3, 9, 5, 2]), "vision": torch.full((6,), 4)}
     branches = model.forward_branches(x, None, lengths)
     y = torch.randn(6)
-    losses = mosi.subset_l1(branches, y, subsets(("text", "audio", "vision")))
+    losses = sys.modules["recipe"].subset_losses(branches, y, torch.nn.functional.l1_loss,
+                                                 subsets(("text", "audio", "vision")))
     assert list(losses) == COMBOS
     for s in subsets(("text", "audio", "vision")):
         xs = {m: (t if m in s else None) for m, t in x.items()}

@@ -1,0 +1,642 @@
+"""The skeleton shared by the paper recipes (python/brats.py, python/mosi.py); a recipe adds only its data and model.
+
+What lives here, once for both recipes:
+  environment   `require_extras` (optional dependencies, checked at start-up), `kernel_note` (compiled kernels),
+                `threads` (torch CPU threads)
+  configs       `SHARED_DEFAULTS` (the knobs both recipes have, one name each) and `load_config`
+  objectives    `choose_subsets` (all 2^M - 1 modality subsets, or k sampled), `subset_losses`
+  the step      `Step`: GMD (``gmd: true``) or joint training (``gmd: false``) on the same subset losses
+  runs          `prepare_folder` (a folder is never silently overwritten), `inside` (paths never leave --out),
+                `fit` (the epoch loop: atomic checkpoints, exact resume that verifies config and seed, best-on-
+                validation selection, a dominance monitor whose CSV stays consistent across resumes)
+  reports       `bootstrap_interval`, `comparison_markdown` (paired GMD - joint differences), `plot_per_combination`,
+                `dominance_markdown`, `data_note`
+
+The model interface a recipe relies on (DSUNet3d and DSSentimentNet have it; a user's own model needs the same):
+  ``model.modalities``                 the M modality names, in the order of the branch axis
+  ``model.forward_branches(x, ...)``   per-modality outputs ``[B, M, ...]`` computed without interaction between
+                                       modalities before the fusion, so the prediction of a subset S is the mean
+                                       over S of the branch outputs (the DS late fusion)
+  a recipe's ``loss_fn(fused, target)``  the task loss of a fused prediction (scalar)
+brats.py also uses ``model.num_classes`` (output channels of a branch).
+
+A recipe run as ``python python/<recipe>.py`` has this folder on ``sys.path``; gmd_ext is the installed package.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import functools
+import importlib.util
+import json
+import math
+import os
+import random
+import re
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from gmd_ext import GMD, sample_subsets, subsets
+from gmd_ext import _backend
+from gmd_ext.gmd.monitor import DominanceMonitor
+from gmd_ext.io import atomic_write, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+
+# The knobs both recipes have, under one name each. A recipe's DEFAULTS extend these.
+SHARED_DEFAULTS = {
+    "gmd": True,               # THE switch of a paired comparison: GMD-merged gradients or joint training
+    "gmd_reduction": "mean",   # GMD: mean over objectives on shared elements, sum on modality-specific ones
+    "gmd_order": "random",     # GMD projection order: random (the paper) | sequential
+    # Joint training backpropagates the mean of the subset losses: on parameters every subset uses, that is the
+    # mean of the per-subset gradients, the scale GMD's "mean" reduction gives them. "sum" is K times that (with
+    # Adam only the relative weight of weight_decay and eps changes).
+    "joint_reduction": "mean",
+    "subsets_per_step": 0,     # 0: all 2^M - 1 modality subsets every step; k: k sampled (the full set always in)
+    "epochs": 10,
+    "batch_size": 32,
+    "lr": 1e-3,
+    "weight_decay": 0.0,
+    "lr_schedule": "constant",  # poly | cosine | constant, stepped every optimizer step
+    "warmup_steps": 0,
+    "val_every": 1,            # epochs between validations (checkpoint selection)
+    "monitor": True,           # GMD runs: dominance monitor CSV (monitor.csv) + plot (dominance.png)
+}
+
+# Files `fit` writes into a run folder (what --overwrite replaces).
+RUN_OUTPUTS = ("last.pt", "best.pt", "history.json", "monitor.csv", "dominance.png")
+
+EXTRAS = {"brats": ("nibabel", "nilearn", "tqdm", "matplotlib"), "mosi": ("sklearn", "tqdm", "matplotlib")}
+_PIP_NAMES = {"sklearn": "scikit-learn"}
+
+
+# ----------------------------------------------------------------------------------------------- environment
+def require_extras(extra: str) -> None:
+    """Stop with a message naming the pip extra when one of ``EXTRAS[extra]`` is not importable.
+
+    Run at start-up, so a missing plotting library is reported before training, not after it.
+
+    Raises:
+        SystemExit: with the missing packages and ``pip install "gmd-ext[<extra>]"``.
+    """
+    missing = [m for m in EXTRAS[extra] if importlib.util.find_spec(m) is None]
+    if missing:
+        names = ", ".join(_PIP_NAMES.get(m, m) for m in missing)
+        raise SystemExit(f"this recipe needs {names} (not installed); install the recipe's extra: "
+                         f'pip install "gmd-ext[{extra}]"')
+
+
+def kernel_note() -> str | None:
+    """None when gmd_ext's compiled kernels are loaded; else a sentence saying so and naming the fix."""
+    if _backend.CPP_LOADED:
+        return None
+    return (f"note: gmd_ext's compiled C++ kernels are not loaded, so this run uses the slower Triton / pure-torch "
+            f"paths. Reason and fix: {_backend.CPP_REASON}")
+
+
+@contextlib.contextmanager
+def threads(n: int):
+    """Run with ``torch.set_num_threads(n)`` (0: torch's default) and restore the previous count afterwards."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"--threads must be an int >= 0, got {n!r}")
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)  # recipes are also called in-process (tests): leave torch as found
+
+
+# ----------------------------------------------------------------------------------------------- files
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically (temporary file in the same folder + ``os.replace``)."""
+    path = Path(path)
+    with atomic_write(path, "w") as f:
+        f.write(text)
+    return path
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """Write ``obj`` as indented JSON to ``path`` atomically."""
+    return write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def save_figure(fig, path: str | os.PathLike, dpi: int = 120) -> Path:
+    """Save a matplotlib figure atomically as PNG and close it."""
+    import matplotlib.pyplot as plt
+
+    try:
+        with atomic_write(path, "wb", suffix=".png") as f:
+            fig.savefig(f, format="png", dpi=dpi, bbox_inches="tight")
+    finally:
+        plt.close(fig)
+    return Path(path)
+
+
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
+
+
+def inside(root: str | os.PathLike, *parts: str) -> Path:
+    """``root / parts...``, refusing any part that is not a plain file or folder name (so no ``..``, no ``/``).
+
+    Raises:
+        ValueError: a part could lead outside ``root``; the message names it.
+    """
+    for p in parts:
+        if not isinstance(p, str) or not _SAFE_NAME.fullmatch(p) or set(p) <= {"."}:
+            raise ValueError(f"output name {p!r} is not a plain name (letters, digits, '_', '.', '+', '-'; not "
+                             f"starting with '.'): it could write outside {root}")
+    return Path(root).joinpath(*parts)
+
+
+def prepare_folder(folder: str | os.PathLike, manifest_name: str, manifest: dict, *, resume: bool,
+                   overwrite: bool, outputs: Iterable[str]) -> Path:
+    """Make ``folder`` ready for a run described by ``manifest`` (written as ``folder/manifest_name``).
+
+    - new or empty folder: created, manifest written;
+    - ``resume``: the folder's manifest must equal ``manifest`` (same settings), else ValueError naming the keys
+      that differ;
+    - ``overwrite``: the files matching the glob patterns ``outputs`` (the recipe's own outputs) are removed and
+      the manifest is rewritten; other files are left alone;
+    - otherwise a non-empty folder is refused (FileExistsError): a run never silently replaces earlier results.
+    """
+    folder = Path(folder)
+    path = folder / manifest_name
+    if resume and overwrite:
+        raise ValueError("--resume and --overwrite exclude each other")
+    held = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    if resume and path.is_file():
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        if saved != manifest:
+            raise ValueError(f"--resume: the settings differ from {path} in {_diff_keys(saved, manifest)}; resume "
+                             f"with the same settings, or start a new run in another --out")
+        return folder
+    if held and not resume and not overwrite:
+        raise FileExistsError(f"{folder} is not empty (holds {', '.join(held[:5])}"
+                              f"{', ...' if len(held) > 5 else ''}); pass --resume to continue the run there, "
+                              f"--overwrite to replace its outputs, or choose another --out")
+    if overwrite:
+        for pattern in (manifest_name, *outputs):
+            for p in folder.glob(pattern):
+                if p.is_file():
+                    p.unlink()
+    write_json(path, manifest)
+    return folder
+
+
+def _diff_keys(a: dict, b: dict) -> list[str]:
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+
+
+# ----------------------------------------------------------------------------------------------- configs
+def load_config(path: str | os.PathLike | None, defaults: dict, overrides: dict | None = None) -> dict:
+    """Merge ``defaults`` <- JSON file at ``path`` <- ``overrides`` (entries that are None are ignored).
+
+    Every key must be one of ``defaults``; a value must have the default's type (ints are accepted for floats).
+    Keys starting with "_" document a config file and are skipped.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: the file is not a JSON object, or a key is unknown, or a value has the wrong type.
+    """
+    cfg = dict(defaults)
+    layers = []
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} does not exist")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"config file {path} is not valid JSON: {e}") from e
+        if not isinstance(data, dict):
+            raise ValueError(f"config file {path} must hold a JSON object, got {type(data).__name__}")
+        layers.append((str(path), data))
+    if overrides:
+        layers.append(("command line", {k: v for k, v in overrides.items() if v is not None}))
+    for source, data in layers:
+        for key, value in data.items():
+            if key.startswith("_"):
+                continue
+            if key not in defaults:
+                raise ValueError(f"{source}: unknown config key {key!r}; known keys: {sorted(defaults)}")
+            cfg[key] = _check_type(source, key, value, defaults[key])
+    return cfg
+
+
+def _check_type(source: str, key: str, value: Any, default: Any) -> Any:
+    if default is None or value is None:
+        return value
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, (list, tuple)):
+        ok = isinstance(value, (list, tuple))
+        value = list(value) if ok else value
+    else:
+        ok = isinstance(value, type(default))
+    if not ok:
+        raise ValueError(f"{source}: config key {key!r} expects {type(default).__name__}, got {value!r}")
+    return value
+
+
+def check_config(cfg: dict, num_modalities: int) -> None:
+    """Validate the shared keys (ValueError naming the key, the allowed values and what was given)."""
+    for key in ("epochs", "batch_size", "val_every"):
+        if cfg[key] < 1:
+            raise ValueError(f"config {key} must be >= 1, got {cfg[key]}")
+    total = 2 ** num_modalities - 1
+    if not 0 <= cfg["subsets_per_step"] <= total:
+        raise ValueError(f"config subsets_per_step must be 0 (all {total} subsets) or k in 1..{total}, got "
+                         f"{cfg['subsets_per_step']}")
+    for key, allowed in (("gmd_reduction", ("mean", "sum")), ("gmd_order", ("random", "sequential")),
+                         ("joint_reduction", ("mean", "sum")), ("lr_schedule", ("poly", "cosine", "constant"))):
+        if cfg[key] not in allowed:
+            raise ValueError(f"config {key} must be one of {allowed}, got {cfg[key]!r}")
+    if cfg["lr"] <= 0 or cfg["weight_decay"] < 0:
+        raise ValueError(f"config needs lr > 0 and weight_decay >= 0, got lr={cfg['lr']}, "
+                         f"weight_decay={cfg['weight_decay']}")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch global generators (the recipes also pass explicit torch.Generators)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def lr_lambda(kind: str, total_steps: int, warmup_steps: int = 0, power: float = 0.9):
+    """Per-step multiplier for ``torch.optim.lr_scheduler.LambdaLR``.
+
+    ``kind`` is ``"poly"`` ((1 - t)^power, the nnU-Net/BraTS schedule), ``"cosine"`` or ``"constant"``; an optional
+    linear warm-up over the first ``warmup_steps``. Returns a picklable callable (a ``functools.partial``) so the
+    scheduler's ``state_dict`` can be checkpointed.
+    """
+    if kind not in ("poly", "cosine", "constant"):
+        raise ValueError(f"lr schedule must be 'poly', 'cosine' or 'constant', got {kind!r}")
+    if total_steps < 1:
+        raise ValueError(f"lr schedule total_steps must be >= 1, got {total_steps}")
+    if warmup_steps < 0 or (warmup_steps and warmup_steps >= total_steps):
+        raise ValueError(f"lr schedule warmup_steps must be in [0, total_steps), got {warmup_steps}")
+    return functools.partial(_lr_factor, kind, total_steps, warmup_steps, power)
+
+
+def _lr_factor(kind: str, total: int, warmup: int, power: float, step: int) -> float:
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    t = min(max(step - warmup, 0) / max(total - warmup, 1), 1.0)
+    if kind == "poly":
+        return (1.0 - t) ** power
+    if kind == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * t))
+    return 1.0
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """``"auto"`` -> CUDA when available, else CPU; otherwise ``torch.device(name)``."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+# ----------------------------------------------------------------------------------------------- objectives
+def choose_subsets(modalities: Sequence[str], k: int, generator: torch.Generator) -> list:
+    """The step's objectives: every subset in canonical order (``k`` 0 or 2^M - 1, the generator untouched), or
+    ``k`` sampled ones with the full set always among them (gmd_ext.sample_subsets)."""
+    every = subsets(modalities)
+    return every if k in (0, len(every)) else sample_subsets(modalities, k, generator)
+
+
+def subset_losses(branches: torch.Tensor, target, loss_fn: Callable, chosen) -> dict[str, torch.Tensor]:
+    """``{subset.name: loss_fn(mean of the subset's branch outputs, target)}``; branches ``[B, M, ...]``."""
+    return {s.name: loss_fn(branches[:, list(s.indices)].mean(1), target) for s in chosen}
+
+
+class Step:
+    """One optimisation step on a dict of subset losses: GMD (``cfg["gmd"]``) or joint training.
+
+    The two differ in this switch only: same objectives, same optimizer. Joint training backpropagates the mean
+    (``joint_reduction: "mean"``) or the sum of the losses; GMD merges the per-objective gradients
+    (``gmd_reduction``, ``gmd_order``; its order generator is seeded with ``seed``).
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, cfg: dict, seed: int, *, backend: str = "auto",
+                 monitor=None):
+        self.optimizer = optimizer
+        self.joint_reduction = cfg["joint_reduction"]
+        self.gmd = (GMD(optimizer, reduction=cfg["gmd_reduction"], order=cfg["gmd_order"], seed=seed,
+                        backend=backend, monitor=monitor) if cfg["gmd"] else None)
+
+    def __call__(self, losses: dict[str, torch.Tensor]):
+        """Zero the gradients, backpropagate, step. Returns GMD's StepInfo (None for joint training)."""
+        if self.gmd is not None:
+            self.gmd.zero_grad()
+            info = self.gmd.backward(losses)
+            self.gmd.step()
+            return info
+        self.optimizer.zero_grad(set_to_none=True)
+        stacked = torch.stack(list(losses.values()))
+        (stacked.mean() if self.joint_reduction == "mean" else stacked.sum()).backward()
+        self.optimizer.step()
+        return None
+
+    def state_dict(self) -> dict:
+        if self.gmd is not None:
+            return {"gmd": self.gmd.state_dict()}  # holds the wrapped optimizer's state too
+        return {"optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.gmd is not None:
+            self.gmd.load_state_dict(state["gmd"])
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
+
+    def close(self) -> None:
+        if self.gmd is not None:
+            self.gmd.close()
+
+
+# ----------------------------------------------------------------------------------------------- training
+def load_matching(path: str | os.PathLike, cfg: dict, seed: int, map_location="cpu") -> dict:
+    """Load a checkpoint and verify it was written by a run with this very config and seed.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: the checkpoint stores another config or seed (the message names the keys that differ), or
+            none at all.
+    """
+    state = load_checkpoint(path, map_location=map_location)
+    if "config" not in state or "seed" not in state:
+        raise ValueError(f"{path} does not record the config and seed it was trained with; it was not written by "
+                         f"this recipe, so it cannot be checked against this run")
+    if state["config"] != cfg or state["seed"] != seed:
+        diff = _diff_keys(state["config"], cfg) + (["seed"] if state["seed"] != seed else [])
+        raise ValueError(f"{path} was written with another config/seed (differs in {diff}: stored "
+                         f"{ {k: state['config'].get(k) for k in diff if k != 'seed'} }, seed {state['seed']}; this "
+                         f"run has { {k: cfg.get(k) for k in diff if k != 'seed'} }, seed {seed}); resume with the "
+                         f"same settings or choose another --out")
+    return state
+
+
+def truncate_csv(path: Path, step: int) -> None:
+    """Keep the header and the rows whose ``step`` column is < ``step`` (rows a killed run wrote after its last
+    checkpoint would otherwise appear twice once the resumed run records those steps again)."""
+    if not path.is_file():
+        return
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f))
+    if not rows:
+        return
+    kept = [rows[0]] + [r for r in rows[1:] if r and int(r[0]) < step]
+    if len(kept) != len(rows):
+        with atomic_write(path, "w") as f:
+            csv.writer(f, lineterminator="\n").writerows(kept)
+
+
+def fit(run_dir: Path, cfg: dict, seed: int, *, build_model: Callable[[], torch.nn.Module],
+        steps_per_epoch: int, batches: Callable[[int, torch.Generator], Iterable],
+        forward: Callable[[torch.nn.Module, Any], tuple], loss_fn: Callable,
+        validate: Callable[[torch.nn.Module], tuple[float, dict] | None], mode: str = "max", resume: bool = False,
+        stop_after_epochs: int | None = None, backend: str = "auto", progress: bool = True,
+        label: str = "") -> dict:
+    """Train ``model`` into ``run_dir`` with the subset objectives; the epoch loop of both recipes.
+
+    Args:
+        build_model(): the model (called after seeding, so its initialisation depends on ``seed`` only); it has
+            ``modalities`` and ``forward_branches`` (module docstring).
+        steps_per_epoch: the number of batches ``batches`` yields per epoch (sizes the LR schedule).
+        batches(epoch, generator): the epoch's batches; ``generator`` is the run's data generator (checkpointed),
+            for recipes that draw their batch order from it.
+        forward(model, batch) -> (branches [B, M, ...], target): ``model.forward_branches`` on the batch.
+        loss_fn(fused, target): the task loss of one subset's fused prediction.
+        validate(model) -> (score, extra) or None (no validation data); ``mode`` "max" or "min" says which score is
+            better. The best epoch's weights go to ``best.pt``.
+        resume: continue from ``run_dir/last.pt`` when it exists (verified to hold this config and seed), else
+            start; without it an existing ``last.pt`` is refused.
+        stop_after_epochs: end this invocation after that many epochs (a time-limited job).
+
+    Every epoch writes ``last.pt`` atomically: model, optimizer, schedule, GMD, generators, global RNGs, history,
+    config and seed, so a resumed run is bit-identical on CPU to an uninterrupted one.
+
+    Returns:
+        ``{"finished", "checkpoint" (best.pt, or last.pt without validation), "epoch", "history",
+        "best_epoch", "best_score", "model"}``.
+    """
+    from tqdm import tqdm
+
+    last, best_path = run_dir / "last.pt", run_dir / "best.pt"
+    if last.exists() and not resume:
+        raise FileExistsError(f"{last} exists: pass --resume to continue that run, or choose another --out")
+    seed_everything(seed)
+    model = build_model()
+    modalities = tuple(model.modalities)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lr_lambda(cfg["lr_schedule"], cfg["epochs"] * steps_per_epoch, cfg["warmup_steps"]))
+    gens = {"data": torch.Generator().manual_seed(seed), "subsets": torch.Generator().manual_seed(seed + 1)}
+    state = {"epoch": 0, "step": 0, "history": [], "best_score": None, "best_epoch": None}
+    if resume and last.exists():
+        ck = load_matching(last, cfg, seed)
+        truncate_csv(run_dir / "monitor.csv", ck["step"])
+    monitor = None
+    if cfg["gmd"] and cfg["monitor"]:
+        monitor = DominanceMonitor(run_dir / "monitor.csv", objective_names=[s.name for s in subsets(modalities)],
+                                   modalities=modalities)
+    step_fn = Step(opt, cfg, seed, backend=backend, monitor=monitor)
+    if resume and last.exists():
+        model.load_state_dict(ck["model"])
+        step_fn.load_state_dict(ck["step_state"])
+        sched.load_state_dict(ck["scheduler"])
+        for k, g in gens.items():
+            g.set_state(ck["generators"][k])
+        set_rng_state(ck["rng"])
+        state = {k: ck[k] for k in state}
+
+    end = cfg["epochs"] if stop_after_epochs is None else min(cfg["epochs"], state["epoch"] + stop_after_epochs)
+    better = (lambda a, b: a > b) if mode == "max" else (lambda a, b: a < b)
+    try:
+        for epoch in range(state["epoch"], end):
+            model.train()
+            t0, total, n, conflicts = time.perf_counter(), 0.0, 0, []
+            bar = tqdm(batches(epoch, gens["data"]), desc=f"{label} epoch {epoch + 1}/{cfg['epochs']}",
+                       leave=False, dynamic_ncols=True, disable=not progress)
+            for batch in bar:
+                chosen = choose_subsets(modalities, cfg["subsets_per_step"], gens["subsets"])
+                branches, target = forward(model, batch)
+                losses = subset_losses(branches, target, loss_fn, chosen)
+                info = step_fn(losses)
+                sched.step()
+                state["step"] += 1
+                if info is not None:
+                    conflicts.append(info.num_conflicts)
+                loss = float(torch.stack([v.detach() for v in losses.values()]).mean())
+                total, n = total + loss, n + 1
+                bar.set_postfix(loss=f"{loss:.4f}")
+            record = {"epoch": epoch + 1, "step": state["step"], "train_loss": total / max(n, 1),
+                      "lr": sched.get_last_lr()[0], "seconds": time.perf_counter() - t0}
+            if conflicts:
+                # Conflicting pairs of subset gradients per step: rises as a dominant modality takes over.
+                record["conflicts_per_step"] = float(np.mean(conflicts))
+            if (epoch + 1) % cfg["val_every"] == 0 or epoch + 1 == cfg["epochs"]:
+                val = validate(model)
+                if val is not None:
+                    score, extra = val
+                    record.update(val_score=score, **extra)
+                    if state["best_score"] is None or better(score, state["best_score"]):
+                        state.update(best_score=score, best_epoch=epoch + 1)
+                        save_checkpoint(best_path, model=model.state_dict(), config=cfg, seed=seed,
+                                        epoch=epoch + 1, step=state["step"], score=score)
+            state["history"].append(record)
+            state["epoch"] = epoch + 1
+            save_checkpoint(last, model=model.state_dict(), step_state=step_fn.state_dict(),
+                            scheduler=sched.state_dict(), generators={k: g.get_state() for k, g in gens.items()},
+                            rng=rng_state(), config=cfg, seed=seed, **state)
+            print(f"[{label}] " + json.dumps(record), flush=True)
+    finally:
+        step_fn.close()
+    finished = state["epoch"] >= cfg["epochs"]
+    if finished:
+        write_json(run_dir / "history.json", state["history"])
+    if monitor is not None and monitor.steps:
+        monitor.plot(run_dir / "dominance.png")
+    return {"finished": finished, "checkpoint": best_path if state["best_epoch"] is not None else last,
+            "epoch": state["epoch"], "history": state["history"], "best_epoch": state["best_epoch"],
+            "best_score": state["best_score"], "model": model}
+
+
+# ----------------------------------------------------------------------------------------------- reports
+def data_note(kind: str, benchmark: str) -> str:
+    """The report line that says where the numbers come from and what they may be compared with."""
+    if kind == "real":
+        return f"data source: **real** {benchmark} data."
+    return (f"data source: **{kind}** stand-in data generated by gmd_ext, not {benchmark}. These numbers check "
+            f"the pipeline and compare GMD with joint training on the same data; they are **not comparable** with "
+            f"published {benchmark} results.")
+
+
+def bootstrap_interval(stat: Callable[[np.ndarray], np.ndarray], n: int, *, n_boot: int = 2000, seed: int = 0,
+                       level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of a statistic over ``n`` paired units (cases, samples).
+
+    ``stat(idx)`` takes an int array ``[n_boot, n]`` of resampled unit indices and returns ``[n_boot]`` values
+    (e.g. the mean GMD - joint difference over the resampled units). Seeded: the same call gives the same interval.
+    Fewer than 2 units carry no information about the spread: the interval is then (nan, nan).
+    """
+    if n < 2:
+        return math.nan, math.nan
+    idx = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
+    values = np.asarray(stat(idx), dtype=np.float64)
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return math.nan, math.nan
+    a = (1 - level) / 2
+    return float(np.quantile(values, a)), float(np.quantile(values, 1 - a))
+
+
+# Differences below the reports' 4-decimal precision count as no difference (float noise of two equal models).
+RESOLUTION = 5e-5
+
+
+def verdict(lo: float, hi: float, higher_is_better: bool) -> str:
+    """Plain words for a difference interval of GMD - joint."""
+    if not (math.isfinite(lo) and math.isfinite(hi)) or lo <= RESOLUTION and hi >= -RESOLUTION:
+        return "not distinguishable"
+    gmd_better = (lo > 0) == higher_is_better
+    return "GMD better" if gmd_better else "joint better"
+
+
+def comparison_markdown(rows: list[dict], *, n: int, unit: str, detail: str = "", level: float = 0.95) -> str:
+    """Table of paired differences. ``rows``: dicts with combination, metric, joint, gmd, diff, lo, hi,
+    higher_is_better; ``n`` units (e.g. 4 "test cases") were resampled. Ends with a plain count of the cells where
+    GMD and joint are not distinguishable."""
+    pct = f"{round(level * 100)}%"
+    lines = [f"| combination | metric | joint | GMD | GMD − joint | {pct} interval | verdict |",
+             "|---|---|---|---|---|---|---|"]
+    counts: dict[str, int] = {}
+    for r in rows:
+        v = verdict(r["lo"], r["hi"], r["higher_is_better"])
+        counts[v] = counts.get(v, 0) + 1
+        ci = f"[{r['lo']:+.4f}, {r['hi']:+.4f}]" if math.isfinite(r["lo"]) else "n/a"
+        lines.append(f"| {r['combination']} | {r['metric']} | {r['joint']:.4f} | {r['gmd']:.4f} | {r['diff']:+.4f} | "
+                     f"{ci} | {v} |")
+    nd = counts.get("not distinguishable", 0)
+    how = (f"{pct} percentile bootstrap over the {n} {unit} (2000 resamples, paired: both runs scored on the same "
+           f"resampled {unit}{detail})" if n >= 2 else f"none: {n} {unit} cannot estimate the spread")
+    summary = (f"Intervals: {how}. A difference counts when its interval excludes 0 by more than the tables' "
+               f"precision ({RESOLUTION:g}). **GMD and joint training are not distinguishable in {nd} of "
+               f"{len(rows)} cells**; GMD better in {counts.get('GMD better', 0)}, joint better in "
+               f"{counts.get('joint better', 0)}.")
+    if nd == len(rows):
+        summary += " On this data the comparison shows no difference between the two."
+    return "\n".join(lines) + "\n\n" + summary + "\n"
+
+
+def plot_per_combination(path: Path, runs: dict, metrics: Sequence[str], *, title: str,
+                         errors: dict | None = None, ylim: tuple | None = None) -> None:
+    """Bars per modality combination, one panel per metric, one colour per run.
+
+    ``runs``: {label: {combination: {metric: value}}}; ``errors`` the same shape (error bars) or None.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(next(iter(runs.values())))
+    fig, axes = plt.subplots(1, len(metrics), figsize=(6 * len(metrics), 5), squeeze=False)
+    width = 0.8 / len(runs)
+    pos = np.arange(len(names))
+    for ax, metric in zip(axes[0], metrics):
+        for j, (label, per) in enumerate(runs.items()):
+            err = [errors[label][n][metric] for n in names] if errors else None
+            ax.bar(pos + (j - (len(runs) - 1) / 2) * width, [per[n][metric] for n in names], width, yerr=err,
+                   capsize=2, label=label)
+        ax.set_title(metric)
+        ax.set_xlabel("modalities present at test time")
+        ax.set_ylabel(metric)
+        ax.set_xticks(pos, names, rotation=90, fontsize=8)
+        if ylim:
+            ax.set_ylim(*ylim)
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def dominance_markdown(csv_path: Path, link: str, modalities: Sequence[str]) -> list[str]:
+    """Report lines that explain and link the dominance plot of a GMD run and summarise ``monitor.csv``."""
+    if not csv_path.is_file():
+        return []
+    with open(csv_path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return []
+    q = max(1, len(rows) // 4)
+
+    def mean(key, part):
+        vals = [float(r[key]) for r in part if r.get(key) not in ("", None)]
+        vals = [v for v in vals if math.isfinite(v)]
+        return f"{np.mean(vals):.3f}" if vals else "n/a"
+
+    lines = [f"Modality dominance during training ([{link}]({link}), from monitor.csv, {len(rows)} steps): the "
+             "left and middle panels are the mean cosine between the gradients of every pair of modality-subset "
+             "objectives before and after GMD's projection (blue: the objectives pull the shared weights in "
+             "opposite directions); the right panel is the histogram of the angles between them — angles above "
+             "90° are the conflicts GMD projects away. The dominance score D_m (docs of "
+             "gmd_ext.gmd.monitor) is the share of the full-set gradient that the subsets containing modality m "
+             "reproduce: the modality with the highest D_m dominates training.", "",
+             "| | conflicting pairs per step | " + " | ".join(f"D_{m}" for m in modalities) + " |",
+             "|---|---|" + "---|" * len(modalities)]
+    for name, part in (("first quarter of the steps", rows[:q]), ("last quarter of the steps", rows[-q:])):
+        lines.append(f"| {name} | {mean('num_conflicts', part)} | "
+                     + " | ".join(mean(f"dominance/{m}", part) for m in modalities) + " |")
+    return lines + [""]
