@@ -3,7 +3,8 @@
 The engine talks to a communication only through the `Comm` interface (docs/design.md §1):
 
     check(K)                     every rank agrees on K (fails fast with the ranks' values otherwise)
-    rows(K, batched), width(N)   the shape of the row buffers autograd fills: rows < K reuses a scratch row
+    buffers(params, K, batched)  the row buffers autograd fills (rows(K, batched) rows of width(N) elements:
+                                 fewer rows than K reuse a scratch row)
     backward_context()           around the K backward passes
     row_done(bufs, k)            after row k's backward pass (sequential), or rows_done(bufs) (batched)
     local(bufs, masks)           the [K, n] rows and [n] shared masks this rank projects
@@ -26,6 +27,8 @@ from __future__ import annotations
 import contextlib
 
 import torch
+
+from gmd_ext.gmd.buffers import GradBuffers
 
 COMMUNICATIONS = ("auto", "all_reduce", "reduce_scatter")
 # communication="auto" switches to "reduce_scatter" from this many gradient elements per rank on. Below it the
@@ -94,6 +97,9 @@ class Comm:
             raise RuntimeError(f"gmd_ext.GMD: the ranks disagree on the number of objectives (between {lo} and "
                                f"{hi}; this rank, {self.rank}, has K = {K}); every rank must pass the same K losses "
                                f"each step (sample subsets with identically seeded generators)")
+
+    def buffers(self, params, K: int, batched: bool):
+        return GradBuffers(params, K, self.rows(K, batched), self.width)
 
     def rows(self, K: int, batched: bool) -> int:
         return K

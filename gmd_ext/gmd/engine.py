@@ -15,6 +15,7 @@ import torch
 
 from gmd_ext import _backend
 from gmd_ext.gmd.buffers import GradBuffers
+from gmd_ext.gmd import fsdp
 from gmd_ext.gmd.comm import make_comm
 from gmd_ext.gmd.projection import ProjectionInfo, make_perms, project
 
@@ -164,8 +165,14 @@ class GMD:
             raise ValueError(f"strategy must be one of {_STRATEGIES}, got {strategy!r}")
         if nonfinite not in _NONFINITE:
             raise ValueError(f"nonfinite must be one of {_NONFINITE}, got {nonfinite!r}")
-        numel = sum(p.numel() for g in optimizer.param_groups for p in g["params"] if p.requires_grad)
-        self.comm = make_comm(ddp_module, process_group, communication, numel)
+        trainable = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+        if fsdp.is_sharded(trainable):
+            if ddp_module is not None or process_group is not None:
+                raise ValueError("GMD on an FSDP2 (fully_shard) model takes its process group from the device "
+                                 "mesh: pass neither ddp_module= nor process_group=")
+            self.comm = fsdp.FSDPComm(trainable)
+        else:
+            self.comm = make_comm(ddp_module, process_group, communication, sum(p.numel() for p in trainable))
 
         self.optimizer = optimizer
         self.reduction = reduction
@@ -301,11 +308,12 @@ class GMD:
     # ------------------------------------------------------------------ projection policy
     def _prepare(self, K: int) -> GradBuffers:
         params = [p for g in self.optimizer.param_groups for p in g["params"] if p.requires_grad]
-        rows = self.comm.rows(K, self.strategy == "batched")
+        batched = self.strategy == "batched"
+        rows = self.comm.rows(K, batched)
         if self._bufs is None or not self._bufs.matches(params, K) or self._bufs.buffers[0].G.shape[0] != rows:
             self.close()
             self._bufs = None  # free the old [K, N] buffers before allocating the new ones
-            self._bufs = GradBuffers(params, K, rows, self.comm.width)
+            self._bufs = self.comm.buffers(params, K, batched)
             self._mask_cache.clear()
         return self._bufs
 

@@ -1,0 +1,137 @@
+"""GMD on FSDP2 models (torch.distributed.fsdp.fully_shard), selected automatically when the parameters are DTensors.
+
+Each of the K backward passes runs through FSDP unchanged: FSDP all-gathers the parameters it needs, and
+reduce-scatters (averages) the objective's gradient into the sharded DTensor `.grad`; its local shard is copied
+into row k of this rank's [K, N/W] buffer and `.grad` is dropped, so per-rank gradient memory is K·N/W (+ N/W for
+the merged gradient, + FSDP's transient unsharded gradients of one parameter group). Γ is the sum over ranks of
+the shard Gramians (one all-reduce of K×K values on the mesh's group), every rank derives the same coefficients,
+combines its shards, and the merged shard becomes the DTensor `.grad` the optimizer steps on (docs/design.md §1).
+The shared-element rule holds per element: an element's scale depends only on which objectives use it, which is
+the same on every rank.
+
+Supported: fully_shard on a 1-D device mesh, any reshard_after_forward (True, False, an int), and
+MixedPrecisionPolicy (param_dtype / reduce_dtype: the per-objective rows are the sharded gradients FSDP
+produces, in the sharded parameters' dtype). Not supported: HSDP (2-D meshes), strategy="batched" (FSDP's
+backward hooks do not run under vmap; GMD uses strategy="sequential"), ddp_module= / process_group= (the mesh
+defines the group).
+"""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import torch
+
+from gmd_ext.gmd.buffers import Buffer, check_params
+from gmd_ext.gmd.comm import Comm
+
+
+def _dtensor_type():
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed
+        return None
+    return DTensor
+
+
+def is_sharded(params) -> bool:
+    """True when the parameters are FSDP2's DTensors."""
+    DTensor = _dtensor_type()
+    return DTensor is not None and any(isinstance(p, DTensor) for p in params)
+
+
+class FSDPComm(Comm):
+    """FSDP reduce-scatters each objective's gradient itself; the engine sums the shard Gramians over the mesh."""
+
+    def __init__(self, params):
+        DTensor = _dtensor_type()
+        if not all(isinstance(p, DTensor) for p in params):
+            raise TypeError("GMD on an FSDP2 model: every trainable parameter of the optimizer must be sharded by "
+                            "fully_shard (a DTensor); some are plain tensors")
+        meshes = {p.device_mesh for p in params}  # equal meshes (each fully_shard call makes one) hash alike
+        if len(meshes) != 1:
+            raise ValueError(f"GMD on an FSDP2 model: the parameters must share one device mesh, got {len(meshes)}")
+        mesh = next(iter(meshes))
+        if mesh.ndim != 1:
+            raise ValueError(f"GMD on an FSDP2 model supports a 1-D device mesh (fully sharded), got a "
+                             f"{mesh.ndim}-D mesh (HSDP)")
+        super().__init__()
+        self.group = mesh.get_group()
+
+    @property
+    def scale(self) -> float:
+        return 1.0  # FSDP's reduce-scatter already averages over the ranks
+
+    def buffers(self, params, K: int, batched: bool):
+        return ShardedGrads(params, K)
+
+    def row_done(self, bufs, k: int) -> None:
+        pass  # the rows already hold FSDP's reduce-scattered shards
+
+    def rows_done(self, bufs) -> None:
+        pass
+
+    def reduce_gram(self, gram: torch.Tensor) -> torch.Tensor:
+        gram = gram.contiguous()
+        self._run(lambda: torch.distributed.all_reduce(gram, group=self.group))
+        return gram
+
+
+class ShardedGrads:
+    """The [K, N/W] rows of this rank's local gradient shards (one buffer per (device, dtype)), filled from FSDP's
+    sharded `.grad` after each backward pass; `reach[k, i]`: objective k produced a gradient for parameter i."""
+
+    def __init__(self, params: list, K: int):
+        check_params(params)
+        with torch.no_grad():
+            local = [p.to_local() for p in params]
+        groups: dict = {}
+        for i, t in enumerate(local):
+            groups.setdefault((t.device, t.dtype), []).append(i)
+        self.buffers = [Buffer([local[i] for i in idx], idx, K) for idx in groups.values()]
+        self.params = params
+        self.reach = np.zeros((K, len(params)), dtype=np.bool_)
+
+    @property
+    def K(self) -> int:
+        return self.reach.shape[0]
+
+    def matches(self, params, K) -> bool:
+        return K == self.K and len(params) == len(self.params) and all(a is b for a, b in zip(params, self.params))
+
+    def fill_sequential(self, losses, after_row) -> None:
+        self.reach[:] = False
+        K = len(losses)
+        for k, loss in enumerate(losses):
+            for p in self.params:
+                p.grad = None  # FSDP accumulates into an existing sharded .grad
+            loss.backward(retain_graph=k < K - 1)
+            for b in self.buffers:
+                for i, view in zip(b.index, b.views[k]):
+                    g = self.params[i].grad
+                    if g is None:
+                        view.zero_()
+                    else:
+                        self.reach[k, i] = True
+                        view.copy_(g.to_local())
+            for p in self.params:
+                p.grad = None
+            after_row(k)
+
+    def fill_batched(self, losses) -> bool:
+        warnings.warn("gmd_ext.GMD: strategy='batched' is not supported on FSDP2 models (FSDP's backward hooks do "
+                      "not run under vmap); falling back to strategy='sequential'", RuntimeWarning, stacklevel=3)
+        return False
+
+    def set_grads(self, merged) -> None:
+        """The merged shard of every reached parameter as its sharded DTensor `.grad`."""
+        DTensor = _dtensor_type()
+        reach_any = self.reach.any(0)
+        for b, m in zip(self.buffers, merged):
+            for v, i in zip(b.row_views(m), b.index):
+                p = self.params[i]
+                p.grad = (DTensor.from_local(v, p.device_mesh, p.placements, shape=p.shape, stride=p.stride(),
+                                             run_check=False) if reach_any[i] else None)
+
+    def close(self) -> None:
+        pass
