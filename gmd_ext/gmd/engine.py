@@ -15,14 +15,15 @@ import torch
 
 from gmd_ext import _backend
 from gmd_ext.gmd.buffers import GradBuffers
-from gmd_ext.gmd import fsdp
+from gmd_ext.gmd import fsdp, lowmem
 from gmd_ext.gmd.comm import make_comm
-from gmd_ext.gmd.projection import ProjectionInfo, make_perms, project
+from gmd_ext.gmd.projection import ProjectionInfo, coefficients, make_perms, project
 
 _REDUCTIONS = ("mean", "sum")
 _ORDERS = ("random", "sequential")
 _STRATEGIES = ("sequential", "batched")
 _NONFINITE = ("raise", "skip", "propagate")
+_MEMORY = ("default", "low")
 # Shared-element masks cost N bytes each; a handful covers the reach patterns of sampled subsets in practice.
 _MASK_CACHE_SIZE = 8
 
@@ -118,6 +119,11 @@ class GMD:
             or "auto" (reduce_scatter from gmd_ext.gmd.comm.REDUCE_SCATTER_MIN_NUMEL trainable elements on). Both
             equal one process on the concatenated batch (gmd_ext/gmd/comm.py).
 
+        memory: "default" (the [K, N] buffer) or "low" (no [K, N] buffer: the Gramian accumulated parameter by
+            parameter during one batched backward over the K losses, then one backward of the
+            coefficient-weighted sum of the losses; peak gradient memory N + K·(largest parameter), equal to
+            "default"; single process only, any `strategy` is ignored; gmd_ext/gmd/lowmem.py).
+
     AMP recipe (torch.amp.GradScaler)::
 
         scaler = torch.amp.GradScaler(device)
@@ -143,7 +149,7 @@ class GMD:
     def __init__(self, optimizer: torch.optim.Optimizer, *, reduction: str = "mean", order="random",
                  seed: int | None = None, backend: str = "auto", monitor: Callable | None = None,
                  ddp_module=None, process_group=None, strategy: str = "sequential", nonfinite: str = "raise",
-                 communication: str = "auto"):
+                 communication: str = "auto", memory: str = "default"):
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if reduction not in _REDUCTIONS:
@@ -165,6 +171,8 @@ class GMD:
             raise ValueError(f"strategy must be one of {_STRATEGIES}, got {strategy!r}")
         if nonfinite not in _NONFINITE:
             raise ValueError(f"nonfinite must be one of {_NONFINITE}, got {nonfinite!r}")
+        if memory not in _MEMORY:
+            raise ValueError(f"memory must be one of {_MEMORY}, got {memory!r}")
         trainable = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
         if fsdp.is_sharded(trainable):
             if ddp_module is not None or process_group is not None:
@@ -173,6 +181,12 @@ class GMD:
             self.comm = fsdp.FSDPComm(trainable)
         else:
             self.comm = make_comm(ddp_module, process_group, communication, sum(p.numel() for p in trainable))
+        if memory == "low" and self.comm.group is not None:
+            raise ValueError('memory="low" runs in one process: the Gramian of rank-averaged gradients is not the '
+                             'average of the ranks\' Gramians, so it needs the rows it does not keep; under '
+                             'DDP / process_group= / FSDP2 use memory="default" (communication="reduce_scatter" '
+                             'or FSDP2 keep K·N/W per rank)')
+        self.memory = memory
 
         self.optimizer = optimizer
         self.reduction = reduction
@@ -215,6 +229,8 @@ class GMD:
         names, losses = self._check_losses(losses)
         K = len(losses)
         self.last_info = None
+        if self.memory == "low":
+            return self._done(self._finish(names, None, *self._low_memory(losses)))
         comm = self.comm
         comm.check(K, losses[0].device)
         bufs = self._prepare(K)
@@ -235,12 +251,29 @@ class GMD:
         merged = comm.restore(merged)
         if comm.scale != 1.0:
             gram = gram * (comm.scale * comm.scale)
-        info = self._finish(names, merged, gram, A, loss_tensor)
+        return self._done(self._finish(names, merged, gram, A, loss_tensor))
+
+    def _done(self, info: StepInfo) -> StepInfo:
         self.last_info = info
         self._step += 1
         if self.monitor is not None:
             self.monitor(info.step, info)
         return info
+
+    def _low_memory(self, losses):
+        """memory="low" (gmd_ext/gmd/lowmem.py): Γ parameter by parameter, then one backward of Σ c_k L_k;
+        returns (gram, A, loss_tensor) with the merged gradient already in .grad."""
+        params = [p for g in self.optimizer.param_groups for p in g["params"] if p.requires_grad]
+        gram, reach = lowmem.gram(losses, params, self.backend)
+        loss_tensor = torch.stack([l.detach().float().reshape(()) for l in losses])
+        K = len(losses)
+        A, c = coefficients(gram, self._perms(K, gram.device), self.backend,
+                            finite=torch.isfinite(loss_tensor).all().to(gram.device))
+        shared = reach.all(0) | ~reach.any(0)
+        shared_scale = 1.0 / K if self.reduction == "mean" else 1.0
+        scales = [None if not r else (shared_scale if s else 1.0) for r, s in zip(reach.any(0), shared)]
+        lowmem.combine(losses, params, c, scales)
+        return gram, A, loss_tensor
 
     #: The official implementation's name for `backward` (its PCGrad class calls it pc_backward).
     pc_backward = backward
@@ -379,5 +412,6 @@ class GMD:
                                      f"such steps, or nonfinite='propagate' with torch.amp.GradScaler")
                 info.skipped, info.reason = True, reason
                 return info
-        self._bufs.set_grads(merged)
+        if merged is not None:  # memory="low" wrote .grad itself
+            self._bufs.set_grads(merged)
         return info

@@ -141,6 +141,19 @@ def make_perms(order, K: int, generator: torch.Generator | None = None, device="
     return order.to(device)
 
 
+def coefficients(gram_: torch.Tensor, perms: torch.Tensor, backend: str | None = None, *, scale: float = 1.0,
+                 finite: torch.Tensor | None = None):
+    """(A [K, K], c [K]) from Γ: the projection coefficients and the combination weights c_k = scale · Σ_i A_ik
+    (the merged gradient is Σ_i g_i' = cᵀ G before the per-element scale); c is NaN when Γ's diagonal is not
+    finite or `finite` is False (see `project`)."""
+    A = ops.pcgrad_coefficients(gram_, perms.to(gram_.device), backend)
+    c = A.sum(0) if scale == 1.0 else A.sum(0) * scale
+    ok = torch.isfinite(gram_.diagonal()).all()
+    if finite is not None:
+        ok = ok & finite.to(ok.device)
+    return A, torch.where(ok, c, float("nan"))
+
+
 def project(G, perms: torch.Tensor, shared, reduction: str, backend: str | None = None, *,
             scale: float = 1.0, finite: torch.Tensor | None = None, reduce_gram=None):
     """The two-pass projection on validated inputs, without host synchronisation.
@@ -165,17 +178,12 @@ def project(G, perms: torch.Tensor, shared, reduction: str, backend: str | None 
     gram_ = grams[0] if len(grams) == 1 else sum(g.to(grams[0].device) for g in grams)
     if reduce_gram is not None:
         gram_ = reduce_gram(gram_)
-    A = ops.pcgrad_coefficients(gram_, perms.to(gram_.device), backend)
     if reduction == "none":
         if many:
             raise ValueError('reduction="none" projects one buffer, got a list')
+        A = ops.pcgrad_coefficients(gram_, perms.to(gram_.device), backend)
         return ops.combine_rows(G, A, backend), gram_, A
-    # c_k = Σ_i A_ik: the merged gradient is Σ_i g_i' = cᵀ G, scaled per element.
-    c = A.sum(0) if scale == 1.0 else A.sum(0) * scale
-    ok = torch.isfinite(gram_.diagonal()).all()
-    if finite is not None:
-        ok = ok & finite.to(ok.device)
-    c = torch.where(ok, c, float("nan"))
+    A, c = coefficients(gram_, perms, backend, scale=scale, finite=finite)
     shared_scale = 1.0 / A.shape[0] if reduction == "mean" else 1.0
     merged = [ops.combine(g, c.to(g.device), m, shared_scale, 1.0, backend) for g, m in zip(Gs, masks)]
     return (merged if many else merged[0]), gram_, A

@@ -1,0 +1,106 @@
+"""GMD(..., memory="low") against the default mode: same merged gradients, same parameters after SGD steps.
+
+Tolerance: both modes compute the same Γ (per-parameter blocks summed in float64 vs the gram op's blocks) and the
+same Σ_k c_k g_k (by autograd through the c-weighted loss vs the combine op), so they differ only by fp32
+summation order: rtol 1e-4 / atol 1e-6 on the merged gradients (conv stacks sum thousands of terms per element).
+"""
+import pytest
+import torch
+from torch import nn
+
+from gmd_ext import GMD
+from gmd_ext.apps.brats.model import DSUNet3d
+from gmd_ext.apps.mosi.model import DSSentimentNet
+from gmd_ext.gmd.subsets import sample_subsets, subsets
+
+TOL = dict(rtol=1e-4, atol=1e-6)
+
+
+class Heads(nn.Module):
+    """Objectives reaching different parameters: `solo` only by objective 0, `unused` by none."""
+
+    def __init__(self):
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Linear(6, 15), nn.Tanh(), nn.Linear(15, 8))
+        self.heads = nn.ModuleList(nn.Linear(8, 2) for _ in range(3))
+        self.solo = nn.Linear(8, 2)
+        self.unused = nn.Linear(2, 2)
+
+    def losses(self, x, y, generator):
+        z = torch.tanh(self.trunk(x))
+        out = [((h(z) - y) ** 2).mean() for h in self.heads]
+        out[0] = out[0] + (self.solo(z) * y).mean()
+        return out
+
+
+def heads_case():
+    x, y = torch.randn(8, 6), torch.randn(8, 2)
+    return Heads(), lambda model, g: model.losses(x, y, g)
+
+
+def unet_case():
+    model = DSUNet3d(width=0.25)
+    x = torch.randn(1, 4, 16, 16, 16)
+    y = (torch.rand(1, 3, 16, 16, 16) > 0.5).float()
+    loss_fn = nn.BCEWithLogitsLoss()
+
+    def losses(model, g):
+        return {s.name: loss_fn(model(x, present=s.mask[None]), y) for s in sample_subsets(model.modalities, 3, g)}
+    return model, losses
+
+
+def sentiment_case():
+    model = DSSentimentNet(input_dims=(8, 5, 6), hidden=8, dropout=0.0)
+    x = [torch.randn(4, 5, d) for d in (8, 5, 6)]
+    y = torch.randn(4, 1)
+
+    def losses(model, g):
+        return {s.name: ((model(x, present=s.mask.expand(4, -1)) - y) ** 2).mean() for s in subsets(model.modalities)}
+    return model, losses
+
+
+def run(make, memory, steps=2):
+    torch.manual_seed(0)
+    model, losses_of = make()
+    gmd = GMD(torch.optim.SGD(model.parameters(), lr=0.05), seed=7, memory=memory)
+    g = torch.Generator().manual_seed(3)
+    merged = []
+    for _ in range(steps):
+        gmd.zero_grad()
+        info = gmd.backward(losses_of(model, g))
+        merged.append([None if p.grad is None else p.grad.clone() for p in model.parameters()])
+        gmd.step()
+    return merged, [p.detach().clone() for p in model.parameters()], info
+
+
+@pytest.mark.parametrize("make", [heads_case, unet_case, sentiment_case], ids=["heads", "DSUNet3d", "DSSentimentNet"])
+def test_low_memory_equals_default(make, one_thread):
+    ref_merged, ref_params, ref_info = run(make, "default")
+    merged, params, info = run(make, "low")
+    for step_ref, step in zip(ref_merged, merged):
+        for r, m in zip(step_ref, step):
+            assert (r is None) == (m is None)
+            if r is not None:
+                torch.testing.assert_close(m, r, **TOL)
+    for r, p in zip(ref_params, params):
+        torch.testing.assert_close(p, r, **TOL)
+    torch.testing.assert_close(info.gram, ref_info.gram, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(info.coefficients, ref_info.coefficients, rtol=1e-4, atol=1e-6)
+    if make is heads_case:
+        solo, unused = merged[0][-4], merged[0][-2]
+        assert solo.abs().sum() > 0 and unused is None
+
+
+def test_low_memory_nonfinite_raises_and_clears(one_thread):
+    model = Heads()
+    gmd = GMD(torch.optim.SGD(model.parameters(), lr=0.1), seed=0, memory="low")
+    losses = model.losses(torch.randn(4, 6), torch.randn(4, 2), None)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        gmd.backward([losses[0] * float("nan"), losses[1]])
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_low_memory_argument_checks():
+    model = Heads()
+    with pytest.raises(ValueError, match="memory must be one of"):
+        GMD(torch.optim.SGD(model.parameters(), lr=0.1), memory="tiny")
