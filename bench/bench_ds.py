@@ -3,7 +3,7 @@
 Providers (same model, same weights, same inputs):
   official   every modality's branch is run (plain torch, one batch of B per modality, as the official
              ModuleParallel code does) and the missing ones are discarded by the masked mean.
-  ds         DSUNet3d.forward, execution="packed" (the default): present pairs gathered once into one batch.
+  ds         DSUNet3d.forward: present pairs gathered once into one batch (the library default).
   ds_layers  DSUNet3d.forward, execution="layers": DS layers on [B, M, ...] (masked_conv / modality_group_norm).
 In both DS providers absent (sample, modality) pairs are never computed.
 

@@ -49,12 +49,35 @@ void dispatch_activation(Activation act, F&& f) {
   }
 }
 
-// pack_pairs / scatter_pairs: index is a 1-D int64 tensor of rows of t, on t's device.
-inline void check_index(const at::Tensor& index, const at::Tensor& t, const char* tname) {
-  TORCH_CHECK(index.dim() == 1 && index.scalar_type() == at::kLong,
-              "index must be a 1-D int64 tensor, got ", index.dim(), "-D ", index.scalar_type());
-  TORCH_CHECK(index.device() == t.device(), "index must be on ", tname, "'s device ", t.device(), ", got ",
-              index.device());
+// pack_pairs / scatter_pairs / masked_conv: index is a 1-D int64 tensor on t's device. Its values are checked on
+// the host only (csrc/cpu/masked_conv_cpu.cpp, and where the plan is built: gmd_ext.ops.ds_ops.PairPlan); on a
+// GPU that check would be a host synchronisation, so the CUDA kernels instead guard every access (docs/design.md).
+inline void check_index(const char* op, const at::Tensor& index, const at::Tensor& t, const char* tname) {
+  TORCH_CHECK_TYPE(index.scalar_type() == at::kLong, op, ": index must be an int64 tensor, got ",
+                   index.scalar_type());
+  TORCH_CHECK_VALUE(index.dim() == 1, op, ": index must be 1-D [P], got ", index.dim(), "-D ", index.sizes());
+  TORCH_CHECK_VALUE(index.device() == t.device(), op, ": index must be on ", tname, "'s device ", t.device(),
+                    ", got ", index.device());
+}
+
+// The byte size of one row [*F] of t [N, *F], also when N == 0 (then nbytes() / N is undefined).
+inline int64_t row_bytes(const at::Tensor& t) {
+  int64_t n = t.element_size();
+  for (int64_t d = 1; d < t.dim(); ++d) n *= t.size(d);
+  return n;
+}
+
+inline void check_pack_args(const at::Tensor& x, const at::Tensor& index) {
+  TORCH_CHECK_VALUE(x.dim() >= 1, "pack_pairs: x must be [N, *F] with a leading row dim, got a 0-D tensor");
+  check_index("pack_pairs", index, x, "x");
+}
+
+inline void check_scatter_args(const at::Tensor& y, const at::Tensor& index, int64_t num_pairs) {
+  TORCH_CHECK_VALUE(y.dim() >= 1, "scatter_pairs: y must be [P, *F] with a leading row dim, got a 0-D tensor");
+  check_index("scatter_pairs", index, y, "y");
+  TORCH_CHECK_VALUE(index.numel() == y.size(0), "scatter_pairs: index has ", index.numel(),
+                    " entries but y has ", y.size(0), " rows; they must match");
+  TORCH_CHECK_VALUE(num_pairs >= 0, "scatter_pairs: num_pairs must be >= 0, got ", num_pairs);
 }
 
 // modality_group_norm's argument checks, the same for every device; returns the element count L of one channel.

@@ -5,10 +5,14 @@
 // (csrc/cpu/masked_conv_cpu.cpp, csrc/cuda/masked_conv_cuda.cu). It is an explicit op with its own backward op
 // (autograd in gmd_ext/ops/_registry.py) rather than CompositeImplicitAutograd because the pair count P is data
 // dependent: as one opaque op its output shape [B, M, Cout, *S'] is static, so torch.compile(fullgraph=True)
-// needs no data-dependent shapes and autograd never sees the packed [P, ...] intermediates.
+// needs no data-dependent shapes and autograd never sees the packed [P, ...] intermediates. The pair plan
+// (index on the device, counts on the host) is an input built once per forward from the host-side mask, so
+// nothing here reads device memory on the host: no nonzero, no .cpu(), no synchronisation.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
+
+#include "ds_common.h"
 
 #include <algorithm>
 #include <array>
@@ -51,32 +55,29 @@ struct Plan {
   int64_t slots = 0;            // Pmax (kGrouped)
 };
 
-Plan plan_pairs(const at::Tensor& present, bool per_modality) {
-  const int64_t M = present.size(1);
-  auto mb = at::nonzero(present.t());  // [P, 2] rows (m, b), sorted m-major
-  const auto m_of = mb.select(1, 0), b_of = mb.select(1, 1);
-  Plan p;
-  p.index = (b_of * M + m_of).contiguous();
-  if (!per_modality) {
-    p.layout = Layout::kShared;
-    return p;
-  }
-  const auto counts = present.sum(0, /*keepdim=*/false, at::kLong);
-  const auto host = counts.cpu();  // a host sync on CUDA, like nonzero above
-  p.counts.assign(host.const_data_ptr<int64_t>(), host.const_data_ptr<int64_t>() + M);
-  const int64_t P = p.index.numel();
-  const int64_t pmax = P ? *std::max_element(p.counts.begin(), p.counts.end()) : 0;
+// The layout from the host-side counts alone: no device value is read, so the op never synchronises.
+Plan plan_pairs(const at::Tensor& index, at::IntArrayRef counts, bool per_modality) {
+  const int64_t M = static_cast<int64_t>(counts.size());
+  Plan p{Layout::kShared, index, counts.vec()};
+  if (!per_modality) return p;
+  const int64_t P = index.numel();
+  const int64_t pmax = P ? *std::max_element(counts.begin(), counts.end()) : 0;
   if (P == 0 || M * pmax > 2 * P) {
     p.layout = Layout::kLoop;
     return p;
   }
-  // rank of each pair within its modality = its position minus the modality's first position.
-  const auto first = counts.cumsum(0) - counts;
-  const auto rank = at::arange(P, p.index.options()) - first.index_select(0, m_of);
-  auto slots = at::full({pmax * M}, -1, p.index.options());
-  slots.index_copy_(0, rank * M + m_of, p.index);
+  // Slot (i, m) = modality m's i-th present pair, -1 past its count: each modality's contiguous segment of the
+  // modality-major index padded to Pmax, interleaved [Pmax, M] -> slot i * M + m.
+  std::vector<at::Tensor> columns;
+  int64_t start = 0;
+  for (int64_t m = 0; m < M; ++m) {
+    auto col = at::full({pmax}, -1, index.options());
+    col.narrow(0, 0, counts[m]).copy_(index.narrow(0, start, counts[m]));
+    columns.push_back(col);
+    start += counts[m];
+  }
   p.layout = Layout::kGrouped;
-  p.index = slots;
+  p.index = at::stack(columns, 1).flatten();
   p.slots = pmax;
   return p;
 }
@@ -117,40 +118,100 @@ std::optional<at::Tensor> grouped_bias(const std::optional<at::Tensor>& bias, in
   return bias->dim() == 2 ? bias->flatten() : bias->repeat({M});
 }
 
-void check_conv_args(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                     const at::Tensor& present, at::IntArrayRef stride, at::IntArrayRef padding,
-                     at::IntArrayRef dilation) {
+// masked_conv / masked_conv_backward: the same checks on every device; the index values are checked where they
+// are readable without a synchronisation (on the host).
+void check_conv_args(const char* op, const at::Tensor& x, const at::Tensor& weight,
+                     const std::optional<at::Tensor>& bias, const at::Tensor& index, at::IntArrayRef counts,
+                     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
   const int64_t nsp = x.dim() - 3;
-  TORCH_CHECK(nsp >= 1 && nsp <= 3, "masked_conv: x must be [B, M, Cin, *S] with 1-3 spatial dims, got ",
-              x.sizes());
-  TORCH_CHECK(weight.dim() == nsp + 2 || (weight.dim() == nsp + 3 && weight.size(0) == x.size(1)),
-              "masked_conv: weight must be [Cout, Cin, *k] or [M, Cout, Cin, *k], got ", weight.sizes(),
-              " for x ", x.sizes());
-  TORCH_CHECK(present.scalar_type() == at::kBool && present.dim() == 2 && present.size(0) == x.size(0) &&
-                  present.size(1) == x.size(1),
-              "masked_conv: present must be bool [B, M] = [", x.size(0), ", ", x.size(1), "], got ",
-              present.scalar_type(), " ", present.sizes());
-  TORCH_CHECK(present.device() == x.device(), "masked_conv: present must be on x's device");
+  TORCH_CHECK_VALUE(nsp >= 1 && nsp <= 3, op, ": x must be [B, M, Cin, *S] with 1-3 spatial dims, got ",
+                    x.sizes());
+  TORCH_CHECK_TYPE(at::isFloatingType(x.scalar_type()), op, ": x must be a floating-point tensor, got ",
+                   x.scalar_type());
+  const int64_t B = x.size(0), M = x.size(1), Cin = x.size(2);
+  TORCH_CHECK_VALUE(weight.dim() == nsp + 2 || (weight.dim() == nsp + 3 && weight.size(0) == M), op,
+                    ": weight must be [Cout, Cin, *k] or [M, Cout, Cin, *k] with M = ", M, ", got ",
+                    weight.sizes(), " for x ", x.sizes());
+  const bool per_weight = weight.dim() == nsp + 3;
+  const int64_t Cout = weight.size(per_weight ? 1 : 0);
+  TORCH_CHECK_VALUE(weight.size(per_weight ? 2 : 1) == Cin, op, ": weight's Cin must equal x.size(2) = ", Cin,
+                    ", got weight ", weight.sizes());
+  TORCH_CHECK_TYPE(weight.scalar_type() == x.scalar_type(), op, ": weight must have x's dtype ",
+                   x.scalar_type(), ", got ", weight.scalar_type());
+  TORCH_CHECK_VALUE(weight.device() == x.device(), op, ": weight must be on x's device ", x.device(), ", got ",
+                    weight.device());
   if (bias.has_value()) {
-    TORCH_CHECK(bias->dim() == 1 || (bias->dim() == 2 && bias->size(0) == x.size(1)),
-                "masked_conv: bias must be [Cout] or [M, Cout], got ", bias->sizes());
+    TORCH_CHECK_VALUE((bias->dim() == 1 && bias->size(0) == Cout) ||
+                          (bias->dim() == 2 && bias->size(0) == M && bias->size(1) == Cout),
+                      op, ": bias must be [Cout] = [", Cout, "] or [M, Cout] = [", M, ", ", Cout, "], got ",
+                      bias->sizes());
+    TORCH_CHECK_TYPE(bias->scalar_type() == x.scalar_type(), op, ": bias must have x's dtype ", x.scalar_type(),
+                     ", got ", bias->scalar_type());
+    TORCH_CHECK_VALUE(bias->device() == x.device(), op, ": bias must be on x's device ", x.device(), ", got ",
+                      bias->device());
   }
-  TORCH_CHECK(static_cast<int64_t>(stride.size()) == nsp && static_cast<int64_t>(padding.size()) == nsp &&
-                  static_cast<int64_t>(dilation.size()) == nsp,
-              "masked_conv: stride, padding and dilation need one entry per spatial dim (", nsp, ")");
+  TORCH_CHECK_VALUE(static_cast<int64_t>(stride.size()) == nsp && static_cast<int64_t>(padding.size()) == nsp &&
+                        static_cast<int64_t>(dilation.size()) == nsp,
+                    op, ": stride, padding and dilation need one entry per spatial dim (", nsp, "), got ", stride,
+                    ", ", padding, ", ", dilation);
+  for (int64_t d = 0; d < nsp; ++d) {
+    TORCH_CHECK_VALUE(stride[d] >= 1 && dilation[d] >= 1 && padding[d] >= 0, op,
+                      ": stride and dilation must be >= 1 and padding >= 0, got stride ", stride, ", padding ",
+                      padding, ", dilation ", dilation);
+    const int64_t k = weight.size(weight.dim() - nsp + d);
+    TORCH_CHECK_VALUE(x.size(3 + d) + 2 * padding[d] - dilation[d] * (k - 1) - 1 >= 0, op, ": spatial dim ", d,
+                      " of x (", x.size(3 + d), ") with padding ", padding[d],
+                      " is smaller than the dilated kernel ", dilation[d] * (k - 1) + 1);
+  }
+  check_index(op, index, x, "x");
+  TORCH_CHECK_VALUE(static_cast<int64_t>(counts.size()) == M, op, ": counts must hold one pair count per modality (",
+                    M, "), got ", counts.size());
+  int64_t P = 0;
+  for (int64_t m = 0; m < M; ++m) {
+    TORCH_CHECK_VALUE(counts[m] >= 0 && counts[m] <= B, op, ": counts[", m, "] = ", counts[m],
+                      " must lie in [0, B = ", B, "]");
+    P += counts[m];
+  }
+  TORCH_CHECK_VALUE(P == index.numel(), op, ": counts sum to ", P, " but index has ", index.numel(), " entries");
+  if (index.is_cpu()) {
+    // Modality-major and in range; distinctness is checked by pack_pairs on the same host data.
+    const auto ic = index.contiguous();
+    const int64_t* idx = ic.const_data_ptr<int64_t>();
+    int64_t i = 0;
+    for (int64_t m = 0; m < M; ++m) {
+      for (int64_t n = 0; n < counts[m]; ++n, ++i) {
+        TORCH_CHECK_VALUE(idx[i] >= 0 && idx[i] < B * M && idx[i] % M == m, op, ": index[", i, "] = ", idx[i],
+                          " must be a pair b * M + m of modality ", m,
+                          " (index is modality-major: counts[0] pairs of modality 0 first, ...)");
+      }
+    }
+  }
+}
+
+// [B, M, Cout, *S'] of the convolution of x by weight.
+std::vector<int64_t> conv_out_sizes(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
+                                    at::IntArrayRef padding, at::IntArrayRef dilation) {
+  const int64_t nsp = x.dim() - 3;
+  const bool per_weight = weight.dim() == nsp + 3;
+  std::vector<int64_t> s{x.size(0), x.size(1), weight.size(per_weight ? 1 : 0)};
+  for (int64_t d = 0; d < nsp; ++d) {
+    const int64_t k = weight.size(weight.dim() - nsp + d);
+    s.push_back((x.size(3 + d) + 2 * padding[d] - dilation[d] * (k - 1) - 1) / stride[d] + 1);
+  }
+  return s;
 }
 
 }  // namespace
 
 at::Tensor masked_conv_composite(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                                 const at::Tensor& present, at::IntArrayRef stride, at::IntArrayRef padding,
-                                 at::IntArrayRef dilation) {
-  check_conv_args(x, weight, bias, present, stride, padding, dilation);
+                                 const at::Tensor& index, at::IntArrayRef counts, at::IntArrayRef stride,
+                                 at::IntArrayRef padding, at::IntArrayRef dilation) {
+  check_conv_args("masked_conv", x, weight, bias, index, counts, stride, padding, dilation);
   const int64_t nsp = x.dim() - 3, B = x.size(0), M = x.size(1);
   const bool per_weight = weight.dim() == nsp + 3;
   const bool per_bias = bias.has_value() && bias->dim() == 2;
   const std::vector<int64_t> no_output_padding(nsp, 0);
-  const auto plan = plan_pairs(present, per_weight || per_bias);
+  const auto plan = plan_pairs(index, counts, per_weight || per_bias);
   const auto xp = call_pack(flat_pairs(x), plan.index);
   const auto conv = [&](const at::Tensor& in, const at::Tensor& w, const std::optional<at::Tensor>& b,
                         int64_t groups) {
@@ -184,15 +245,23 @@ at::Tensor masked_conv_composite(const at::Tensor& x, const at::Tensor& weight, 
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_conv_backward_composite(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-    const at::Tensor& present, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-    std::array<bool, 3> output_mask) {
-  check_conv_args(x, weight, bias, present, stride, padding, dilation);
+    const at::Tensor& index, at::IntArrayRef counts, at::IntArrayRef stride, at::IntArrayRef padding,
+    at::IntArrayRef dilation, std::array<bool, 3> output_mask) {
+  constexpr const char* op = "masked_conv_backward";
+  check_conv_args(op, x, weight, bias, index, counts, stride, padding, dilation);
+  const auto y_sizes = conv_out_sizes(x, weight, stride, padding, dilation);
+  TORCH_CHECK_VALUE(grad_y.sizes() == at::IntArrayRef(y_sizes), op, ": grad_y must be the output's shape ",
+                    at::IntArrayRef(y_sizes), ", got ", grad_y.dim(), "-D ", grad_y.sizes());
+  TORCH_CHECK_TYPE(grad_y.scalar_type() == x.scalar_type(), op, ": grad_y must have x's dtype ", x.scalar_type(),
+                   ", got ", grad_y.scalar_type());
+  TORCH_CHECK_VALUE(grad_y.device() == x.device(), op, ": grad_y must be on x's device ", x.device(), ", got ",
+                    grad_y.device());
   const int64_t nsp = x.dim() - 3, B = x.size(0), M = x.size(1);
   const bool per_weight = weight.dim() == nsp + 3;
   const bool per_bias = bias.has_value() && bias->dim() == 2;
   const bool need_bias = output_mask[2] && bias.has_value();
   const std::vector<int64_t> no_output_padding(nsp, 0);
-  const auto plan = plan_pairs(present, per_weight || per_bias);
+  const auto plan = plan_pairs(index, counts, per_weight || per_bias);
   const auto xp = call_pack(flat_pairs(x), plan.index);
   const auto gp = call_pack(flat_pairs(grad_y), plan.index);
   const int64_t Cout = per_weight ? weight.size(1) : weight.size(0);

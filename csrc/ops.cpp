@@ -35,14 +35,16 @@ TORCH_LIBRARY(gmd_ext, m) {
   m.def("pack_pairs(Tensor x, Tensor index) -> Tensor");
   // y [P, *F], index [P] int64 -> out [num_pairs, *F] with out[index[i]] = y[i] and zeros in the other rows.
   m.def("scatter_pairs(Tensor y, Tensor index, int num_pairs) -> Tensor");
-  // x [B, M, Cin, *S], weight [Cout, Cin, *k] or [M, Cout, Cin, *k], bias None | [Cout] | [M, Cout],
-  // present [B, M] bool -> y [B, M, Cout, *S'], zeros at absent pairs. pack -> at::convolution -> scatter;
-  // the output shape does not depend on present, so torch.compile traces it whole.
-  m.def("masked_conv(Tensor x, Tensor weight, Tensor? bias, Tensor present, int[] stride, int[] padding, "
-        "int[] dilation) -> Tensor");
+  // x [B, M, Cin, *S], weight [Cout, Cin, *k] or [M, Cout, Cin, *k], bias None | [Cout] | [M, Cout], and the pair
+  // plan of present: index [P] int64 on x's device (flat b * M + m of the present pairs, modality-major) and
+  // counts [M] (host ints, the pairs per modality, summing to P) -> y [B, M, Cout, *S'], zeros at absent pairs.
+  // pack -> at::convolution -> scatter; the plan is built once on the host (gmd_ext.ops.ds_ops.PairPlan), so the
+  // op never synchronises, and its output shape does not depend on the plan (torch.compile traces it whole).
+  m.def("masked_conv(Tensor x, Tensor weight, Tensor? bias, Tensor index, int[] counts, int[] stride, "
+        "int[] padding, int[] dilation) -> Tensor");
   // -> (grad_x, grad_weight, grad_bias); an entry is None where output_mask is False (grad_bias also where bias
-  // is None). Only present pairs contribute.
-  m.def("masked_conv_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor? bias, Tensor present, "
+  // is None). grad_y is [B, M, Cout, *S'] in x's dtype. Only present pairs contribute.
+  m.def("masked_conv_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor? bias, Tensor index, int[] counts, "
         "int[] stride, int[] padding, int[] dilation, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
   // x [B, M, C, *S], weight/bias [M, C], present [B, M] bool, activation "none" | "relu" | "leaky_relu" (0.01)
   // -> (y [B, M, C, *S] in x's dtype, mean [B, M, G], rstd [B, M, G] in fp32 (fp64 for fp64 x)); zeros at absent.

@@ -3,7 +3,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gmd_ext import DSConv, DSGroupNorm, DSLayerNorm, DSLinear, masked_mean
+from gmd_ext import DSConv, DSGroupNorm, DSLayerNorm, DSLinear, masked_mean, testing
+from gmd_ext.ds import PairPlan, fuse, run_branches, run_packed
+from gmd_ext.ops import ds_ops
 from gmd_ext.testing import assert_close_rel, present_mask
 
 CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -95,8 +97,13 @@ def test_dsconv_validation():
     layer = DSConv(2, 3, 3, dims=2)
     with pytest.raises(ValueError, match=r"x must be \[B, M, 2, \*S\]"):
         layer(torch.randn(2, 3, 4, 5, 5))
-    with pytest.raises(ValueError, match="no modality present"):
+    with pytest.raises(ValueError, match=r"samples \[1\] have none"):
         layer(torch.randn(2, 3, 2, 5, 5), torch.tensor([[True, False, False], [False, False, False]]))
+    plan = PairPlan(torch.tensor([[True, False, True]]), 1, 3, "cpu")
+    with pytest.raises(ValueError, match=r"rows must be \[P, 2, \*S\] with P = 2"):
+        layer.packed(torch.randn(3, 2, 5, 5), plan)
+    with pytest.raises(TypeError, match="plan must be a gmd_ext.ops.PairPlan"):
+        layer.packed(torch.randn(2, 2, 5, 5), torch.ones(1, 3, dtype=torch.bool))
 
 
 # ---------------------------------------------------------------- DSGroupNorm
@@ -225,15 +232,60 @@ def test_sample_output_independent_of_other_samples_modalities():
                                   lambda: DSGroupNorm(3, 2, 2, activation="relu"),
                                   lambda: DSLinear(2 * 25, 4, shared=False, num_modalities=3)])
 def test_torch_compile_matches_eager(make):
+    """With the PairPlan as input no layer reads device data on the host: fullgraph traces, compiled == eager."""
     torch._dynamo.reset()
     layer = make()
     x = torch.randn(2, 3, 2, 5, 5, requires_grad=True)
     if isinstance(layer, DSLinear):
         x = torch.randn(2, 3, 2 * 25, requires_grad=True)
-    present = torch.tensor([[True, False, True], [False, True, True]])
+    present = PairPlan(torch.tensor([[True, False, True], [False, True, True]]), 2, 3, "cpu")
     compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
     y, y_ref = compiled(x, present), layer(x, present)
     torch.testing.assert_close(y, y_ref)
     params = [x, *layer.parameters()]
     for got, want in zip(grads(y, params), grads(y_ref, params)):
         torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("make,shape", [
+    (lambda: DSConv(2, 3, 3, padding=1, dims=2), (2, 5, 5)),
+    (lambda: DSConv(2, 3, 3, padding=1, dims=2, shared=False, num_modalities=3), (2, 5, 5)),
+    (lambda: DSGroupNorm(3, 2, 4, activation="leaky_relu"), (4, 5, 5)),
+    (lambda: DSLinear(6, 4, shared=False, num_modalities=3), (2, 6)),
+    (lambda: DSLayerNorm(3, 6), (2, 6)),
+], ids=["conv_shared", "conv_per_modality", "group_norm", "linear_per_modality", "layer_norm"])
+@pytest.mark.parametrize("mask", ["all", "modality_absent", "random", "one_modality"])
+def test_packed_form_equals_layer(make, shape, mask):
+    """layer.packed on the plan's packed rows, scattered back, equals layer(x, plan): values and gradients."""
+    torch.manual_seed(0)
+    layer = make()
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    present = testing.present_mask(mask, 4, 3, torch.Generator().manual_seed(1))
+    plan = PairPlan(present, 4, 3, "cpu")
+    x = torch.randn(4, 3, *shape, requires_grad=True)
+    got = ds_ops.scatter(layer.packed(ds_ops.pack(x, plan), plan), plan)
+    want = layer(x, plan)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    params = [x, *layer.parameters()]
+    for g, w in zip(grads(got, params), grads(want, params)):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+
+
+def test_fuse_and_run_branches_match_masked_mean():
+    present = torch.tensor([[True, False, True], [False, True, False]])
+    plan = PairPlan(present, 2, 3, "cpu")
+    x = torch.randn(2, 3, 4, dtype=torch.float64)
+
+    def fn(rows, plan):
+        return rows * (plan.modality[:, None] + 1)
+
+    rows, plan2 = run_packed(fn, x, present)
+    branches = run_branches(fn, x, plan)
+    assert len(branches) == 3
+    want = torch.where(present[:, :, None], x * torch.arange(1, 4, dtype=x.dtype)[None, :, None], 0)
+    torch.testing.assert_close(torch.stack(list(branches), 1), want)
+    torch.testing.assert_close(fuse(rows, plan2), masked_mean(want, present))
+    low = fuse(rows.to(torch.bfloat16), plan2)
+    assert low.dtype == torch.bfloat16

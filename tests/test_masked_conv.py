@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from gmd_ext import _backend, masked_conv, testing
+from gmd_ext.ops.ds_ops import PairPlan
 from gmd_ext.ops.reference import masked_conv_reference, present_index
 
 # masked_conv has no Triton kernel: "triton" runs the torch form (test_triton_backend_is_the_torch_form), so the
@@ -142,20 +143,31 @@ def test_triton_backend_is_the_torch_form():
 def test_present_index_is_modality_major():
     present = torch.tensor([[True, False], [True, True]])
     assert present_index(present).tolist() == [0, 2, 3]
+    plan = PairPlan(present, 2, 2, "cpu")
+    assert plan.index.tolist() == [0, 2, 3] and plan.counts == (2, 1) and plan.starts == (0, 2)
+    assert plan.modality.tolist() == [0, 0, 1] and plan.sample.tolist() == [0, 1, 1] and not plan.all_present
 
 
 # ---------------------------------------------------------------- the registered ops
+def _plan_args(present):
+    plan = PairPlan(present, *present.shape, "cpu")
+    return plan.index, list(plan.counts)
+
+
 def _opcheck_cases():
     x, w, b = _inputs(1, True, "per", B=2, M=3, Cin=2, Cout=3, size=5)
     present = torch.tensor([[True, False, True], [False, False, True]])
     x, w, b = (t.requires_grad_() for t in (x, w, b))
     g = torch.randn(2, 3, 3, 5, dtype=x.dtype)
-    back = (g, x.detach(), w.detach(), b.detach(), present, [1], [1], [1])
+    back = (g, x.detach(), w.detach(), b.detach(), *_plan_args(present), [1], [1], [1])
     rows = torch.randn(6, 4, 3, dtype=torch.float64, requires_grad=True)
     index = torch.tensor([4, -1, 2])
     return {
-        "masked_conv_per_modality": ("masked_conv", (x, w, b, present, [2], [1], [1])),
-        "masked_conv_shared": ("masked_conv", (x, w[0].detach().requires_grad_(), None, present, [1], [0], [2])),
+        "masked_conv_per_modality": ("masked_conv", (x, w, b, *_plan_args(present), [2], [1], [1])),
+        "masked_conv_shared": ("masked_conv", (x, w[0].detach().requires_grad_(), None, *_plan_args(present),
+                                               [1], [0], [2])),
+        "masked_conv_none_present": ("masked_conv", (x, w, b, torch.zeros(0, dtype=torch.long), [0, 0, 0],
+                                                     [1], [1], [1])),
         "backward_all": ("masked_conv_backward", (*back, [True, True, True])),
         "backward_weight_only": ("masked_conv_backward", (*back, [False, True, False])),
         "pack_pairs": ("pack_pairs", (rows, index)),
@@ -164,8 +176,8 @@ def _opcheck_cases():
 
 
 @needs_cpp
-@pytest.mark.parametrize("case", ["masked_conv_per_modality", "masked_conv_shared", "backward_all",
-                                  "backward_weight_only", "pack_pairs", "scatter_pairs"])
+@pytest.mark.parametrize("case", ["masked_conv_per_modality", "masked_conv_shared", "masked_conv_none_present",
+                                  "backward_all", "backward_weight_only", "pack_pairs", "scatter_pairs"])
 def test_opcheck(case):
     name, args = _opcheck_cases()[case]
     torch.library.opcheck(getattr(torch.ops.gmd_ext, name), args)
@@ -188,25 +200,97 @@ def test_pack_scatter_match_torch_indexing():
     want = torch.zeros(6, 4, 3)
     want[[4, 2]] = rows[[0, 2]]
     torch.testing.assert_close(torch.ops.gmd_ext.scatter_pairs(rows[:3], slots, 6), want, rtol=0, atol=0)
-    with pytest.raises(RuntimeError, match="out of range"):
-        torch.ops.gmd_ext.pack_pairs(rows, torch.tensor([6]))
-    with pytest.raises(RuntimeError, match="distinct"):
-        torch.ops.gmd_ext.scatter_pairs(rows[:2], torch.tensor([1, 1]), 6)
 
 
-# cpp: one opaque op with a static output shape; torch: the dense form while compiling (no data-dependent shapes).
+@needs_cpp
+def test_pack_pairs_of_no_rows_gives_zero_slots():
+    """x with 0 rows and an all -1 index: every output row is an empty slot, so zeros (never uninitialised)."""
+    for _ in range(3):  # fresh allocations: garbage from an earlier tensor would show
+        junk = torch.full((3, 4, 5), float("nan"))
+        del junk
+        out = torch.ops.gmd_ext.pack_pairs(torch.empty(0, 4, 5), torch.full((3,), -1))
+        assert out.shape == (3, 4, 5) and (out == 0).all()
+
+
+def _direct_op_cases():
+    x, w, b = _inputs(2, True, "per", B=2, M=3, Cin=2, Cout=3, size=5, dtype=torch.float32)
+    present = torch.tensor([[True, False, True], [False, False, True]])
+    index, counts = _plan_args(present)
+    g = torch.randn(2, 3, 3, 5, 5)
+    conv = ([1, 1], [1, 1], [1, 1])
+    mask = [True, True, True]
+    mc, mcb = torch.ops.gmd_ext.masked_conv, torch.ops.gmd_ext.masked_conv_backward
+    pack, scatter = torch.ops.gmd_ext.pack_pairs, torch.ops.gmd_ext.scatter_pairs
+    rows = torch.randn(6, 4)
+    return {
+        "x_0d": (lambda: mc(x[0, 0, 0, 0, 0], w, b, index, counts, *conv), ValueError, "masked_conv: x must be"),
+        "x_int": (lambda: mc(x.int(), w.int(), None, index, counts, *conv), TypeError, "x must be a floating"),
+        "w_shape": (lambda: mc(x, w[:2], b, index, counts, *conv), ValueError, "masked_conv: weight must be"),
+        "w_cin": (lambda: mc(x, w[:, :, :1], b, index, counts, *conv), ValueError, "weight's Cin"),
+        "w_dtype": (lambda: mc(x, w.double(), b, index, counts, *conv), TypeError, "weight must have x's dtype"),
+        "b_shape": (lambda: mc(x, w, b[:, :2], index, counts, *conv), ValueError, "masked_conv: bias must be"),
+        "b_dtype": (lambda: mc(x, w, b.double(), index, counts, *conv), TypeError, "bias must have x's dtype"),
+        "index_dtype": (lambda: mc(x, w, b, index.int(), counts, *conv), TypeError, "index must be an int64"),
+        "index_2d": (lambda: mc(x, w, b, index[None], counts, *conv), ValueError, "index must be 1-D"),
+        "counts_len": (lambda: mc(x, w, b, index, counts[:2], *conv), ValueError, "counts must hold one"),
+        "counts_sum": (lambda: mc(x, w, b, index, [1, 0, 1], *conv), ValueError, "counts sum to 2"),
+        "counts_neg": (lambda: mc(x, w, b, index, [2, -1, 2], *conv), ValueError, r"counts\[1\] = -1"),
+        "index_range": (lambda: mc(x, w, b, torch.tensor([0, 6, 5]), counts, *conv), ValueError,
+                        "must be a pair"),
+        "index_order": (lambda: mc(x, w, b, torch.tensor([2, 0, 5]), counts, *conv), ValueError,
+                        "modality-major"),
+        "index_repeat": (lambda: mc(x, w, b, torch.tensor([0, 0, 5]), [2, 0, 1], *conv), ValueError, "distinct"),
+        "stride_len": (lambda: mc(x, w, b, index, counts, [1], [1, 1], [1, 1]), ValueError,
+                       "one entry per spatial dim"),
+        "stride_zero": (lambda: mc(x, w, b, index, counts, [0, 1], [1, 1], [1, 1]), ValueError,
+                        "stride and dilation must be >= 1"),
+        "too_small": (lambda: mc(x, w, b, index, counts, [1, 1], [0, 0], [3, 3]), ValueError,
+                      "smaller than the dilated kernel"),
+        "grad_0d": (lambda: mcb(g[0, 0, 0, 0, 0], x, w, b, index, counts, *conv, mask), ValueError,
+                    "grad_y must be the output's shape"),
+        "grad_shape": (lambda: mcb(g[:, :, :2], x, w, b, index, counts, *conv, mask), ValueError,
+                       "grad_y must be the output's shape"),
+        "grad_dtype": (lambda: mcb(g.double(), x, w, b, index, counts, *conv, mask), TypeError,
+                       "grad_y must have x's dtype"),
+        "bwd_counts": (lambda: mcb(g, x, w, b, index, [3, 0, 0], *conv, mask), ValueError, "must lie in"),
+        "pack_0d": (lambda: pack(torch.tensor(1.0), torch.tensor([0])), ValueError, "pack_pairs: x must be"),
+        "pack_float_index": (lambda: pack(rows, torch.tensor([0.0])), TypeError, "pack_pairs: index must be"),
+        "pack_range": (lambda: pack(rows, torch.tensor([6])), ValueError, "out of range"),
+        "pack_repeat": (lambda: pack(rows, torch.tensor([1, 1])), ValueError, "distinct"),
+        "scatter_0d": (lambda: scatter(torch.tensor(1.0), torch.tensor([0]), 6), ValueError,
+                       "scatter_pairs: y must be"),
+        "scatter_rows": (lambda: scatter(rows, torch.tensor([0]), 6), ValueError, "index has 1 entries"),
+        "scatter_num": (lambda: scatter(rows[:1], torch.tensor([0]), -1), ValueError, "num_pairs must be >= 0"),
+        "scatter_range": (lambda: scatter(rows[:1], torch.tensor([6]), 6), ValueError, "out of range"),
+        "scatter_repeat": (lambda: scatter(rows[:2], torch.tensor([1, 1]), 6), ValueError, "distinct"),
+    }
+
+
+@needs_cpp
+@pytest.mark.parametrize("case", list(_direct_op_cases()))
+def test_direct_op_call_rejects_bad_arguments(case):
+    """Every masked_conv-family op checks its arguments in C++: a clean ValueError / TypeError naming the op and
+    the argument, never a crash or a vendor-library error."""
+    call, exc, match = _direct_op_cases()[case]
+    with pytest.raises(exc, match=match):
+        call()
+
+
+# The plan is an input: the ops read no device value on the host, so both backends trace whole (no graph break,
+# no data-dependent shape) and compiled equals eager.
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("per_modality", [False, True], ids=["shared", "per_modality"])
-def test_torch_compile_fullgraph(per_modality, backend):
+@pytest.mark.parametrize("mask", ["random", "one_modality"])
+def test_torch_compile_fullgraph(mask, per_modality, backend):
     x, w, b = _inputs(2, per_modality, "per" if per_modality else "shared", dtype=torch.float32)
-    present = testing.present_mask("random", 3, 4)
+    plan = PairPlan(testing.present_mask(mask, 3, 4), 3, 4, "cpu")
     leaves = [t.requires_grad_() for t in (x, w, b)]
 
-    def f(x, w, b, present):
-        return masked_conv(x, w, b, present, padding=1, backend=backend).relu().sum(dim=2)
+    def f(x, w, b, plan):
+        return masked_conv(x, w, b, plan, padding=1, backend=backend).relu().sum(dim=2)
 
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
-    y, ref = compiled(*leaves, present), f(*leaves, present)
+    y, ref = compiled(*leaves, plan), f(*leaves, plan)
     torch.testing.assert_close(y, ref)
     g = torch.randn_like(ref)
     for got, want in zip(_grads(y, leaves, g), _grads(ref, leaves, g)):
@@ -222,9 +306,10 @@ def test_torch_compile_fullgraph(per_modality, backend):
     (lambda x, w, p: masked_conv(x, w[:3], None, p), ValueError, "per-modality weight"),
     (lambda x, w, p: masked_conv(x, w.double(), None, p), TypeError, "weight must have x's dtype"),
     (lambda x, w, p: masked_conv(x, w, torch.zeros(7), p), ValueError, "bias must be None"),
-    (lambda x, w, p: masked_conv(x, w, None, p.float()), TypeError, "present must have dtype torch.bool"),
-    (lambda x, w, p: masked_conv(x, w, None, p[:, :2]), ValueError, r"present must be \[B, M\]"),
-    (lambda x, w, p: masked_conv(x, w, None, torch.zeros_like(p)), ValueError, "no modality present"),
+    (lambda x, w, p: masked_conv(x, w, None, p.float()), TypeError, "present must be a bool tensor"),
+    (lambda x, w, p: masked_conv(x, w, None, p[:, :2]), ValueError, r"present must have shape \[B, M\]"),
+    (lambda x, w, p: masked_conv(x, w, None, torch.zeros_like(p)), ValueError, "samples .* have none"),
+    (lambda x, w, p: masked_conv(x, w, None, PairPlan(p[:2], 2, 4, "cpu")), ValueError, "PairPlan for"),
     (lambda x, w, p: masked_conv(x, w, None, p, stride=0), ValueError, "stride must be >= 1"),
     (lambda x, w, p: masked_conv(x, w, None, p, padding=(1, 1, 1)), ValueError, "padding must be an int"),
     (lambda x, w, p: masked_conv(x, w, None, p, padding="full"), ValueError, "padding must be"),

@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from gmd_ext import DSSentimentNet, DSUNet3d, masked_mean
+from gmd_ext.ops import PairPlan
 
 PRESENT = torch.tensor([[True, False, True, True], [False, True, False, False]])
 
@@ -12,10 +13,10 @@ def n_params(model):
     return sum(p.numel() for p in model.parameters())
 
 
-@pytest.fixture(scope="module", params=["packed", "layers"])
-def unet(request):
+@pytest.fixture(scope="module")
+def unet():
     torch.manual_seed(0)
-    model = DSUNet3d(width=0.25, execution=request.param)
+    model = DSUNet3d(width=0.25)
     with torch.no_grad():  # non-trivial per-modality affine, so a wrong modality index shows
         for name, p in model.named_parameters():
             if "norm" in name:
@@ -23,27 +24,75 @@ def unet(request):
     return model
 
 
-# ---------------------------------------------------------------- DSUNet3d
-def test_dsunet3d_parameter_count_matches_official():
-    ds = n_params(DSUNet3d(width=0.5))
-    four = sum(n_params(DSUNet3d(modalities=(name,), width=0.5)) for name in ("flair", "t1", "t1ce", "t2"))
-    # Official: 3.25 M with Dynamic Sharing vs 12.95 M for four U-Nets (width 0.5).
-    assert abs(ds - 3.25e6) / 3.25e6 < 0.01, ds
-    assert abs(four - 12.95e6) / 12.95e6 < 0.01, four
-    assert abs(ds / four - 0.25) < 0.005
+def plain_branch(model, x, m):
+    """Test reference: modality m's branch in plain torch (F.conv3d, F.group_norm with m's affine, F.relu), the
+    official per-branch execution. x [N, 1, D, H, W] -> logits [N, num_classes, D, H, W]."""
+    def block(b, h):
+        for conv, norm in ((b.conv1, b.norm1), (b.conv2, b.norm2)):
+            h = F.conv3d(h, conv.weight, conv.bias, padding=1)
+            h = F.relu(F.group_norm(h, norm.num_groups, norm.weight[m], norm.bias[m], norm.eps))
+        return h
+
+    h = block(model.inc, x)
+    skips = [h]
+    for down in model.downs:
+        h = block(down, F.max_pool3d(h, 2))
+        skips.append(h)
+    skips.pop()
+    for up in model.ups:
+        skip = skips.pop()
+        h = F.interpolate(h, scale_factor=2, mode="trilinear", align_corners=True)
+        diff = [s - t for s, t in zip(skip.shape[2:], h.shape[2:])][::-1]
+        h = F.pad(h, [q for d in diff for q in (d // 2, d - d // 2)])
+        h = block(up, torch.cat([skip, h], 1))
+    return F.conv3d(h, model.outc.weight, model.outc.bias)
+
+
+def reference_branches(model, x, present):
+    ref = torch.stack([plain_branch(model, x[:, m:m + 1], m) for m in range(model.num_modalities)], 1)
+    return torch.where(present[:, :, None, None, None, None], ref, 0)
 
 
 def test_dsunet3d_equals_per_modality_runs_averaged(unet):
     x = torch.randn(2, 4, 16, 17, 16)  # 17 is not a multiple of 16: padded skips
-    branches = unet.forward_branches(x, PRESENT)
-    ref = torch.stack([unet.forward_modality(x[:, m], m) for m in range(4)], 1)
-    assert branches.shape == (2, 4, 3, 16, 17, 16)
-    torch.testing.assert_close(branches, torch.where(PRESENT[:, :, None, None, None, None], ref, 0))
+    branches = unet.branches(x, PRESENT)
+    assert isinstance(branches, tuple) and len(branches) == 4
+    assert all(b.shape == (2, 3, 16, 17, 16) for b in branches)
+    ref = reference_branches(unet, x, PRESENT)
+    torch.testing.assert_close(torch.stack(list(branches), 1), ref)
+    torch.testing.assert_close(unet.forward_branches(x, PRESENT), ref)
     fused = unet(x, PRESENT)
     assert fused.shape == (2, 3, 16, 17, 16)
     per_sample = torch.stack([ref[b, PRESENT[b]].mean(0) for b in range(2)])
     torch.testing.assert_close(fused, per_sample)
-    torch.testing.assert_close(unet.forward_modality(x[:, 2], "t1ce"), ref[:, 2])
+    torch.testing.assert_close(unet.forward_modality(x[:, 2], "t1ce"), plain_branch(unet, x[:, 2:3], 2))
+
+
+def test_dsunet3d_gradients_equal_plain_torch_reference(unet):
+    """The one network (packed rows, fused group norm kernel) against the plain-torch per-branch execution:
+    values and every parameter's gradient, fused forward and per-branch forward alike."""
+    x = torch.randn(2, 4, 16, 16, 16)
+    target = torch.rand(2, 3, 16, 16, 16).round()
+    params = list(unet.parameters())
+    ref = reference_branches(unet, x, PRESENT)
+    fused_ref = torch.stack([ref[b, PRESENT[b]].mean(0) for b in range(2)])
+    want = torch.autograd.grad(F.binary_cross_entropy_with_logits(fused_ref, target), params)
+    for out in (unet(x, PRESENT), masked_mean(unet.forward_branches(x, PRESENT), PRESENT)):
+        got = torch.autograd.grad(F.binary_cross_entropy_with_logits(out, target), params)
+        for (name, _), g, w in zip(unet.named_parameters(), got, want):
+            torch.testing.assert_close(g, w, rtol=1e-3, atol=1e-6, msg=name)
+
+
+def test_dsunet3d_subset_loss_reaches_only_its_branches(unet):
+    """forward_branches: each branch its own graph, so a loss over a subset never runs another branch's backward
+    (the per-objective cost of the official per-branch execution)."""
+    x = torch.randn(2, 4, 16, 16, 16)
+    branches = unet.branches(x, None)
+    loss = (branches[0] + branches[3]).square().mean()
+    used = [g is not None for g in torch.autograd.grad(loss, branches, allow_unused=True)]
+    assert used == [True, False, False, True]
+    roots = {b.grad_fn for b in branches}
+    assert len(roots) == 4
 
 
 def test_dsunet3d_branches_fuse_any_subset_without_rerun(unet):
@@ -63,22 +112,8 @@ def test_dsunet3d_sample_independent_of_other_samples(unet):
     torch.testing.assert_close(a[0], b[0], rtol=1e-6, atol=1e-6)
 
 
-def test_dsunet3d_packed_and_layers_executions_agree_in_values_and_gradients():
-    packed = DSUNet3d(width=0.25, execution="packed")
-    layers = DSUNet3d(width=0.25, execution="layers")
-    layers.load_state_dict(packed.state_dict())
-    x = torch.randn(2, 4, 16, 16, 16)
-    target = torch.rand(2, 3, 16, 16, 16).round()
-    for model in (packed, layers):
-        F.binary_cross_entropy_with_logits(model(x, PRESENT), target).backward()
-    torch.testing.assert_close(packed(x, PRESENT), layers(x, PRESENT), rtol=1e-4, atol=1e-5)
-    for (name, p), q in zip(packed.named_parameters(), layers.parameters()):
-        torch.testing.assert_close(p.grad, q.grad, rtol=1e-3, atol=1e-6, msg=name)
-
-
-@pytest.mark.parametrize("execution", ["packed", "layers"])
-def test_dsunet3d_absent_modality_gets_no_gradient(execution):
-    model = DSUNet3d(width=0.25, execution=execution)
+def test_dsunet3d_absent_modality_gets_no_gradient():
+    model = DSUNet3d(width=0.25)
     present = torch.tensor([[True, True, False, True], [False, True, False, False]])
     F.binary_cross_entropy_with_logits(model(torch.randn(2, 4, 16, 16, 16), present),
                                        torch.rand(2, 3, 16, 16, 16).round()).backward()
@@ -89,6 +124,51 @@ def test_dsunet3d_absent_modality_gets_no_gradient(execution):
             assert p.grad[[0, 1, 3]].abs().amax(1).min() > 0, name
         else:
             assert p.grad.abs().max() > 0, name
+
+
+def test_dsunet3d_modality_absent_from_batch_gives_zero_branch(unet):
+    x = torch.randn(2, 4, 16, 16, 16)
+    present = torch.tensor([[True, True, False, True], [False, True, False, False]])
+    branches = unet.branches(x, present)
+    assert (branches[2] == 0).all() and not branches[2].requires_grad
+    torch.testing.assert_close(torch.stack(list(branches), 1), reference_branches(unet, x, present))
+
+
+def test_dsunet3d_torch_compile_fullgraph_with_plan(unet):
+    """No data-dependent op on the model path: forward and backward trace whole with the plan as input."""
+    x = torch.randn(2, 4, 16, 16, 16)
+    target = torch.rand(2, 3, 16, 16, 16).round()
+    plan = PairPlan(PRESENT, 2, 4, "cpu")
+    params = list(unet.parameters())
+
+    def step(x, plan):
+        return F.binary_cross_entropy_with_logits(unet(x, plan), target)
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    got = torch.autograd.grad(compiled(x, plan), params)
+    want = torch.autograd.grad(step(x, plan), params)
+    for (name, _), g, w in zip(unet.named_parameters(), got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_dsunet3d_training_step_has_no_host_sync_on_cuda():
+    """A DS training step with a host-side present mask: the plan is copied once (pinned, non-blocking), and
+    nothing else synchronises (sync debug mode "error" raises on any synchronising call)."""
+    torch.manual_seed(0)
+    model = DSUNet3d(width=0.25).cuda()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x = torch.randn(2, 4, 16, 16, 16, device="cuda")
+    target = torch.rand(2, 3, 16, 16, 16, device="cuda").round()
+    for _ in range(2):  # the first step warms up cuDNN / allocator (may synchronise)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            opt.zero_grad(set_to_none=True)
+            F.binary_cross_entropy_with_logits(model(x, PRESENT), target).backward()
+            opt.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
 
 
 def test_dsunet3d_validation():
@@ -106,8 +186,8 @@ def test_dsunet3d_validation():
         DSUNet3d(width=0.3)
     with pytest.raises(ValueError, match="modality"):
         model.forward_modality(x[:, 0], "pd")
-    with pytest.raises(ValueError, match="execution"):
-        DSUNet3d(width=0.25, execution="dense")
+    with pytest.raises(ValueError, match="PairPlan for"):
+        model(x, PairPlan(PRESENT[:1], 1, 4, "cpu"))
 
 
 # ---------------------------------------------------------------- DSSentimentNet

@@ -19,14 +19,16 @@ constexpr int64_t kGrainBytes = 32768;
 
 // inverse[r] = i where index[i] == r, -1 for rows not in index; entries -1 of index (empty slots) are skipped.
 // Rejects out-of-range and repeated rows: the two ops are each other's adjoint only for distinct indices.
-std::vector<int64_t> inverse_map(const at::Tensor& index, int64_t num_rows) {
+std::vector<int64_t> inverse_map(const char* op, const at::Tensor& index, int64_t num_rows) {
   std::vector<int64_t> inverse(num_rows, -1);
   const int64_t* idx = index.const_data_ptr<int64_t>();
   for (int64_t i = 0; i < index.numel(); ++i) {
     const int64_t r = idx[i];
     if (r == -1) continue;
-    TORCH_CHECK(r >= 0 && r < num_rows, "index[", i, "] = ", r, " is out of range [-1, ", num_rows, ")");
-    TORCH_CHECK(inverse[r] < 0, "index must hold distinct rows; row ", r, " appears twice");
+    TORCH_CHECK_VALUE(r >= 0 && r < num_rows, op, ": index[", i, "] = ", r, " is out of range [-1, ", num_rows,
+                      ")");
+    TORCH_CHECK_VALUE(inverse[r] < 0, op, ": index must hold distinct rows; row ", r, " appears at entries ",
+                      inverse[r], " and ", i);
     inverse[r] = i;
   }
   return inverse;
@@ -35,15 +37,15 @@ std::vector<int64_t> inverse_map(const at::Tensor& index, int64_t num_rows) {
 }  // namespace
 
 at::Tensor pack_pairs_cpu(const at::Tensor& x, const at::Tensor& index) {
-  TORCH_CHECK(x.dim() >= 1, "pack_pairs: x must have a leading row dim, got a 0-D tensor");
-  check_index(index, x, "x");
+  check_pack_args(x, index);
   const auto xc = x.contiguous();
   const auto ic = index.contiguous();
-  inverse_map(ic, x.size(0));  // validation only
+  inverse_map("pack_pairs", ic, x.size(0));  // validation only
   auto sizes = x.sizes().vec();
   sizes[0] = ic.numel();
   auto out = at::empty(sizes, x.options());
-  const int64_t row_bytes = x.size(0) ? x.nbytes() / x.size(0) : 0;
+  // From the row shape, not x.nbytes() / N: with N == 0 every entry is -1 and the output is all zero rows.
+  const int64_t row_bytes = gmd_ext::row_bytes(x);
   if (out.numel() == 0) return out;
   const char* src = static_cast<const char*>(xc.const_data_ptr());
   char* dst = static_cast<char*>(out.mutable_data_ptr());
@@ -65,18 +67,14 @@ at::Tensor pack_pairs_cpu(const at::Tensor& x, const at::Tensor& index) {
 }
 
 at::Tensor scatter_pairs_cpu(const at::Tensor& y, const at::Tensor& index, int64_t num_pairs) {
-  TORCH_CHECK(y.dim() >= 1, "scatter_pairs: y must have a leading row dim, got a 0-D tensor");
-  check_index(index, y, "y");
-  TORCH_CHECK(index.numel() == y.size(0), "scatter_pairs: index has ", index.numel(), " entries but y has ",
-              y.size(0), " rows");
-  TORCH_CHECK(num_pairs >= 0, "scatter_pairs: num_pairs must be >= 0, got ", num_pairs);
+  check_scatter_args(y, index, num_pairs);
   const auto yc = y.contiguous();
-  const auto inverse = inverse_map(index.contiguous(), num_pairs);
+  const auto inverse = inverse_map("scatter_pairs", index.contiguous(), num_pairs);
   auto sizes = y.sizes().vec();
   sizes[0] = num_pairs;
   auto out = at::empty(sizes, y.options());
   if (out.numel() == 0) return out;
-  const int64_t row_bytes = out.nbytes() / num_pairs;
+  const int64_t row_bytes = gmd_ext::row_bytes(out);
   const char* src = static_cast<const char*>(yc.const_data_ptr());
   char* dst = static_cast<char*>(out.mutable_data_ptr());
   // One pass writes every output byte once: a copy for present rows, zeros (the mask) for the others.

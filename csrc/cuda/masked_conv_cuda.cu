@@ -28,24 +28,28 @@ __global__ void gather_rows_kernel(const Unit* __restrict__ src, const int64_t* 
        k += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t i = k / row_units, j = k - i * row_units;
     const int64_t r = index[i];
-    CUDA_KERNEL_ASSERT(r >= -1 && r < num_rows_src);
-    dst[k] = r >= 0 ? src[r * row_units + j] : Unit{};  // -1: an empty slot of the grouped layout
+    // -1 is an empty slot of the grouped layout. Index values are validated where the plan is built, on the host
+    // (csrc/ds_common.h check_index); an out-of-range entry is read as an empty slot rather than trapping, so a
+    // bad index can never poison the CUDA context with a device-side assert.
+    dst[k] = r >= 0 && r < num_rows_src ? src[r * row_units + j] : Unit{};
   }
 }
 
-// inverse[index[i]] = i for the entries that are not -1 (empty slots); distinct rows are the caller's contract
-// (checked on CPU only: on CUDA it would cost a host sync).
+// inverse[index[i]] = i + 1 for the in-range entries (0: a row not in index; -1 entries are empty slots). Distinct rows are validated on the host where
+// the plan is built (a check here would cost a host sync); atomicMax makes a repeated row deterministic (the last
+// entry wins) instead of a race, and out-of-range entries are skipped, never written.
 __global__ void inverse_kernel(const int64_t* __restrict__ index, int64_t* __restrict__ inverse, int64_t n,
                                int64_t num_rows) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t r = index[i];
-    CUDA_KERNEL_ASSERT(r >= -1 && r < num_rows);
-    if (r >= 0) inverse[r] = i;
+    if (r >= 0 && r < num_rows) {
+      atomicMax(reinterpret_cast<unsigned long long*>(inverse + r), static_cast<unsigned long long>(i) + 1ull);
+    }
   }
 }
 
-// out[r] = src[inverse[r]] where inverse[r] >= 0, zeros elsewhere: every output byte written once.
+// out[r] = src[inverse[r] - 1] where inverse[r] > 0, zeros elsewhere: every output byte written once.
 template <typename Unit>
 __global__ void scatter_rows_kernel(const Unit* __restrict__ src, const int64_t* __restrict__ inverse,
                                     Unit* __restrict__ dst, int64_t rows, int64_t row_units) {
@@ -53,7 +57,7 @@ __global__ void scatter_rows_kernel(const Unit* __restrict__ src, const int64_t*
   for (int64_t k = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; k < total;
        k += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t r = k / row_units, j = k - r * row_units;
-    const int64_t from = inverse[r];
+    const int64_t from = inverse[r] - 1;  // inverse holds entry + 1, 0 for rows not in index
     dst[k] = from >= 0 ? src[from * row_units + j] : Unit{};
   }
 }
@@ -85,8 +89,7 @@ int blocks_for(int64_t total) {
 }  // namespace
 
 at::Tensor pack_pairs_cuda(const at::Tensor& x, const at::Tensor& index) {
-  TORCH_CHECK(x.dim() >= 1, "pack_pairs: x must have a leading row dim, got a 0-D tensor");
-  check_index(index, x, "x");
+  check_pack_args(x, index);
   const c10::cuda::CUDAGuard guard(x.device());
   const auto xc = x.contiguous();
   const auto ic = index.contiguous();
@@ -94,7 +97,8 @@ at::Tensor pack_pairs_cuda(const at::Tensor& x, const at::Tensor& index) {
   sizes[0] = ic.numel();
   auto out = at::empty(sizes, x.options());
   if (out.numel() == 0) return out;
-  const int64_t row_bytes = x.nbytes() / x.size(0);
+  // From the row shape, not x.nbytes() / N: with N == 0 every entry is an empty slot and the output all zeros.
+  const int64_t row_bytes = gmd_ext::row_bytes(x);
   const int64_t unit = unit_bytes(row_bytes, xc.const_data_ptr(), out.const_data_ptr());
   const auto stream = c10::cuda::getCurrentCUDAStream();
   dispatch_unit(unit, [&](auto tag) {
@@ -109,15 +113,11 @@ at::Tensor pack_pairs_cuda(const at::Tensor& x, const at::Tensor& index) {
 }
 
 at::Tensor scatter_pairs_cuda(const at::Tensor& y, const at::Tensor& index, int64_t num_pairs) {
-  TORCH_CHECK(y.dim() >= 1, "scatter_pairs: y must have a leading row dim, got a 0-D tensor");
-  check_index(index, y, "y");
-  TORCH_CHECK(index.numel() == y.size(0), "scatter_pairs: index has ", index.numel(), " entries but y has ",
-              y.size(0), " rows");
-  TORCH_CHECK(num_pairs >= 0, "scatter_pairs: num_pairs must be >= 0, got ", num_pairs);
+  check_scatter_args(y, index, num_pairs);
   const c10::cuda::CUDAGuard guard(y.device());
   const auto yc = y.contiguous();
   const auto ic = index.contiguous();
-  auto inverse = at::full({num_pairs}, -1, index.options());
+  auto inverse = at::zeros({num_pairs}, index.options());
   const auto stream = c10::cuda::getCurrentCUDAStream();
   if (ic.numel() > 0) {
     inverse_kernel<<<blocks_for(ic.numel()), kThreads, 0, stream>>>(ic.const_data_ptr<int64_t>(),
@@ -129,7 +129,7 @@ at::Tensor scatter_pairs_cuda(const at::Tensor& y, const at::Tensor& index, int6
   sizes[0] = num_pairs;
   auto out = at::empty(sizes, y.options());
   if (out.numel() == 0) return out;
-  const int64_t row_bytes = out.nbytes() / num_pairs;
+  const int64_t row_bytes = gmd_ext::row_bytes(out);
   const int64_t unit = unit_bytes(row_bytes, yc.const_data_ptr(), out.const_data_ptr());
   dispatch_unit(unit, [&](auto tag) {
     using Unit = decltype(tag);

@@ -1,5 +1,9 @@
 """Dynamic Sharing: layers whose weights are shared by all modalities and whose normalisation is modality-specific,
-run on the gmd_ext.ops DS kernels. Application models built on them live in gmd_ext.apps."""
-from gmd_ext.ds.layers import DSConv, DSGroupNorm, DSLayerNorm, DSLinear, check_present, masked_apply, masked_mean
+run on the gmd_ext.ops DS kernels, and the pack-once late-fusion execution (gmd_ext.ds.packed) of networks built
+from them. Application models built on them live in gmd_ext.apps."""
+from gmd_ext.ds.layers import DSConv, DSGroupNorm, DSLayerNorm, DSLinear, masked_apply, masked_mean
+from gmd_ext.ds.packed import fuse, run_branches, run_packed
+from gmd_ext.ops.ds_ops import PairPlan, check_present
 
-__all__ = ["DSConv", "DSGroupNorm", "DSLayerNorm", "DSLinear", "check_present", "masked_apply", "masked_mean"]
+__all__ = ["DSConv", "DSGroupNorm", "DSLayerNorm", "DSLinear", "PairPlan", "check_present", "fuse", "masked_apply",
+           "masked_mean", "run_branches", "run_packed"]

@@ -1,9 +1,15 @@
 """Dynamic Sharing layers (docs/design.md): one set of weights for every modality, normalisation per modality.
 
-Every layer maps a [B, M, ...] tensor plus `present` (bool [B, M], None = all present) to a [B, M, ...] tensor
-whose absent (sample, modality) pairs are exactly zero and contribute no gradient to anything. `masked_mean`
-fuses per-modality outputs over the modalities present. A sample with no modality present is a ValueError
-everywhere (there is nothing to fuse).
+Every layer maps a [B, M, ...] tensor plus `present` (bool [B, M], None = all present, or the PairPlan built from
+it once per forward) to a [B, M, ...] tensor whose absent (sample, modality) pairs are exactly zero and contribute
+no gradient to anything. `masked_mean` fuses per-modality outputs over the modalities present. A sample with no
+modality present is a ValueError everywhere (there is nothing to fuse). Given a PairPlan, no layer reads device
+memory on the host (no host synchronisation, traceable by torch.compile(fullgraph=True)).
+
+Every layer also has `packed(rows, plan)`: the same layer on the packed rows [P, ...] of the plan (modality-major,
+each row's modality-specific parameters gathered by plan.modality). A late-fusion network packs its input once,
+runs its layers' packed forms and scatters (or fuses) once at the end: the pack-once execution of the library's
+models (gmd_ext.ds.packed).
 
 DSConv / DSGroupNorm run on the `masked_conv` / `modality_group_norm` ops (absent pairs never computed).
 DSLinear / DSLayerNorm are small enough that computing every pair and masking is faster than packing (static
@@ -12,6 +18,7 @@ in an absent modality cannot reach the parameters' gradients.
 """
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -20,34 +27,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from gmd_ext.ops import ds_ops
+from gmd_ext.ops.ds_ops import PairPlan, as_plan, check_present
 
 _ACTIVATIONS = (None, "relu", "leaky_relu")
-
-
-def check_present(present, batch: int, num_modalities: int, device: torch.device, *,
-                  allow_empty_rows: bool = False, name: str = "present") -> torch.Tensor | None:
-    """Validate a presence mask: None or a bool tensor [batch, num_modalities] on `device`.
-
-    A sample with no modality present is a ValueError (it has nothing to fuse) unless allow_empty_rows. That
-    check reads the mask on the host, so it is skipped while torch.compile traces (the graph stays whole).
-    """
-    if present is None:
-        return None
-    if not isinstance(present, torch.Tensor):
-        raise TypeError(f"{name} must be None or a bool tensor of shape [B, M] = [{batch}, {num_modalities}], "
-                        f"got {type(present).__name__}")
-    if present.dtype != torch.bool:
-        raise TypeError(f"{name} must be a bool tensor, got dtype {present.dtype}")
-    if tuple(present.shape) != (batch, num_modalities):
-        raise ValueError(f"{name} must have shape [B, M] = [{batch}, {num_modalities}], got {tuple(present.shape)}")
-    if present.device != torch.device(device):
-        raise ValueError(f"{name} must be on the input's device {device}, got {present.device}")
-    if not allow_empty_rows and not torch.compiler.is_compiling():
-        empty = (~present.any(1)).nonzero().flatten().tolist()
-        if empty:
-            raise ValueError(f"{name}: every sample needs at least one modality present; samples {empty} have none "
-                             f"(an all-False row has no modality to fuse)")
-    return present
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
 def _pair_mask(present: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -55,8 +38,9 @@ def _pair_mask(present: torch.Tensor, ndim: int) -> torch.Tensor:
     return present.view(present.shape + (1,) * (ndim - 2))
 
 
-def masked_mean(outputs: torch.Tensor, present: torch.Tensor | None) -> torch.Tensor:
-    """Mean over the modalities present: outputs [B, M, ...] float, present bool [B, M] (None = all) -> [B, ...].
+def masked_mean(outputs: torch.Tensor, present: torch.Tensor | PairPlan | None) -> torch.Tensor:
+    """Mean over the modalities present: outputs [B, M, ...] float, present bool [B, M] (None = all) or a PairPlan
+    -> [B, ...].
 
     Absent entries are ignored whatever they hold (NaN included) and receive zero gradient. A sample with no
     modality present is a ValueError. Accumulates in float32 for float16/bfloat16 outputs.
@@ -69,7 +53,11 @@ def masked_mean(outputs: torch.Tensor, present: torch.Tensor | None) -> torch.Te
     B, M = outputs.shape[:2]
     if M == 0:
         raise ValueError("outputs must have at least one modality (dim 1), got M = 0")
-    check_present(present, B, M, outputs.device)
+    if isinstance(present, PairPlan):
+        present = as_plan(present, B, M, outputs.device).present
+    else:
+        check_present(present, B, M, outputs.device)
+        present = None if present is None else present.to(outputs.device)
     acc = torch.float32 if outputs.dtype in (torch.float16, torch.bfloat16) else outputs.dtype
     if present is None:
         return outputs.mean(1, dtype=acc).to(outputs.dtype)
@@ -80,19 +68,37 @@ def masked_mean(outputs: torch.Tensor, present: torch.Tensor | None) -> torch.Te
 
 
 def masked_apply(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
-                 present: torch.Tensor | None) -> torch.Tensor:
+                 present: torch.Tensor | PairPlan | None) -> torch.Tensor:
     """Apply a per-sample function (pooling, interpolation, ...) to the present pairs only.
 
     x [B, M, *rest]; fn maps [P, *rest] -> [P, *rest']; returns [B, M, *rest'] with zeros where absent.
-    present None runs fn on all B·M pairs without packing.
+    present None (or a plan with every pair present) runs fn on all B·M pairs without packing.
     """
     B, M = x.shape[:2]
-    if present is None:
+    plan = None if present is None else as_plan(present, B, M, x.device)
+    if plan is None or plan.all_present:
         return fn(x.flatten(0, 1)).unflatten(0, (B, M))
-    y = fn(x[present])
-    out = y.new_zeros((B, M) + tuple(y.shape[1:]))
-    out[present] = y
-    return out
+    return ds_ops.scatter(fn(ds_ops.pack(x, plan)), plan)
+
+
+def _mask(present, x: torch.Tensor) -> torch.Tensor | None:
+    """present (None, bool [B, M] or PairPlan) -> None or the device mask [B, M, 1, ..., 1] for x."""
+    if present is None:
+        return None
+    B, M = x.shape[:2]
+    if isinstance(present, PairPlan):
+        present = as_plan(present, B, M, x.device).present
+    else:
+        present = check_present(present, B, M, x.device).to(x.device)
+    return _pair_mask(present, x.dim())
+
+
+def _check_rows(rows: torch.Tensor, plan: PairPlan, what: str):
+    if not isinstance(plan, PairPlan):
+        raise TypeError(f"plan must be a gmd_ext.ops.PairPlan, got {type(plan).__name__}")
+    if rows.dim() < 2 or rows.shape[0] != plan.num_pairs:
+        raise ValueError(f"rows must be [P, {what}] with P = {plan.num_pairs} pairs of the plan, "
+                         f"got shape {tuple(rows.shape)}")
 
 
 def _tuple(value, n: int, name: str) -> tuple[int, ...]:
@@ -159,6 +165,24 @@ class DSConv(nn.Module):
         return ds_ops.masked_conv(x, self.weight, self.bias, present, stride=self.stride, padding=self.padding,
                                   dilation=self.dilation, backend=self.backend)
 
+    def packed(self, rows: torch.Tensor, plan: PairPlan) -> torch.Tensor:
+        """The layer on packed rows [P, in_channels, *S] of `plan` -> [P, out_channels, *S']: the vendor
+        convolution of masked_conv without its pack and scatter (one call with batch P for shared weights; one per
+        modality's contiguous rows for per-modality weights)."""
+        _check_rows(rows, plan, f"{self.in_channels}, *S")
+        if rows.dim() != self.dims + 2 or rows.shape[1] != self.in_channels:
+            raise ValueError(f"rows must be [P, {self.in_channels}, *S] with {self.dims} spatial dims, "
+                             f"got shape {tuple(rows.shape)}")
+        conv = functools.partial(_CONV[self.dims], stride=self.stride, padding=self.padding,
+                                 dilation=self.dilation)
+        if self.shared:
+            return conv(rows, self.weight, self.bias)
+        pieces = [conv(rows.narrow(0, start, n), self.weight[m], None if self.bias is None else self.bias[m])
+                  for m, (start, n) in enumerate(zip(plan.starts, plan.counts)) if n]
+        if not pieces:  # no pair at all: an empty-batch convolution still gives the output shape
+            return conv(rows, self.weight[0])
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
                 f"padding={self.padding}, dilation={self.dilation}, bias={self.bias is not None}, "
@@ -193,6 +217,21 @@ class DSGroupNorm(nn.Module):
                              f"got shape {tuple(x.shape)}")
         return ds_ops.modality_group_norm(x, self.weight, self.bias, present, num_groups=self.num_groups,
                                           eps=self.eps, activation=self.activation, backend=self.backend)
+
+    def packed(self, rows: torch.Tensor, plan: PairPlan) -> torch.Tensor:
+        """The layer on packed rows [P, num_channels, *S] of `plan` -> same shape: the fused modality_group_norm
+        kernel on the rows viewed as one sample of P "modalities", each row's affine gathered from its modality
+        (weight.index_select(0, plan.modality): differentiable, the backward adds each row's part into its
+        modality's row of the [M, C] parameters)."""
+        _check_rows(rows, plan, f"{self.num_channels}, *S")
+        if rows.shape[1] != self.num_channels:
+            raise ValueError(f"rows must be [P, {self.num_channels}, *S], got shape {tuple(rows.shape)}")
+        if rows.shape[0] == 0:
+            return rows.new_zeros(rows.shape)
+        return ds_ops.modality_group_norm(rows[None], self.weight.index_select(0, plan.modality),
+                                          self.bias.index_select(0, plan.modality), None,
+                                          num_groups=self.num_groups, eps=self.eps, activation=self.activation,
+                                          backend=self.backend)[0]
 
     def extra_repr(self) -> str:
         return (f"{self.num_modalities}, {self.num_groups}, {self.num_channels}, eps={self.eps}, "
@@ -235,8 +274,7 @@ class DSLinear(nn.Module):
         if not self.shared and x.shape[1] != self.num_modalities:
             raise ValueError(f"x must have M = {self.num_modalities} modalities (per-modality weights), "
                              f"got M = {x.shape[1]}")
-        present = check_present(present, x.shape[0], x.shape[1], x.device)
-        mask = None if present is None else _pair_mask(present, x.dim())
+        mask = _mask(present, x)
         if mask is not None:
             x = torch.where(mask, x, 0)
         if self.shared:
@@ -249,6 +287,19 @@ class DSLinear(nn.Module):
                 y = y + self.bias[None, :, None, :]
             y = y.reshape(x.shape[:-1] + (self.out_features,))
         return y if mask is None else torch.where(mask, y, 0)
+
+    def packed(self, rows: torch.Tensor, plan: PairPlan) -> torch.Tensor:
+        """The layer on packed rows [P, ..., in_features] of `plan` -> [P, ..., out_features]."""
+        _check_rows(rows, plan, f"..., {self.in_features}")
+        if rows.shape[-1] != self.in_features:
+            raise ValueError(f"rows must be [P, ..., {self.in_features}], got shape {tuple(rows.shape)}")
+        if self.shared:
+            return F.linear(rows, self.weight, self.bias)
+        flat = rows.reshape(rows.shape[0], -1, self.in_features)
+        y = torch.einsum("pri,poi->pro", flat, self.weight.index_select(0, plan.modality))
+        if self.bias is not None:
+            y = y + self.bias.index_select(0, plan.modality)[:, None, :]
+        return y.reshape(rows.shape[:-1] + (self.out_features,))
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
@@ -276,14 +327,23 @@ class DSLayerNorm(nn.Module):
         if x.dim() < 3 or x.shape[1] != self.num_modalities or x.shape[-1] != self.normalized_shape:
             raise ValueError(f"x must be [B, {self.num_modalities}, ..., {self.normalized_shape}], "
                              f"got shape {tuple(x.shape)}")
-        present = check_present(present, x.shape[0], x.shape[1], x.device)
-        mask = None if present is None else _pair_mask(present, x.dim())
+        mask = _mask(present, x)
         if mask is not None:
             x = torch.where(mask, x, 0)
         y = F.layer_norm(x, (self.normalized_shape,), eps=self.eps)
         affine = (1, self.num_modalities) + (1,) * (x.dim() - 3) + (self.normalized_shape,)
         y = y * self.weight.view(affine) + self.bias.view(affine)
         return y if mask is None else torch.where(mask, y, 0)
+
+    def packed(self, rows: torch.Tensor, plan: PairPlan) -> torch.Tensor:
+        """The layer on packed rows [P, ..., normalized_shape] of `plan` -> same shape."""
+        _check_rows(rows, plan, f"..., {self.normalized_shape}")
+        if rows.shape[-1] != self.normalized_shape:
+            raise ValueError(f"rows must be [P, ..., {self.normalized_shape}], got shape {tuple(rows.shape)}")
+        affine = (rows.shape[0],) + (1,) * (rows.dim() - 2) + (self.normalized_shape,)
+        return torch.addcmul(self.bias.index_select(0, plan.modality).view(affine),
+                             F.layer_norm(rows, (self.normalized_shape,), eps=self.eps),
+                             self.weight.index_select(0, plan.modality).view(affine))
 
     def extra_repr(self) -> str:
         return f"{self.num_modalities}, {self.normalized_shape}, eps={self.eps}"

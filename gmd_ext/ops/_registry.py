@@ -118,26 +118,26 @@ def _register_cpp_ds():
     torch.library.register_autograd(lib + "scatter_pairs", _scatter_backward, setup_context=_scatter_setup)
 
     @torch.library.register_fake(lib + "masked_conv")
-    def _(x, weight, bias, present, stride, padding, dilation):
+    def _(x, weight, bias, index, counts, stride, padding, dilation):
         per_modality = weight.dim() == x.dim()
         return x.new_empty(reference._conv_out_shape(x, weight, per_modality, stride, padding, dilation))
 
     @torch.library.register_fake(lib + "masked_conv_backward")
-    def _(grad_y, x, weight, bias, present, stride, padding, dilation, output_mask):
+    def _(grad_y, x, weight, bias, index, counts, stride, padding, dilation, output_mask):
         return (x.new_empty(x.shape) if output_mask[0] else None,
                 weight.new_empty(weight.shape) if output_mask[1] else None,
                 bias.new_empty(bias.shape) if output_mask[2] and bias is not None else None)
 
     def _conv_setup(ctx, inputs, output):
-        x, weight, bias, present, stride, padding, dilation = inputs
-        ctx.conv = (stride, padding, dilation)
-        ctx.save_for_backward(x, weight, bias, present)
+        x, weight, bias, index, counts, stride, padding, dilation = inputs
+        ctx.conv = (counts, stride, padding, dilation)
+        ctx.save_for_backward(x, weight, bias, index)
 
     def _conv_backward(ctx, grad):
-        x, weight, bias, present = ctx.saved_tensors
+        x, weight, bias, index = ctx.saved_tensors
         mask = list(ctx.needs_input_grad[:3])
-        dx, dw, db = torch.ops.gmd_ext.masked_conv_backward(grad, x, weight, bias, present, *ctx.conv, mask)
-        return dx, dw, db, None, None, None, None
+        dx, dw, db = torch.ops.gmd_ext.masked_conv_backward(grad, x, weight, bias, index, *ctx.conv, mask)
+        return dx, dw, db, None, None, None, None, None
 
     torch.library.register_autograd(lib + "masked_conv", _conv_backward, setup_context=_conv_setup)
 

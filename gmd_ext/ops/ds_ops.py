@@ -14,9 +14,9 @@ Backends (gmd_ext._backend.resolve):
 The dense references (gmd_ext/ops/reference.py `masked_conv_reference`, `modality_group_norm_reference`: every pair
 computed, then masked) are the ground truth of the tests and the "official execution" of the benchmarks.
 
-torch.compile: the cpp ops have static output shapes (the data-dependent `nonzero` runs inside the kernel), so
-`torch.compile(fullgraph=True)` traces them without graph breaks. The torch form's packing is data-dependent, so
-while compiling it runs the dense form (same values and gradients, cost of all pairs).
+The presence of one forward is validated and turned into a PairPlan once, on the host (check_present, PairPlan:
+the one home of presence validation); the ops take the plan (index on the device, counts on the host), so no op
+synchronises with the host and `torch.compile(fullgraph=True)` traces them, eager and compiled alike, whole.
 """
 from __future__ import annotations
 
@@ -42,27 +42,101 @@ def _check_x(x, name="x") -> int:
     return x.dim() - 3
 
 
-def _check_present(present, x, check_rows=True):
-    """Return a bool [B, M] tensor on x's device (all True when present is None)."""
-    B, M = x.shape[:2]
+def check_present(present, batch: int, num_modalities: int, device, *, allow_empty_rows: bool = False,
+                  name: str = "present") -> torch.Tensor | None:
+    """Validate a presence mask: None or a bool tensor [batch, num_modalities] on `device` (or on the CPU: masks
+    come from the data loader, on the host). Returns it unchanged.
+
+    A sample with no modality present is a ValueError (it has nothing to fuse) unless allow_empty_rows. That check
+    reads the mask: free for a host mask; for a device mask it is one synchronisation, so it is skipped while
+    torch.compile traces (build a PairPlan from the host mask instead, docs/design.md §3).
+    """
     if present is None:
-        return torch.ones(B, M, dtype=torch.bool, device=x.device)
+        return None
     if not isinstance(present, torch.Tensor):
-        raise TypeError(f"present must be a bool torch.Tensor [B, M] or None, got {type(present).__name__}")
+        raise TypeError(f"{name} must be None or a bool tensor of shape [B, M] = [{batch}, {num_modalities}], "
+                        f"got {type(present).__name__}")
     if present.dtype != torch.bool:
-        raise TypeError(f"present must have dtype torch.bool, got {present.dtype}")
-    if tuple(present.shape) != (B, M):
-        raise ValueError(f"present must be [B, M] = [{B}, {M}] to match x {tuple(x.shape)}, "
-                         f"got {tuple(present.shape)}")
-    if present.device != x.device:
-        raise ValueError(f"present must be on x's device {x.device}, got {present.device}")
-    # A data-dependent check (a host sync on CUDA); skipped while compiling so the graph stays whole.
-    if check_rows and B * M > 0 and not torch.compiler.is_compiling():
+        raise TypeError(f"{name} must be a bool tensor, got dtype {present.dtype}")
+    if tuple(present.shape) != (batch, num_modalities):
+        raise ValueError(f"{name} must have shape [B, M] = [{batch}, {num_modalities}], got {tuple(present.shape)}")
+    if present.device != torch.device(device) and present.device.type != "cpu":
+        raise ValueError(f"{name} must be on the input's device {device} or on the CPU, got {present.device}")
+    if not allow_empty_rows and batch * num_modalities and not torch.compiler.is_compiling():
         empty = (~present.any(1)).nonzero().flatten().tolist()
         if empty:
-            raise ValueError(f"present: sample(s) {empty} have no modality present (their row of present is all "
-                             "False); every sample needs at least one modality")
+            raise ValueError(f"{name}: every sample needs at least one modality present; samples {empty} have none "
+                             f"(an all-False row has no modality to fuse)")
     return present
+
+
+class PairPlan:
+    """The present (sample, modality) pairs of one forward, built once on the host (docs/design.md §3).
+
+    Every DS op and layer takes a plan in place of `present`: it holds the pair index on the device and the pair
+    counts on the host, so no op or layer reads device memory from the host (no nonzero, .item(), .cpu()).
+    Build it from the host-side mask the data loader gives; a device mask is copied to the host once here.
+
+    PairPlan(present, batch, num_modalities, device): present bool [B, M] or None (all present), validated once
+    (check_present; allow_empty_rows admits samples without a modality, e.g. one branch's plan). Attributes:
+      B, M; counts: tuple of M ints, the present pairs per modality (P in all); all_present: bool.
+      present: bool [B, M] on device. index: int64 [P] on device, flat pair b * M + m, modality-major (all pairs
+      of modality 0 first: each modality's pairs are contiguous once packed). modality, sample: int64 [P] on
+      device, each packed row's modality and sample. starts: tuple, the first packed row of each modality.
+      present_host: the mask on the CPU.
+    The index is built on the host and copied to the device once (pinned and non-blocking on CUDA).
+    """
+
+    def __init__(self, present, batch: int, num_modalities: int, device, *, allow_empty_rows: bool = False,
+                 name: str = "present"):
+        device = torch.device(device)
+        check_present(present, batch, num_modalities, device, allow_empty_rows=allow_empty_rows, name=name)
+        host = (torch.ones(batch, num_modalities, dtype=torch.bool) if present is None
+                else present.to("cpu"))
+        self.B, self.M = batch, num_modalities
+        mb = host.t().nonzero()  # [P, 2] (m, b), modality-major: the host mask, no device involved
+        counts = host.sum(0).tolist()
+        self.counts = tuple(int(c) for c in counts)
+        self.starts = tuple(sum(self.counts[:m]) for m in range(num_modalities))
+        self.all_present = len(mb) == batch * num_modalities
+        rows = torch.stack([mb[:, 1] * num_modalities + mb[:, 0], mb[:, 0], mb[:, 1]])
+        if device.type == "cuda":
+            rows, host = rows.pin_memory(), host.pin_memory()
+        rows = rows.to(device, non_blocking=True)
+        self.index, self.modality, self.sample = rows.unbind(0)
+        self.present = present if present is not None and present.device == device \
+            else host.to(device, non_blocking=True)
+        self.present_host = host
+        self.device = device
+        self._only: dict[int, PairPlan] = {}
+
+    def only(self, modality: int) -> "PairPlan":
+        """The plan of one modality's pairs (one branch of the official per-branch execution): same B and M,
+        the other modalities' pairs dropped. Built from the host mask, copied once like any plan."""
+        if modality not in self._only:
+            host = torch.zeros_like(self.present_host)
+            host[:, modality] = self.present_host[:, modality]
+            self._only[modality] = PairPlan(host, self.B, self.M, self.device, allow_empty_rows=True)
+        return self._only[modality]
+
+    @property
+    def num_pairs(self) -> int:
+        return len(self.index)
+
+    def __repr__(self):
+        return f"PairPlan(B={self.B}, M={self.M}, counts={self.counts}, device={self.device})"
+
+
+def as_plan(present, batch: int, num_modalities: int, device, *, name: str = "present") -> PairPlan:
+    """A PairPlan for present (a PairPlan of the same B, M and device is returned as is)."""
+    if isinstance(present, PairPlan):
+        if (present.B, present.M) != (batch, num_modalities):
+            raise ValueError(f"{name} is a PairPlan for [B, M] = [{present.B}, {present.M}], but the input has "
+                             f"[B, M] = [{batch}, {num_modalities}]")
+        if present.device != torch.device(device):
+            raise ValueError(f"{name} is a PairPlan on {present.device}, but the input is on {device}")
+        return present
+    return PairPlan(present, batch, num_modalities, device, name=name)
 
 
 def _check_param(t, name, shape, x, shape_text):
@@ -147,31 +221,65 @@ def _conv_args(x, weight, bias, stride, padding, dilation):
 
 
 # ---------------------------------------------------------------- public API
+def pack(x: torch.Tensor, plan: PairPlan, *, backend: str = "auto") -> torch.Tensor:
+    """Gather the present pairs: x [B, M, *F] -> rows [P, *F] in the plan's (modality-major) order.
+    Differentiable; its backward is `scatter`."""
+    if x.dim() < 2 or tuple(x.shape[:2]) != (plan.B, plan.M):
+        raise ValueError(f"x must be [B, M, ...] = [{plan.B}, {plan.M}, ...] to match the plan, "
+                         f"got shape {tuple(x.shape)}")
+    rows = x.flatten(0, 1)
+    if _backend.resolve(backend, x.device) == "cpp":
+        return torch.ops.gmd_ext.pack_pairs(rows, plan.index)
+    return rows.index_select(0, plan.index)
+
+
+def scatter(rows: torch.Tensor, plan: PairPlan, *, modality: int | None = None, backend: str = "auto"
+            ) -> torch.Tensor:
+    """Put packed rows back: rows [P, *F] in the plan's order -> [B, M, *F], zeros at absent pairs.
+    modality=m: rows are the plan's counts[m] rows of modality m -> [B, *F], zeros where m is absent.
+    Differentiable; its backward is a pack."""
+    if modality is None:
+        index, n, shape = plan.index, plan.num_pairs, (plan.B, plan.M, *rows.shape[1:])
+    else:
+        n = plan.counts[modality]
+        index, shape = plan.sample.narrow(0, plan.starts[modality], n), (plan.B, *rows.shape[1:])
+    if rows.dim() < 1 or rows.shape[0] != n:
+        raise ValueError(f"rows must be [P, ...] with P = {n} pairs of the plan"
+                         f"{'' if modality is None else f' of modality {modality}'}, got shape {tuple(rows.shape)}")
+    num = shape[0] * (plan.M if modality is None else 1)
+    if _backend.resolve(backend, rows.device) == "cpp":
+        return torch.ops.gmd_ext.scatter_pairs(rows, index, num).view(shape)
+    return rows.new_zeros((num, *rows.shape[1:])).index_copy(0, index, rows).view(shape)
+
+
 def masked_conv(x, weight, bias=None, present=None, *, stride=1, padding=0, dilation=1, backend="auto"):
     """Convolution of every present (b, m) pair; absent pairs are skipped and come out as zeros.
 
     x: [B, M, Cin, *S] float32/float16/bfloat16/float64, 1-3 spatial dims.
     weight: shared [Cout, Cin, *k] or per modality [M, Cout, Cin, *k], x's dtype.
     bias: None, [Cout] or [M, Cout], x's dtype.
-    present: bool [B, M] (None: all present); every sample needs at least one modality.
+    present: bool [B, M] (None: all present; every sample needs at least one modality), or the PairPlan built
+        from it once per forward (no host synchronisation, and traceable by torch.compile(fullgraph=True)).
     stride, padding, dilation: int or one int per spatial dim (padding also 'valid' or symmetric 'same').
     Returns y [B, M, Cout, *S'] in x's dtype. Cost and memory are proportional to the number of present pairs;
     gradients reach x, weight and bias only through present pairs (a modality absent everywhere gets a zero
     gradient slice in a per-modality weight).
     """
     per_modality, stride, padding, dilation = _conv_args(x, weight, bias, stride, padding, dilation)
-    present = _check_present(present, x)
+    plan = as_plan(present, x.shape[0], x.shape[1], x.device)
     chosen = _backend.resolve(backend, x.device)
     if chosen == "cpp":
-        return torch.ops.gmd_ext.masked_conv(x, weight, bias, present, list(stride), list(padding), list(dilation))
-    return reference.masked_conv_torch(x, weight, bias, present, stride, padding, dilation, per_modality)
+        return torch.ops.gmd_ext.masked_conv(x, weight, bias, plan.index, list(plan.counts), list(stride),
+                                             list(padding), list(dilation))
+    return reference.masked_conv_torch(x, weight, bias, plan.index, plan.counts, stride, padding, dilation,
+                                       per_modality)
 
 
 def modality_group_norm(x, weight, bias, present=None, *, num_groups, eps=1e-5, activation=None, backend="auto"):
     """GroupNorm per (b, m) pair with modality-specific affine and an optional fused activation.
 
     x: [B, M, C, *S] float32/float16/bfloat16/float64, 1-3 spatial dims. weight, bias: [M, C] float (any float
-    dtype; applied in fp32, or fp64 for fp64 x). present: bool [B, M] (None: all present).
+    dtype; applied in fp32, or fp64 for fp64 x). present: bool [B, M] (None: all present) or its PairPlan.
     num_groups: divides C; statistics per (b, m, group) over C/num_groups channels and all of *S (fp32
     accumulation). activation: None, "relu" or "leaky_relu" (slope 0.01).
     Returns y [B, M, C, *S] in x's dtype, zeros at absent pairs, which receive no gradient.
@@ -190,7 +298,14 @@ def modality_group_norm(x, weight, bias, present=None, *, num_groups, eps=1e-5, 
         raise ValueError(f"eps must be a non-negative float, got {eps!r}")
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-    present = _check_present(present, x)
+    index = None
+    if isinstance(present, PairPlan):
+        plan = as_plan(present, B, M, x.device)
+        present, index = plan.present, plan.index
+    elif present is None:
+        present = torch.ones(B, M, dtype=torch.bool, device=x.device)
+    else:
+        present = check_present(present, B, M, x.device).to(x.device)
     chosen = _backend.resolve(backend, x.device)
     act = activation or "none"
     if chosen == "cpp":
@@ -200,4 +315,4 @@ def modality_group_norm(x, weight, bias, present=None, *, num_groups, eps=1e-5, 
 
         return triton_ops().modality_group_norm_fwd_triton(x, weight, bias, present, num_groups,
                                                                  float(eps), act)[0]
-    return reference.modality_group_norm_torch(x, weight, bias, present, num_groups, eps, activation)
+    return reference.modality_group_norm_torch(x, weight, bias, present, num_groups, eps, activation, index)

@@ -152,56 +152,54 @@ def present_index(present: torch.Tensor) -> torch.Tensor:
     return mb[:, 1] * M + mb[:, 0]
 
 
-def masked_conv_torch(x, weight, bias, present, stride, padding, dilation, per_modality):
-    """The cpp op's algorithm in plain torch (csrc/masked_conv.cpp explains the layouts): gather present
-    pairs, one vendor convolution (grouped over modality slots for per-modality weights or biases, per modality
-    when the masks are too unbalanced for that), scatter back."""
-    if torch.compiler.is_compiling():
-        return masked_conv_reference(x, weight, bias, present, stride=stride, padding=padding, dilation=dilation)
+def masked_conv_torch(x, weight, bias, index, counts, stride, padding, dilation, per_modality):
+    """The cpp op's algorithm in plain torch (csrc/masked_conv.cpp explains the layouts) on the pair plan
+    (index [P] modality-major on x's device, counts: M host ints): gather present pairs, one vendor convolution
+    (grouped over modality slots for per-modality weights or biases, per modality when the masks are too
+    unbalanced for that), scatter back. Reads no device value on the host."""
     nsp = x.dim() - 3
     B, M = x.shape[:2]
     conv = functools.partial(_CONV[nsp], stride=stride, padding=padding, dilation=dilation)
     out_shape = _conv_out_shape(x, weight, per_modality, stride, padding, dilation)
-    idx = present_index(present)
-    P = idx.numel()
+    P = sum(counts)
     per_bias = bias is not None and bias.dim() == 2
     x_rows = x.flatten(0, 1)
-    counts = present.sum(0)
-    pmax = int(counts.max()) if (per_modality or per_bias) and P else 0
+    pmax = max(counts) if (per_modality or per_bias) and P else 0
+    starts = [sum(counts[:m]) for m in range(M)]
     if not (per_modality or per_bias):
-        rows, yp = idx, conv(x_rows.index_select(0, idx), weight, bias)
+        rows, yp = index, conv(x_rows.index_select(0, index), weight, bias)
     elif P and M * pmax <= 2 * P:
         # Slot (i, m) = modality m's i-th present pair; empty slots read an appended zero row (index B*M).
-        m_of = idx % M
-        rank = torch.arange(P, device=x.device) - (counts.cumsum(0) - counts)[m_of]
-        rows = torch.full((pmax * M,), B * M, dtype=torch.long, device=x.device).index_copy(0, rank * M + m_of, idx)
+        pad = index.new_full((pmax,), B * M)
+        rows = torch.stack([torch.cat([index[s:s + n], pad[n:]]) for s, n in zip(starts, counts)], 1).flatten()
         padded = torch.cat([x_rows, x_rows.new_zeros((1, *x_rows.shape[1:]))])
         xg = padded.index_select(0, rows).reshape(pmax, -1, *x.shape[3:])
         wg = weight.flatten(0, 1) if per_modality else weight.repeat(M, *([1] * (weight.dim() - 1)))
         bg = None if bias is None else (bias.flatten() if per_bias else bias.repeat(M))
         yp = conv(xg, wg, bg, groups=M).reshape(pmax * M, *out_shape[2:])
     else:
-        rows, pieces, start = idx, [], 0
-        xp = x_rows.index_select(0, idx)
-        for m, n in enumerate(counts.tolist()):
+        rows, pieces = index, []
+        xp = x_rows.index_select(0, index)
+        for m, (start, n) in enumerate(zip(starts, counts)):
             if n:
                 w = weight[m] if per_modality else weight
                 b = None if bias is None else (bias[m] if per_bias else bias)
                 pieces.append(conv(xp[start:start + n], w, b))
-            start += n
         yp = torch.cat(pieces) if pieces else x.new_zeros((0, *out_shape[2:]))
     # One extra output row absorbs the empty slots; it is dropped.
     out = x.new_zeros((B * M + 1, *out_shape[2:])).index_copy(0, rows, yp)
     return out[:-1].view(out_shape)
 
 
-def modality_group_norm_torch(x, weight, bias, present, num_groups, eps, activation):
-    """The packed form in plain torch: gather present pairs, F.group_norm with per-pair affine, scatter back."""
-    if torch.compiler.is_compiling():
+def modality_group_norm_torch(x, weight, bias, present, num_groups, eps, activation, index=None):
+    """The packed form in plain torch: gather present pairs, F.group_norm with per-pair affine, scatter back.
+    index: the pair plan's index (gmd_ext.ops.ds_ops.PairPlan), else computed from present (a host sync on
+    CUDA; while torch.compile traces without a plan, the dense form runs instead)."""
+    if index is None and torch.compiler.is_compiling():
         return modality_group_norm_reference(x, weight, bias, present, num_groups=num_groups, eps=eps,
                                              activation=activation)
     B, M, C = x.shape[:3]
-    idx = present_index(present)
+    idx = present_index(present) if index is None else index
     xp = x.flatten(0, 1).index_select(0, idx)
     mod = idx % M
     shape = (-1, C) + (1,) * (x.dim() - 3)

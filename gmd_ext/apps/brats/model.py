@@ -6,6 +6,11 @@ The official architecture (HaoWang420/Gradient-guided-Modality-Decoupling, model
 the convolutions shared and the GroupNorm affine parameters per modality; the per-modality logits are fused by
 the mean over the modalities present. Unlike the official code, absent modalities are never computed.
 
+One network, one execution (gmd_ext.ds.packed): the present (sample, modality) pairs are packed once, the shared
+U-Net runs on the packed rows (vendor convolutions; each row's GroupNorm + ReLU in the fused modality_group_norm
+kernel with the row's modality affine), and the logits are fused once. `forward_branches` runs the same network
+once per modality, so each branch has its own autograd graph (the official per-branch execution).
+
 Parameter counts (measured by tests/test_models.py): width 0.5 -> 3,245,235 (official: 3.25 M); four separate
 U-Nets of the same width -> 12,954,444 (official: 12.95 M).
 """
@@ -16,11 +21,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from gmd_ext.apps.brats.constants import MODALITIES as BRATS_MODALITIES
-from gmd_ext.ds.layers import DSConv, DSGroupNorm, check_present, masked_apply, masked_mean
+from gmd_ext.ds.layers import DSConv, DSGroupNorm
+from gmd_ext.ds.packed import fuse, run_branches, run_packed
+from gmd_ext.ops.ds_ops import PairPlan, as_plan
 
 _BASE_CHANNELS = (32, 64, 128, 256, 512)
 _DEPTH = 4  # number of ×2 down-samplings
-EXECUTIONS = ("packed", "layers")
 
 
 class _DoubleConv(nn.Module):
@@ -35,23 +41,10 @@ class _DoubleConv(nn.Module):
         self.conv2 = DSConv(mid, cout, 3, padding=1, backend=backend)
         self.norm2 = DSGroupNorm(num_modalities, num_groups, cout, activation="relu", backend=backend)
 
-    def forward(self, x, present):
-        x = self.norm1(self.conv1(x, present), present)
-        return self.norm2(self.conv2(x, present), present)
-
-    def branch(self, x: torch.Tensor, m: int | torch.Tensor) -> torch.Tensor:
-        """Plain-torch execution on a batch x [N, cin, *S]: of modality m (an int), or one modality per row
-        (m an int64 tensor [N]: each row's GroupNorm affine is gathered from its modality)."""
-        for conv, norm in ((self.conv1, self.norm1), (self.conv2, self.norm2)):
-            x = F.conv3d(x, conv.weight, conv.bias, padding=1)
-            if isinstance(m, int):
-                x = F.group_norm(x, norm.num_groups, norm.weight[m], norm.bias[m], norm.eps)
-            else:
-                shape = (-1, x.shape[1]) + (1,) * (x.dim() - 2)
-                x = torch.addcmul(norm.bias[m].view(shape), F.group_norm(x, norm.num_groups, eps=norm.eps),
-                                  norm.weight[m].view(shape))
-            x = F.relu(x)
-        return x
+    def packed(self, h: torch.Tensor, plan: PairPlan) -> torch.Tensor:
+        """h: packed rows [P, cin, *S] of plan -> [P, cout, *S]."""
+        h = self.norm1.packed(self.conv1.packed(h, plan), plan)
+        return self.norm2.packed(self.conv2.packed(h, plan), plan)
 
 
 def _pad_to(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -79,27 +72,19 @@ class DSUNet3d(nn.Module):
         num_classes: output channels (3: the regions WT, TC, ET; apply a sigmoid).
         width: channel multiplier of the base widths (32, 64, 128, 256, 512); 0.5 is the paper's model.
         num_groups: GroupNorm groups (every width·base channel count must be divisible by it).
-        execution: how the present (sample, modality) pairs are run; both give the same values and gradients.
-            "packed": the present pairs are gathered once into one batch, run through the shared network in
-            plain torch (each row's GroupNorm affine gathered from its modality), and scattered back once.
-            "layers": the network of DS layers on [B, M, ...] tensors (masked_conv / modality_group_norm ops,
-            each layer packs and scatters). Default "packed": fwd+bwd at 32³, 50% missing, 1 thread on the
-            2-core CPU dev box it ran 1.96x faster than the official execution, "layers" 1.53x
-            (bench/bench_ds.py times both).
-        backend: backend of the masked_conv / modality_group_norm ops ("auto" | "cpp" | "triton" | "torch"),
-            used by execution="layers".
+        backend: backend of the modality_group_norm / pack / scatter ops ("auto" | "cpp" | "triton" | "torch").
 
-    forward(x [B, M, D, H, W] float, present bool [B, M] | None) -> logits [B, num_classes, D, H, W], the mean
-    of the present modalities' logits. Spatial sizes need not be multiples of 16 (skips are padded) but every one
+    forward(x [B, M, D, H, W] float, present bool [B, M] | None | PairPlan) -> logits [B, num_classes, D, H, W],
+    the mean of the present modalities' logits. A host-side mask (from the data loader) or a PairPlan built from
+    it keeps the step free of host synchronisation; with a PairPlan the forward traces under
+    torch.compile(fullgraph=True). Spatial sizes need not be multiples of 16 (skips are padded) but every one
     must be >= 16 (four ×2 poolings).
     """
 
     def __init__(self, modalities=BRATS_MODALITIES, num_classes: int = 3, width: float = 0.5, *,
-                 num_groups: int = 8, execution: str = "packed", backend: str = "auto"):
+                 num_groups: int = 8, backend: str = "auto"):
         super().__init__()
-        if execution not in EXECUTIONS:
-            raise ValueError(f"execution must be one of {EXECUTIONS}, got {execution!r}")
-        self.execution = execution
+        self.backend = backend
         self.modalities = tuple(modalities)
         if not self.modalities or len(set(self.modalities)) != len(self.modalities):
             raise ValueError(f"modalities must be a non-empty sequence of distinct names, got {modalities!r}")
@@ -128,7 +113,7 @@ class DSUNet3d(nn.Module):
     def num_modalities(self) -> int:
         return len(self.modalities)
 
-    def _check(self, x: torch.Tensor, present):
+    def _plan(self, x: torch.Tensor, present) -> PairPlan:
         M = self.num_modalities
         if not isinstance(x, torch.Tensor) or x.dim() != 5 or x.shape[1] != M:
             got = f"shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
@@ -139,43 +124,27 @@ class DSUNet3d(nn.Module):
         if small:
             raise ValueError(f"x's spatial sizes must each be >= {2 ** _DEPTH} (the U-Net pools {_DEPTH} times "
                              f"by 2), got {tuple(x.shape[2:])}")
-        check_present(present, x.shape[0], M, x.device)
-        # All present: pass None so no layer packs or scatters.
-        return None if present is None or bool(present.all()) else present
+        return as_plan(present, x.shape[0], M, x.device)
 
-    def forward_branches(self, x: torch.Tensor, present: torch.Tensor | None = None) -> torch.Tensor:
-        """Per-modality logits [B, M, num_classes, D, H, W]; zeros where absent (never computed)."""
-        present = self._check(x, present)
-        if self.execution == "layers":
-            return self._branches_layers(x, present)
-        B, M = x.shape[:2]
-        if present is None:
-            # Nothing to skip: one batch of B per modality with m's affine fused into group_norm (the official
-            # execution); one batch of B·M with per-row affine measured the same (32³, 1 thread, dev box).
-            return torch.stack([self._run(x[:, m].unsqueeze(1), m) for m in range(M)], 1)
-        mods, rows = present.t().nonzero().unbind(1)
-        y = self._run(x[rows, mods].unsqueeze(1), mods)
-        return y.new_zeros((B, M) + tuple(y.shape[1:])).index_put((rows, mods), y)
+    def forward_branches(self, x: torch.Tensor, present=None) -> torch.Tensor:
+        """Per-modality logits [B, M, num_classes, D, H, W], zeros where absent (never computed). Each modality's
+        branch runs separately (its own autograd graph; `branches` gives them unstacked)."""
+        return torch.stack(self.branches(x, present), 1)
 
-    def _branches_layers(self, x: torch.Tensor, present: torch.Tensor | None) -> torch.Tensor:
-        h = self.inc(x.unsqueeze(2), present)
-        skips = [h]
-        for down in self.downs:
-            h = down(masked_apply(_down, h, present), present)
-            skips.append(h)
-        skips.pop()
-        for up in self.ups:
-            skip = skips.pop()
-            h = masked_apply(_up, h, present)
-            h = up(torch.cat([skip, _pad_to(h, skip)], dim=2), present)
-        return self.outc(h, present)
+    def branches(self, x: torch.Tensor, present=None) -> tuple[torch.Tensor, ...]:
+        """Per-modality logits: a tuple of M tensors [B, num_classes, D, H, W], zeros where absent. Each branch
+        has its own autograd graph, so a loss over a modality subset differentiates only through that subset's
+        branches (the official per-branch cost)."""
+        plan = self._plan(x, present)
+        return run_branches(self._run, x.unsqueeze(2), plan, backend=self.backend)
 
-    def forward(self, x: torch.Tensor, present: torch.Tensor | None = None) -> torch.Tensor:
-        """Fused logits [B, num_classes, D, H, W]: mean over the present modalities' logits."""
-        return masked_mean(self.forward_branches(x, present), present)
+    def forward(self, x: torch.Tensor, present=None) -> torch.Tensor:
+        """Fused logits [B, num_classes, D, H, W]: mean over the present modalities' logits (one packed batch)."""
+        rows, plan = run_packed(self._run, x.unsqueeze(2), self._plan(x, present), backend=self.backend)
+        return fuse(rows, plan)
 
     def forward_modality(self, x: torch.Tensor, modality: int | str) -> torch.Tensor:
-        """One modality's branch as the official code runs it (plain torch, no masking).
+        """One modality's branch as the official code runs it (every sample, no masking).
 
         x [B, D, H, W] or [B, 1, D, H, W] of that modality -> logits [B, num_classes, D, H, W]. Running this for
         every modality and averaging the present ones is the official execution (the benchmark baseline).
@@ -188,17 +157,20 @@ class DSUNet3d(nn.Module):
             x = x.unsqueeze(1)
         if x.dim() != 5 or x.shape[1] != 1:
             raise ValueError(f"x must be [B, D, H, W] or [B, 1, D, H, W], got shape {tuple(x.shape)}")
-        return self._run(x, m)
+        present = torch.zeros(x.shape[0], self.num_modalities, dtype=torch.bool)
+        present[:, m] = True
+        # The rows of a one-modality plan are its samples in order: x is already packed.
+        return self._run(x, PairPlan(present, x.shape[0], self.num_modalities, x.device))
 
-    def _run(self, x: torch.Tensor, m: int | torch.Tensor) -> torch.Tensor:
-        """The shared network in plain torch on x [N, 1, D, H, W]; m: the modality (int) or one per row ([N])."""
-        h = self.inc.branch(x, m)
+    def _run(self, h: torch.Tensor, plan: PairPlan) -> torch.Tensor:
+        """The shared network on packed rows h [P, 1, D, H, W] of plan -> logits [P, num_classes, D, H, W]."""
+        h = self.inc.packed(h, plan)
         skips = [h]
         for down in self.downs:
-            h = down.branch(_down(h), m)
+            h = down.packed(_down(h), plan)
             skips.append(h)
         skips.pop()
         for up in self.ups:
             skip = skips.pop()
-            h = up.branch(torch.cat([skip, _pad_to(_up(h), skip)], dim=1), m)
-        return F.conv3d(h, self.outc.weight, self.outc.bias)
+            h = up.packed(torch.cat([skip, _pad_to(_up(h), skip)], dim=1), plan)
+        return self.outc.packed(h, plan)

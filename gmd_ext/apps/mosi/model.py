@@ -4,7 +4,9 @@ Each modality's features [B, T_m, D_m] get a modality-specific input projection 
 LayerNorm; one GRU shared by all modalities encodes every present (sample, modality) sequence in a single packed
 call (its final state at the sequence's length); a modality-specific LayerNorm (DSLayerNorm) and a shared MLP
 head (DSLinear) map each state to a per-modality prediction, and the predictions are fused by the mean over the
-modalities present. Absent modalities are never projected or encoded and receive no gradient.
+modalities present. Pack-once (gmd_ext.ds.packed): the present pairs are gathered once in the PairPlan's order,
+everything after the input projections runs on the packed rows, and the predictions are fused or scattered
+once. Absent modalities are never projected or encoded and receive no gradient.
 """
 from __future__ import annotations
 
@@ -16,9 +18,10 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
 from gmd_ext.apps.mosi.constants import MODALITIES as MOSI_MODALITIES
-from gmd_ext.ds.layers import DSLayerNorm, DSLinear, check_present, masked_mean
-
-
+from gmd_ext.ds.layers import DSLayerNorm, DSLinear
+from gmd_ext.ds.packed import fuse
+from gmd_ext.ops import ds_ops
+from gmd_ext.ops.ds_ops import PairPlan, as_plan
 
 class DSSentimentNet(nn.Module):
     """Dynamic Sharing sentiment regressor for MMSA features.
@@ -32,7 +35,7 @@ class DSSentimentNet(nn.Module):
     Inputs of forward / forward_branches:
         x: dict name -> [B, T_m, D_m] float tensor, or a sequence in modality order. Aligned features share T;
            unaligned ones may differ per modality. A modality absent from every sample may be left out (None).
-        present: bool [B, M] (None = all present); every sample needs at least one modality.
+        present: bool [B, M] (None = all present) or its PairPlan; every sample needs at least one modality.
         lengths: None (every sequence is full length), or dict name -> / sequence of [B] integer tensors (or
            None for full length): the valid prefix of each sequence, 1 <= length <= T_m where present.
     """
@@ -88,10 +91,10 @@ class DSSentimentNet(nn.Module):
         if not given:
             raise ValueError("x holds no modality tensor")
         B, device = given[0].shape[0], given[0].device
-        present = check_present(present, B, self.num_modalities, device)
+        plan = as_plan(present, B, self.num_modalities, device)
         for m, (name, t, d) in enumerate(zip(self.modalities, xs, self.input_dims)):
             if t is None:
-                if present is None or bool(present[:, m].any()):
+                if plan.counts[m]:
                     raise ValueError(f"x[{name!r}] is missing but present marks modality {name!r} as present")
                 continue
             if not isinstance(t, torch.Tensor) or t.dim() != 3 or t.shape[0] != B or t.shape[2] != d \
@@ -110,39 +113,41 @@ class DSSentimentNet(nn.Module):
                 raise ValueError(f"lengths[{name!r}] must be a [B={B}] integer tensor, got {got}")
             if L.dtype.is_floating_point or L.dtype == torch.bool or L.is_complex():
                 raise TypeError(f"lengths[{name!r}] must be an integer tensor, got dtype {L.dtype}")
-            valid = L if present is None else L[present[:, m].to(L.device)]
+            # Lengths go to pack_padded_sequence, which needs them on the host anyway: checked there.
+            lens[m] = L = L.to("cpu", torch.int64)
+            valid = L[plan.present_host[:, m]]
             if valid.numel() and (int(valid.min()) < 1 or int(valid.max()) > t.shape[1]):
                 raise ValueError(f"lengths[{name!r}] must lie in [1, T={t.shape[1]}] for present samples, "
                                  f"got values in [{int(valid.min())}, {int(valid.max())}]")
-        return xs, present, lens
+        return xs, plan, lens
 
-    def forward_branches(self, x, present: torch.Tensor | None = None, lengths=None) -> torch.Tensor:
-        """Per-modality predictions [B, M] (zeros where absent); fuse any subset with masked_mean."""
-        xs, present, lens = self._check(x, present, lengths)
-        B = next(t for t in xs if t is not None).shape[0]
-        seqs, seq_lens, rows, mods = [], [], [], []
+    def _packed(self, x, present, lengths) -> tuple[torch.Tensor, PairPlan]:
+        """Per-pair predictions [P] in the plan's order, and the plan."""
+        xs, plan, lens = self._check(x, present, lengths)
+        seqs, seq_lens = [], []
         for m, (t, L) in enumerate(zip(xs, lens)):
-            idx = (torch.arange(B, device=t.device) if present is None else present[:, m].nonzero().flatten()) \
-                if t is not None else None
-            if idx is None or idx.numel() == 0:
+            n = plan.counts[m]
+            if n == 0:
                 continue
-            h = self.dropout(self.proj_norm[m](self.proj[m](t.index_select(0, idx))))
-            seqs.append(h)
-            full = torch.full((idx.numel(),), t.shape[1], dtype=torch.int64)
-            seq_lens.append(full if L is None else L.index_select(0, idx.to(L.device)).to("cpu", torch.int64))
-            rows.append(idx)
-            mods.append(torch.full_like(idx, m))
+            rows = plan.sample.narrow(0, plan.starts[m], n)
+            seqs.append(self.dropout(self.proj_norm[m](self.proj[m](t.index_select(0, rows)))))
+            host_rows = plan.present_host[:, m].nonzero().flatten()  # the host mask: no device read
+            seq_lens.append(torch.full((n,), t.shape[1], dtype=torch.int64) if L is None else L[host_rows])
         T = max(h.shape[1] for h in seqs)
-        # One packed GRU call over every present (sample, modality) sequence, whatever its length.
+        # One packed GRU call over every present (sample, modality) sequence, whatever its length; its rows are in
+        # the plan's order (modality-major), so everything after it runs on packed rows.
         padded = torch.cat([F.pad(h, (0, 0, 0, T - h.shape[1])) for h in seqs])
         packed = pack_padded_sequence(padded, torch.cat(seq_lens), batch_first=True, enforce_sorted=False)
         _, state = self.encoder(packed)
-        rows, mods = torch.cat(rows), torch.cat(mods)
-        feats = state.new_zeros((B, self.num_modalities, self.hidden)).index_put((rows, mods), state[-1])
-        h = self.norm(feats, present)
-        h = self.dropout(F.relu(self.head1(h, present)))
-        return self.head2(h, present).squeeze(-1)
+        h = self.norm.packed(state[-1], plan)
+        h = self.dropout(F.relu(self.head1.packed(h, plan)))
+        return self.head2.packed(h, plan).squeeze(-1), plan
 
-    def forward(self, x, present: torch.Tensor | None = None, lengths=None) -> torch.Tensor:
+    def forward_branches(self, x, present=None, lengths=None) -> torch.Tensor:
+        """Per-modality predictions [B, M] (zeros where absent); fuse any subset with masked_mean."""
+        rows, plan = self._packed(x, present, lengths)
+        return ds_ops.scatter(rows, plan)
+
+    def forward(self, x, present=None, lengths=None) -> torch.Tensor:
         """Fused regression [B]: the mean of the present modalities' predictions."""
-        return masked_mean(self.forward_branches(x, present, lengths), present)
+        return fuse(*self._packed(x, present, lengths))
