@@ -57,16 +57,17 @@ def check_present(present, batch: int, num_modalities: int, device, *, allow_emp
         raise TypeError(f"{name} must be None or a bool tensor of shape [B, M] = [{batch}, {num_modalities}], "
                         f"got {type(present).__name__}")
     if present.dtype != torch.bool:
-        raise TypeError(f"{name} must be a bool tensor, got dtype {present.dtype}")
+        raise TypeError(f"{name} must have dtype torch.bool, got {present.dtype}")
     if tuple(present.shape) != (batch, num_modalities):
-        raise ValueError(f"{name} must have shape [B, M] = [{batch}, {num_modalities}], got {tuple(present.shape)}")
+        raise ValueError(f"{name} must be [B, M] = [{batch}, {num_modalities}] to match the input, "
+                         f"got shape {tuple(present.shape)}")
     if present.device != torch.device(device) and present.device.type != "cpu":
         raise ValueError(f"{name} must be on the input's device {device} or on the CPU, got {present.device}")
     if not allow_empty_rows and batch * num_modalities and not torch.compiler.is_compiling():
         empty = (~present.any(1)).nonzero().flatten().tolist()
         if empty:
-            raise ValueError(f"{name}: every sample needs at least one modality present; samples {empty} have none "
-                             f"(an all-False row has no modality to fuse)")
+            raise ValueError(f"{name}: sample(s) {empty} have no modality present; every sample needs at least one "
+                             f"(samples {empty} have none: an all-False row has no modality to fuse)")
     return present
 
 
