@@ -26,7 +26,7 @@ for src in "$ROOT"/csrc/cuda/*.cu; do
   echo "nvcc sm_${ARCH}: ${src#"$ROOT"/}"
   if ! "$NVCC" -c "$src" -o "$OUT/$(basename "$src").o" \
       -gencode "arch=compute_${ARCH},code=sm_${ARCH}" \
-      -O3 -std=c++17 --use_fast_math --compiler-options -fPIC \
+      -O3 -std=c++17 --compiler-options -fPIC \
       -DGMD_EXT_WITH_CUDA -DTORCH_API_INCLUDE_EXTENSION_H -DTORCH_EXTENSION_NAME=_C \
       -I"$ROOT/.ci/cuda_stub" -I"$ROOT/csrc" "${TORCH_FLAGS[@]}"; then
     status=1

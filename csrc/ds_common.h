@@ -7,7 +7,10 @@
 #include <c10/macros/Macros.h>
 #include <c10/util/string_view.h>
 
+#include <cmath>
 #include <string>
+#include <utility>
+#include <vector>
 
 namespace gmd_ext {
 
@@ -100,8 +103,52 @@ inline int64_t check_group_norm_args(const at::Tensor& x, const at::Tensor& weig
     TORCH_CHECK_VALUE(t->device() == x.device(), "modality_group_norm: all tensors must be on x's device ",
                       x.device(), ", got one on ", t->device());
   }
+  TORCH_CHECK_TYPE(at::isFloatingType(x.scalar_type()), "modality_group_norm: x must be float64, float32, float16 "
+                   "or bfloat16, got ", x.scalar_type());
+  TORCH_CHECK_TYPE(at::isFloatingType(weight.scalar_type()) && at::isFloatingType(bias.scalar_type()),
+                   "modality_group_norm: weight and bias must be floating point, got ", weight.scalar_type(), " and ",
+                   bias.scalar_type());
   const int64_t rows = B * M * C;
   return rows ? x.numel() / rows : 0;
+}
+
+// modality_group_norm_fwd's eps: finite and non-negative (a negative eps can make var + eps negative: NaN rstd).
+inline void check_group_norm_eps(double eps) {
+  TORCH_CHECK_VALUE(eps >= 0 && std::isfinite(eps), "modality_group_norm_fwd: eps must be a finite number >= 0, got ",
+                    eps);
+}
+
+// modality_group_norm_bwd's extra arguments, after check_group_norm_args: grad_y has x's shape and a floating
+// dtype on x's device; mean and rstd are exactly [B, M, num_groups] of the forward's statistics dtype (fp64 for
+// fp64 x, else fp32) on x's device. The kernels index mean/rstd by B * M * G: any other size reads or writes out
+// of bounds.
+inline void check_group_norm_bwd_args(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& mean,
+                                      const at::Tensor& rstd, int64_t num_groups) {
+  TORCH_CHECK_VALUE(grad_y.sizes() == x.sizes(), "modality_group_norm_bwd: grad_y must have x's shape ", x.sizes(),
+                    ", got ", grad_y.sizes());
+  TORCH_CHECK_TYPE(at::isFloatingType(grad_y.scalar_type()), "modality_group_norm_bwd: grad_y must be floating "
+                   "point, got ", grad_y.scalar_type());
+  TORCH_CHECK_VALUE(grad_y.device() == x.device(), "modality_group_norm_bwd: grad_y must be on x's device ",
+                    x.device(), ", got ", grad_y.device());
+  const auto stat = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const std::vector<int64_t> want{x.size(0), x.size(1), num_groups};
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"mean", mean}, {"rstd", rstd}}) {
+    TORCH_CHECK_VALUE(t.sizes() == want, "modality_group_norm_bwd: ", name, " must be [B, M, num_groups] = ",
+                      c10::IntArrayRef(want), " (the forward's statistics), got ", t.sizes());
+    TORCH_CHECK_TYPE(t.scalar_type() == stat, "modality_group_norm_bwd: ", name, " must be ", stat,
+                     " (the forward's statistics dtype for ", x.scalar_type(), " x), got ", t.scalar_type());
+    TORCH_CHECK_VALUE(t.device() == x.device(), "modality_group_norm_bwd: ", name, " must be on x's device ",
+                      x.device(), ", got ", t.device());
+  }
+}
+
+// Power-of-two scale that brings values of mean magnitude `mean_abs` near 1: the centred squares of the variance
+// pass are formed as ((x - c) * scale)^2, which cannot overflow fp32 for any finite x below ~1e37 (unscaled, they
+// do from |x - c| ~ 1.8e19 on), and the variance is (sum / count) / scale^2 in fp64. Exact: scaling by a power of two
+// rounds nothing. Every backend uses it (docs/design.md: statistics equal across backends).
+C10_HOST_DEVICE inline double group_norm_scale(double mean_abs) {
+  if (!(mean_abs > 0) || !(mean_abs < 1e300)) return 1.0;  // zero, NaN or inf: nothing to scale
+  return ::ldexp(1.0, -::ilogb(mean_abs));
 }
 
 }  // namespace gmd_ext

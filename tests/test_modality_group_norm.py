@@ -247,3 +247,98 @@ def test_aot_compile_sm90(kernel, out_bf16, tmp_path):
                            check=True).stdout
     line = next(ln for ln in usage.splitlines() if "REG:" in ln)
     assert "STACK:0 " in line, f"register spills: {line.strip()}"
+
+
+# ---------------------------------------------------------------- large finite inputs (fp32 statistics overflow)
+@pytest.mark.parametrize("device,backend", testing.device_backends())
+@pytest.mark.parametrize("magnitude", [1e19, 1e25, 1e30])
+def test_large_inputs_do_not_overflow(device, backend, magnitude):
+    """Squares of |x - mean| > 1.8e19 overflow fp32: the statistics must come out as fp64 truth says, not rstd = 0
+    (output = bias) or NaN. Every backend, against fp64 F.group_norm on the same fp32 values."""
+    x, w, b = _inputs(2, B=2, M=2, C=4, size=6, dtype=torch.float32)
+    x = (x * magnitude).to(device)
+    w, b = w.to(device), b.to(device)
+    present = torch.tensor([[True, False], [True, True]], device=device)
+    y = modality_group_norm(x, w, b, present, num_groups=2, backend=backend)
+    ref = modality_group_norm_reference(x.double(), w.double(), b.double(), present, num_groups=2)
+    assert torch.isfinite(y).all()
+    torch.testing.assert_close(y.double(), ref, rtol=1e-4, atol=1e-4)
+    bias_only = b[None, :, :, None, None].expand_as(y)
+    assert (y - bias_only)[present].abs().max() > 0.1  # normalised, not collapsed to the bias
+
+
+# ---------------------------------------------------------------- direct op calls are checked (never a crash)
+_BAD_OP_SCRIPT = r"""
+import json, sys, torch
+import gmd_ext  # noqa: F401  (loads the ops)
+op_f, op_b = torch.ops.gmd_ext.modality_group_norm_fwd, torch.ops.gmd_ext.modality_group_norm_bwd
+x = torch.randn(2, 3, 4, 5)
+w, b = torch.randn(3, 4), torch.randn(3, 4)
+p = torch.ones(2, 3, dtype=torch.bool)
+y, mean, rstd = op_f(x, w, b, p, 2, 1e-5, "none")
+g = torch.randn_like(x)
+m = [True, True, True]
+cases = {
+    "mean_larger": lambda: op_b(g, x, w, b, p, torch.zeros(2, 3, 64), rstd, 2, "none", m),
+    "mean_smaller": lambda: op_b(g, x, w, b, p, mean[:, :2], rstd, 2, "none", m),
+    "rstd_flat": lambda: op_b(g, x, w, b, p, mean, rstd.flatten(), 2, "none", m),
+    "mean_dtype": lambda: op_b(g, x, w, b, p, mean.double(), rstd, 2, "none", m),
+    "grad_y_0d": lambda: op_b(torch.tensor(1.0), x, w, b, p, mean, rstd, 2, "none", m),
+    "grad_y_shape": lambda: op_b(g[:, :, :2], x, w, b, p, mean, rstd, 2, "none", m),
+    "grad_y_int": lambda: op_b(g.int(), x, w, b, p, mean, rstd, 2, "none", m),
+    "x_int": lambda: op_f(x.int(), w, b, p, 2, 1e-5, "none"),
+    "x_2d": lambda: op_f(x[0, 0], w, b, p, 2, 1e-5, "none"),
+    "weight_shape": lambda: op_f(x, w[:2], b, p, 2, 1e-5, "none"),
+    "bias_int": lambda: op_f(x, w, b.long(), p, 2, 1e-5, "none"),
+    "present_float": lambda: op_f(x, w, b, p.float(), 2, 1e-5, "none"),
+    "groups": lambda: op_f(x, w, b, p, 3, 1e-5, "none"),
+    "eps": lambda: op_f(x, w, b, p, 2, -1.0, "none"),
+    "activation": lambda: op_f(x, w, b, p, 2, 1e-5, "gelu"),
+}
+out = {}
+for name, call in cases.items():
+    try:
+        call()
+        out[name] = ["no error", ""]
+    except Exception as e:  # noqa: BLE001
+        out[name] = [type(e).__name__, str(e).splitlines()[0]]
+print(json.dumps(out))
+"""
+
+_BAD_OP_EXPECT = {
+    "mean_larger": ("ValueError", r"mean must be \[B, M, num_groups\] = \[2, 3, 2\]"),
+    "mean_smaller": ("ValueError", "mean must be"),
+    "rstd_flat": ("ValueError", "rstd must be"),
+    "mean_dtype": ("TypeError", "mean must be Float"),
+    "grad_y_0d": ("ValueError", "grad_y must have x's shape"),
+    "grad_y_shape": ("ValueError", "grad_y must have x's shape"),
+    "grad_y_int": ("TypeError", "grad_y must be floating"),
+    "x_int": ("TypeError", "x must be float64, float32"),
+    "x_2d": ("ValueError", r"x must be \[B, M, C, \*S\]"),
+    "weight_shape": ("ValueError", r"weight must be \[M, C\]"),
+    "bias_int": ("TypeError", "weight and bias must be floating"),
+    "present_float": ("ValueError", "present must be bool"),
+    "groups": ("ValueError", r"num_groups \(3\) must be positive and divide"),
+    "eps": ("ValueError", "eps must be a finite number >= 0"),
+    "activation": ("ValueError", "activation must be"),
+}
+
+
+@needs_cpp
+def test_direct_op_calls_raise_cleanly():
+    """torch.ops.gmd_ext.modality_group_norm_* with wrong arguments: ValueError/TypeError naming the argument.
+    In a subprocess: before these checks, a larger mean/rstd corrupted the heap (malloc abort)."""
+    import json
+    import os
+    import re
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    run = subprocess.run([sys.executable, "-c", _BAD_OP_SCRIPT], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0, f"the process died (rc {run.returncode}): {run.stderr[-2000:]}"
+    got = json.loads(run.stdout.strip().splitlines()[-1])
+    for name, (exc, pattern) in _BAD_OP_EXPECT.items():
+        assert got[name][0] == exc and re.search(pattern, got[name][1]), f"{name}: {got[name]}"

@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <utility>
 
 namespace gmd_ext {
 
@@ -23,23 +24,36 @@ constexpr int64_t kGrainElems = 32768;
 constexpr int64_t kLanes = 8;       // independent accumulators: lets the compiler vectorise the reductions
 constexpr int64_t kBlock = 1024;    // lane sums are folded into a double every kBlock elements (bounds fp32 error)
 
-// sum over p[0, n) of f(p[i]) with fp32 (acc_t) lanes inside each block and a double across blocks.
-template <typename acc_t, typename scalar_t, typename F>
-double blocked_sum(const scalar_t* p, int64_t n, F f) {
-  double total = 0;
+// (sum of f(p[i]), sum of g(p[i])) over p[0, n), with fp32 (acc_t) lanes inside each block and doubles across
+// blocks.
+template <typename acc_t, typename scalar_t, typename F, typename Gf>
+std::pair<double, double> blocked_sums(const scalar_t* p, int64_t n, F f, Gf g) {
+  double total_f = 0, total_g = 0;
   for (int64_t start = 0; start < n; start += kBlock) {
     const int64_t end = std::min(n, start + kBlock);
-    acc_t lane[kLanes] = {};
+    acc_t lf[kLanes] = {}, lg[kLanes] = {};
     int64_t i = start;
     for (; i + kLanes <= end; i += kLanes) {
-      for (int64_t k = 0; k < kLanes; ++k) lane[k] += f(static_cast<acc_t>(p[i + k]));
+      for (int64_t k = 0; k < kLanes; ++k) {
+        const acc_t v = static_cast<acc_t>(p[i + k]);
+        lf[k] += f(v);
+        lg[k] += g(v);
+      }
     }
-    for (; i < end; ++i) lane[0] += f(static_cast<acc_t>(p[i]));
-    acc_t s = 0;
-    for (int64_t k = 0; k < kLanes; ++k) s += lane[k];
-    total += s;
+    for (; i < end; ++i) {
+      const acc_t v = static_cast<acc_t>(p[i]);
+      lf[0] += f(v);
+      lg[0] += g(v);
+    }
+    acc_t sf = 0, sg = 0;
+    for (int64_t k = 0; k < kLanes; ++k) {
+      sf += lf[k];
+      sg += lg[k];
+    }
+    total_f += sf;
+    total_g += sg;
   }
-  return total;
+  return {total_f, total_g};
 }
 
 template <typename scalar_t, Activation A>
@@ -65,9 +79,18 @@ void group_norm_fwd_kernel(const at::Tensor& x, const at::Tensor& w, const at::T
         MEAN[t] = RSTD[t] = 0;
         continue;
       }
-      // Two passes (mean, then centred variance) rather than sum / sum of squares: no cancellation.
-      const acc_t mu = static_cast<acc_t>(blocked_sum<acc_t>(xg, n, [](acc_t v) { return v; }) / n);
-      const double var = blocked_sum<acc_t>(xg, n, [mu](acc_t v) { return (v - mu) * (v - mu); }) / n;
+      // Two passes (mean, then centred variance) rather than sum / sum of squares: no cancellation. The
+      // centred values are scaled by a power of two (group_norm_scale, csrc/ds_common.h) so their squares do
+      // not overflow fp32 for large finite inputs; pass 2 also refines the mean around the fp32 centre c.
+      const auto [sum, sum_abs] = blocked_sums<acc_t>(xg, n, [](acc_t v) { return v; },
+                                                      [](acc_t v) { return v < 0 ? -v : v; });
+      const acc_t c = static_cast<acc_t>(sum / n);
+      const double scale = group_norm_scale(sum_abs / n);
+      const acc_t sc = static_cast<acc_t>(scale);
+      const auto [sd, sd2] = blocked_sums<acc_t>(xg, n, [c, sc](acc_t v) { return (v - c) * sc; },
+                                                 [c, sc](acc_t v) { return ((v - c) * sc) * ((v - c) * sc); });
+      const double var = std::max(0.0, (sd2 - sd * sd / n) / n) / (scale * scale);
+      const acc_t mu = static_cast<acc_t>(static_cast<double>(c) + sd / n / scale);
       const acc_t rs = static_cast<acc_t>(1.0 / std::sqrt(var + eps));
       MEAN[t] = mu;
       RSTD[t] = rs;
@@ -121,7 +144,7 @@ void group_norm_bwd_kernel(const at::Tensor& gy, const at::Tensor& x, const at::
         double dz_sum = 0, dz_xc_sum = 0;
         for (int64_t start = 0; start < L; start += kBlock) {
           const int64_t stop = std::min(L, start + kBlock);
-          // kLanes independent accumulators, as in blocked_sum: a single serial sum would not vectorise.
+          // kLanes independent accumulators, as in blocked_sums: a single serial sum would not vectorise.
           acc_t s1[kLanes] = {}, s2[kLanes] = {};
           int64_t l = start;
           for (; l + kLanes <= stop; l += kLanes) {
@@ -177,6 +200,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> modality_group_norm_fwd_cpu(const
                                                                            double eps, c10::string_view activation) {
   const int64_t L = check_group_norm_args(x, weight, bias, present, num_groups);
   const Activation act = parse_activation(activation);
+  check_group_norm_eps(eps);
   const auto acc = at::toOpMathType(x.scalar_type());
   const auto xc = x.contiguous();
   const auto w = weight.to(acc).contiguous(), b = bias.to(acc).contiguous();
@@ -198,8 +222,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> modality_group_norm_bwd_cpu(
     c10::string_view activation, std::array<bool, 3> output_mask) {
   const int64_t L = check_group_norm_args(x, weight, bias, present, num_groups);
   const Activation act = parse_activation(activation);
-  TORCH_CHECK(grad_y.sizes() == x.sizes(), "modality_group_norm_bwd: grad_y must have x's shape ", x.sizes(),
-              ", got ", grad_y.sizes());
+  check_group_norm_bwd_args(grad_y, x, mean, rstd, num_groups);
   const auto acc = at::toOpMathType(x.scalar_type());
   const auto xc = x.contiguous(), gc = grad_y.to(x.scalar_type()).contiguous();
   const auto w = weight.to(acc).contiguous(), b = bias.to(acc).contiguous();

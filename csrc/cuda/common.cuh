@@ -24,10 +24,43 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
-inline int num_sms(const at::Tensor& t) {
+// VEC consecutive elements of T as one aligned access: 16 bytes -> one 128-bit load or store in SASS.
+template <typename T, int VEC>
+struct alignas(sizeof(T) * VEC) Pack {
+  T v[VEC];
+};
+
+template <typename T, int VEC, typename U>
+__device__ __forceinline__ void load_pack(const T* p, U (&out)[VEC]) {
+  const Pack<T, VEC> r = *reinterpret_cast<const Pack<T, VEC>*>(p);
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) out[k] = static_cast<U>(r.v[k]);
+}
+
+template <typename T, int VEC, typename U>
+__device__ __forceinline__ void store_pack(T* p, const U (&in)[VEC]) {
+  Pack<T, VEC> r;
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) r.v[k] = static_cast<T>(in[k]);
+  *reinterpret_cast<Pack<T, VEC>*>(p) = r;
+}
+
+// Whether rows of t (2-D, unit column stride) start on `bytes` boundaries, so packs of `bytes` never straddle.
+inline bool rows_aligned(const at::Tensor& t, int64_t bytes) {
+  return t.stride(-1) == 1 && reinterpret_cast<uintptr_t>(t.const_data_ptr()) % bytes == 0 &&
+         (t.dim() < 2 || (t.stride(0) * static_cast<int64_t>(t.element_size())) % bytes == 0);
+}
+
+// Resident CTAs of `kernel` per SM at `threads` and `smem` bytes, times the SM count: a grid that fills the GPU
+// once. Only for kernels whose result does not depend on the grid (no cross-CTA reduction).
+template <typename Kernel>
+int64_t resident_ctas(Kernel kernel, int threads, size_t smem, const at::Tensor& t) {
+  int per_sm = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem));
   int sms = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, t.get_device()));
-  return sms;
+  return std::max<int64_t>(1, static_cast<int64_t>(per_sm) * sms);
 }
+
 
 }  // namespace gmd_ext::cuda

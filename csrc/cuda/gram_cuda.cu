@@ -1,10 +1,18 @@
 // gram(G [K, N]) -> G G^T [K, K] fp32, CUDA: pass 1 of the GMD projection (docs/design.md).
 //
-// The upper triangle of Gamma is cut into 4 x 4 tiles of row pairs. Kernel 1: blockIdx.x is the tile and
-// blockIdx.y a slice of columns; every thread keeps a 4 x 4 register tile of fp32 products over its columns,
-// and the CTA reduces it to one partial per (slice, tile). The tile index varies fastest so the CTAs that
-// read the same columns run together and share them through L2 (G is read from DRAM about once).
-// Kernel 2 adds the partials of each entry over the slices in fp64, in slice order: deterministic.
+// Rows are cut into blocks of 64; CTA (slice, block pair) stages a chunk of columns of both row blocks (one for
+// a diagonal pair) in shared memory and computes every 4 x 4 tile of the pair from it, so G is read from DRAM
+// once (K <= 64: one block pair, every CTA computes all of Gamma). Staging uses 128-bit loads when rows are
+// unit-stride and 16-byte aligned (gmd_ext.ops.padded_rows gives such buffers), scalar loads otherwise.
+// Each thread accumulates at most one chunk (<= 1024 columns / threads per tile) in fp32, then folds into fp64,
+// so the fp32 error does not grow with N. Kernel 2 adds the fp64 partials over slices in slice order.
+//
+// The slice count is a function of (K, N) only, never of the device: the result is bit-identical on every GPU.
+//
+// Resources (nvcc 13.0 -Xptxas -v, sm_90, no fast-math; see tests/test_gpu.py::test_cuda_resources): fp32
+// 62 registers, bf16/fp16 64 (VEC path), 0 bytes stack, 0 spills; 256 threads, <= 35 KiB dynamic shared memory:
+// 3 CTAs per SM by registers. With 4 x 4 register tiles every FMA costs 0.5 shared-memory words, so K = 15 is
+// about at the HBM floor and K = 64 is shared-memory bound (estimate ~35% of H200 HBM; not measured).
 #include <torch/library.h>
 
 #include "common.cuh"
@@ -12,77 +20,149 @@
 namespace gmd_ext::cuda {
 namespace {
 
-constexpr int kTile = 4;
+constexpr int kTile = 4;                    // register tile: 4 x 4 products per thread per column
+constexpr int kBlockRows = 64;              // rows of one row block
+constexpr int64_t kStageFloats = 8192;      // 32 KiB staged per chunk
+constexpr int64_t kTargetCtas = 1024;       // slices x block pairs aimed at: fills any current GPU several waves deep
+constexpr int64_t kMaxPartialBytes = 1 << 27;
 
-// Linear tile index t -> first rows (i0, j0) of the t-th upper-triangle tile (i0 <= j0), P tile rows.
-__device__ __forceinline__ void tile_rows(int t, int P, int& i0, int& j0) {
+// Block pair index p -> (bi, bj), bi <= bj, of nb row blocks.
+__device__ __forceinline__ void block_pair(int p, int nb, int& bi, int& bj) {
   int I = 0;
-  while (t >= P - I) {
-    t -= P - I;
+  while (p >= nb - I) {
+    p -= nb - I;
     ++I;
   }
-  i0 = I * kTile;
-  j0 = (I + t) * kTile;
+  bi = I;
+  bj = I + p;
 }
 
-template <typename T>
-__global__ void gram_partial_kernel(const T* __restrict__ G, int K, int64_t N, int64_t s0, int64_t s1, int P,
-                                    float* __restrict__ partial) {
-  int i0, j0;
-  tile_rows(blockIdx.x, P, i0, j0);
-  const T* a[kTile];
-  const T* b[kTile];
-  bool a_ok[kTile], b_ok[kTile];
-#pragma unroll
-  for (int r = 0; r < kTile; ++r) {
-    a_ok[r] = i0 + r < K;
-    b_ok[r] = j0 + r < K;
-    a[r] = G + (a_ok[r] ? i0 + r : 0) * s0;
-    b[r] = G + (b_ok[r] ? j0 + r : 0) * s0;
-  }
-  float acc[kTile][kTile] = {};
-  for (int64_t n = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x; n < N;
-       n += static_cast<int64_t>(gridDim.y) * blockDim.x) {
-    float x[kTile], y[kTile];
-#pragma unroll
-    for (int r = 0; r < kTile; ++r) {
-      x[r] = a_ok[r] ? static_cast<float>(a[r][n * s1]) : 0.f;
-      y[r] = b_ok[r] ? static_cast<float>(b[r][n * s1]) : 0.f;
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kThreads) gram_partial_kernel(const T* __restrict__ G, int K, int64_t N, int64_t s0,
+                                                                int64_t s1, int64_t cols_per_slice, int chunk,
+                                                                int stride_s, double* __restrict__ partial) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  float* s = reinterpret_cast<float*>(smem_raw);
+  const int nb = (K + kBlockRows - 1) / kBlockRows;
+  int bi, bj;
+  block_pair(blockIdx.y, nb, bi, bj);
+  const bool diag = bi == bj;
+  const int rows_i = min(kBlockRows, K - bi * kBlockRows), rows_j = min(kBlockRows, K - bj * kBlockRows);
+  const int pad_i = (rows_i + kTile - 1) / kTile * kTile, pad_j = (rows_j + kTile - 1) / kTile * kTile;
+  const int staged = diag ? pad_i : pad_i + pad_j;  // staged row r: block i rows, then block j rows, zero padded
+  const int Pi = pad_i / kTile, Pj = pad_j / kTile;
+  const int ntiles = diag ? Pi * (Pi + 1) / 2 : Pi * Pj;
+  // Threads of one tile take consecutive columns: a warp reads consecutive words of the same rows.
+  const int ngroups = kThreads / ntiles;
+  const int tile = threadIdx.x / ngroups, group = threadIdx.x % ngroups;
+  const bool active = tile < ntiles;
+  int oi = 0, oj = 0;
+  if (active) {
+    if (diag) {
+      int t = tile, I = 0;
+      while (t >= Pi - I) {
+        t -= Pi - I;
+        ++I;
+      }
+      oi = I * kTile;
+      oj = (I + t) * kTile;
+    } else {
+      oi = (tile / Pj) * kTile;
+      oj = pad_i + (tile % Pj) * kTile;
     }
-#pragma unroll
-    for (int i = 0; i < kTile; ++i)
-#pragma unroll
-      for (int j = 0; j < kTile; ++j) acc[i][j] = fmaf(x[i], y[j], acc[i][j]);
   }
-  __shared__ float red[kThreads / 32][kTile * kTile];
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  double acc64[kTile][kTile] = {};
+  const int64_t c_begin = static_cast<int64_t>(blockIdx.x) * cols_per_slice;
+  const int64_t c_end = min(N, c_begin + cols_per_slice);
+  const int vecs = chunk / VEC;
+  for (int64_t c0 = c_begin; c0 < c_end; c0 += chunk) {
+    const int w = static_cast<int>(c_end - c0 < chunk ? c_end - c0 : chunk);
+    __syncthreads();  // the previous chunk has been consumed
+    for (int e = threadIdx.x; e < staged * vecs; e += kThreads) {
+      const int r = e / vecs, q = (e % vecs) * VEC;
+      const bool in_i = r < pad_i;
+      const int local = in_i ? r : r - pad_i;
+      const bool row_ok = local < (in_i ? rows_i : rows_j);
+      const int64_t row = (in_i ? bi : bj) * static_cast<int64_t>(kBlockRows) + local;
+      float v[VEC];
+      if (VEC > 1 && row_ok && q + VEC <= w) {
+        // Aligned (checked by the launcher): one 128-bit load of VEC consecutive elements.
+        const uint4 raw = *reinterpret_cast<const uint4*>(G + row * s0 + (c0 + q));
+        const T* t = reinterpret_cast<const T*>(&raw);
 #pragma unroll
-  for (int e = 0; e < kTile * kTile; ++e) {
-    const float v = warp_sum(acc[e / kTile][e % kTile]);
-    if (lane == 0) red[warp][e] = v;
+        for (int k = 0; k < VEC; ++k) v[k] = static_cast<float>(t[k]);
+      } else {
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) v[k] = row_ok && q + k < w ? static_cast<float>(G[row * s0 + (c0 + q + k) * s1]) : 0.f;
+      }
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) s[r * stride_s + q + k] = v[k];
+    }
+    __syncthreads();
+    if (active) {
+      float acc[kTile][kTile] = {};
+      const float* a = s + oi * stride_s;
+      const float* b = s + oj * stride_s;
+      for (int col = group; col < w; col += ngroups) {
+        float x[kTile], y[kTile];
+#pragma unroll
+        for (int r = 0; r < kTile; ++r) {
+          x[r] = a[r * stride_s + col];
+          y[r] = b[r * stride_s + col];
+        }
+#pragma unroll
+        for (int i = 0; i < kTile; ++i)
+#pragma unroll
+          for (int j = 0; j < kTile; ++j) acc[i][j] = fmaf(x[i], y[j], acc[i][j]);
+      }
+#pragma unroll
+      for (int i = 0; i < kTile; ++i)
+#pragma unroll
+        for (int j = 0; j < kTile; ++j) acc64[i][j] += acc[i][j];
+    }
+  }
+  // Sum the groups of each tile in group order (fixed: deterministic) through shared memory.
+  __syncthreads();
+  double* red = reinterpret_cast<double*>(smem_raw);  // [kThreads][16], fits: the launcher sizes smem for it
+  if (active) {
+#pragma unroll
+    for (int e = 0; e < kTile * kTile; ++e) red[threadIdx.x * kTile * kTile + e] = acc64[e / kTile][e % kTile];
   }
   __syncthreads();
-  if (threadIdx.x < kTile * kTile) {
-    float s = 0.f;
-    for (int w = 0; w < kThreads / 32; ++w) s += red[w][threadIdx.x];
-    partial[(static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x) * kTile * kTile + threadIdx.x] = s;
+  for (int idx = threadIdx.x; idx < ntiles * kTile * kTile; idx += kThreads) {
+    const int t = idx / (kTile * kTile), e = idx % (kTile * kTile);
+    double sum = 0.0;
+    for (int g = 0; g < ngroups; ++g) sum += red[(t * ngroups + g) * kTile * kTile + e];
+    // Entry (i, j) of Gamma this sum belongs to; the threads of tile t found the same offsets.
+    int ti, tj;
+    if (diag) {
+      int u = t, I = 0;
+      while (u >= Pi - I) {
+        u -= Pi - I;
+        ++I;
+      }
+      ti = I * kTile;
+      tj = (I + u) * kTile;
+    } else {
+      ti = (t / Pj) * kTile;
+      tj = (t % Pj) * kTile;
+    }
+    const int i = bi * kBlockRows + ti + e / kTile, j = bj * kBlockRows + tj + e % kTile;
+    if (i < K && j < K && i <= j)
+      partial[static_cast<int64_t>(blockIdx.x) * K * K + static_cast<int64_t>(i) * K + j] = sum;
   }
 }
 
-// One thread per (tile, entry): sum over slices in fp64 and write both symmetric entries.
-__global__ void gram_finalize_kernel(const float* __restrict__ partial, int slices, int ntiles, int P, int K,
-                                     float* __restrict__ out) {
-  const int idx = blockIdx.x * blockDim.x + threadIdx.x;
-  if (idx >= ntiles * kTile * kTile) return;
-  const int t = idx / (kTile * kTile), e = idx % (kTile * kTile);
-  int i0, j0;
-  tile_rows(t, P, i0, j0);
-  const int i = i0 + e / kTile, j = j0 + e % kTile;
-  if (i >= K || j >= K || (i0 == j0 && j < i)) return;
+// One thread per upper entry (i <= j): sum over slices in fp64, in slice order, and write both entries.
+__global__ void gram_finalize_kernel(const double* __restrict__ partial, int slices, int K, float* __restrict__ out) {
+  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= static_cast<int64_t>(K) * K) return;
+  const int i = static_cast<int>(idx / K), j = static_cast<int>(idx % K);
+  if (j < i) return;
   double s = 0.0;
-  for (int sl = 0; sl < slices; ++sl) s += partial[(static_cast<int64_t>(sl) * ntiles + t) * kTile * kTile + e];
-  out[i * K + j] = static_cast<float>(s);
-  out[j * K + i] = static_cast<float>(s);
+  for (int sl = 0; sl < slices; ++sl) s += partial[static_cast<int64_t>(sl) * K * K + idx];
+  out[static_cast<int64_t>(i) * K + j] = static_cast<float>(s);
+  out[static_cast<int64_t>(j) * K + i] = static_cast<float>(s);
 }
 
 }  // namespace
@@ -92,25 +172,46 @@ at::Tensor gram_cuda(const at::Tensor& G) {
   check_G(op, G, c10::DeviceType::CUDA, "CUDA");
   const c10::cuda::CUDAGuard guard(G.device());
   const int64_t K = G.size(0), N = G.size(1);
+  // The [slices, K, K] fp64 partial buffer needs at least one slice: K^2 * 8 bytes <= kMaxPartialBytes.
   TORCH_CHECK_VALUE(K <= 4096, op, ": the CUDA kernel supports K <= 4096 objectives, got K = ", K);
   at::Tensor out = at::zeros({K, K}, G.options().dtype(at::kFloat));
   if (K == 0 || N == 0) return out;
-  const int P = static_cast<int>((K + kTile - 1) / kTile);
-  const int ntiles = P * (P + 1) / 2;
-  // About 8 resident CTAs per SM in total, but at least a few columns per thread and at most 65535 slices.
-  const int64_t want = std::max<int64_t>(1, 8LL * num_sms(G) / ntiles);
-  const int slices = static_cast<int>(std::min<int64_t>({want, (N + kThreads - 1) / kThreads, 65535}));
-  at::Tensor partial = at::empty({slices, ntiles, kTile * kTile}, G.options().dtype(at::kFloat));
+  const int nb = static_cast<int>((K + kBlockRows - 1) / kBlockRows);
+  const int pairs = nb * (nb + 1) / 2;
+  const int staged = nb == 1 ? static_cast<int>((K + kTile - 1) / kTile * kTile) : 2 * kBlockRows;
+  int chunk = 1024;
+  while (chunk > 32 && static_cast<int64_t>(staged) * chunk > kStageFloats) chunk /= 2;
+  const int stride_s = chunk + 4;  // + 4 words: rows of one warp's tiles start in different banks, 16-byte aligned
+  const size_t smem = std::max<size_t>(static_cast<size_t>(staged) * stride_s * sizeof(float),
+                                       static_cast<size_t>(kThreads) * kTile * kTile * sizeof(double));
+  const int64_t chunks = (N + chunk - 1) / chunk;
+  const int64_t max_slices = std::max<int64_t>(1, kMaxPartialBytes / (K * K * 8));
+  const int64_t slices = std::min({std::max<int64_t>(1, kTargetCtas / pairs), chunks, max_slices, int64_t{65535}});
+  const int64_t cols_per_slice = (chunks + slices - 1) / slices * chunk;
+  const int64_t used = (N + cols_per_slice - 1) / cols_per_slice;
+  at::Tensor partial = at::empty({used, K, K}, G.options().dtype(at::kDouble));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const dim3 grid(static_cast<unsigned>(used), static_cast<unsigned>(pairs));
   dispatch_dtype(G.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    gram_partial_kernel<T><<<dim3(ntiles, slices), kThreads, 0, stream>>>(
-        G.const_data_ptr<T>(), static_cast<int>(K), N, G.stride(0), G.stride(1), P, partial.data_ptr<float>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    constexpr int kVec = 16 / sizeof(T);
+    const bool vec_ok = G.stride(1) == 1 && reinterpret_cast<uintptr_t>(G.const_data_ptr()) % 16 == 0 &&
+                        (G.stride(0) * static_cast<int64_t>(sizeof(T))) % 16 == 0;
+    const auto launch = [&](auto kernel) {
+      kernel<<<grid, kThreads, smem, stream>>>(G.const_data_ptr<T>(), static_cast<int>(K), N, G.stride(0),
+                                               G.stride(1), cols_per_slice, chunk, stride_s,
+                                               partial.data_ptr<double>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    if (vec_ok) {
+      launch(gram_partial_kernel<T, kVec>);
+    } else {
+      launch(gram_partial_kernel<T, 1>);
+    }
   });
-  const int entries = ntiles * kTile * kTile;
-  gram_finalize_kernel<<<(entries + kThreads - 1) / kThreads, kThreads, 0, stream>>>(
-      partial.const_data_ptr<float>(), slices, ntiles, P, static_cast<int>(K), out.data_ptr<float>());
+  const int64_t entries = K * K;
+  gram_finalize_kernel<<<static_cast<unsigned>((entries + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
+      partial.const_data_ptr<double>(), static_cast<int>(used), static_cast<int>(K), out.data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }

@@ -1,6 +1,23 @@
-// modality_group_norm on CUDA: one thread block per (b, m, group) task t = (b * M + m) * G + g, whose n = C / G * L
-// elements are the contiguous range [t * n, (t + 1) * n) of x [B, M, C, L]. Absent pairs only write zeros.
-// Same algorithm as csrc/cpu/modality_group_norm_cpu.cpp (two-pass statistics, fp32 accumulation).
+// modality_group_norm on CUDA. Task t = (b * M + m) * G + g owns the n = C / G * L elements [t * n, (t + 1) * n) of
+// x [B, M, C, L]; row r = (b * M + m) * C + c owns the L elements of one channel. Absent pairs only write zeros.
+// Same statistics as csrc/cpu/modality_group_norm_cpu.cpp (centred, power-of-two scaled second pass: no fp32
+// overflow for large finite inputs), split so that every kernel fills the GPU whatever B * M * G is:
+//
+//   forward:  stats   grid (tasks x chunks of kChunk elements): each CTA holds its chunk in registers (kElems per
+//                     thread, 128-bit loads when aligned), writes (count, mean, M2) in fp64;
+//             merge   one thread per task merges its chunks in chunk order (Chan's formula, fp64): mean, rstd;
+//             apply   grid (rows x column splits): y = act(x * a + s) with a = rstd * w, s = b - mean * a per row,
+//                     128-bit loads and stores when L is a multiple of the pack.
+//   backward: sums    grid (rows x chunks): per chunk sum dz and sum dz * (x - mean), fp64 partials;
+//             merge   one thread per task: dbeta, dgamma partials [B, M, C] and the two means of the GroupNorm
+//                     backward per task;
+//             apply   grid (rows x column splits): dx.
+// Chunk counts depend on the shape only, and every merge runs in a fixed order: results are bit-identical on any
+// GPU and deterministic (no atomics). x is read twice per pass (stats + apply) instead of once: a grid-wide
+// barrier would be needed to keep it on chip.
+//
+// Resources (nvcc 13.0 -Xptxas -v, sm_90, no fast-math; tests/test_gpu.py::test_cuda_resources): stats 40-48
+// registers, apply 24-32, backward sums 48-56, 0 bytes stack, 0 spills at 256 threads.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -21,113 +38,308 @@ namespace gmd_ext {
 namespace {
 
 using cuda::kThreads;
+using cuda::load_pack;
+using cuda::store_pack;
 
-template <typename acc_t>
-using BlockReduce = cub::BlockReduce<acc_t, kThreads>;
+constexpr int kElems = 16;                     // elements per thread of a stats / sums chunk, held in registers
+constexpr int64_t kChunk = kThreads * kElems;  // 4096 elements per chunk
+constexpr int kApplyPacks = 4;                 // packs per thread per apply iteration (in flight together)
 
-// Block-wide sum broadcast to every thread.
-template <typename acc_t>
-__device__ acc_t block_sum(acc_t v, typename BlockReduce<acc_t>::TempStorage& tmp, acc_t* shared_result) {
-  const acc_t s = BlockReduce<acc_t>(tmp).Sum(v);
-  if (threadIdx.x == 0) *shared_result = s;
+using BlockReduce = cub::BlockReduce<double, kThreads>;
+
+// Block-wide fp64 sums of two values; the result is valid in thread 0.
+__device__ __forceinline__ void block_sum2(double& a, double& b, typename BlockReduce::TempStorage& tmp) {
+  a = BlockReduce(tmp).Sum(a);
   __syncthreads();
-  const acc_t out = *shared_result;
-  __syncthreads();  // tmp and shared_result are reused by the next reduction
-  return out;
+  b = BlockReduce(tmp).Sum(b);
 }
 
-template <typename scalar_t, Activation A>
-__global__ void group_norm_fwd_kernel(const scalar_t* __restrict__ x, const at::opmath_type<scalar_t>* __restrict__ w,
-                                      const at::opmath_type<scalar_t>* __restrict__ b, const bool* __restrict__ present,
-                                      scalar_t* __restrict__ y, at::opmath_type<scalar_t>* __restrict__ mean,
-                                      at::opmath_type<scalar_t>* __restrict__ rstd, int64_t M, int64_t C, int64_t G,
-                                      int64_t L, double eps) {
+// The kElems elements of this thread in chunk [begin, begin + count) of p, as packs of VEC (zero past count).
+template <typename scalar_t, int VEC, typename acc_t>
+__device__ __forceinline__ void load_chunk(const scalar_t* p, int64_t begin, int64_t count64, acc_t (&v)[kElems]) {
+  const scalar_t* base = p + begin;
+  const int count = static_cast<int>(count64);  // <= kChunk
+#pragma unroll
+  for (int j = 0; j < kElems / VEC; ++j) {
+    const int off = (j * kThreads + static_cast<int>(threadIdx.x)) * VEC;
+    acc_t pack[VEC];
+    if (VEC > 1 && off + VEC <= count) {
+      load_pack<scalar_t, VEC>(base + off, pack);
+    } else {
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) pack[k] = off + k < count ? static_cast<acc_t>(base[off + k]) : acc_t(0);
+    }
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) v[j * VEC + k] = pack[k];
+  }
+}
+
+template <int VEC>
+__device__ __forceinline__ bool in_chunk(int e, int64_t count) {
+  return ((e / VEC) * kThreads + static_cast<int>(threadIdx.x)) * VEC + e % VEC < count;
+}
+
+template <typename scalar_t, int VEC>
+__global__ void __launch_bounds__(kThreads) gn_stats_kernel(const scalar_t* __restrict__ x,
+                                                            const bool* __restrict__ present, int64_t G, int64_t n,
+                                                            int64_t chunks, double* __restrict__ part) {
   using acc_t = at::opmath_type<scalar_t>;
-  __shared__ typename BlockReduce<acc_t>::TempStorage tmp;
-  __shared__ acc_t result;
-  const int64_t t = blockIdx.x, pair = t / G, g = t % G, m = pair % M;
-  const int64_t Cg = C / G, n = Cg * L;
-  const scalar_t* xg = x + t * n;
-  scalar_t* yg = y + t * n;
-  if (!present[pair]) {
-    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) yg[i] = scalar_t(0);
-    if (threadIdx.x == 0) mean[t] = rstd[t] = acc_t(0);
+  __shared__ typename BlockReduce::TempStorage tmp;
+  __shared__ acc_t centre, scale_s;
+  __shared__ double scale_d;
+  const int64_t t = blockIdx.x / chunks, s = blockIdx.x % chunks;
+  double* out = part + (t * chunks + s) * 3;
+  if (!present[t / G]) {
+    if (threadIdx.x == 0) out[0] = out[1] = out[2] = 0.0;
     return;
   }
-  acc_t s = 0;
-  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) s += static_cast<acc_t>(xg[i]);
-  const acc_t mu = block_sum(s, tmp, &result) / n;
-  // Centred second pass: the group is re-read from L2 (<= a few MiB per block), no cancellation.
-  acc_t ss = 0;
-  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
-    const acc_t d = static_cast<acc_t>(xg[i]) - mu;
-    ss += d * d;
+  const int64_t begin = s * kChunk, count = min(kChunk, n - begin);
+  acc_t v[kElems];
+  load_chunk<scalar_t, VEC>(x + t * n, begin, count, v);
+  acc_t sum = 0, sum_abs = 0;
+#pragma unroll
+  for (int e = 0; e < kElems; ++e) {
+    sum += v[e];
+    sum_abs += v[e] < 0 ? -v[e] : v[e];
   }
-  const acc_t rs = static_cast<acc_t>(rsqrt(static_cast<double>(block_sum(ss, tmp, &result) / n) + eps));
+  double a = sum, b = sum_abs;
+  block_sum2(a, b, tmp);
   if (threadIdx.x == 0) {
-    mean[t] = mu;
-    rstd[t] = rs;
+    centre = static_cast<acc_t>(a / count);
+    scale_d = group_norm_scale(b / count);
+    scale_s = static_cast<acc_t>(scale_d);
   }
-  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
-    const int64_t ch = m * C + g * Cg + i / L;
-    yg[i] = static_cast<scalar_t>(activate<A>((static_cast<acc_t>(xg[i]) - mu) * rs * w[ch] + b[ch]));
+  __syncthreads();
+  const acc_t c = centre, sc = scale_s;
+  acc_t sd = 0, sd2 = 0;
+#pragma unroll
+  for (int e = 0; e < kElems; ++e) {
+    const acc_t d = in_chunk<VEC>(e, count) ? (v[e] - c) * sc : acc_t(0);
+    sd += d;
+    sd2 += d * d;
+  }
+  a = sd;
+  b = sd2;
+  __syncthreads();
+  block_sum2(a, b, tmp);
+  if (threadIdx.x == 0) {
+    const double scale = scale_d;
+    out[0] = static_cast<double>(count);
+    out[1] = static_cast<double>(c) + a / count / scale;
+    out[2] = fmax(0.0, b - a * a / count) / (scale * scale);
   }
 }
 
-template <typename scalar_t, Activation A>
-__global__ void group_norm_bwd_kernel(const scalar_t* __restrict__ gy, const scalar_t* __restrict__ x,
-                                      const at::opmath_type<scalar_t>* __restrict__ w,
-                                      const at::opmath_type<scalar_t>* __restrict__ b, const bool* __restrict__ present,
-                                      const at::opmath_type<scalar_t>* __restrict__ mean,
-                                      const at::opmath_type<scalar_t>* __restrict__ rstd, scalar_t* __restrict__ dx,
-                                      at::opmath_type<scalar_t>* __restrict__ dgamma,
-                                      at::opmath_type<scalar_t>* __restrict__ dbeta, int64_t M, int64_t C, int64_t G,
-                                      int64_t L) {
-  using acc_t = at::opmath_type<scalar_t>;
-  __shared__ typename BlockReduce<acc_t>::TempStorage tmp;
-  __shared__ acc_t result;
-  const int64_t t = blockIdx.x, pair = t / G, g = t % G, m = pair % M;
-  const int64_t Cg = C / G, n = Cg * L, part = pair * C + g * Cg;
-  if (!present[pair]) {
-    if (dx) for (int64_t i = threadIdx.x; i < n; i += blockDim.x) dx[t * n + i] = scalar_t(0);
-    for (int64_t c = threadIdx.x; c < Cg; c += blockDim.x) dgamma[part + c] = dbeta[part + c] = acc_t(0);
+// One thread per task: merge the chunks' (count, mean, M2) in chunk order.
+template <typename acc_t>
+__global__ void gn_merge_kernel(const double* __restrict__ part, int64_t tasks, int64_t chunks, double eps,
+                                acc_t* __restrict__ mean, acc_t* __restrict__ rstd) {
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (t >= tasks) return;
+  const double* p = part + t * chunks * 3;
+  double cnt = 0, mu = 0, m2 = 0;
+  for (int64_t s = 0; s < chunks; ++s) {
+    const double nb = p[3 * s];
+    if (nb == 0) continue;
+    const double tot = cnt + nb, delta = p[3 * s + 1] - mu;
+    mu += delta * (nb / tot);
+    m2 += p[3 * s + 2] + delta * delta * (cnt * nb / tot);
+    cnt = tot;
+  }
+  mean[t] = static_cast<acc_t>(mu);
+  rstd[t] = cnt > 0 ? static_cast<acc_t>(1.0 / sqrt(m2 / cnt + eps)) : acc_t(0);
+}
+
+// Row r's task and modality channel.
+struct RowInfo {
+  int64_t task, channel, pair;
+};
+__device__ __forceinline__ RowInfo row_info(int64_t r, int64_t M, int64_t C, int64_t G) {
+  const int64_t pair = r / C, c = r % C;
+  return {pair * G + c / (C / G), (pair % M) * C + c, pair};
+}
+
+template <typename scalar_t, typename acc_t, Activation A, int VEC>
+__global__ void __launch_bounds__(kThreads) gn_apply_kernel(const scalar_t* __restrict__ x, const acc_t* __restrict__ w,
+                                                            const acc_t* __restrict__ b,
+                                                            const bool* __restrict__ present,
+                                                            const acc_t* __restrict__ mean,
+                                                            const acc_t* __restrict__ rstd, scalar_t* __restrict__ y,
+                                                            int64_t M, int64_t C, int64_t G, int64_t L) {
+  const int64_t r = blockIdx.x;
+  const RowInfo ri = row_info(r, M, C, G);
+  const bool on = present[ri.pair];
+  const acc_t a = on ? rstd[ri.task] * w[ri.channel] : acc_t(0);
+  const acc_t s = on ? b[ri.channel] - mean[ri.task] * a : acc_t(0);
+  const scalar_t* xr = x + r * L;
+  scalar_t* yr = y + r * L;
+  const int64_t step = static_cast<int64_t>(gridDim.y) * kThreads * VEC * kApplyPacks;
+  for (int64_t l0 = (static_cast<int64_t>(blockIdx.y) * kThreads * kApplyPacks + threadIdx.x) * VEC; l0 < L;
+       l0 += step) {
+#pragma unroll
+    for (int u = 0; u < kApplyPacks; ++u) {
+      const int64_t l = l0 + static_cast<int64_t>(u) * kThreads * VEC;
+      if (l >= L) break;
+      if (VEC > 1 && l + VEC <= L) {
+        acc_t v[VEC] = {};
+        if (on) load_pack<scalar_t, VEC>(xr + l, v);
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) v[k] = on ? activate<A>(v[k] * a + s) : acc_t(0);
+        store_pack<scalar_t, VEC>(yr + l, v);
+      } else {
+        for (int k = 0; k < VEC && l + k < L; ++k)
+          yr[l + k] = on ? static_cast<scalar_t>(activate<A>(static_cast<acc_t>(xr[l + k]) * a + s)) : scalar_t(0);
+      }
+    }
+  }
+}
+
+// Backward pass 1 per (row, chunk of L): sum dz and sum dz * (x - mean), dz = dy * act'(z).
+template <typename scalar_t, typename acc_t, Activation A, int VEC>
+__global__ void __launch_bounds__(kThreads) gn_bwd_sums_kernel(const scalar_t* __restrict__ gy,
+                                                               const scalar_t* __restrict__ x,
+                                                               const acc_t* __restrict__ w,
+                                                               const acc_t* __restrict__ b,
+                                                               const bool* __restrict__ present,
+                                                               const acc_t* __restrict__ mean,
+                                                               const acc_t* __restrict__ rstd, int64_t M, int64_t C,
+                                                               int64_t G, int64_t L, int64_t chunks,
+                                                               double* __restrict__ part) {
+  __shared__ typename BlockReduce::TempStorage tmp;
+  const int64_t r = blockIdx.x / chunks, s = blockIdx.x % chunks;
+  const RowInfo ri = row_info(r, M, C, G);
+  double* out = part + (r * chunks + s) * 2;
+  if (!present[ri.pair]) {
+    if (threadIdx.x == 0) out[0] = out[1] = 0.0;
     return;
   }
-  const acc_t mu = mean[t], rs = rstd[t];
-  // Pass 1, per channel: sum dz and sum dz * xhat (dz = dy * act'(z)) -> dbeta, dgamma partials [B, M, C] (reduced
-  // over B by the caller: deterministic, no atomics); their w-weighted sums give the GroupNorm backward means.
-  acc_t sum_w_dz = 0, sum_w_dz_xhat = 0;
+  const acc_t mu = mean[ri.task], rs = rstd[ri.task], wc = w[ri.channel], bc = b[ri.channel];
+  const int64_t begin = s * kChunk, count = min(kChunk, L - begin);
+  acc_t xv[kElems], gv[kElems];
+  load_chunk<scalar_t, VEC>(x + r * L, begin, count, xv);
+  load_chunk<scalar_t, VEC>(gy + r * L, begin, count, gv);
+  acc_t s1 = 0, s2 = 0;
+#pragma unroll
+  for (int e = 0; e < kElems; ++e) {
+    const acc_t xc = xv[e] - mu;
+    const acc_t dz = gv[e] * activate_grad<A>(xc * rs * wc + bc);
+    s1 += dz;  // zero past count: gv is zero there
+    s2 += dz * xc;
+  }
+  double a = s1, c = s2;
+  block_sum2(a, c, tmp);
+  if (threadIdx.x == 0) {
+    out[0] = a;
+    out[1] = c;
+  }
+}
+
+// One thread per task: per channel sums over chunks (chunk order) -> dbeta, dgamma partials [B, M, C], and the
+// task's two GroupNorm-backward means coef[t] = (mean(dxhat), mean(dxhat * xhat)).
+template <typename acc_t>
+__global__ void gn_bwd_merge_kernel(const double* __restrict__ part, const acc_t* __restrict__ w,
+                                    const acc_t* __restrict__ rstd, const bool* __restrict__ present, int64_t tasks,
+                                    int64_t M, int64_t C, int64_t G, int64_t L, int64_t chunks,
+                                    acc_t* __restrict__ dgamma, acc_t* __restrict__ dbeta, acc_t* __restrict__ coef) {
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (t >= tasks) return;
+  const int64_t pair = t / G, g = t % G, Cg = C / G, m = pair % M;
+  const double rs = rstd[t];
+  double sw1 = 0, sw2 = 0;
   for (int64_t c = 0; c < Cg; ++c) {
-    const int64_t ch = m * C + g * Cg + c;
-    const acc_t wc = w[ch], bc = b[ch];
-    const scalar_t* xc = x + t * n + c * L;
-    const scalar_t* gc = gy + t * n + c * L;
-    acc_t s1 = 0, s2 = 0;
-    for (int64_t l = threadIdx.x; l < L; l += blockDim.x) {
-      const acc_t xhat = (static_cast<acc_t>(xc[l]) - mu) * rs;
-      const acc_t dz = static_cast<acc_t>(gc[l]) * activate_grad<A>(xhat * wc + bc);
-      s1 += dz;
-      s2 += dz * xhat;
+    const int64_t r = pair * C + g * Cg + c;
+    double s1 = 0, s2 = 0;
+    for (int64_t s = 0; s < chunks; ++s) {
+      s1 += part[(r * chunks + s) * 2];
+      s2 += part[(r * chunks + s) * 2 + 1];
     }
-    s1 = block_sum(s1, tmp, &result);
-    s2 = block_sum(s2, tmp, &result);
-    if (threadIdx.x == 0) {
-      dbeta[part + c] = s1;
-      dgamma[part + c] = s2;
+    s2 *= rs;
+    dbeta[r] = static_cast<acc_t>(s1);
+    dgamma[r] = static_cast<acc_t>(s2);
+    const double wc = w[m * C + g * Cg + c];
+    sw1 += wc * s1;
+    sw2 += wc * s2;
+  }
+  const bool on = present[pair];
+  const double n = static_cast<double>(Cg * L);
+  coef[2 * t] = on ? static_cast<acc_t>(sw1 / n) : acc_t(0);
+  coef[2 * t + 1] = on ? static_cast<acc_t>(sw2 / n) : acc_t(0);
+}
+
+template <typename scalar_t, typename acc_t, Activation A, int VEC>
+__global__ void __launch_bounds__(kThreads) gn_bwd_apply_kernel(const scalar_t* __restrict__ gy,
+                                                                const scalar_t* __restrict__ x,
+                                                                const acc_t* __restrict__ w,
+                                                                const acc_t* __restrict__ b,
+                                                                const bool* __restrict__ present,
+                                                                const acc_t* __restrict__ mean,
+                                                                const acc_t* __restrict__ rstd,
+                                                                const acc_t* __restrict__ coef,
+                                                                scalar_t* __restrict__ dx, int64_t M, int64_t C,
+                                                                int64_t G, int64_t L) {
+  const int64_t r = blockIdx.x;
+  const RowInfo ri = row_info(r, M, C, G);
+  const bool on = present[ri.pair];
+  const acc_t mu = mean[ri.task], rs = rstd[ri.task], wc = w[ri.channel], bc = b[ri.channel];
+  const acc_t c1 = coef[2 * ri.task], c2 = coef[2 * ri.task + 1];
+  const scalar_t* xr = x + r * L;
+  const scalar_t* gr = gy + r * L;
+  scalar_t* dr = dx + r * L;
+  const auto grad = [&](acc_t xv, acc_t gv) {
+    const acc_t xhat = (xv - mu) * rs;
+    const acc_t dz = gv * activate_grad<A>(xhat * wc + bc);
+    return on ? rs * (dz * wc - c1 - xhat * c2) : acc_t(0);
+  };
+  const int64_t step = static_cast<int64_t>(gridDim.y) * kThreads * VEC * kApplyPacks;
+  for (int64_t l0 = (static_cast<int64_t>(blockIdx.y) * kThreads * kApplyPacks + threadIdx.x) * VEC; l0 < L;
+       l0 += step) {
+#pragma unroll
+    for (int u = 0; u < kApplyPacks; ++u) {
+      const int64_t l = l0 + static_cast<int64_t>(u) * kThreads * VEC;
+      if (l >= L) break;
+      if (VEC > 1 && l + VEC <= L) {
+        acc_t xv[VEC] = {}, gv[VEC] = {}, out[VEC];
+        if (on) {
+          load_pack<scalar_t, VEC>(xr + l, xv);
+          load_pack<scalar_t, VEC>(gr + l, gv);
+        }
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) out[k] = grad(xv[k], gv[k]);
+        store_pack<scalar_t, VEC>(dr + l, out);
+      } else {
+        for (int k = 0; k < VEC && l + k < L; ++k)
+          dr[l + k] = static_cast<scalar_t>(on ? grad(static_cast<acc_t>(xr[l + k]), static_cast<acc_t>(gr[l + k]))
+                                               : acc_t(0));
+      }
     }
-    sum_w_dz += wc * s1;
-    sum_w_dz_xhat += wc * s2;
   }
-  if (!dx) return;
-  // Pass 2: dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)), dxhat = dz * w.
-  const acc_t c1 = sum_w_dz / n, c2 = sum_w_dz_xhat / n;
-  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
-    const int64_t ch = m * C + g * Cg + i / L;
-    const acc_t wc = w[ch];
-    const acc_t xhat = (static_cast<acc_t>(x[t * n + i]) - mu) * rs;
-    const acc_t dz = static_cast<acc_t>(gy[t * n + i]) * activate_grad<A>(xhat * wc + b[ch]);
-    dx[t * n + i] = static_cast<scalar_t>(rs * (dz * wc - c1 - xhat * c2));
-  }
+}
+
+// Column splits of an apply grid: enough CTAs for ~8 per SM on the largest GPUs whatever the row count (the
+// split does not change results: apply has no reduction).
+dim3 apply_grid(int64_t rows, int64_t L, int vec) {
+  const int64_t per_cta = static_cast<int64_t>(kThreads) * vec * kApplyPacks;
+  const int64_t want = std::max<int64_t>(1, 2048 / std::max<int64_t>(rows, 1));
+  return dim3(static_cast<unsigned>(rows),
+              static_cast<unsigned>(std::min<int64_t>({want, (L + per_cta - 1) / per_cta, 65535})));
+}
+
+// The 16-byte pack width for scalar_t when `elems` (a row or task length) keeps packs aligned, else 1.
+template <typename scalar_t>
+int pack_width(const at::Tensor& x, int64_t elems) {
+  constexpr int vec = 16 / sizeof(scalar_t);
+  return reinterpret_cast<uintptr_t>(x.const_data_ptr()) % 16 == 0 && elems % vec == 0 ? vec : 1;
+}
+
+// Calls f with the pack width as a compile-time constant: 16 / sizeof(scalar_t) when vec > 1, else 1.
+template <typename scalar_t, typename F>
+void dispatch_pack(int vec, F&& f) {
+  if (vec > 1) return f(std::integral_constant<int, 16 / sizeof(scalar_t)>{});
+  return f(std::integral_constant<int, 1>{});
+}
+
+void check_cuda_x(const char* op, const at::Tensor& x) {
+  TORCH_CHECK_VALUE(x.is_cuda(), op, ": x must be a CUDA tensor for the CUDA kernel, got ", x.device());
 }
 
 }  // namespace
@@ -140,6 +352,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> modality_group_norm_fwd_cuda(cons
                                                                             c10::string_view activation) {
   const int64_t L = check_group_norm_args(x, weight, bias, present, num_groups);
   const Activation act = parse_activation(activation);
+  check_group_norm_eps(eps);
+  check_cuda_x("modality_group_norm_fwd", x);
   const c10::cuda::CUDAGuard guard(x.device());
   const auto acc = at::toOpMathType(x.scalar_type());
   const auto xc = x.contiguous();
@@ -150,17 +364,43 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> modality_group_norm_fwd_cuda(cons
   auto rstd = at::empty_like(mean);
   const int64_t tasks = mean.numel();
   if (tasks == 0) return {y, mean, rstd};
+  const int64_t C = x.size(2), M = x.size(1), n = C / num_groups * L, rows = tasks / num_groups * C;
+  if (n == 0) {
+    mean.zero_();
+    rstd.zero_();
+    return {y, mean, rstd};
+  }
+  const int64_t chunks = (n + kChunk - 1) / kChunk;
+  TORCH_CHECK_VALUE(tasks * chunks <= 2147483647LL && rows <= 2147483647LL, "modality_group_norm_fwd: x is too "
+                    "large for the CUDA kernel (", x.sizes(), ")");
+  auto part = at::empty({tasks, chunks, 3}, x.options().dtype(at::kDouble));
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "modality_group_norm_fwd_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    dispatch_activation(act, [&](auto a) {
-      group_norm_fwd_kernel<scalar_t, decltype(a)::value><<<tasks, kThreads, 0, stream>>>(
-          xc.const_data_ptr<scalar_t>(), w.const_data_ptr<acc_t>(), b.const_data_ptr<acc_t>(),
-          pc.const_data_ptr<bool>(), y.mutable_data_ptr<scalar_t>(), mean.mutable_data_ptr<acc_t>(),
-          rstd.mutable_data_ptr<acc_t>(), x.size(1), x.size(2), num_groups, L, eps);
-    });
+    {
+      dispatch_pack<scalar_t>(pack_width<scalar_t>(xc, n), [&](auto v) {
+        gn_stats_kernel<scalar_t, decltype(v)::value><<<tasks * chunks, kThreads, 0, stream>>>(
+            xc.const_data_ptr<scalar_t>(), pc.const_data_ptr<bool>(), num_groups, n, chunks,
+            part.mutable_data_ptr<double>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+      gn_merge_kernel<acc_t><<<(tasks + kThreads - 1) / kThreads, kThreads, 0, stream>>>(
+          part.const_data_ptr<double>(), tasks, chunks, eps, mean.mutable_data_ptr<acc_t>(),
+          rstd.mutable_data_ptr<acc_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      const int vec = pack_width<scalar_t>(xc, L);
+      dispatch_activation(act, [&](auto a) {
+        dispatch_pack<scalar_t>(vec, [&](auto v) {
+          gn_apply_kernel<scalar_t, acc_t, decltype(a)::value, decltype(v)::value>
+              <<<apply_grid(rows, L, v), kThreads, 0, stream>>>(
+                  xc.const_data_ptr<scalar_t>(), w.const_data_ptr<acc_t>(), b.const_data_ptr<acc_t>(),
+                  pc.const_data_ptr<bool>(), mean.const_data_ptr<acc_t>(), rstd.const_data_ptr<acc_t>(),
+                  y.mutable_data_ptr<scalar_t>(), M, C, num_groups, L);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
+      });
+    }
   });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {y, mean, rstd};
 }
 
@@ -170,31 +410,61 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> modality_group_norm_bwd_cuda(
     c10::string_view activation, std::array<bool, 3> output_mask) {
   const int64_t L = check_group_norm_args(x, weight, bias, present, num_groups);
   const Activation act = parse_activation(activation);
-  TORCH_CHECK(grad_y.sizes() == x.sizes(), "modality_group_norm_bwd: grad_y must have x's shape ", x.sizes(),
-              ", got ", grad_y.sizes());
+  check_group_norm_bwd_args(grad_y, x, mean, rstd, num_groups);
+  check_cuda_x("modality_group_norm_bwd", x);
   const c10::cuda::CUDAGuard guard(x.device());
   const auto acc = at::toOpMathType(x.scalar_type());
   const auto xc = x.contiguous(), gc = grad_y.to(x.scalar_type()).contiguous();
   const auto w = weight.to(acc).contiguous(), b = bias.to(acc).contiguous();
   const auto pc = present.contiguous();
-  const auto mc = mean.to(acc).contiguous(), rc = rstd.to(acc).contiguous();
+  const auto mc = mean.contiguous(), rc = rstd.contiguous();
   at::Tensor dx = output_mask[0] ? at::empty_like(xc) : at::Tensor();
   auto dgamma = at::zeros({x.size(0), x.size(1), x.size(2)}, x.options().dtype(acc));
   auto dbeta = at::zeros_like(dgamma);
-  const int64_t tasks = mc.numel();
-  if (tasks > 0) {
+  const int64_t tasks = mc.numel(), C = x.size(2), M = x.size(1), rows = dgamma.numel();
+  if (tasks > 0 && L > 0) {
+    const int64_t chunks = (L + kChunk - 1) / kChunk;
+    TORCH_CHECK_VALUE(rows * chunks <= 2147483647LL, "modality_group_norm_bwd: x is too large for the CUDA kernel (",
+                      x.sizes(), ")");
+    auto part = at::empty({rows, chunks, 2}, x.options().dtype(at::kDouble));
+    auto coef = at::empty({tasks, 2}, x.options().dtype(acc));
     const auto stream = c10::cuda::getCurrentCUDAStream();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "modality_group_norm_bwd_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
-      dispatch_activation(act, [&](auto a) {
-        group_norm_bwd_kernel<scalar_t, decltype(a)::value><<<tasks, kThreads, 0, stream>>>(
-            gc.const_data_ptr<scalar_t>(), xc.const_data_ptr<scalar_t>(), w.const_data_ptr<acc_t>(),
-            b.const_data_ptr<acc_t>(), pc.const_data_ptr<bool>(), mc.const_data_ptr<acc_t>(),
-            rc.const_data_ptr<acc_t>(), dx.defined() ? dx.mutable_data_ptr<scalar_t>() : nullptr,
-            dgamma.mutable_data_ptr<acc_t>(), dbeta.mutable_data_ptr<acc_t>(), x.size(1), x.size(2), num_groups, L);
-      });
+      {
+        const int vec = std::min(pack_width<scalar_t>(xc, L), pack_width<scalar_t>(gc, L));
+        dispatch_activation(act, [&](auto a) {
+          dispatch_pack<scalar_t>(vec, [&](auto v) {
+            gn_bwd_sums_kernel<scalar_t, acc_t, decltype(a)::value, decltype(v)::value>
+                <<<rows * chunks, kThreads, 0, stream>>>(
+                    gc.const_data_ptr<scalar_t>(), xc.const_data_ptr<scalar_t>(), w.const_data_ptr<acc_t>(),
+                    b.const_data_ptr<acc_t>(), pc.const_data_ptr<bool>(), mc.const_data_ptr<acc_t>(),
+                    rc.const_data_ptr<acc_t>(), M, C, num_groups, L, chunks, part.mutable_data_ptr<double>());
+            C10_CUDA_KERNEL_LAUNCH_CHECK();
+          });
+        });
+        gn_bwd_merge_kernel<acc_t><<<(tasks + kThreads - 1) / kThreads, kThreads, 0, stream>>>(
+            part.const_data_ptr<double>(), w.const_data_ptr<acc_t>(), rc.const_data_ptr<acc_t>(),
+            pc.const_data_ptr<bool>(), tasks, M, C, num_groups, L, chunks, dgamma.mutable_data_ptr<acc_t>(),
+            dbeta.mutable_data_ptr<acc_t>(), coef.mutable_data_ptr<acc_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        if (dx.defined()) {
+          dispatch_activation(act, [&](auto a) {
+            dispatch_pack<scalar_t>(vec, [&](auto v) {
+              gn_bwd_apply_kernel<scalar_t, acc_t, decltype(a)::value, decltype(v)::value>
+                  <<<apply_grid(rows, L, v), kThreads, 0, stream>>>(
+                      gc.const_data_ptr<scalar_t>(), xc.const_data_ptr<scalar_t>(), w.const_data_ptr<acc_t>(),
+                      b.const_data_ptr<acc_t>(), pc.const_data_ptr<bool>(), mc.const_data_ptr<acc_t>(),
+                      rc.const_data_ptr<acc_t>(), coef.const_data_ptr<acc_t>(), dx.mutable_data_ptr<scalar_t>(), M, C,
+                      num_groups, L);
+              C10_CUDA_KERNEL_LAUNCH_CHECK();
+            });
+          });
+        }
+      }
     });
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  } else if (dx.defined()) {
+    dx.zero_();
   }
   at::Tensor dw = output_mask[1] ? dgamma.sum(0).to(weight.scalar_type()) : at::Tensor();
   at::Tensor db = output_mask[2] ? dbeta.sum(0).to(bias.scalar_type()) : at::Tensor();

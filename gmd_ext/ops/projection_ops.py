@@ -13,6 +13,19 @@ from gmd_ext.ops import reference
 from gmd_ext.ops._registry import triton_ops
 
 
+ROW_ALIGN = 64
+
+
+def padded_rows(K: int, N: int, *, dtype: torch.dtype, device) -> torch.Tensor:
+    """An uninitialised [K, N] tensor whose rows start on ROW_ALIGN = 64-element boundaries (row stride N rounded
+    up to 64, column stride 1): a buffer for the per-objective gradients G that every projection op reads with
+    128-bit loads. The CUDA kernels vectorise only when rows are 16-byte aligned, and Triton specialises a row
+    stride divisible by 16; a plain [K, N] buffer has neither unless N is a multiple of 16 (DSUNet3d: N % 16 = 3).
+    Costs at most 63 elements per row. The ops accept any row stride; this only makes them faster."""
+    stride = -(-N // ROW_ALIGN) * ROW_ALIGN
+    return torch.empty((K, stride), dtype=dtype, device=device)[:, :N]
+
+
 def _impl(name: str, backend: str | None, device: torch.device):
     chosen = _backend.resolve(backend, device)
     if chosen == "cpp":

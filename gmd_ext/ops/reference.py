@@ -191,9 +191,28 @@ def masked_conv_torch(x, weight, bias, index, counts, stride, padding, dilation,
     return out[:-1].view(out_shape)
 
 
+def _group_normalize(x, num_groups, eps):
+    """(x - mean) * rstd per group of x [P, C, *S], statistics as the kernels compute them (csrc/ds_common.h
+    group_norm_scale): the group is scaled by a power of two near 1 / mean|x| (exact) before the variance, so fp32
+    squares cannot overflow for large finite inputs (F.group_norm's do from |x| ~ 1.8e19 on), and the variance is
+    rescaled in fp64."""
+    P = x.shape[0]
+    xg = x.reshape(P, num_groups, -1)
+    with torch.no_grad():
+        mean_abs = xg.abs().mean(-1, keepdim=True)
+        _, e = torch.frexp(mean_abs)  # mean_abs = m 2^e, m in [0.5, 1)
+        usable = (mean_abs > 0) & torch.isfinite(mean_abs)
+        scale = torch.where(usable, torch.ldexp(torch.ones_like(mean_abs), 1 - e), torch.ones_like(mean_abs))
+    xs = xg * scale
+    mu = xs.mean(-1, keepdim=True)
+    var = (xs - mu).square().mean(-1, keepdim=True).double() / scale.double().square()
+    rstd = (var + eps).rsqrt().to(x.dtype)
+    return ((xs - mu) * (rstd / scale)).reshape(x.shape)
+
+
 def modality_group_norm_torch(x, weight, bias, present, num_groups, eps, activation, index=None):
-    """The packed form in plain torch: gather present pairs, F.group_norm with per-pair affine, scatter back.
-    index: the pair plan's index (gmd_ext.ops.ds_ops.PairPlan), else computed from present (a host sync on
+    """The packed form in plain torch: gather present pairs, normalise (_group_normalize) with per-pair affine,
+    scatter back. index: the pair plan's index (gmd_ext.ops.ds_ops.PairPlan), else computed from present (a host sync on
     CUDA; while torch.compile traces without a plan, the dense form runs instead)."""
     if index is None and torch.compiler.is_compiling():
         return modality_group_norm_reference(x, weight, bias, present, num_groups=num_groups, eps=eps,
@@ -207,7 +226,7 @@ def modality_group_norm_torch(x, weight, bias, present, num_groups, eps, activat
     # elementwise step; in fp16/bf16 that step (and its backward) would round once more than the fused kernels,
     # so low precision computes in fp32 and rounds once at the end.
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    yp = F.group_norm(xp.to(acc), num_groups, eps=eps)
+    yp = _group_normalize(xp.to(acc), num_groups, eps)
     yp = yp * weight.to(acc).index_select(0, mod).view(shape) + bias.to(acc).index_select(0, mod).view(shape)
     yp = _activate(yp, activation).to(x.dtype)
     return x.new_zeros((B * M, *x.shape[2:])).index_copy(0, idx, yp).view(x.shape)

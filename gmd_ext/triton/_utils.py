@@ -3,6 +3,7 @@
 The checks only read metadata (shape, dtype, device), never values, so the fake implementations reuse them and
 no launcher synchronises with the device.
 """
+import contextlib
 import functools
 import os
 
@@ -21,6 +22,14 @@ def check_device(op: str, name: str, t: torch.Tensor) -> None:
         return
     raise ValueError(f"{op}: {name} must be a cuda tensor (or cpu with TRITON_INTERPRET=1 set before triton is "
                      f"imported), got a {t.device.type} tensor")
+
+
+def device_guard(t: torch.Tensor):
+    """The launch context for tensors on t's device: Triton launches on the current CUDA device, so a cuda:1
+    tensor while cuda:0 is current would be read on the wrong device (an illegal memory access)."""
+    if t.device.type == "cuda":
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
 
 
 def check_same_device(op: str, name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:

@@ -139,11 +139,12 @@ def combine(G: torch.Tensor, c: torch.Tensor, shared: Optional[torch.Tensor], sh
         return out
     # bool -> uint8 is a free view; it spares the kernel Triton's i1 pointer handling.
     flags = shared.view(torch.uint8) if shared is not None else c
-    _combine_kernel[(triton.cdiv(N, COMBINE_BLOCK_N),)](
-        G, c, flags, _storage(out), K, N, G.stride(0), G.stride(1), c.stride(0), flags.stride(0),
-        float(shared_scale), float(other_scale), HAS_SHARED=shared is not None,
-        OUT_BF16=out.dtype == torch.bfloat16, BLOCK_K=COMBINE_BLOCK_K, BLOCK_N=COMBINE_BLOCK_N,
-        num_warps=COMBINE_NUM_WARPS, enable_fp_fusion=True)  # fma: one rounding per multiply-add
+    with _utils.device_guard(G):
+        _combine_kernel[(triton.cdiv(N, COMBINE_BLOCK_N),)](
+            G, c, flags, _storage(out), K, N, G.stride(0), G.stride(1), c.stride(0), flags.stride(0),
+            float(shared_scale), float(other_scale), HAS_SHARED=shared is not None,
+            OUT_BF16=out.dtype == torch.bfloat16, BLOCK_K=COMBINE_BLOCK_K, BLOCK_N=COMBINE_BLOCK_N,
+            num_warps=COMBINE_NUM_WARPS, enable_fp_fusion=True)  # fma: one rounding per multiply-add
     return out
 
 
@@ -157,8 +158,9 @@ def combine_rows(G: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
     if R == 0 or N == 0:
         return out
     grid = (triton.cdiv(N, ROWS_BLOCK_N), triton.cdiv(R, ROWS_BLOCK_R))
-    _combine_rows_kernel[grid](
-        G, A, _storage(out), R, K, N, G.stride(0), G.stride(1), A.stride(0), A.stride(1),
-        OUT_BF16=out.dtype == torch.bfloat16, BLOCK_R=ROWS_BLOCK_R, BLOCK_K=ROWS_BLOCK_K, BLOCK_N=ROWS_BLOCK_N,
-        num_warps=ROWS_NUM_WARPS, enable_fp_fusion=True)
+    with _utils.device_guard(G):
+        _combine_rows_kernel[grid](
+            G, A, _storage(out), R, K, N, G.stride(0), G.stride(1), A.stride(0), A.stride(1),
+            OUT_BF16=out.dtype == torch.bfloat16, BLOCK_R=ROWS_BLOCK_R, BLOCK_K=ROWS_BLOCK_K, BLOCK_N=ROWS_BLOCK_N,
+            num_warps=ROWS_NUM_WARPS, enable_fp_fusion=True)
     return out

@@ -21,6 +21,11 @@ BLOCK_K_MAX = 64
 # 32 x 128 at 8 warps 92 / 113; 64 x 64 at 8 warps 164 / 177 (two row tiles: 181 / 193). Rejected for stack
 # use: 16 x 512 and 32 x 256 at 8 warps (fp32), 64 x 64 at 4 warps and 64 x 128 with two row tiles. No GPU was
 # available to time them; with K <= 64 the kernel is memory-bound, so wide coalesced column tiles matter most.
+# K limit: the [programs, K, K] fp32 partial buffer and the (K / 64)^2 tile grid grow with K^2; beyond this the
+# C++ kernels (K <= 4096) or the torch backend serve.
+MAX_K = 1024
+# Programs are capped so that the partial buffer stays under this many bytes (K = 1024: 16 programs).
+MAX_PARTIAL_BYTES = 1 << 26
 CONFIGS = {16: dict(BLOCK_N=512, num_warps=4), 32: dict(BLOCK_N=128, num_warps=8), 64: dict(BLOCK_N=64, num_warps=8)}
 
 
@@ -54,7 +59,8 @@ def _gram_kernel(g_ptr, partial_ptr, K, N, stride_k, stride_n, cols_per_program,
         else:
             x_j = tl.load(base_j + col_off, mask=(rows_j < K)[:, None] & col_ok, other=0.0).to(tl.float32)
         acc = tl.dot(x_i, tl.trans(x_j), acc, input_precision=PRECISION)
-    out = partial_ptr + pid_n * K * K + rows_i[:, None] * K + rows_j[None, :]
+    # int64: programs * K * K passes 2^31 for K >~ 2000 on a 132-SM GPU.
+    out = partial_ptr + pid_n.to(tl.int64) * K * K + rows_i.to(tl.int64)[:, None] * K + rows_j[None, :]
     tl.store(out, acc, mask=(rows_i < K)[:, None] & (rows_j < K)[None, :])
 
 
@@ -67,8 +73,11 @@ def config(K: int, dtype: torch.dtype) -> dict:
 
 
 def check(G) -> None:
-    """G: a 2-D [K, N] float32/float16/bfloat16 tensor on a device Triton can run."""
+    """G: a 2-D [K, N] float32/float16/bfloat16 tensor on a device Triton can run, K <= MAX_K."""
     _utils.check_grads(_OP, G)
+    if G.shape[0] > MAX_K:
+        raise ValueError(f"{_OP}: the Triton kernel supports K <= {MAX_K} objectives, got K = {G.shape[0]} (use "
+                         f"backend='cpp' or 'torch')")
 
 
 def gram(G: torch.Tensor) -> torch.Tensor:
@@ -85,13 +94,14 @@ def gram(G: torch.Tensor) -> torch.Tensor:
     cfg = config(K, G.dtype)
     block_n = cfg["BLOCK_N"]
     blocks = triton.cdiv(N, block_n)
-    programs = min(blocks, _utils.max_programs(G.device))
+    programs = max(1, min(blocks, _utils.max_programs(G.device), MAX_PARTIAL_BYTES // (4 * K * K)))
     cols_per_program = triton.cdiv(blocks, programs) * block_n
     programs = triton.cdiv(N, cols_per_program)
     tiles = triton.cdiv(K, cfg["BLOCK_K"])
     # Lower tile pairs are never written; zeros keep them out of the reduction below.
     partial = torch.zeros((programs, K, K), dtype=torch.float32, device=G.device)
-    _gram_kernel[(programs, tiles, tiles)](G, partial, K, N, G.stride(0), G.stride(1), cols_per_program,
-                                            enable_fp_fusion=True, **cfg)  # fma: one rounding per multiply-add
+    with _utils.device_guard(G):
+        _gram_kernel[(programs, tiles, tiles)](G, partial, K, N, G.stride(0), G.stride(1), cols_per_program,
+                                                enable_fp_fusion=True, **cfg)  # fma: one rounding per multiply-add
     upper = partial.sum(0, dtype=torch.float64).triu()
     return (upper + upper.triu(1).T).float()

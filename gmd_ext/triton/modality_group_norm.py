@@ -1,12 +1,21 @@
 """Triton modality_group_norm (Dynamic Sharing, docs/design.md): GroupNorm per (b, m) pair with modality-specific
 affine [M, C] and a fused activation; absent pairs are skipped (zeros out, zero gradient).
 
-Layers: the kernels `_group_norm_fwd_kernel` / `_group_norm_bwd_kernel` (one program per (b, m, group)) and the
-launchers `group_norm_fwd` / `group_norm_bwd` (checks, block size). gmd_ext/ops/_registry.py registers them as
-the custom ops `gmd_ext::modality_group_norm_fwd_triton` / `gmd_ext::modality_group_norm_bwd_triton`.
+Layers: the kernels (below) and the launchers `group_norm_fwd` / `group_norm_bwd` (checks, grids, device guard).
+gmd_ext/ops/_registry.py registers them as the custom ops `gmd_ext::modality_group_norm_fwd_triton` /
+`gmd_ext::modality_group_norm_bwd_triton`.
 
-x [B, M, C, L] contiguous puts group g of pair (b, m) at [t * n, (t + 1) * n), t = (b * M + m) * G + g,
-n = C / G * L: each program streams one contiguous range.
+x [B, M, C, L] contiguous puts group t = (b * M + m) * G + g at [t * n, (t + 1) * n), n = C / G * L, and channel
+row r = (b * M + m) * C + c at [r * L, (r + 1) * L). The work is split so that every launch fills the GPU whatever
+B * M * G is (the CUDA kernels, csrc/cuda/modality_group_norm_cuda.cu, do the same):
+  forward:  _stats_kernel (task x chunk of CHUNK elements, held in registers: count, mean, M2 in fp64) ->
+            _merge_kernel (per task, chunks merged in order by Chan's formula: mean, rstd) ->
+            _apply_kernel (row x column block: y = act(x * a + s), a = rstd * w, s = b - mean * a).
+  backward: _bwd_sums_kernel (row x chunk: sum dz, sum dz * (x - mean)) -> _bwd_merge_kernel (per task: dgamma,
+            dbeta partials [B, M, C] and the two GroupNorm-backward means) -> _bwd_apply_kernel (dx).
+Statistics: centred second pass scaled by a power of two (as csrc/ds_common.h group_norm_scale), so the squares do
+not overflow fp32 for large finite inputs. Chunk counts depend on the shape only and merges run in a fixed order:
+deterministic, no atomics.
 """
 import torch
 import triton
@@ -15,147 +24,201 @@ import triton.language as tl
 from gmd_ext.triton import _utils
 from gmd_ext.triton.combine import _bf16_bits
 
-# Elements per loop iteration. 1024 fp32 with 4 warps is 8 per thread: wide 128-bit loads and no spills in the
-# sm_90 ahead-of-time compile (tests/test_modality_group_norm.py::test_aot_compile_sm90). No GPU was available
-# to time alternatives.
+# CHUNK elements per stats / sums program at 8 warps: 16 fp32 per thread (4 x 128-bit loads), no spills in the
+# sm_90 ahead-of-time compile (tests/test_modality_group_norm.py::test_aot_compile_sm90). BLOCK: elements per apply
+# iteration, 1024 at 4 warps = 8 per thread (two 128-bit loads for fp32, one for 16-bit). No GPU was available to
+# time alternatives.
+CHUNK = 4096
+CHUNK_WARPS = 8
 BLOCK = 1024
 NUM_WARPS = 4
+APPLY_PROGRAMS = 2048  # programs aimed at per apply launch (~8 per SM on the largest GPUs)
 _ACT = {"none": 0, "relu": 1, "leaky_relu": 2}
 
 
 @triton.jit
-def _group_norm_fwd_kernel(x_ptr, w_ptr, b_ptr, present_ptr, y_ptr, mean_ptr, rstd_ptr, M, C, G, L, eps,
-                           ACT: tl.constexpr, ACC: tl.constexpr, OUT_BF16: tl.constexpr, BLOCK: tl.constexpr):
-    t = tl.program_id(0).to(tl.int64)
-    pair = t // G
-    g = t % G
-    m = pair % M
-    cg = C // G
-    n = cg * L
-    base = t * n
-    offs = tl.arange(0, BLOCK)
-    if tl.load(present_ptr + pair) == 0:
-        for start in range(0, n, BLOCK):
-            idx = start + offs
-            ok = idx < n
-            if OUT_BF16:
-                tl.store(y_ptr + base + idx, tl.zeros([BLOCK], dtype=tl.uint16), mask=ok)
-            else:
-                tl.store(y_ptr + base + idx, tl.zeros([BLOCK], dtype=y_ptr.dtype.element_ty), mask=ok)
-        tl.store(mean_ptr + t, 0.0)
-        tl.store(rstd_ptr + t, 0.0)
-    else:
-        # Two passes (mean, then centred variance): no cancellation, unlike sum / sum of squares.
-        acc = tl.zeros([BLOCK], dtype=ACC)
-        for start in range(0, n, BLOCK):
-            idx = start + offs
-            acc += tl.load(x_ptr + base + idx, mask=idx < n, other=0.0).to(ACC)
-        mu = tl.sum(acc, 0) / n
-        acc = tl.zeros([BLOCK], dtype=ACC)
-        for start in range(0, n, BLOCK):
-            idx = start + offs
-            d = tl.load(x_ptr + base + idx, mask=idx < n, other=0.0).to(ACC) - mu
-            acc += tl.where(idx < n, d * d, 0.0)
-        rs = 1.0 / tl.sqrt(tl.sum(acc, 0) / n + eps)
-        tl.store(mean_ptr + t, mu)
-        tl.store(rstd_ptr + t, rs)
-        for start in range(0, n, BLOCK):
-            idx = start + offs
-            ok = idx < n
-            ch = m * C + g * cg + idx // L
-            w = tl.load(w_ptr + ch, mask=ok, other=0.0).to(ACC)
-            b = tl.load(b_ptr + ch, mask=ok, other=0.0).to(ACC)
-            xv = tl.load(x_ptr + base + idx, mask=ok, other=0.0).to(ACC)
-            z = (xv - mu) * rs * w + b
-            if ACT == 1:
-                z = tl.where(z > 0, z, 0.0)
-            elif ACT == 2:
-                z = tl.where(z > 0, z, z * 0.01)  # nn.LeakyReLU's default slope (gmd_ext.ops.reference.LEAKY_SLOPE)
-            if OUT_BF16:
-                tl.store(y_ptr + base + idx, _bf16_bits(z.to(tl.float32)), mask=ok)
-            else:
-                tl.store(y_ptr + base + idx, z.to(y_ptr.dtype.element_ty), mask=ok)
+def _pow2_scale(mean_abs):
+    """2^-e for mean_abs = m · 2^e (fp32 exponent field), 1 for zero, subnormal, inf or NaN: exact scaling."""
+    e = (mean_abs.to(tl.float32).to(tl.int32, bitcast=True) >> 23) & 0xFF
+    field = tl.minimum(tl.maximum(254 - e, 1), 254)
+    scale = (field << 23).to(tl.float32, bitcast=True)
+    return tl.where((e == 0) | (e == 255), 1.0, scale)
 
 
 @triton.jit
-def _group_norm_bwd_kernel(gy_ptr, x_ptr, w_ptr, b_ptr, present_ptr, mean_ptr, rstd_ptr, dx_ptr, dg_ptr, db_ptr,
-                           M, C, G, L, ACT: tl.constexpr, ACC: tl.constexpr, OUT_BF16: tl.constexpr,
-                           BLOCK: tl.constexpr):
-    """dx for one (b, m, group), and the per-pair channel partials dgamma/dbeta [B, M, C] (reduced over B by the
-    launcher: no atomics, so the result is deterministic)."""
+def _stats_kernel(x_ptr, present_ptr, part_ptr, G, n, chunks, ACC: tl.constexpr, CHUNK: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    t = pid // chunks
+    s = pid % chunks
+    out = part_ptr + pid * 3
+    if tl.load(present_ptr + t // G) == 0:
+        tl.store(out, 0.0)
+        tl.store(out + 1, 0.0)
+        tl.store(out + 2, 0.0)
+    else:
+        begin = s * CHUNK
+        count = tl.minimum(n - begin, CHUNK)
+        offs = tl.arange(0, CHUNK)
+        ok = offs < count
+        v = tl.load(x_ptr + t * n + begin + offs, mask=ok, other=0.0).to(ACC)
+        cnt = count.to(tl.float64)
+        c = (tl.sum(v, 0).to(tl.float64) / cnt).to(ACC)
+        scale = _pow2_scale(tl.sum(tl.abs(v), 0).to(tl.float64) / cnt).to(ACC)
+        d = tl.where(ok, (v - c) * scale, 0.0)
+        sd = tl.sum(d, 0).to(tl.float64)
+        sd2 = tl.sum(d * d, 0).to(tl.float64)
+        sc = scale.to(tl.float64)
+        tl.store(out, cnt)
+        tl.store(out + 1, c.to(tl.float64) + sd / cnt / sc)
+        tl.store(out + 2, tl.maximum(sd2 - sd * sd / cnt, 0.0) / (sc * sc))
+
+
+@triton.jit
+def _merge_kernel(part_ptr, mean_ptr, rstd_ptr, chunks, eps):
+    t = tl.program_id(0).to(tl.int64)
+    cnt = tl.zeros((), dtype=tl.float64)
+    mu = tl.zeros((), dtype=tl.float64)
+    m2 = tl.zeros((), dtype=tl.float64)
+    for s in range(0, chunks):
+        p = part_ptr + (t * chunks + s) * 3
+        nb = tl.load(p)
+        tot = tl.maximum(cnt + nb, 1.0)  # nb == 0 (absent) leaves cnt, mu, m2 unchanged
+        delta = tl.load(p + 1) - mu
+        mu += delta * (nb / tot)
+        m2 += tl.load(p + 2) + delta * delta * (cnt * nb / tot)
+        cnt += nb
+    tl.store(mean_ptr + t, mu.to(mean_ptr.dtype.element_ty))
+    rs = tl.where(cnt > 0, 1.0 / tl.sqrt(m2 / tl.maximum(cnt, 1.0) + eps), 0.0)
+    tl.store(rstd_ptr + t, rs.to(rstd_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _act(z, ACT: tl.constexpr):
+    if ACT == 1:
+        z = tl.where(z > 0, z, 0.0)
+    elif ACT == 2:
+        z = tl.where(z > 0, z, z * 0.01)  # nn.LeakyReLU's default slope (gmd_ext.ops.reference.LEAKY_SLOPE)
+    return z
+
+
+@triton.jit
+def _act_grad(gy, z, ACT: tl.constexpr):
+    """dy * act'(z), torch's convention at z == 0: relu' = 0, leaky_relu' = slope."""
+    if ACT == 1:
+        gy = tl.where(z > 0, gy, 0.0)
+    elif ACT == 2:
+        gy = tl.where(z > 0, gy, gy * 0.01)
+    return gy
+
+
+@triton.jit
+def _store(ptr, value, mask, OUT_BF16: tl.constexpr):
+    if OUT_BF16:
+        tl.store(ptr, _bf16_bits(value.to(tl.float32)), mask=mask)
+    else:
+        tl.store(ptr, value.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _row(r, M, C, G):
+    """Row r = (b * M + m) * C + c -> (pair, task, modality channel m * C + c)."""
+    pair = r // C
+    c = r % C
+    return pair, pair * G + c // (C // G), (pair % M) * C + c
+
+
+@triton.jit
+def _apply_kernel(x_ptr, w_ptr, b_ptr, present_ptr, mean_ptr, rstd_ptr, y_ptr, M, C, G, L, splits,
+                  ACT: tl.constexpr, ACC: tl.constexpr, OUT_BF16: tl.constexpr, BLOCK: tl.constexpr):
+    r = tl.program_id(0).to(tl.int64)
+    pair, t, ch = _row(r, M, C, G)
+    on = tl.load(present_ptr + pair) != 0
+    a = tl.load(rstd_ptr + t).to(ACC) * tl.load(w_ptr + ch).to(ACC)
+    sh = tl.load(b_ptr + ch).to(ACC) - tl.load(mean_ptr + t).to(ACC) * a
+    offs = tl.arange(0, BLOCK)
+    read_end = tl.where(on, L, 0)  # absent rows read nothing
+    for start in range(tl.program_id(1) * BLOCK, L, splits * BLOCK):
+        idx = start + offs
+        ok = idx < L
+        xv = tl.load(x_ptr + r * L + idx, mask=idx < read_end, other=0.0).to(ACC)
+        _store(y_ptr + r * L + idx, tl.where(on, _act(xv * a + sh, ACT), 0.0), ok, OUT_BF16)
+
+
+@triton.jit
+def _bwd_sums_kernel(gy_ptr, x_ptr, w_ptr, b_ptr, present_ptr, mean_ptr, rstd_ptr, part_ptr, M, C, G, L, chunks,
+                     ACT: tl.constexpr, ACC: tl.constexpr, CHUNK: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    r = pid // chunks
+    s = pid % chunks
+    pair, t, ch = _row(r, M, C, G)
+    out = part_ptr + pid * 2
+    if tl.load(present_ptr + pair) == 0:
+        tl.store(out, 0.0)
+        tl.store(out + 1, 0.0)
+    else:
+        mu = tl.load(mean_ptr + t).to(ACC)
+        rs = tl.load(rstd_ptr + t).to(ACC)
+        wc = tl.load(w_ptr + ch).to(ACC)
+        bc = tl.load(b_ptr + ch).to(ACC)
+        idx = s * CHUNK + tl.arange(0, CHUNK)
+        ok = idx < L
+        xc = tl.load(x_ptr + r * L + idx, mask=ok, other=0.0).to(ACC) - mu
+        gy = tl.load(gy_ptr + r * L + idx, mask=ok, other=0.0).to(ACC)
+        dz = _act_grad(gy, xc * rs * wc + bc, ACT)  # zero past L: gy is
+        tl.store(out, tl.sum(dz, 0).to(tl.float64))
+        tl.store(out + 1, tl.sum(dz * xc, 0).to(tl.float64))
+
+
+@triton.jit
+def _bwd_merge_kernel(part_ptr, w_ptr, rstd_ptr, present_ptr, dg_ptr, db_ptr, coef_ptr, M, C, G, L, chunks):
     t = tl.program_id(0).to(tl.int64)
     pair = t // G
     g = t % G
-    m = pair % M
     cg = C // G
-    n = cg * L
-    base = t * n
+    rs = tl.load(rstd_ptr + t).to(tl.float64)
+    sw1 = tl.zeros((), dtype=tl.float64)
+    sw2 = tl.zeros((), dtype=tl.float64)
+    for c in range(0, cg):
+        r = pair * C + g * cg + c
+        s1 = tl.zeros((), dtype=tl.float64)
+        s2 = tl.zeros((), dtype=tl.float64)
+        for s in range(0, chunks):
+            s1 += tl.load(part_ptr + (r * chunks + s) * 2)
+            s2 += tl.load(part_ptr + (r * chunks + s) * 2 + 1)
+        s2 = s2 * rs
+        tl.store(db_ptr + r, s1.to(db_ptr.dtype.element_ty))
+        tl.store(dg_ptr + r, s2.to(dg_ptr.dtype.element_ty))
+        wc = tl.load(w_ptr + (pair % M) * C + g * cg + c).to(tl.float64)
+        sw1 += wc * s1
+        sw2 += wc * s2
+    on = tl.load(present_ptr + pair) != 0
+    n = (cg * L).to(tl.float64)
+    tl.store(coef_ptr + 2 * t, tl.where(on, sw1 / n, 0.0).to(coef_ptr.dtype.element_ty))
+    tl.store(coef_ptr + 2 * t + 1, tl.where(on, sw2 / n, 0.0).to(coef_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _bwd_apply_kernel(gy_ptr, x_ptr, w_ptr, b_ptr, present_ptr, mean_ptr, rstd_ptr, coef_ptr, dx_ptr, M, C, G, L,
+                      splits, ACT: tl.constexpr, ACC: tl.constexpr, OUT_BF16: tl.constexpr, BLOCK: tl.constexpr):
+    """dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)), dxhat = dz * w."""
+    r = tl.program_id(0).to(tl.int64)
+    pair, t, ch = _row(r, M, C, G)
+    on = tl.load(present_ptr + pair) != 0
+    mu = tl.load(mean_ptr + t).to(ACC)
+    rs = tl.load(rstd_ptr + t).to(ACC)
+    wc = tl.load(w_ptr + ch).to(ACC)
+    bc = tl.load(b_ptr + ch).to(ACC)
+    c1 = tl.load(coef_ptr + 2 * t).to(ACC)
+    c2 = tl.load(coef_ptr + 2 * t + 1).to(ACC)
     offs = tl.arange(0, BLOCK)
-    if tl.load(present_ptr + pair) == 0:
-        for start in range(0, n, BLOCK):
-            idx = start + offs
-            ok = idx < n
-            if OUT_BF16:
-                tl.store(dx_ptr + base + idx, tl.zeros([BLOCK], dtype=tl.uint16), mask=ok)
-            else:
-                tl.store(dx_ptr + base + idx, tl.zeros([BLOCK], dtype=dx_ptr.dtype.element_ty), mask=ok)
-        for c in range(0, cg):
-            tl.store(dg_ptr + pair * C + g * cg + c, 0.0)
-            tl.store(db_ptr + pair * C + g * cg + c, 0.0)
-    else:
-        mu = tl.load(mean_ptr + t)
-        rs = tl.load(rstd_ptr + t)
-        # Pass 1, per channel: sum dz and sum dz * xhat (dz = dy * act'(z)); their w-weighted sums over the group
-        # are n * mean(dxhat) and n * mean(dxhat * xhat) of the GroupNorm backward.
-        sum_w_dz = tl.sum(tl.zeros([BLOCK], dtype=ACC), 0)
-        sum_w_dz_xhat = tl.sum(tl.zeros([BLOCK], dtype=ACC), 0)
-        for c in range(0, cg):
-            ch = m * C + g * cg + c
-            wc = tl.load(w_ptr + ch).to(ACC)
-            bc = tl.load(b_ptr + ch).to(ACC)
-            acc_dz = tl.zeros([BLOCK], dtype=ACC)
-            acc_dzx = tl.zeros([BLOCK], dtype=ACC)
-            for start in range(0, L, BLOCK):
-                idx = start + offs
-                ok = idx < L
-                xv = tl.load(x_ptr + base + c * L + idx, mask=ok, other=0.0).to(ACC)
-                gy = tl.load(gy_ptr + base + c * L + idx, mask=ok, other=0.0).to(ACC)
-                xhat = (xv - mu) * rs
-                dz = gy
-                # torch's convention at z == 0: relu' = 0, leaky_relu' = slope.
-                if ACT == 1:
-                    dz = tl.where(xhat * wc + bc > 0, gy, 0.0)
-                elif ACT == 2:
-                    dz = tl.where(xhat * wc + bc > 0, gy, gy * 0.01)
-                acc_dz += dz
-                acc_dzx += dz * xhat
-            dz_sum = tl.sum(acc_dz, 0)
-            dz_xhat_sum = tl.sum(acc_dzx, 0)
-            tl.store(db_ptr + pair * C + g * cg + c, dz_sum)
-            tl.store(dg_ptr + pair * C + g * cg + c, dz_xhat_sum)
-            sum_w_dz += wc * dz_sum
-            sum_w_dz_xhat += wc * dz_xhat_sum
-        c1 = sum_w_dz / n
-        c2 = sum_w_dz_xhat / n
-        # Pass 2: dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)), dxhat = dz * w.
-        for start in range(0, n, BLOCK):
-            idx = start + offs
-            ok = idx < n
-            ch = m * C + g * cg + idx // L
-            w = tl.load(w_ptr + ch, mask=ok, other=0.0).to(ACC)
-            b = tl.load(b_ptr + ch, mask=ok, other=0.0).to(ACC)
-            xhat = (tl.load(x_ptr + base + idx, mask=ok, other=0.0).to(ACC) - mu) * rs
-            gy = tl.load(gy_ptr + base + idx, mask=ok, other=0.0).to(ACC)
-            dz = gy
-            if ACT == 1:
-                dz = tl.where(xhat * w + b > 0, gy, 0.0)
-            elif ACT == 2:
-                dz = tl.where(xhat * w + b > 0, gy, gy * 0.01)
-            dx = rs * (dz * w - c1 - xhat * c2)
-            if OUT_BF16:
-                tl.store(dx_ptr + base + idx, _bf16_bits(dx.to(tl.float32)), mask=ok)
-            else:
-                tl.store(dx_ptr + base + idx, dx.to(dx_ptr.dtype.element_ty), mask=ok)
+    read_end = tl.where(on, L, 0)  # absent rows read nothing
+    for start in range(tl.program_id(1) * BLOCK, L, splits * BLOCK):
+        idx = start + offs
+        ok = idx < L
+        xhat = (tl.load(x_ptr + r * L + idx, mask=idx < read_end, other=0.0).to(ACC) - mu) * rs
+        gy = tl.load(gy_ptr + r * L + idx, mask=idx < read_end, other=0.0).to(ACC)
+        dz = _act_grad(gy, xhat * wc + bc, ACT)
+        _store(dx_ptr + r * L + idx, tl.where(on, rs * (dz * wc - c1 - xhat * c2), 0.0), ok, OUT_BF16)
 
 
 # ---------------------------------------------------------------- launchers
@@ -167,10 +230,14 @@ def check(op, x, weight, bias, present, num_groups, activation):
             _utils.check_same_device(op, name, t, "x", x)
     if not 4 <= x.dim() <= 6:
         raise ValueError(f"{op}: x must be [B, M, C, *S] with 1-3 spatial dims, got {tuple(x.shape)}")
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        raise TypeError(f"{op}: x must be float32, float16, bfloat16 or float64, got {x.dtype}")
     B, M, C = x.shape[:3]
     for name, t in (("weight", weight), ("bias", bias)):
         if tuple(t.shape) != (M, C):
             raise ValueError(f"{op}: {name} must be [M, C] = [{M}, {C}], got {tuple(t.shape)}")
+        if not t.dtype.is_floating_point:
+            raise TypeError(f"{op}: {name} must be floating point, got {t.dtype}")
     if present.dtype != torch.bool or tuple(present.shape) != (B, M):
         raise ValueError(f"{op}: present must be bool [B, M] = [{B}, {M}], got {present.dtype} "
                          f"{tuple(present.shape)}")
@@ -178,6 +245,24 @@ def check(op, x, weight, bias, present, num_groups, activation):
         raise ValueError(f"{op}: num_groups ({num_groups}) must be positive and divide C = {C}")
     if activation not in _ACT:
         raise ValueError(f"{op}: activation must be one of {tuple(_ACT)}, got {activation!r}")
+
+
+def check_bwd(op, grad_y, x, mean, rstd, num_groups):
+    """grad_y like x; mean / rstd exactly the forward's [B, M, num_groups] statistics (their dtype, x's device)."""
+    _utils.check_tensor(op, "grad_y", grad_y)
+    if tuple(grad_y.shape) != tuple(x.shape) or not grad_y.dtype.is_floating_point:
+        raise ValueError(f"{op}: grad_y must be a floating tensor of x's shape {tuple(x.shape)}, got {grad_y.dtype} "
+                         f"{tuple(grad_y.shape)}")
+    _utils.check_same_device(op, "grad_y", grad_y, "x", x)
+    want = (x.shape[0], x.shape[1], num_groups)
+    for name, t in (("mean", mean), ("rstd", rstd)):
+        _utils.check_tensor(op, name, t)
+        if tuple(t.shape) != want:
+            raise ValueError(f"{op}: {name} must be [B, M, num_groups] = {list(want)} (the forward's statistics), "
+                             f"got {list(t.shape)}")
+        if t.dtype != _acc(x):
+            raise TypeError(f"{op}: {name} must be {_acc(x)} (the forward's statistics dtype), got {t.dtype}")
+        _utils.check_same_device(op, name, t, "x", x)
 
 
 def _acc(x):
@@ -191,9 +276,15 @@ def _storage(t):
 
 def _kernel_args(x, weight, bias, present):
     acc = _acc(x)
-    L = x[0, 0, 0].numel()
+    B, M, C = x.shape[:3]
+    L = x.numel() // (B * M * C) if B * M * C else 0  # x[0, 0, 0] would raise for an empty B, M or C
     return (x.contiguous(), weight.to(acc).contiguous(), bias.to(acc).contiguous(),
             present.contiguous().view(torch.uint8), L, tl.float64 if acc == torch.float64 else tl.float32)
+
+
+def _splits(rows: int, L: int) -> int:
+    """Column blocks per row of an apply launch: ~APPLY_PROGRAMS programs in total (no effect on the result)."""
+    return max(1, min(triton.cdiv(L, BLOCK), APPLY_PROGRAMS // max(rows, 1)))
 
 
 def group_norm_fwd(x, weight, bias, present, num_groups: int, eps: float, activation: str):
@@ -203,34 +294,50 @@ def group_norm_fwd(x, weight, bias, present, num_groups: int, eps: float, activa
     B, M, C = x.shape[:3]
     xc, w, b, flags, L, acc = _kernel_args(x, weight, bias, present)
     y = torch.empty_like(xc)
-    mean = torch.empty((B, M, num_groups), dtype=_acc(x), device=x.device)
-    rstd = torch.empty_like(mean)
-    if y.numel():
-        _group_norm_fwd_kernel[(B * M * num_groups,)](
-            xc, w, b, flags, _storage(y), mean, rstd, M, C, num_groups, L, float(eps), ACT=_ACT[activation],
-            ACC=acc, OUT_BF16=x.dtype == torch.bfloat16, BLOCK=BLOCK, num_warps=NUM_WARPS)
-    else:
-        mean.zero_()
-        rstd.zero_()
+    mean = torch.zeros((B, M, num_groups), dtype=_acc(x), device=x.device)
+    rstd = torch.zeros_like(mean)
+    tasks, n, rows = mean.numel(), C // num_groups * L if C else 0, B * M * C
+    if y.numel() == 0:
+        return y, mean, rstd
+    chunks = triton.cdiv(n, CHUNK)
+    part = torch.empty((tasks, chunks, 3), dtype=torch.float64, device=x.device)
+    splits = _splits(rows, L)
+    with _utils.device_guard(x):
+        _stats_kernel[(tasks * chunks,)](xc, flags, part, num_groups, n, chunks, ACC=acc, CHUNK=CHUNK,
+                                         num_warps=CHUNK_WARPS)
+        _merge_kernel[(tasks,)](part, mean, rstd, chunks, float(eps), num_warps=1)
+        _apply_kernel[(rows, splits)](xc, w, b, flags, mean, rstd, _storage(y), M, C, num_groups, L, splits,
+                                      ACT=_ACT[activation], ACC=acc, OUT_BF16=x.dtype == torch.bfloat16,
+                                      BLOCK=BLOCK, num_warps=NUM_WARPS)
     return y, mean, rstd
 
 
 def group_norm_bwd(grad_y, x, weight, bias, present, mean, rstd, num_groups: int, activation: str):
     """-> (grad_x in x's dtype, grad_weight, grad_bias in their parameters' dtypes); absent pairs give nothing.
     All three always: the kernel produces the affine partials on its way to dx at no extra pass."""
-    check("modality_group_norm_bwd_triton", x, weight, bias, present, num_groups, activation)
+    op = "modality_group_norm_bwd_triton"
+    check(op, x, weight, bias, present, num_groups, activation)
+    check_bwd(op, grad_y, x, mean, rstd, num_groups)
     B, M, C = x.shape[:3]
     xc, w, b, flags, L, acc = _kernel_args(x, weight, bias, present)
     gy = grad_y.to(x.dtype).contiguous()
-    dx = torch.empty_like(xc)
-    dg = torch.empty((B, M, C), dtype=_acc(x), device=x.device)
-    db = torch.empty_like(dg)
+    dx = torch.zeros_like(xc)
+    dg = torch.zeros((B, M, C), dtype=_acc(x), device=x.device)
+    db = torch.zeros_like(dg)
+    tasks, rows = B * M * num_groups, B * M * C
     if x.numel():
-        _group_norm_bwd_kernel[(B * M * num_groups,)](
-            gy, xc, w, b, flags, mean.contiguous(), rstd.contiguous(), _storage(dx), dg, db, M, C, num_groups, L,
-            ACT=_ACT[activation], ACC=acc, OUT_BF16=x.dtype == torch.bfloat16, BLOCK=BLOCK, num_warps=NUM_WARPS)
-    else:
-        dx.zero_()
-        dg.zero_()
-        db.zero_()
+        chunks = triton.cdiv(L, CHUNK)
+        part = torch.empty((rows, chunks, 2), dtype=torch.float64, device=x.device)
+        coef = torch.empty((tasks, 2), dtype=_acc(x), device=x.device)
+        splits = _splits(rows, L)
+        with _utils.device_guard(x):
+            _bwd_sums_kernel[(rows * chunks,)](gy, xc, w, b, flags, mean.contiguous(), rstd.contiguous(), part, M, C,
+                                               num_groups, L, chunks, ACT=_ACT[activation], ACC=acc, CHUNK=CHUNK,
+                                               num_warps=CHUNK_WARPS)
+            _bwd_merge_kernel[(tasks,)](part, w, rstd.contiguous(), flags, dg, db, coef, M, C, num_groups, L, chunks,
+                                        num_warps=1)
+            _bwd_apply_kernel[(rows, splits)](gy, xc, w, b, flags, mean.contiguous(), rstd.contiguous(), coef,
+                                              _storage(dx), M, C, num_groups, L, splits, ACT=_ACT[activation],
+                                              ACC=acc, OUT_BF16=x.dtype == torch.bfloat16, BLOCK=BLOCK,
+                                              num_warps=NUM_WARPS)
     return dx, dg.sum(0).to(weight.dtype), db.sum(0).to(bias.dtype)

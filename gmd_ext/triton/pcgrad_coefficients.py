@@ -37,10 +37,12 @@ def _pcgrad_coefficients_kernel(gram_ptr, perms_ptr, a_ptr, K, stride_gi, stride
     v = tl.load(gram_ptr + rows[:, None] * stride_gi + cols[None, :] * stride_gj, mask=tile_ok,
                 other=0.0).to(tl.float64)
     a = tl.where(rows[:, None] == cols[None, :], 1.0, 0.0).to(tl.float64)
+    bad = tl.zeros([BLOCK_R], dtype=tl.int1)
     for t in range(K):
         j = tl.load(perms_ptr + rows * stride_pi + t * stride_pj, mask=row_ok, other=0)
-        # Out-of-range j (see _check_perms_range) is skipped rather than read out of bounds.
+        # An out-of-range j (see _check_perms_range) is skipped rather than read out of bounds, and makes its row NaN.
         valid = row_ok & (j >= 0) & (j < K)
+        bad = bad | (row_ok & ~valid)
         j = tl.where(valid, j, 0)
         hit = cols[None, :] == j[:, None]
         v_j = tl.sum(tl.where(hit, v, 0.0), axis=1)
@@ -52,6 +54,7 @@ def _pcgrad_coefficients_kernel(gram_ptr, perms_ptr, a_ptr, K, stride_gi, stride
                         mask=valid[:, None] & tile_ok, other=0.0).to(tl.float64)
         # where, not v - 0 * Γ_j: a skipped j must leave v untouched even where Γ_j holds an inf.
         v = tl.where(project[:, None], v - alpha[:, None] * row_j, v)
+    a = tl.where(bad[:, None], float("nan"), a)
     tl.store(a_ptr + rows[:, None] * K + cols[None, :], a.to(tl.float32), mask=tile_ok)
 
 
@@ -72,8 +75,8 @@ def check(gram, perms) -> None:
 
 def _check_perms_range(perms: torch.Tensor) -> None:
     """Out-of-range orders are caught here for CPU tensors (no device sync needed). On CUDA, where checking would
-    sync, the kernel skips an out-of-range j instead of reading out of bounds; project_conflicts validates the
-    order fully before launching."""
+    sync, the kernel skips an out-of-range j instead of reading out of bounds and makes that row of A NaN (as the
+    CUDA kernel does); project_conflicts validates the order fully before launching."""
     if perms.device.type == "cpu" and perms.numel() and (perms.min() < 0 or perms.max() >= perms.shape[0]):
         bad = ((perms < 0) | (perms >= perms.shape[0])).any(dim=1).nonzero()[0, 0].item()
         raise ValueError(f"{_OP}: perms entries must lie in [0, K) = [0, {perms.shape[0]}), row {bad} is "
@@ -98,6 +101,7 @@ def pcgrad_coefficients(gram: torch.Tensor, perms: torch.Tensor) -> torch.Tensor
     if K == 0:
         return A
     cfg = config(K)
-    _pcgrad_coefficients_kernel[(triton.cdiv(K, cfg["BLOCK_R"]),)](
-        gram, perms, A, K, gram.stride(0), gram.stride(1), perms.stride(0), perms.stride(1), **cfg)
+    with _utils.device_guard(gram):
+        _pcgrad_coefficients_kernel[(triton.cdiv(K, cfg["BLOCK_R"]),)](
+            gram, perms, A, K, gram.stride(0), gram.stride(1), perms.stride(0), perms.stride(1), **cfg)
     return A
