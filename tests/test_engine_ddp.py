@@ -150,6 +150,13 @@ def _worker(rank, world, port, out_dir):
         result["no_ddp_module"] = None
     except RuntimeError as e:
         result["no_ddp_module"] = str(e)
+    # What each rank keeps: one scratch row + [K, ⌈N/W⌉] shards (reduce_scatter), [K, local shard] rows (FSDP2).
+    for name, model in (("rs_memory", Net()), ("fsdp_memory", fsdp_net())):
+        gmd = GMD(torch.optim.SGD(model.parameters(), lr=0.1), seed=3, communication="reduce_scatter",
+                  **({} if name == "fsdp_memory" else {"process_group": dist.group.WORLD}))
+        gmd.backward(losses_of(model(x[shard]), y[shard]))
+        result[name] = ([tuple(b.G.shape) for b in gmd._bufs.buffers],
+                        [tuple(t.shape) for t in getattr(gmd.comm, "_shards", [])])
     # The last rank passes one objective fewer: every rank fails at the next step, before any row moves.
     model = Net()
     gmd = GMD(torch.optim.SGD(model.parameters(), lr=0.1), process_group=dist.group.WORLD, seed=3,
@@ -223,6 +230,20 @@ def test_ranks_equal_one_process_on_concatenated_batch(ranks, variant, one_threa
             torch.testing.assert_close(m, r, **tol)
         for p, r in zip(params, ref_params):
             torch.testing.assert_close(p, r, **tol)
+
+
+def test_per_rank_gradient_memory(ranks):
+    """reduce_scatter: N + K·⌈N/W⌉ elements (one padded scratch row + the shards); FSDP2: K·N/W (the rows of the
+    local shards; the merged shard is one more N/W)."""
+    world, out = ranks
+    K, N = 3, sum(p.numel() for p in Net().parameters())
+    S = -(-N // world)
+    for rank in range(world):
+        res = torch.load(out / f"equal_{rank}.pt")
+        assert res["rs_memory"] == ([(1, S * world)], [(K, S)])
+        (fsdp_rows,), _ = res["fsdp_memory"]
+        assert fsdp_rows[0] == K and fsdp_rows[1] <= sum(-(-p.shape[0] // world) * p[0].numel()
+                                                         for p in Net().parameters())
 
 
 def test_ranks_diverging_in_k_fail_fast(ranks):

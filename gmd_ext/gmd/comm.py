@@ -31,9 +31,12 @@ import torch
 from gmd_ext.gmd.buffers import GradBuffers
 
 COMMUNICATIONS = ("auto", "all_reduce", "reduce_scatter")
-# communication="auto" switches to "reduce_scatter" from this many gradient elements per rank on. Below it the
-# K + 1 extra collective latencies outweigh the halved volume (bench/bench_distributed.py, gloo, 2-core CPU box).
-REDUCE_SCATTER_MIN_NUMEL = 1 << 16
+# communication="auto" switches to "reduce_scatter" from this many trainable elements on. Measured with
+# bench/bench_distributed.py (gloo, 2-core CPU box, loaded): all-reduce is faster at N = 8.6k and 133k for
+# W = 2 and 4 (reduce-scatter waits on each row before the next backward, 2-3 collectives more per step);
+# at N = 2.1M, K = 15 reduce-scatter is 1.46x faster on 4 ranks and 0.54x on 2. It always halves the values sent
+# and the gradient memory, which is what counts where the link, not the CPU, is the bottleneck.
+REDUCE_SCATTER_MIN_NUMEL = 1 << 21
 
 
 def make_comm(ddp_module=None, process_group=None, communication: str = "auto", numel: int = 0) -> "Comm":

@@ -113,6 +113,11 @@ class GMD:
             "skip" (grads cleared, info.skipped = True, `step()` does nothing), or "propagate" (no check, no host
             synchronisation: the merged gradient becomes NaN everywhere — what torch.amp.GradScaler needs, below).
 
+            FSDP2: on a model sharded with torch.distributed.fsdp.fully_shard (its parameters are DTensors) GMD
+            needs neither argument: FSDP reduce-scatters each objective's gradient, GMD keeps the K local shards
+            (K·N/W per rank), all-reduces their K×K Gramians on the mesh's group and sets the merged shard as the
+            DTensor .grad. Supported: a 1-D mesh, any reshard_after_forward, MixedPrecisionPolicy(param_dtype,
+            reduce_dtype); not HSDP, not strategy="batched" (gmd_ext/gmd/fsdp.py).
         communication: under ddp_module= / process_group=, "reduce_scatter" (row k reduce-scattered right after
             backward k, the shard Gramians all-reduced, the merged shard all-gathered: (K + 1)·N values sent per
             rank instead of 2·K·N, gradient memory N + K·N/W instead of K·N), "all_reduce" (every row all-reduced)
@@ -143,7 +148,9 @@ class GMD:
     Host synchronisation on CUDA: at most one per step — the finiteness check (nonfinite "raise"/"skip") and
     the monitor's info share one device-to-host copy; none with nonfinite="propagate", no monitor and a
     "random", "sequential" or fixed tensor order (random orders are drawn on the CPU and copied from pinned
-    memory). A callable order is validated every step (one synchronisation).
+    memory). A callable order is validated every step (one synchronisation). Across ranks, one more: every rank
+    checks that all ranks pass the same K (a 2-value all-reduce read on the host), so a diverging rank fails fast
+    with the ranks' values instead of hanging in mismatched row collectives.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, *, reduction: str = "mean", order="random",

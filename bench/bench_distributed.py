@@ -1,0 +1,264 @@
+"""GMD across processes (gloo, W ranks on this machine): values sent per rank per step, step time, peak memory.
+
+Providers, on an MLP with K one-output heads (K objectives; N trainable elements), each rank on its own batch:
+  ddp            plain DDP: one backward of the summed losses, DDP's bucketed all-reduce
+  gmd_all_reduce GMD(ddp_module=ddp, communication="all_reduce"): every objective row all-reduced
+  gmd_rs         GMD(ddp_module=ddp, communication="reduce_scatter"): rows reduce-scattered, Γ all-reduced,
+                 merged shard all-gathered
+  gmd_fsdp       GMD on the model sharded with fully_shard (each Linear and the root; default options)
+
+values_sent: counted by wrapping every collective the step issues (torch.distributed.* functions, and DDP's
+bucket all-reduces through a comm hook) and charging each the values a ring algorithm sends per rank: all-reduce
+of n values 2·n·(W−1)/W, reduce-scatter of an n-value input and all-gather of an n-value output n·(W−1)/W.
+peak_mib: peak bytes live during one full first step (wrapper construction, forward, backward, communication,
+optimizer step), parameters excluded, by torch.distributed._tools.mem_tracker.MemTracker; the maximum over ranks.
+Forward activations are included and equal across providers, so differences between providers are their
+gradient and communication memory. step_ms: median over --steps steps of rank 0 (providers interleaved, one
+barrier before each step).
+
+Low-memory mode: peak_mib of one GMD step on DSUNet3d (one process, K subset objectives) with memory="default"
+and memory="low", by the same tracker, over the backward passes, projection and optimizer step (the K subset
+forwards run before the window, so this is the gradient memory plus the backward's transient buffers).
+
+    python bench/bench_distributed.py            # bench/results/distributed.csv + distributed.md
+    python bench/bench_distributed.py --quick    # tiny sizes, bench/results/distributed_quick.csv
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import sys
+import time
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import utils  # noqa: E402
+
+from gmd_ext import GMD, DSUNet3d, sample_subsets  # noqa: E402
+
+PROVIDERS = ("ddp", "gmd_all_reduce", "gmd_rs", "gmd_fsdp")
+BATCH = 8
+
+
+class Heads(nn.Module):
+    def __init__(self, width: int, K: int):
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU())
+        self.heads = nn.ModuleList(nn.Linear(width, 1) for _ in range(K))
+
+    def forward(self, x):
+        z = self.trunk(x)
+        return [h(z) for h in self.heads]
+
+
+class Counter:
+    """Values each rank sends, per collective kind, charged by the ring-algorithm rule of the module docstring."""
+
+    WRAPPED = {"all_reduce": (0, 2.0), "reduce_scatter_tensor": (1, 1.0), "reduce_scatter_single": (1, 1.0),
+               "all_gather_into_tensor": (0, 1.0), "all_gather_single": (0, 1.0)}
+
+    def __init__(self, world: int):
+        self.world = world
+        self.values = 0.0
+        self.calls = 0
+        self._orig = {}
+
+    def charge(self, numel: int, factor: float):
+        self.values += factor * numel * (self.world - 1) / self.world
+        self.calls += 1
+
+    def install(self):
+        for name, (arg, factor) in self.WRAPPED.items():
+            orig = getattr(dist, name)
+            self._orig[name] = orig
+
+            def wrapped(*args, _orig=orig, _arg=arg, _factor=factor, **kwargs):
+                t = args[_arg] if len(args) > _arg else next(iter(kwargs.values()))
+                self.charge(t.numel(), _factor)
+                return _orig(*args, **kwargs)
+            setattr(dist, name, wrapped)
+
+    def ddp_hook(self):
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+        def hook(state, bucket):
+            self.charge(bucket.buffer().numel(), 2.0)
+            return allreduce_hook(state, bucket)
+        return hook
+
+
+def build(provider: str, width: int, K: int, counter: Counter):
+    torch.manual_seed(0)
+    model = Heads(width, K)
+    if provider == "gmd_fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for m in model.modules():
+            if isinstance(m, nn.Linear):
+                fully_shard(m)
+        fully_shard(model)
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+        gmd = GMD(opt, seed=0)
+        return model, lambda losses: (gmd.zero_grad(), gmd.backward(losses), gmd.step())
+    ddp = nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    if provider == "ddp":
+        ddp.register_comm_hook(None, counter.ddp_hook())
+
+        def step(losses):
+            opt.zero_grad(set_to_none=True)
+            sum(losses).backward()
+            opt.step()
+        return ddp, step
+    gmd = GMD(opt, ddp_module=ddp, seed=0,
+              communication="all_reduce" if provider == "gmd_all_reduce" else "reduce_scatter")
+    return ddp, lambda losses: (gmd.zero_grad(), gmd.backward(losses), gmd.step())
+
+
+def losses_of(outs, y):
+    return [((o - y) ** 2).mean() for o in outs]
+
+
+def peak_mib(fn):
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    mt = MemTracker()
+    with mt:
+        out = fn()
+    snap = mt.get_tracker_snapshot("peak")
+    dev = snap[torch.device("cpu")]  # the tracker also keeps a "meta" device entry
+    total = dev["Total"] - sum(v for k, v in dev.items() if str(k).endswith("PARAM"))
+    return total / 2 ** 20, out
+
+
+def _rank(rank, world, port, cases, steps, out_path):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=120))
+    counter = Counter(world)
+    counter.install()
+    rows = []
+    g = torch.Generator().manual_seed(rank)
+    for width, K in cases:
+        x, y = torch.randn(BATCH, width, generator=g), torch.randn(BATCH, 1, generator=g)
+        built, values, peaks, times = {}, {}, {}, {p: [] for p in PROVIDERS}
+        for p in PROVIDERS:
+            def first(p=p):
+                model, step = build(p, width, K, counter)
+                step(losses_of(model(x), y))
+                return model, step
+            dist.barrier()
+            peak, built[p] = peak_mib(first)
+            peaks[p] = peak
+        N = sum(q.numel() for q in Heads(width, K).parameters())
+        for _ in range(steps):
+            for p in PROVIDERS:
+                model, step = built[p]
+                dist.barrier()
+                counter.values, counter.calls = 0.0, 0
+                t0 = time.perf_counter()
+                step(losses_of(model(x), y))
+                times[p].append((time.perf_counter() - t0) * 1e3)
+                values[p] = (counter.values, counter.calls)
+        peak_all = torch.tensor([peaks[p] for p in PROVIDERS])
+        dist.all_reduce(peak_all, op=dist.ReduceOp.MAX)
+        for p, pk in zip(PROVIDERS, peak_all.tolist()):
+            rows.append(dict(world=world, K=K, N=N, provider=p, values_sent=int(round(values[p][0])),
+                             collectives=values[p][1], values_per_N=values[p][0] / N,
+                             step_ms=statistics.median(times[p]), peak_mib=pk, note=""))
+    if rank == 0:
+        torch.save(rows, out_path)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def distributed_rows(world, cases, steps, tmp):
+    out = os.path.join(tmp, f"rows_{world}.pt")
+    mp.start_processes(_rank, args=(world, _free_port(), cases, steps, out), nprocs=world, start_method="spawn")
+    return torch.load(out)
+
+
+def lowmem_rows(width, size, Ks):
+    torch.set_num_threads(1)
+    rows = []
+    bce = nn.functional.binary_cross_entropy_with_logits
+    x = torch.randn(1, 4, size, size, size)
+    y = (torch.rand(1, 3, size, size, size) > 0.5).float()
+    for K in Ks:
+        for memory in ("default", "low"):
+            torch.manual_seed(0)
+            model = DSUNet3d(width=width)
+            N = sum(p.numel() for p in model.parameters())
+            big = max(p.numel() for p in model.parameters())
+            chosen = sample_subsets(model.modalities, K, torch.Generator().manual_seed(0))
+
+            gmd = GMD(torch.optim.SGD(model.parameters(), lr=1e-3), seed=0, memory=memory)
+            # The forwards run outside the tracked window (the tracker refuses a module called K times in it):
+            # the window is the backward passes, projection and optimizer step.
+            losses = {s.name: bce(model(x, s.mask[None]), y) for s in chosen}
+
+            def step():
+                t0 = time.perf_counter()
+                gmd.backward(losses)
+                gmd.step()
+                return (time.perf_counter() - t0) * 1e3
+            peak, ms = peak_mib(step)
+            rows.append(dict(world=1, K=K, N=N, provider=f"DSUNet3d_memory_{memory}", values_sent=0, collectives=0,
+                             values_per_N=0.0, step_ms=ms, peak_mib=peak,
+                             note=f"width {width}, {size}^3, max|param| {big}, "
+                                  f"N·4 B = {N * 4 / 2 ** 20:.1f} MiB, K·N·4 B = {K * N * 4 / 2 ** 20:.1f} MiB"))
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="tiny sizes (a smoke run; separate CSV)")
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--worlds", default="2,4")
+    args = ap.parse_args()
+    widths = (32, 128) if args.quick else (64, 256, 1024)
+    Ks = (4, 15)
+    cases = [(w, K) for w in widths for K in Ks]
+    import tempfile
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for world in (int(w) for w in args.worlds.split(",")):
+            rows += distributed_rows(world, cases, 2 if args.quick else args.steps, tmp)
+    rows += lowmem_rows(0.25, 16, (4,) if args.quick else (4, 15))
+    common = utils.common_fields()
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    out = [{**common, "bench": "distributed", "timestamp": stamp, "device": "cpu", "backend": "gloo", **r}
+           for r in rows]
+    name = "distributed_quick" if args.quick else "distributed"
+    path = utils.write_csv(name, out, append=True)
+
+    ar = {(r["world"], r["K"], r["N"]): r["values_sent"] for r in rows if r["provider"] == "gmd_all_reduce"}
+    table = [[r["world"], r["K"], r["N"], r["provider"], r["values_sent"], r["collectives"],
+              f"{r['values_per_N']:.2f}",
+              f"{r['values_sent'] / ar[(r['world'], r['K'], r['N'])]:.3f}" if (r["world"], r["K"], r["N"]) in ar
+              else "", f"{r['step_ms']:.1f}", f"{r['peak_mib']:.2f}"] for r in rows]
+    md = (f"Machine: {common['machine']}, gloo on localhost, 1 torch thread per rank, batch {BATCH} per rank.\n\n"
+          + utils.markdown_table(["W", "K", "N", "provider", "values sent / rank / step", "collectives",
+                                  "values / N", "vs gmd_all_reduce", "step ms", "peak MiB"], table) + "\n")
+    utils.write_text(os.path.join(utils.RESULTS_DIR, f"{name}.md"), md)
+    print(md)
+    print(f"rows appended to {path}")
+
+
+if __name__ == "__main__":
+    main()
