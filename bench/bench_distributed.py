@@ -252,7 +252,8 @@ def main():
               f"{r['values_per_N']:.2f}",
               f"{r['values_sent'] / ar[(r['world'], r['K'], r['N'])]:.3f}" if (r["world"], r["K"], r["N"]) in ar
               else "", f"{r['step_ms']:.1f}", f"{r['peak_mib']:.2f}"] for r in rows]
-    md = (f"Machine: {common["machine"]} (shared with other jobs, loaded), gloo on localhost, 1 torch thread per rank, batch {BATCH} per rank.\n\n"
+    md = (f"Machine: {common['machine']} (shared with other jobs, loaded), gloo on localhost, 1 torch thread per "
+          f"rank, batch {BATCH} per rank.\n\n"
           + utils.markdown_table(["W", "K", "N", "provider", "values sent / rank / step", "collectives",
                                   "values / N", "vs gmd_all_reduce", "step ms", "peak MiB"], table) + "\n")
     utils.write_text(os.path.join(utils.RESULTS_DIR, f"{name}.md"), md)
