@@ -1,81 +1,54 @@
-"""Builds gmd_ext._C: the C++ CPU kernels always, the CUDA kernels when a CUDA toolkit and a CUDA build of
-torch are present.
+"""Builds gmd-ext. Where torch is importable (`pip install --no-build-isolation .` or `-e .`, `python setup.py
+build_ext --inplace`) gmd_ext._C is compiled ahead of time against it: the C++ CPU kernels always, the CUDA kernels
+when a CUDA toolkit and a CUDA build of torch are present. Where it is not (`pip install .`: the isolated build
+environment holds no torch) the wheel is pure Python and the installed package compiles the same sources once, at
+its first import, against the torch that is running (gmd_ext/_build.py). Both wheels carry the sources
+(gmd_ext/_csrc), so an installed package rebuilds itself for a torch it was not built for.
 
 Switches (environment):
-  GMD_EXT_FORCE_CUDA=1   build the CUDA sources even when torch is a CPU build (compile check; the .so then
-                         needs a CUDA torch to load)
+  GMD_EXT_FORCE_CUDA=1   the CUDA kernels are required: fail, naming the reason, when no CUDA toolkit is found or
+                         torch is a CPU build (whose process could not load a library linked against torch's CUDA
+                         libraries; `bash .ci/compile_cuda.sh` is the compile-only check of the CUDA sources)
   GMD_EXT_FORCE_CPU=1    never build CUDA sources
   TORCH_CUDA_ARCH_LIST   architectures; defaults to "8.0;9.0+PTX" when no GPU is visible at build time
   MAX_JOBS               parallel compile jobs (ninja)
+The C++ standard is the one the installed torch declares (gmd_ext/_build.py: torch_cxx_standard).
 """
-import glob
-import json
+import importlib.util
 import os
-import platform
+import shutil
 
-import torch
 from setuptools import setup
-from torch.utils import cpp_extension as ce
+from setuptools.command.build_py import build_py
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+# The build definition is a module of the package (the installed package builds with it too); loaded by path so
+# that the build does not import gmd_ext itself.
+_spec = importlib.util.spec_from_file_location("gmd_ext_build", os.path.join(ROOT, "gmd_ext", "_build.py"))
+_build = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_build)
 
 
-def _flag(name):
-    return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
+class BuildPy(build_py):
+    """Ships csrc/ inside the package as gmd_ext/_csrc: the sources of the on-demand build."""
+
+    def run(self):
+        super().run()
+        if not self.editable_mode:
+            target = os.path.join(self.build_lib, "gmd_ext", "_csrc")
+            shutil.rmtree(target, ignore_errors=True)
+            shutil.copytree(os.path.join(ROOT, "csrc"), target)
 
 
-def _want_cuda():
-    if _flag("GMD_EXT_FORCE_CPU"):
-        return False
-    if _flag("GMD_EXT_FORCE_CUDA"):
-        return True
-    # Gate on the toolkit and the torch build, never on a visible GPU (build hosts often have none).
-    return ce.CUDA_HOME is not None and torch.version.cuda is not None
+try:
+    import torch  # noqa: F401
+except ImportError:
+    torch = None
 
+kwargs = {}
+if torch is not None:
+    kwargs = dict(ext_modules=[_build.extension("csrc")],
+                  options={"bdist_wheel": {"py_limited_api": "cp310"}})
 
-def _extension():
-    with_cuda = _want_cuda()
-    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-    # -g0 overrides the -g inherited from Python's CFLAGS: measured 37 s -> 28 s for gram_cpu.cpp and a
-    # 4.4 MB -> 0.17 MB library.
-    cxx = ["-O3", "-g0", "-std=c++17", "-fopenmp", "-DPy_LIMITED_API=0x030a0000"]
-    define_macros = []
-    if with_cuda:
-        sources += sorted(glob.glob("csrc/cuda/*.cu"))
-        define_macros.append(("GMD_EXT_WITH_CUDA", None))
-        if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
-            os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
-    kwargs = dict(
-        name="gmd_ext._C",
-        sources=sources,
-        include_dirs=[os.path.join(ROOT, "csrc")],
-        define_macros=define_macros,
-        extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]},
-        extra_link_args=["-fopenmp"],
-        py_limited_api=True,
-    )
-    ext = (ce.CUDAExtension if with_cuda else ce.CppExtension)(**kwargs)
-    return ext, with_cuda
-
-
-def _write_build_info(with_cuda):
-    info = {
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda if with_cuda else None,
-        "with_cuda": with_cuda,
-        "cuda_arch_list": os.environ.get("TORCH_CUDA_ARCH_LIST") if with_cuda else None,
-        "cxx11_abi": bool(torch._C._GLIBCXX_USE_CXX11_ABI),
-        "platform": platform.platform(),
-    }
-    with open(os.path.join(ROOT, "gmd_ext", "_build_info.json"), "w") as f:
-        json.dump(info, f, indent=1)
-
-
-ext, with_cuda = _extension()
-_write_build_info(with_cuda)
-
-setup(
-    ext_modules=[ext],
-    cmdclass={"build_ext": ce.BuildExtension},
-    options={"bdist_wheel": {"py_limited_api": "cp310"}},
-)
+setup(cmdclass={"build_py": BuildPy, **({"build_ext": _build.build_ext_class()} if torch is not None else {})},
+      **kwargs)

@@ -9,7 +9,8 @@ In both DS providers absent (sample, modality) pairs are never computed.
 
 Each step is forward + BCE-with-logits loss against a fixed random target + backward. Providers and missing
 rates are interleaved in every repetition (the provider order alternates), after warm-up; the median of the
-timed repetitions is reported. Writes bench/results/ds.csv and prints a markdown table.
+timed repetitions is reported. Appends to bench/results/ds.csv (bench/utils.py schema; --quick: bench/scratch/)
+and prints a markdown table.
 
     python bench/bench_ds.py                 # B=2, 4 modalities, 64^3, width 0.5, 0/25/50/75 % missing
     python bench/bench_ds.py --size 32       # smaller volumes
@@ -19,20 +20,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import warnings
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import utils
 
-import utils  # noqa: E402
-
-from gmd_ext import DSUNet3d, masked_mean  # noqa: E402
-
-# CSV columns, in order: op, provider, shape, missing, dtype, device, machine, torch version, median_ms, ratio
+from gmd_ext import DSUNet3d, masked_mean
 
 
 def missing_mask(batch: int, num_modalities: int, fraction: float, generator: torch.Generator) -> torch.Tensor:
@@ -92,13 +87,15 @@ def main(argv=None):
     parser.add_argument("--providers", default="official,ds,ds_layers",
                         help=f"comma-separated subset of {','.join(PROVIDERS)} (official is always run: the ratios "
                              "are against it)")
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "ds.csv")
+    utils.add_output_args(parser, "ds")
     parser.add_argument("--machine", default=None,
                         help="machine label for the CSV (default: cores, CPU model, torch threads)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (default: torch's choice). On a CPU shared with other jobs, "
                              "1 avoids OpenMP barrier stalls that slowed both providers >20x on the 2-core dev box")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.size, args.batch, args.missing, args.reps, args.warmup = 16, 1, "0,50", 2, 1
     if args.size < 16 or args.batch < 1 or args.reps < 1 or args.warmup < 0:
         parser.error("need --size >= 16, --batch >= 1, --reps >= 1, --warmup >= 0")
     percents = [int(p) for p in args.missing.split(",")]
@@ -109,6 +106,7 @@ def main(argv=None):
     if args.threads is not None:
         torch.set_num_threads(args.threads)
 
+    utils.banner()
     warnings.simplefilter("ignore", RuntimeWarning)  # the backend fallback notice, if any, is not a result
     gen = torch.Generator().manual_seed(args.seed)
     torch.manual_seed(args.seed)
@@ -128,21 +126,23 @@ def main(argv=None):
                                  rounds=args.reps, warmup=args.warmup, alternate=True, progress=True)
     med = {(p, name): res[f"missing {p}% {name}"]["median_ms"] for p in percents for name in names}
 
+    common = utils.common_fields("ds", machine_name=machine)
     rows, table = [], []
     for p in percents:
         base = med[(p, "official")]
         for name in names:
-            rows.append({"op": "dsunet3d_fwd_bwd", "provider": name, "shape": shape, "missing": f"{p}%",
-                         "dtype": "float32", "device": "cpu", "machine": machine, "torch version": torch.__version__,
-                         "median_ms": f"{med[(p, name)]:.1f}", "ratio": f"{base / med[(p, name)]:.2f}"})
+            r = res[f"missing {p}% {name}"]
+            rows.append({**common, "op": "dsunet3d_fwd_bwd", "provider": name, "shape": shape, "dtype": "float32",
+                         **{k: f"{v:.1f}" for k, v in r.items()}, "missing": f"{p}%",
+                         "ratio": f"{base / med[(p, name)]:.2f}"})
         speedups = [cell for name in names[1:] for cell in (f"{med[(p, name)]:.0f}", f"{base / med[(p, name)]:.2f}x")]
         table.append([f"{p}%", f"{base:.0f}", *speedups])
-    path = utils.write_csv(args.out, rows)
+    path = utils.append_rows(utils.csv_path(args), rows)
 
     print(f"\nload average after: {os.getloadavg()[0]:.2f}; median of {args.reps} after {args.warmup} warm-up\n")
     header = ["missing", "official ms"] + [h for n in names[1:] for h in (f"{n} ms", f"{n} speed-up")]
     print(utils.markdown_table(header, table))
-    print(f"\nwrote {path}")
+    print(f"\nappended {len(rows)} rows to {path}")
 
 
 if __name__ == "__main__":

@@ -2,26 +2,23 @@
 PCGrad aggregator and the one-read-pass memory floor over the same K×N buffer.
 
     python bench/bench_projection.py            # K ∈ {2, 7, 15, 31}, N ∈ {1M, 2M, 8M}; fp32 (+ bf16 for ours)
-    python bench/bench_projection.py --quick    # a smoke run in seconds
+    python bench/bench_projection.py --quick    # a smoke run in seconds, rows to bench/scratch/projection.csv
 
-Writes bench/results/projection.csv and prints a markdown table (ratios: ours / floor, and peer / ours).
+Appends to bench/results/projection.csv (bench/utils.py schema) and prints a markdown table (ratios: ours / floor,
+and peer / ours).
 The pairwise loop costs ~K² passes with a host sync each: it runs at N <= 2M only (--pairwise-max-n).
 """
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
 import torch
+import utils
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import utils  # noqa: E402
-
-import gmd_ext  # noqa: E402
-from gmd_ext import _backend  # noqa: E402
-from gmd_ext.ops import reference  # noqa: E402
-from gmd_ext.gmd.projection import make_perms  # noqa: E402
+import gmd_ext
+from gmd_ext import _backend
+from gmd_ext.gmd.projection import make_perms
+from gmd_ext.ops import reference
 
 
 def providers(G, perms, pairwise_ok):
@@ -50,14 +47,14 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--pairwise-max-n", type=int, default=2 * 2**20)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--quick", action="store_true", help="tiny sizes, 3 rounds: checks the script runs")
-    p.add_argument("--out", default="projection", help="CSV name under bench/results/")
+    utils.add_output_args(p, "projection")
     args = p.parse_args(argv)
     if args.quick:
         args.K, args.N, args.rounds = [2, 15], [2**16], 3
 
-    common = utils.common_fields()
-    print(f"# projection benchmark on {common['machine']}, torch {common['torch']}, {common['threads']} threads")
+    utils.banner()
+    common = utils.common_fields("projection", device=args.device)
+    print(f"# projection benchmark on {common['machine']}, {common['threads']} threads")
     rows, table = [], []
     for dtype_name in args.dtypes:
         dtype = getattr(torch, dtype_name)
@@ -71,8 +68,8 @@ def main(argv=None):
                 ours_name = "gmd_ext cpp" if "gmd_ext cpp" in res else "gmd_ext torch"
                 ours = res[ours_name]["median_ms"]
                 for name, r in res.items():
-                    rows.append({"op": "project_conflicts", "provider": name, "K": K, "N": N, "dtype": dtype_name,
-                                 "device": args.device, **common, **{k: round(v, 4) for k, v in r.items()},
+                    rows.append({**common, "op": "project_conflicts", "provider": name, "shape": f"{K}x{N}",
+                                 "dtype": dtype_name, **{k: round(v, 4) for k, v in r.items()}, "K": K, "N": N,
                                  "x_floor": round(r["median_ms"] / floor, 3),
                                  "x_ours": round(r["median_ms"] / ours, 3)})
                 def ratio(name):
@@ -82,14 +79,15 @@ def main(argv=None):
                               ratio("pairwise loop")])
                 print(f"K={K:3d} N={N:9d} {dtype_name:8s} " + "  ".join(
                     f"{n}={r['median_ms']:.2f}ms" for n, r in res.items()), flush=True)
-    path = utils.write_csv(args.out, rows)
+    path = utils.append_rows(utils.csv_path(args), rows)
     print()
-    print(f"Machine: {common['machine']}; ours = {'C++ kernels' if _backend.CPP_LOADED else 'torch path'}; "
+    print(f"Machine: {common['machine']}; ours = "
+          f"{'C++ kernels' if _backend.CPP_LOADED else 'the torch fallback (C++ kernels NOT loaded, see above)'}; "
           f"median of {args.rounds} interleaved rounds.")
     print(utils.markdown_table(
         ["K", "N", "dtype", "floor ms", "ours ms", "ours/floor", "torch-path/floor", "torchjd/ours",
          "pairwise/ours"], table))
-    print(f"\nwrote {path}")
+    print(f"\nappended {len(rows)} rows to {path}")
 
 
 if __name__ == "__main__":

@@ -10,30 +10,24 @@ the K forwards, the backward passes and optimizer.step()):
               (compute_dtype=None: fp32, one dot and one host sync per pair), unflatten into .grad
 
 GMD overhead = (gmd_seq - k_backward) / gmd_seq: the cost beyond the K backward passes (target <= 5 %).
-Writes bench/results/step.csv (appends, keyed by machine) and bench/results/step.md.
+Appends to bench/results/step.csv (bench/utils.py schema) and writes step.md next to it.
 
     python bench/bench_step.py --k 4 --size 16 --repeats 5
+    python bench/bench_step.py --quick            # smoke run: K = 2, 16^3, 2 repeats, rows to bench/scratch/
 """
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import statistics
-import sys
 import time
 
 import torch
+import utils
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from gmd_ext import GMD, DSUNet3d, _backend, sample_subsets
+from gmd_ext.ops.reference import pairwise_pcgrad
 
-import utils  # noqa: E402
-
-from gmd_ext import GMD, _backend, sample_subsets  # noqa: E402
-from gmd_ext import DSUNet3d  # noqa: E402
-from gmd_ext.ops.reference import pairwise_pcgrad  # noqa: E402
-
-RESULTS = utils.RESULTS_DIR
 MODS = ("flair", "t1", "t1ce", "t2")
 
 
@@ -141,13 +135,18 @@ def main():
     ap.add_argument("--providers", default="plain,k_backward,gmd_seq,gmd_batched,official")
     ap.add_argument("--shared-graph", action="store_true",
                     help="K losses on one all-modality forward (multi-task) instead of K subset forwards")
-    ap.add_argument("--report", action="store_true", help="only rebuild step.md from step.csv")
+    ap.add_argument("--report", action="store_true", help="only rebuild step.md from the CSV")
+    utils.add_output_args(ap, "step")
     args = ap.parse_args()
+    path = utils.csv_path(args)
+    md_path = os.path.splitext(path)[0] + ".md"
     if args.report:
-        render(os.path.join(RESULTS, "step.csv"), os.path.join(RESULTS, "step.md"))
+        render(path, md_path)
         return
+    if args.quick:
+        args.k, args.size, args.repeats, args.warmup = 2, 16, 2, 1
     torch.set_num_threads(args.threads)
-    machine = args.machine or utils.machine()
+    utils.banner()
 
     torch.manual_seed(0)
     model = DSUNet3d(MODS, width=args.width)
@@ -180,39 +179,36 @@ def main():
     # while CPU time counts only this process's work.
     samples = utils.sample_interleaved({n: (lambda n=n: steps[n](model, opt, losses)) for n in names},
                                        rounds=args.repeats, warmup=args.warmup)
-    times = {n: [ms / 1e3 for ms in samples[n]["wall_ms"]] for n in names}
-    cpu = {n: [ms / 1e3 for ms in samples[n]["cpu_ms"]] for n in names}
-    med = {n: statistics.median(v) for n, v in times.items()}
 
     model_name = f"DSUNet3d(width={args.width}), " + ("one shared graph" if args.shared_graph else "subset forwards")
+    common = utils.common_fields("step", machine_name=args.machine)
+    shape = f"{args.batch}x{len(MODS)}x{args.size}^3"
     rows = []
     for n in names:
         rows.append({
-            "bench": "step", "provider": n, "model": model_name, "params": N, "K": args.k,
-            "input": f"{args.batch}x{len(MODS)}x{args.size}^3", "threads": args.threads, "backend": backend,
-            "median_s": f"{med[n]:.4f}", "min_s": f"{min(times[n]):.4f}",
-            "cpu_median_s": f"{statistics.median(cpu[n]):.4f}",
+            **common, "op": "gmd_step", "provider": n, "shape": shape, "dtype": "float32",
+            **{k: round(v, 2) for k, v in utils.summarize(samples[n]["wall_ms"]).items()},
+            "min_ms": round(min(samples[n]["wall_ms"]), 2),
+            "cpu_median_ms": round(statistics.median(samples[n]["cpu_ms"]), 2),
             # gmd_seq: CPU time of gmd.backward outside the backward passes (warm-up excluded)
-            "engine_cpu_median_s": (f"{statistics.median(engine_cpu[n][args.warmup:]):.4f}"
-                                    if n == "gmd_seq" else ""),
-            "repeats": args.repeats,
-            "torch": torch.__version__, "machine": machine,
+            "engine_cpu_median_ms": (round(1e3 * statistics.median(engine_cpu[n][args.warmup:]), 2)
+                                     if n == "gmd_seq" else ""),
+            "model": model_name, "params": N, "K": args.k, "backend": backend, "repeats": args.repeats,
         })
-    path = utils.write_csv("step", rows, append=True)
-    render(path, os.path.join(RESULTS, "step.md"))
+    utils.append_rows(path, rows)
+    render(path, md_path)
 
 
 def render(csv_path: str, md_path: str) -> None:
     """step.md from every configuration in step.csv (the latest run of each), ratios per configuration."""
-    with open(csv_path, newline="") as f:
-        rows = list(csv.DictReader(f))
+    rows = utils.read_rows(csv_path)
 
     def ratio(times, n, base):
         return f"{times[n] / times[base]:.3f}" if base in times else ""
 
     configs: dict = {}
     for r in rows:
-        key = (r["machine"], r["model"], r["params"], r["K"], r["input"], r["threads"], r["backend"], r["torch"])
+        key = (r["machine"], r["model"], r["params"], r["K"], r["shape"], r["threads"], r["backend"], r["torch"])
         configs.setdefault(key, {})[r["provider"]] = r  # later rows (newer runs) win
     lines = ["# GMD step time (bench/bench_step.py)", "",
              "Each step = K subset forwards + backward pass(es) + optimizer.step(); median of `repeats` steps after "
@@ -220,8 +216,8 @@ def render(csv_path: str, md_path: str) -> None:
              "plain backward passes (no projection); gmd_seq / gmd_batched: the GMD engine; official: K backward "
              "passes + clone/cat + reference.pairwise_pcgrad (fp32) + unflatten.", ""]
     for (machine, model, params, K, inp, threads, backend, tv), provs in configs.items():
-        med = {n: float(r["median_s"]) for n, r in provs.items()}
-        cpu = {n: float(r["cpu_median_s"]) for n, r in provs.items()}
+        med = {n: float(r["median_ms"]) / 1e3 for n, r in provs.items()}
+        cpu = {n: float(r["cpu_median_ms"]) / 1e3 for n, r in provs.items()}
         reps = next(iter(provs.values()))["repeats"]
         lines += [f"## {model}, {int(params) / 1e6:.2f} M params, K = {K}, input {inp}", "",
                   f"Machine: {machine}; {threads} thread(s); projection backend {backend}; torch {tv}; "
@@ -236,11 +232,11 @@ def render(csv_path: str, md_path: str) -> None:
             over_wall = (med["gmd_seq"] - med["k_backward"]) / med["gmd_seq"]
             lines.append(f"- GMD overhead beyond the K backward passes, (gmd_seq - k_backward) / gmd_seq: "
                          f"**{100 * over:.1f} %** of CPU time ({100 * over_wall:.1f} % of wall time; target <= 5 %).")
-        eng = provs.get("gmd_seq", {}).get("engine_cpu_median_s", "")
+        eng = provs.get("gmd_seq", {}).get("engine_cpu_median_ms", "")
         if eng:
             lines.append(f"- GMD's own CPU time per step outside the K backward passes (zeroing, projection, "
-                         f".grad views; its reach hooks run inside backward): {1e3 * float(eng):.1f} ms = "
-                         f"{100 * float(eng) / cpu['gmd_seq']:.1f} % of the gmd_seq step.")
+                         f".grad views; its reach hooks run inside backward): {float(eng):.1f} ms = "
+                         f"{100 * float(eng) / 1e3 / cpu['gmd_seq']:.1f} % of the gmd_seq step.")
         if "official" in cpu and "gmd_seq" in cpu:
             lines.append(f"- official / gmd_seq = {cpu['official'] / cpu['gmd_seq']:.2f}x CPU time "
                          f"({med['official'] / med['gmd_seq']:.2f}x wall).")

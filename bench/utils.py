@@ -1,24 +1,48 @@
-"""Shared benchmark plumbing: interleaved timing, machine naming, CSV rows, markdown tables.
+"""Shared benchmark plumbing: interleaved timing, machine naming, one CSV schema, markdown tables.
 
 Providers are timed in the same process, interleaved (one call of each per round, so drift and background load
 hit all of them alike), after warm-up; the median and the 20/80% quantiles of the rounds are reported.
+
+Results: every bench writes rows of one schema, SCHEMA (the common fields, then the measurement fields), followed
+by its own columns, and appends them to a CSV; a run never overwrites earlier rows. The API, used by every
+bench/bench_<name>.py:
+
+    add_output_args(parser, "projection")        # --quick and --out
+    args = parser.parse_args()
+    banner()                                     # which gmd_ext runs, and whether its C++ kernels loaded
+    rows = [{**common_fields("projection", device="cpu"), "op": ..., "provider": ..., "shape": ..., "dtype": ...,
+             **summarize(samples_ms), "my_column": ...}, ...]
+    path = append_rows(csv_path(args), rows)
+
+csv_path: --out when given; with --quick the scratch folder bench/scratch/ (git-ignored); otherwise the committed
+bench/results/<name>.csv. The scripts import the installed gmd_ext (bench/ is first on sys.path when they run, the
+checkout root is not): install it first (README).
 """
 from __future__ import annotations
 
+import argparse
 import csv
+import datetime
 import os
 import platform
 import statistics
-import sys
+import subprocess
 import time
 from collections.abc import Callable
 
 import torch
 
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-# The scripts run as `python bench/<script>.py` from a source checkout: gmd_ext is importable from the repo root.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from gmd_ext.io import atomic_write  # noqa: E402
+import gmd_ext
+from gmd_ext import _backend
+from gmd_ext.io import atomic_write
+
+BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
+RESULTS_DIR = os.path.join(BENCH_DIR, "results")
+SCRATCH_DIR = os.path.join(BENCH_DIR, "scratch")
+# The columns every row has, in this order: who ran what where (COMMON), then what was measured (MEASURED).
+COMMON = ("bench", "timestamp", "git_rev", "machine", "device", "torch", "gmd_ext", "kernels", "threads")
+MEASURED = ("op", "provider", "shape", "dtype", "median_ms", "q20_ms", "q80_ms")
+SCHEMA = COMMON + MEASURED
 
 
 def machine(threads: bool = False) -> str:
@@ -92,26 +116,73 @@ def time_interleaved(fns: dict[str, Callable[[], object]], *, rounds: int = 7, w
     return {name: summarize(s["wall_ms"]) for name, s in samples.items()}
 
 
-def results_path(name: str | os.PathLike) -> str:
-    """bench/results/<name>.csv for a bare name; a Path, or a str with a directory part or a ".csv" suffix, is
-    taken as the path itself."""
-    if isinstance(name, os.PathLike) or os.sep in name or name.endswith(".csv"):
-        return os.fspath(name)
-    return os.path.join(RESULTS_DIR, f"{name}.csv")
+def add_output_args(parser: argparse.ArgumentParser, name: str) -> None:
+    """Add --quick (the script's smoke sizes; rows go to the scratch folder) and --out PATH (the CSV to append to;
+    default bench/results/<name>.csv, the committed results)."""
+    parser.add_argument("--quick", action="store_true",
+                        help=f"tiny sizes to check the script runs; appends to bench/scratch/{name}.csv unless --out "
+                             "is given (the committed results are left alone)")
+    parser.add_argument("--out", default=None,
+                        help=f"CSV to append the rows to (default: bench/results/{name}.csv)")
+    parser.set_defaults(bench_name=name)
 
 
-def write_csv(name: str | os.PathLike, rows: list[dict], *, append: bool = False) -> str:
-    """Write rows to results_path(name) atomically; return the path.
+def csv_path(args: argparse.Namespace) -> str:
+    """Where this run's rows go (see add_output_args)."""
+    if args.out:
+        return os.fspath(args.out)
+    return os.path.join(SCRATCH_DIR if args.quick else RESULTS_DIR, f"{args.bench_name}.csv")
 
-    append=True keeps the rows already in the file: it is rewritten whole with the union of the columns (this run's
-    first, then any only the older rows have), so older rows gain new columns as empty cells.
-    """
-    path = results_path(name)
+
+def git_revision() -> str:
+    """The checkout's commit (12 hex digits, "+dirty" with uncommitted changes to tracked files), or "unknown"."""
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=BENCH_DIR, capture_output=True,
+                             text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=BENCH_DIR,
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return rev + ("+dirty" if dirty else "")
+
+
+def kernels() -> str:
+    """"cpp" when gmd_ext's compiled kernels are loaded, else "none" (every op then runs a fallback)."""
+    return "cpp" if _backend.CPP_LOADED else "none"
+
+
+def banner() -> None:
+    """Print which gmd_ext is benchmarked and whether its C++ kernels loaded; if not, why and the fixing command:
+    numbers of the fallback must never pass for the kernels'."""
+    print(f"# gmd_ext {gmd_ext.__version__} from {_backend.PACKAGE_DIR}; torch {torch.__version__}")
+    if _backend.CPP_LOADED:
+        print(f"# C++ kernels: loaded ({_backend.LIBRARY})")
+    else:
+        print(f"# WARNING: the C++ kernels are NOT loaded; 'gmd_ext' rows time the fallback. {_backend.CPP_REASON}")
+
+
+def common_fields(bench: str, *, device: str = "cpu", machine_name: str | None = None) -> dict:
+    """The COMMON columns of one run (the timestamp is taken now, in UTC)."""
+    return {"bench": bench, "timestamp": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "git_rev": git_revision(), "machine": machine_name or machine(), "device": device,
+            "torch": torch.__version__, "gmd_ext": gmd_ext.__version__, "kernels": kernels(),
+            "threads": torch.get_num_threads()}
+
+
+def append_rows(path: str | os.PathLike, rows: list[dict]) -> str:
+    """Append rows to the CSV at path, atomically; return the path. Every row must have the SCHEMA columns; the
+    file's columns are SCHEMA, then the extra columns of this run and of older rows (missing cells left empty)."""
+    for row in rows:
+        missing = [k for k in SCHEMA if k not in row]
+        if missing:
+            raise ValueError(f"rows: every row needs the columns {SCHEMA}; a row lacks {missing}: {row}")
+    path = os.fspath(path)
     old = []
-    if append and os.path.exists(path):
+    if os.path.exists(path):
         with open(path, newline="") as f:
             old = list(csv.DictReader(f))
-    fields = list(dict.fromkeys([*rows[0], *(k for r in old for k in r)]))
+    fields = list(dict.fromkeys([*SCHEMA, *(k for r in rows for k in r), *(k for r in old for k in r)]))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with atomic_write(path, "w") as f:
         writer = csv.DictWriter(f, fieldnames=fields, restval="")
         writer.writeheader()
@@ -119,8 +190,14 @@ def write_csv(name: str | os.PathLike, rows: list[dict], *, append: bool = False
     return path
 
 
+def read_rows(path: str | os.PathLike) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
 def write_text(path: str, text: str) -> str:
     """Write text to path atomically (tmp + os.replace); return the path."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with atomic_write(path, "w") as f:
         f.write(text)
     return path
@@ -133,10 +210,3 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(fmt(x) for x in row) + " |" for row in rows]
     return "\n".join(lines)
-
-
-def common_fields() -> dict:
-    import gmd_ext
-
-    return {"machine": machine(), "torch": torch.__version__, "gmd_ext": gmd_ext.__version__,
-            "threads": torch.get_num_threads()}

@@ -17,3 +17,10 @@ from gmd_ext.gmd import monitor
 from gmd_ext.ops import masked_conv, modality_group_norm
 
 __version__ = "0.1.0"
+
+# The public names; subpackages (gmd_ext.data, gmd_ext.metrics, gmd_ext.testing, gmd_ext.info) are imported by name.
+__all__ = [
+    "project_conflicts", "gram", "GMD", "subsets", "sample_subsets", "monitor",
+    "masked_conv", "modality_group_norm", "DSConv", "DSGroupNorm", "DSLinear", "DSLayerNorm", "masked_mean",
+    "DSUNet3d", "DSSentimentNet", "ops", "__version__",
+]

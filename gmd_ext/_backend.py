@@ -7,58 +7,120 @@ raises with the reason. Nothing here touches a GPU at import time.
 """
 from __future__ import annotations
 
-import functools
+import importlib.metadata
 import importlib.util
 import json
 import os
+import sys
 import warnings
-from importlib import resources
+from pathlib import Path
 
 import torch
 
+from gmd_ext import _build
+
 BACKENDS = ("auto", "cpp", "triton", "torch")
-_BUILD_INFO_FILE = "_build_info.json"
+PACKAGE_DIR = Path(__file__).resolve().parent
+# A source checkout (setup.py and csrc/ next to the package) builds in place; an installed package carries the
+# sources in _csrc and builds on demand (gmd_ext/_build.py).
+CHECKOUT = PACKAGE_DIR.parent if (PACKAGE_DIR.parent / "setup.py").is_file() and \
+    (PACKAGE_DIR.parent / "csrc").is_dir() else None
+_SOURCES = PACKAGE_DIR / "_csrc"
+_REBUILD_CHECKOUT = "`pip install --no-build-isolation -e .` in the checkout (or `python setup.py build_ext --inplace`)"
 
 
-def _load_extension():
-    """Import gmd_ext._C (which registers the torch.ops.gmd_ext ops); return (loaded, reason_if_not)."""
-    rebuild = "rebuild with `pip install --no-build-isolation --force-reinstall --no-deps .` (after installing torch)"
-    if importlib.util.find_spec("gmd_ext._C") is None:
-        return False, f"the C++ extension gmd_ext._C is not built; {rebuild}"
-    # Check the build record before loading: a .so built against another torch fails with undefined symbols.
-    info = build_info()
-    if info is not None:
-        from packaging.version import Version
-
-        if Version(info["torch"]).release[:2] != Version(torch.__version__).release[:2]:
-            return False, (f"gmd_ext._C was built against torch {info['torch']} but torch {torch.__version__} "
-                           f"is running; {rebuild}")
+def _read_record(folder: Path) -> dict | None:
     try:
-        from gmd_ext import _C  # noqa: F401
+        return json.loads((folder / _build.BUILD_INFO_FILE).read_text())
+    except (FileNotFoundError, OSError):
+        return None
+
+
+def _shadowed_install() -> str | None:
+    """Where pip installed gmd-ext, when this package (a checkout first on sys.path) is not that install."""
+    # Every gmd-ext distribution on sys.path: an in-tree build leaves gmd_ext.egg-info in the checkout itself.
+    for dist in importlib.metadata.distributions(name="gmd-ext"):
+        init = Path(dist.locate_file("gmd_ext/__init__.py"))
+        if init.is_file() and init.resolve().parent != PACKAGE_DIR:
+            return str(init.parent)
+    return None
+
+
+def _import_library(path: str):
+    """Load the compiled library at `path` as the module gmd_ext._C (which registers the torch.ops.gmd_ext ops)."""
+    spec = importlib.util.spec_from_file_location("gmd_ext._C", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sys.modules["gmd_ext._C"] = module
+
+
+def _why_not_checkout(record: dict | None, built: bool) -> str:
+    if built:
+        return (f"gmd_ext._C in {PACKAGE_DIR} was built against torch {record['torch']} but torch "
+                f"{torch.__version__} is running; rebuild: {_REBUILD_CHECKOUT}")
+    installed = _shadowed_install()
+    if installed:
+        return (f"gmd_ext was imported from the source checkout {CHECKOUT}, which has no compiled kernels, "
+                f"instead of the installed gmd-ext in {installed} (the checkout is first on sys.path because it is "
+                f"the current directory or the script's); run from outside the checkout (or with `python -P`), or "
+                f"build the checkout: {_REBUILD_CHECKOUT}")
+    return f"the C++ kernels of the checkout {CHECKOUT} are not built; build them: {_REBUILD_CHECKOUT}"
+
+
+def _load_extension() -> tuple[bool, str | None, dict | None, str | None]:
+    """Load gmd_ext._C once, at import: the library next to the package when it matches the running torch, else
+    (installed package) the on-demand build for this torch. Returns (loaded, reason_if_not, build record,
+    library path)."""
+    spec = importlib.util.find_spec("gmd_ext._C")
+    record = _read_record(PACKAGE_DIR) if spec is not None else None
+    # Check the build record before loading: a library built against another torch fails with undefined symbols
+    # (or worse, loads and misbehaves). One without a record (a build by other means) is tried as it is.
+    if spec is not None and (record is None or record["torch"] == torch.__version__):
+        try:
+            _import_library(spec.origin)
+        except ImportError as e:
+            return False, f"gmd_ext._C ({spec.origin}) failed to load ({e}); rebuild it", record, spec.origin
+        return True, None, record, spec.origin
+    if CHECKOUT is not None or not _SOURCES.is_dir():
+        if CHECKOUT is None:
+            return False, (f"the installed gmd_ext in {PACKAGE_DIR} has neither a library built for torch "
+                           f"{torch.__version__} nor the sources to build one; reinstall it: `pip install "
+                           f"--force-reinstall --no-deps <gmd-ext source>`"), record, None
+        return False, _why_not_checkout(record, spec is not None), record, None
+    if os.environ.get("GMD_EXT_JIT", "1") == "0":
+        return False, (f"the installed gmd_ext has no library built for torch {torch.__version__} and "
+                       "GMD_EXT_JIT=0 turns off the build at import; unset it, or install ahead of time: "
+                       "`pip install --no-build-isolation --force-reinstall --no-deps <gmd-ext source>`"), record, None
+    try:
+        path = _build.build_cached(str(_SOURCES))
+    except RuntimeError as e:  # the build's own message names the log
+        return False, str(e), None, None
+    try:
+        _import_library(path)
     except ImportError as e:
-        return False, f"the C++ extension gmd_ext._C failed to load ({e}); {rebuild}"
-    return True, None
+        return False, f"the built gmd_ext._C ({path}) failed to load ({e}); delete its folder to rebuild", None, path
+    return True, None, _read_record(Path(path).parent), path
+
+
+CPP_LOADED, CPP_REASON, BUILD_INFO, LIBRARY = _load_extension()
+# Read once here: resolve() and available() run inside every op call, where torch.compile(fullgraph=True) must
+# trace them, so they do no file I/O and call nothing Dynamo cannot follow (docs/design.md §4).
+CPP_CUDA = bool(CPP_LOADED and (BUILD_INFO or {}).get("with_cuda"))
+if CHECKOUT is not None and not CPP_LOADED and _shadowed_install():
+    # Running from a checkout must not silently replace an installed package by an unbuilt one.
+    warnings.warn(CPP_REASON, RuntimeWarning, stacklevel=2)
+TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
 
 def build_info() -> dict | None:
-    """The build record written by setup.py (torch version, CUDA, arch list), or None if absent."""
-    try:
-        text = resources.files("gmd_ext").joinpath(_BUILD_INFO_FILE).read_text()
-    except (FileNotFoundError, OSError):
-        return None
-    return json.loads(text)
+    """The build record of the loaded library (torch version, CUDA, arch list, flags), or None if none."""
+    return BUILD_INFO
 
 
-CPP_LOADED, CPP_REASON = _load_extension()
-
-
-@functools.lru_cache(maxsize=None)
 def triton_status() -> tuple[bool, str | None]:
     """(available, reason). Triton runs CUDA tensors, or CPU tensors under TRITON_INTERPRET=1."""
-    try:
-        import triton  # noqa: F401
-    except ImportError as e:
-        return False, f"triton is not installed ({e}); `pip install triton`"
+    if not TRITON_INSTALLED:
+        return False, "triton is not installed; `pip install triton` (or gmd-ext[triton])"
     return True, None
 
 
@@ -73,10 +135,10 @@ def available(backend: str, device: torch.device) -> tuple[bool, str | None]:
     if backend == "cpp":
         if not CPP_LOADED:
             return False, CPP_REASON
-        if device.type == "cuda" and not (build_info() or {}).get("with_cuda"):
+        if device.type == "cuda" and not CPP_CUDA:
             return False, (
                 "gmd_ext._C was built without CUDA kernels (no CUDA toolkit or a CPU build of torch at build "
-                "time); rebuild with a CUDA torch and toolkit, or GMD_EXT_FORCE_CUDA=1"
+                "time); rebuild with a CUDA torch and toolkit (GMD_EXT_FORCE_CUDA=1 makes a build without them fail)"
             )
         if device.type not in ("cpu", "cuda"):
             return False, f"the cpp backend has kernels for cpu and cuda, not {device.type}"

@@ -1,8 +1,10 @@
-"""`python -m gmd_ext.info`: which backends can run here, and how the extension was built."""
+"""`python -m gmd_ext.info`: which gmd_ext is imported, whether its compiled kernels loaded (and if not, the command
+that fixes it), how they were built, and which backends can run here."""
 from __future__ import annotations
 
 import json
 import platform
+import sys
 
 import torch
 
@@ -19,6 +21,9 @@ def report() -> dict:
             backends[f"{name}/{dev}"] = "available" if ok else f"unavailable: {reason}"
     return {
         "gmd_ext": __import__("gmd_ext").__version__,
+        "package": str(_backend.PACKAGE_DIR),
+        "kernels": ({"loaded": True, "library": _backend.LIBRARY} if _backend.CPP_LOADED else
+                    {"loaded": False, "reason": _backend.CPP_REASON}),
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
         "python": platform.python_version(),
@@ -27,9 +32,16 @@ def report() -> dict:
     }
 
 
-def main():
-    print(json.dumps(report(), indent=2))
+def main() -> int:
+    """Print the report; without the compiled kernels, end with the reason in plain words and exit status 1."""
+    info = report()
+    print(json.dumps(info, indent=2))
+    if not _backend.CPP_LOADED:
+        print(f"\nThe C++ kernels are NOT loaded: every op runs its slower fallback.\n{_backend.CPP_REASON}",
+              file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

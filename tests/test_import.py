@@ -60,3 +60,82 @@ def test_missing_build_is_reported_clearly():
     assert r.returncode == 0, r.stderr
     assert "not built" in r.stdout and "raised backend 'cpp' is unavailable" in r.stdout
     assert "warned 1" in r.stdout
+
+
+def test_missing_build_in_a_checkout_names_the_fixing_command():
+    # The checkout without its library: the reason says the checkout is not built and gives the command that
+    # builds it (an in-place / editable build), and `python -m gmd_ext.info` says so and exits 1.
+    code = (
+        "import importlib.util, runpy, sys\n"
+        "real = importlib.util.find_spec\n"
+        "importlib.util.find_spec = lambda name, *a: None if name == 'gmd_ext._C' else real(name, *a)\n"
+        "sys.argv = ['gmd_ext.info']\n"
+        "runpy.run_module('gmd_ext.info', run_name='__main__')\n"
+    )
+    r = _run(code)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert json.loads(r.stdout)["kernels"]["loaded"] is False
+    assert "NOT loaded" in r.stderr and "pip install --no-build-isolation -e ." in r.stderr, r.stderr
+
+
+def test_backend_resolution_does_no_file_io():
+    # available()/resolve() run inside every op call: the build record is read once, at import.
+    import builtins
+    import pathlib
+
+    import torch
+    from gmd_ext import _backend
+
+    def no_io(*a, **k):
+        raise AssertionError("file I/O during backend resolution")
+
+    saved = builtins.open, pathlib.Path.open, pathlib.Path.read_text
+    builtins.open = pathlib.Path.open = pathlib.Path.read_text = no_io
+    try:
+        for dev in ("cpu", "cuda", "meta"):
+            for name in ("cpp", "triton", "torch"):
+                _backend.available(name, torch.device(dev))
+        assert _backend.resolve("torch", "cpu") == "torch"
+        _backend.resolve(None, "cpu")
+    finally:
+        builtins.open, pathlib.Path.open, pathlib.Path.read_text = saved
+
+
+def test_op_call_compiles_fullgraph():
+    # Backend resolution inside an op must be traceable by Dynamo (no file reads, no untraceable calls).
+    import torch
+    import gmd_ext
+
+    G = torch.randn(3, 40)
+    compiled = torch.compile(lambda G: gmd_ext.gram(G) + 1, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(G), gmd_ext.ops.reference.gram(G) + 1)
+
+
+
+def test_bench_without_kernels_says_so(tmp_path):
+    # A bench run without the compiled kernels says plainly that it times the fallback and how to fix it, and
+    # its smoke rows go where --out says (never into the committed bench/results/).
+    code = (
+        "import importlib.util, runpy, sys\n"
+        "real = importlib.util.find_spec\n"
+        "importlib.util.find_spec = lambda name, *a: None if name == 'gmd_ext._C' else real(name, *a)\n"
+        f"sys.path.insert(0, {os.path.join(ROOT, 'bench')!r})\n"
+        "sys.argv = ['bench_projection.py', '--quick', '--K', '2', '--dtypes', 'float32', "
+        f"'--out', {str(tmp_path / 'p.csv')!r}]\n"
+        f"runpy.run_path({os.path.join(ROOT, 'bench', 'bench_projection.py')!r}, run_name='__main__')\n"
+    )
+    r = _run(code, GMD_EXT_BACKEND="")
+    assert r.returncode == 0, r.stderr
+    assert "WARNING: the C++ kernels are NOT loaded" in r.stdout and "pip install --no-build-isolation -e ." in r.stdout
+    assert "ours = the torch fallback" in r.stdout
+    rows = (tmp_path / "p.csv").read_text().splitlines()
+    assert rows[0].startswith("bench,timestamp,git_rev,machine,device,torch,gmd_ext,kernels,threads,op,provider")
+    assert all(",none," in row for row in rows[1:]) and len(rows) > 1
+
+
+def test_public_names_and_typing_marker():
+    import gmd_ext
+
+    missing = [name for name in gmd_ext.__all__ if not hasattr(gmd_ext, name)]
+    assert not missing, missing
+    assert os.path.isfile(os.path.join(os.path.dirname(gmd_ext.__file__), "py.typed"))

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1] / "gmd_ext"
 
 # Layer of each top-level part of the package; a module may import its own package or strictly lower layers.
 LAYERS = {
-    "gmd_ext._backend": 0, "gmd_ext.io": 0, "gmd_ext.triton": 0, "gmd_ext._C": -1,
+    "gmd_ext._backend": 0, "gmd_ext._build": -1, "gmd_ext.io": 0, "gmd_ext.triton": 0, "gmd_ext._C": -1,
     "gmd_ext.ops": 1,
     "gmd_ext.gmd": 2, "gmd_ext.ds": 2,
     "gmd_ext.apps.brats": 3, "gmd_ext.apps.mosi": 3, "gmd_ext.apps": 3,
