@@ -21,7 +21,7 @@ and memory="low", by the same tracker, over the backward passes, projection and 
 forwards run before the window, so this is the gradient memory plus the backward's transient buffers).
 
     python bench/bench_distributed.py            # bench/results/distributed.csv + distributed.md
-    python bench/bench_distributed.py --quick    # tiny sizes, bench/results/distributed_quick.csv
+    python bench/bench_distributed.py --quick    # tiny sizes, rows to bench/scratch/distributed.csv
 """
 from __future__ import annotations
 
@@ -29,7 +29,6 @@ import argparse
 import os
 import socket
 import statistics
-import sys
 import time
 from datetime import timedelta
 
@@ -38,11 +37,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import utils
 
-import utils  # noqa: E402
-
-from gmd_ext import GMD, DSUNet3d, sample_subsets  # noqa: E402
+from gmd_ext import GMD, DSUNet3d, sample_subsets
 
 PROVIDERS = ("ddp", "gmd_all_reduce", "gmd_rs", "gmd_fsdp")
 BATCH = 8
@@ -226,7 +223,7 @@ def lowmem_rows(width, size, Ks):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="tiny sizes (a smoke run; separate CSV)")
+    utils.add_output_args(ap, "distributed")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--worlds", default="2,4", help='comma-separated world sizes ("" skips the distributed part)')
     ap.add_argument("--unet-width", type=float, default=0.25, help="DSUNet3d width of the low-memory comparison")
@@ -241,12 +238,10 @@ def main():
         for world in (int(w) for w in args.worlds.split(",") if w):
             rows += distributed_rows(world, cases, 2 if args.quick else args.steps, tmp)
     rows += lowmem_rows(args.unet_width, 16, (4,) if args.quick else (4, 15))
-    common = utils.common_fields()
-    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    out = [{**common, "bench": "distributed", "timestamp": stamp, "device": "cpu", "backend": "gloo", **r}
-           for r in rows]
-    name = "distributed_quick" if args.quick else "distributed"
-    path = utils.write_csv(name, out, append=True)
+    common = utils.common_fields("distributed")
+    out = [{**common, "op": "gmd_step", "shape": f"W={r['world']},K={r['K']},N={r['N']}", "dtype": "float32",
+            "median_ms": r["step_ms"], "q20_ms": "", "q80_ms": "", "backend": "gloo", **r} for r in rows]
+    path = utils.append_rows(utils.csv_path(args), out)
 
     ar = {(r["world"], r["K"], r["N"]): r["values_sent"] for r in rows if r["provider"] == "gmd_all_reduce"}
     table = [[r["world"], r["K"], r["N"], r["provider"], r["values_sent"], r["collectives"],
@@ -258,8 +253,7 @@ def main():
           + utils.markdown_table(["W", "K", "N", "provider", "values sent / rank / step", "collectives",
                                   "values / N", "vs gmd_all_reduce", "step ms", "peak MiB"], table) + "\n")
     # A run of the low-memory comparison alone keeps the distributed table.
-    md_name = name if args.worlds else f"{name}_lowmem"
-    utils.write_text(os.path.join(utils.RESULTS_DIR, f"{md_name}.md"), md)
+    utils.write_text(os.path.splitext(path)[0] + ("" if args.worlds else "_lowmem") + ".md", md)
     print(md)
     print(f"rows appended to {path}")
 
