@@ -2,6 +2,8 @@
 
 Run on a GPU machine with TRITON_INTERPRET=0 so that the Triton kernels are compiled for the device.
 """
+import os
+
 import pytest
 import torch
 
@@ -21,3 +23,343 @@ def test_matrix_lists_every_cell():
     assert testing.case_status("cpu", "torch") == (True, None)
     if not torch.cuda.is_available():
         assert not testing.device_status("cuda")[0] and not testing.device_status("cuda:1")[0]
+
+
+# ---------------------------------------------------------------- shared pieces
+import math  # noqa: E402
+
+from gmd_ext import GMD, ops, project_conflicts  # noqa: E402
+from gmd_ext.ops import reference  # noqa: E402
+from gmd_ext.ops.reference import modality_group_norm_reference  # noqa: E402
+
+CUDA_BACKENDS = testing.device_backends(backends=("cpp", "triton"), devices=("cuda",))
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
+needs_two = pytest.mark.skipif(not testing.device_status("cuda:1")[0], reason="needs 2 GPUs")
+
+
+def _rel(out, ref):
+    """‖out − ref‖ / ‖ref‖ in fp64 (METHOD: fp32 ≪ 1e-3, bf16 inputs 1e-3 – 1e-2); NaN never passes."""
+    out, ref = out.double().cpu(), ref.double().cpu()
+    assert torch.isfinite(out).all(), "non-finite output (an element not written?)"
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-300)).item()
+
+
+def _fresh(K, N, dtype, device, seed):
+    g = torch.Generator(device=device).manual_seed(seed)
+    return torch.randn(K, N, generator=g, device=device, dtype=torch.float32).to(dtype)
+
+
+def _poison_allocator(device):
+    """Fill freshly freed device memory with NaN so that an unwritten output element reads NaN, not zero."""
+    junk = torch.full((1 << 24,), float("nan"), device=device)
+    del junk
+
+
+# ---------------------------------------------------------------- fp64 references, every shape class
+@needs_cuda
+@pytest.mark.parametrize("device,backend", CUDA_BACKENDS)
+@pytest.mark.parametrize("K", [1, 3, 4, 5, 15, 17, 64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["contiguous", "odd_n", "padded", "transposed", "column_strided"])
+def test_projection_ops_vs_fp64(device, backend, K, dtype, layout):
+    N = {"contiguous": 1 << 16, "odd_n": (1 << 16) + 3}.get(layout, 4099)
+    for seed in range(2):  # fresh inputs each time: the kernel must compute the function, not fit one input
+        _poison_allocator(device)
+        base = _fresh(K, N, dtype, device, seed)
+        if layout == "padded":
+            G = ops.padded_rows(K, N, dtype=dtype, device=device).copy_(base)
+        elif layout == "transposed":
+            G = base.T.contiguous().T
+        elif layout == "column_strided":
+            G = torch.stack([base, base], -1).flatten(1)[:, ::2]
+        else:
+            G = base
+        G64 = G.double().cpu()
+        gram = ops.gram(G, backend)  # products of bf16 values are exact in fp32: one tolerance for both
+        assert _rel(gram, G64 @ G64.T) < 1e-5
+        assert torch.equal(gram, gram.T)
+        perms = torch.stack([torch.randperm(K) for _ in range(K)]).to(device)
+        A = ops.pcgrad_coefficients(gram, perms, backend)
+        A_ref = reference.pcgrad_coefficients(gram.cpu(), perms.cpu())
+        assert _rel(A, A_ref) < 1e-5
+        c = A.sum(0)
+        shared = torch.rand(N, device=device) < 0.5
+        out = ops.combine(G, c, shared, 1.0 / K, 1.0, backend)
+        scale = torch.where(shared.cpu(), 1.0 / K, 1.0).double()
+        ref = scale * (c.double().cpu() @ G64)
+        assert _rel(out, ref) < (1e-5 if dtype == torch.float32 else 8e-3)
+        rows = ops.combine_rows(G, A, backend)
+        assert _rel(rows, A.double().cpu() @ G64) < (1e-5 if dtype == torch.float32 else 8e-3)
+
+
+@needs_cuda
+@pytest.mark.parametrize("device,backend", CUDA_BACKENDS)
+def test_gram_beyond_2_31_elements(device, backend):
+    """N >= 2^31 with K = 2 in bf16 (8 GiB): 64-bit offsets everywhere. Rows are constant so fp64 truth is exact."""
+    N = (1 << 31) + 17
+    G = torch.empty(2, N, dtype=torch.bfloat16, device=device)
+    G[0].fill_(1.0)
+    G[1].fill_(-0.5)
+    gram = ops.gram(G, backend).double().cpu()
+    want = torch.tensor([[N, -0.5 * N], [-0.5 * N, 0.25 * N]], dtype=torch.float64)
+    assert _rel(gram, want) < 1e-6
+    out = ops.combine(G, torch.tensor([1.0, 2.0], device=device), None, 1.0, 1.0, backend)
+    assert out[-1].item() == 0.0 and out[0].item() == 0.0
+    del G, out
+
+
+@needs_cuda
+@pytest.mark.parametrize("device,backend", CUDA_BACKENDS)
+def test_gram_tiny_values_are_not_flushed(device, backend):
+    """|g| ~ 1e-20: squares are fp32 subnormals. Flush-to-zero (--use_fast_math) would make Γ_ii = 0 and skip the
+    objective as zero-norm on CUDA but not on CPU."""
+    G = torch.full((2, 1024), 1e-20, device=device)
+    assert (ops.gram(G, backend).diagonal() > 0).all()
+
+
+@needs_cuda
+@pytest.mark.parametrize("device,backend", CUDA_BACKENDS)
+def test_pcgrad_bad_perms_do_not_poison_the_context(device, backend):
+    if backend == "triton":
+        pytest.skip("the triton launcher validates CPU orders only; the CUDA path is the cpp kernel's")
+    gram = torch.eye(3, device=device)
+    A = ops.pcgrad_coefficients(gram, torch.tensor([[0, 1, 2], [0, 1, 7], [2, 1, 0]], device=device), backend)
+    torch.cuda.synchronize(device)
+    assert torch.isnan(A[1]).all() and torch.isfinite(A[[0, 2]]).all()
+    assert torch.ones(1, device=device).item() == 1.0  # the context still works
+
+
+# ---------------------------------------------------------------- group norm on the GPU
+@needs_cuda
+@pytest.mark.parametrize("device,backend", testing.device_backends(devices=("cuda",)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(2, 4, 16, 8, 8, 8), (1, 4, 8, 37, 5), (2, 3, 6, 0)])
+def test_group_norm_vs_fp64(device, backend, dtype, shape):
+    x = torch.randn(*shape, device=device).to(dtype).requires_grad_()
+    M, C = shape[1], shape[2]
+    w = torch.randn(M, C, device=device, requires_grad=True)
+    b = torch.randn(M, C, device=device, requires_grad=True)
+    present = testing.present_mask("random", shape[0], M).to(device)
+    y = gmd_ext_gn(x, w, b, present, backend)
+    ref = modality_group_norm_reference(x.double(), w.double(), b.double(), present, num_groups=2,
+                                        activation="leaky_relu")
+    if y.numel() == 0:
+        return
+    assert _rel(y, ref) < (1e-5 if dtype == torch.float32 else 8e-3)
+    g = torch.randn_like(ref)
+    got = torch.autograd.grad(y, (x, w, b), g.to(dtype))
+    want = torch.autograd.grad(ref, (x, w, b), g)
+    for a, r in zip(got, want):
+        assert _rel(a, r) < (1e-4 if dtype == torch.float32 else 2e-2)
+
+
+def gmd_ext_gn(x, w, b, present, backend):
+    from gmd_ext import modality_group_norm
+    return modality_group_norm(x, w, b, present, num_groups=2, activation="leaky_relu", backend=backend)
+
+
+# ---------------------------------------------------------------- no host syncs, graphs, compile
+def _step_model(device):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 3)).to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(16, 32, device=device), torch.randn(16, 3, device=device)
+    return model, opt, x, y
+
+
+@needs_cuda
+@pytest.mark.parametrize("device,backend", CUDA_BACKENDS)
+def test_gmd_step_has_no_host_sync(device, backend):
+    model, opt, x, y = _step_model(device)
+    gmd = GMD(opt, order="sequential", nonfinite="propagate", backend=backend)
+
+    def losses():
+        out = model(x)
+        return [((out[:, k] - y[:, k]) ** 2).mean() for k in range(3)]
+
+    gmd.backward(losses())  # first step: buffers allocated, order validated and cached
+    gmd.step()
+    torch.cuda.synchronize(device)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        gmd.backward(losses())
+        gmd.step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    G = torch.randn(3, 1000, device=device)
+    order = make_order(3, device)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        project_conflicts(G, order="sequential", nonfinite="propagate", backend=backend)
+        project_conflicts(G, order=order, nonfinite="propagate", backend=backend)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
+def make_order(K, device):
+    """A fixed user order on the host: validated there for free, then copied without a sync."""
+    return torch.stack([torch.randperm(K) for _ in range(K)])
+
+
+@needs_cuda
+@pytest.mark.parametrize("device,backend", CUDA_BACKENDS)
+def test_cuda_graph_replays_the_projection_bit_identically(device, backend):
+    K, N = 15, 100_003
+    G = torch.randn(K, N, device=device)
+    perms = torch.stack([torch.randperm(K) for _ in range(K)]).to(device)
+    shared = torch.rand(N, device=device) < 0.5
+
+    def run():
+        gram = ops.gram(G, backend)
+        A = ops.pcgrad_coefficients(gram, perms, backend)
+        return ops.combine(G, A.sum(0), shared, 1.0 / K, 1.0, backend)
+
+    eager = run()
+    s = torch.cuda.Stream(device)
+    s.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(s):
+        run()  # warm-up outside the capture (allocator, Triton compilation)
+    torch.cuda.current_stream(device).wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run()
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize(device)
+        assert torch.equal(out, eager)
+    G.copy_(torch.randn_like(G))  # new inputs in the captured buffers give the new result
+    graph.replay()
+    torch.cuda.synchronize(device)
+    assert torch.equal(out, run())
+
+
+@needs_cuda
+@pytest.mark.parametrize("device,backend", CUDA_BACKENDS)
+def test_cuda_graph_of_a_gmd_step(device, backend):
+    model, opt, x, y = _step_model(device)
+    gmd = GMD(opt, order="sequential", nonfinite="propagate", backend=backend)
+    params = list(model.parameters())
+
+    def step():
+        out = model(x)
+        gmd.backward([((out[:, k] - y[:, k]) ** 2).mean() for k in range(3)])
+        return [p.grad.clone() for p in params]
+
+    s = torch.cuda.Stream(device)
+    s.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream(device).wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        grads = step()
+    graph.replay()
+    torch.cuda.synchronize(device)
+    first = [g.clone() for g in grads]
+    graph.replay()
+    torch.cuda.synchronize(device)
+    assert all(torch.equal(a, b) for a, b in zip(first, grads))
+    eager = step()
+    assert all(torch.equal(a, b) for a, b in zip(first, eager))
+
+
+@needs_cuda
+@pytest.mark.parametrize("device,backend", CUDA_BACKENDS)
+def test_compile_fullgraph_project_conflicts(device, backend):
+    G = torch.randn(5, 4099, device=device)
+    order = torch.stack([torch.randperm(5) for _ in range(5)]).to(device)
+
+    def f(G):
+        return project_conflicts(G, order=order, backend=backend, nonfinite="propagate")
+
+    torch.testing.assert_close(torch.compile(f, fullgraph=True)(G), f(G))
+
+
+@needs_two
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_second_gpu_while_first_is_current(backend):
+    """A cuda:1 tensor while cuda:0 is current: every launcher must guard the device."""
+    torch.cuda.set_device(0)
+    G = torch.randn(7, 5000, device="cuda:1")
+    gram = ops.gram(G, backend)
+    assert gram.device == G.device and _rel(gram, G.double().cpu() @ G.double().cpu().T) < 1e-5
+    perms = torch.stack([torch.randperm(7) for _ in range(7)]).to("cuda:1")
+    A = ops.pcgrad_coefficients(gram, perms, backend)
+    out = ops.combine(G, A.sum(0), None, 1.0 / 7, 1.0, backend)
+    assert _rel(out, A.sum(0).double().cpu() @ G.double().cpu() / 7) < 1e-5
+    x = torch.randn(2, 2, 4, 6, 6, device="cuda:1")
+    w, b = torch.randn(2, 4, device="cuda:1"), torch.randn(2, 4, device="cuda:1")
+    present = torch.ones(2, 2, dtype=torch.bool, device="cuda:1")
+    y = gmd_ext_gn(x, w, b, present, backend)
+    ref = modality_group_norm_reference(x.double(), w.double(), b.double(), present, num_groups=2,
+                                        activation="leaky_relu")
+    assert _rel(y, ref) < 1e-5
+
+
+# ---------------------------------------------------------------- runs everywhere
+@pytest.mark.parametrize("device", testing.device_params())
+def test_project_conflicts_nonfinite_propagate(device):
+    G = torch.randn(3, 50, device=device)
+    G[1, 4] = math.inf
+    with pytest.raises(ValueError, match="grads must be finite"):
+        project_conflicts(G, backend="torch")
+    out = project_conflicts(G, backend="torch", nonfinite="propagate")
+    assert not torch.isfinite(out).all()
+    with pytest.raises(ValueError, match="nonfinite must be"):
+        project_conflicts(G, nonfinite="skip")
+
+
+# ---------------------------------------------------------------- resources and SASS, without a GPU
+_MY_CU = ("gram_cuda.cu", "combine_cuda.cu", "pcgrad_coefficients_cuda.cu", "modality_group_norm_cuda.cu")
+# Kernels whose hot loop must use 128-bit global loads (their VEC > 1 instantiations: 16 / sizeof(T) elements).
+_VEC_KERNELS = ("gram_partial_kernel", "combine_kernel", "gn_stats_kernel", "gn_apply_kernel", "gn_bwd_sums_kernel",
+                "gn_bwd_apply_kernel")
+
+
+def _kernels(obj, cuobjdump):
+    """{demangled kernel name: SASS text} of an object file."""
+    import re
+    import subprocess
+
+    sass = subprocess.run([cuobjdump, "-sass", obj], capture_output=True, text=True, check=True).stdout
+    out = {}
+    for chunk in re.split(r"\n\s*Function : ", sass)[1:]:
+        mangled, body = chunk.split("\n", 1)
+        name = subprocess.run(["c++filt"], input=mangled.strip(), capture_output=True, text=True).stdout.strip()
+        out[name] = body
+    return out
+
+
+@pytest.mark.skipif(os.environ.get("GMD_EXT_NVCC_CHECK") != "1",
+                    reason="compiles every CUDA file with nvcc (minutes): set GMD_EXT_NVCC_CHECK=1")
+@pytest.mark.parametrize("source", _MY_CU)
+def test_cuda_resources(source, tmp_path):
+    """sm_90, the build's flags without --use_fast_math: no kernel spills or uses a stack frame, the vectorised
+    kernels issue 128-bit loads (LDG.E.128), and no fp32 arithmetic flushes subnormals (no FFMA/FMUL/FADD.FTZ)."""
+    import re
+    import shutil
+    import subprocess
+
+    import triton
+
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if shutil.which("nvcc") is None or not os.path.exists(cuobjdump):
+        pytest.skip("needs nvcc and Triton's cuobjdump")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    wrapper = tmp_path / "nvcc"
+    # .ci/compile_cuda.sh compiles every file into a temporary folder; the wrapper keeps this one's object.
+    wrapper.write_text(f'#!/bin/sh\ncase "$2" in *{source}) nvcc "$@" -Xptxas -v && cp "$4" {tmp_path}/k.o ;; '
+                       f'*) exit 0 ;; esac\n')
+    wrapper.chmod(0o755)
+    run = subprocess.run(["bash", os.path.join(root, ".ci", "compile_cuda.sh")], capture_output=True, text=True,
+                         env=dict(os.environ, NVCC=str(wrapper)), timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    stacks = re.findall(r"(\d+) bytes stack frame, (\d+) bytes spill stores", run.stdout + run.stderr)
+    assert stacks and all(s == ("0", "0") for s in stacks), f"stack/spills: {sorted(set(stacks))}"
+    for name, body in _kernels(str(tmp_path / "k.o"), cuobjdump).items():
+        assert not re.search(r"\b(FFMA|FMUL|FADD)\.FTZ", body), f"{name}: flush-to-zero arithmetic"
+        kernel = re.search(r"::(\w+)<", name)
+        vec = re.search(r", (2|4|8)>\(", name)
+        if kernel and kernel.group(1) in _VEC_KERNELS and vec:
+            assert "LDG.E.128" in body, f"{name}: no 128-bit loads"

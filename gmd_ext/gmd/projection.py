@@ -113,17 +113,25 @@ def check_shared(shared, N: int, device: torch.device) -> torch.Tensor | None:
     return shared
 
 
+def _to_device(perms: torch.Tensor, device) -> torch.Tensor:
+    """A host order onto `device` without a host synchronisation: a pinned source and a non-blocking copy queue
+    the transfer on the stream (a pageable copy blocks the host until it is done)."""
+    device = torch.device(device)
+    if device.type == "cuda" and perms.device.type == "cpu":
+        return perms.pin_memory().to(device, non_blocking=True)
+    return perms.to(device)
+
+
 def make_perms(order, K: int, generator: torch.Generator | None = None, device="cpu") -> torch.Tensor:
     """The [K, K] int64 projection order: "random" (row i an independent random permutation of 0..K-1 drawn
-    from `generator`), "sequential" (0..K-1 in every row) or a user tensor, validated."""
+    from `generator`), "sequential" (0..K-1 in every row) or a user tensor, validated. No host synchronisation
+    except for a user tensor on a GPU (its values are validated on the host: pass a CPU tensor to avoid it)."""
     if isinstance(order, str):
         if order == "random":
-            perms = torch.stack([torch.randperm(K, generator=generator) for _ in range(K)])
-        elif order == "sequential":
-            perms = torch.arange(K).repeat(K, 1)
-        else:
-            raise ValueError(f'order must be "random", "sequential" or an int64 [K, K] tensor, got {order!r}')
-        return perms.to(device)
+            return _to_device(torch.stack([torch.randperm(K, generator=generator) for _ in range(K)]), device)
+        if order == "sequential":
+            return torch.arange(K, device=device).repeat(K, 1)
+        raise ValueError(f'order must be "random", "sequential" or an int64 [K, K] tensor, got {order!r}')
     if not isinstance(order, torch.Tensor):
         raise TypeError(f'order must be "random", "sequential" or an int64 [K, K] tensor, got {type(order).__name__}')
     if order.dtype != torch.int64:
@@ -138,7 +146,7 @@ def make_perms(order, K: int, generator: torch.Generator | None = None, device="
         i = int(bad.nonzero()[0])
         raise ValueError(f"order row {i} must be a permutation of 0..{K - 1} (each objective exactly once), "
                          f"got {order[i].tolist()}")
-    return order.to(device)
+    return _to_device(order, device)
 
 
 def coefficients(gram_: torch.Tensor, perms: torch.Tensor, backend: str | None = None, *, scale: float = 1.0,
@@ -190,7 +198,7 @@ def project(G, perms: torch.Tensor, shared, reduction: str, backend: str | None 
 
 
 def project_conflicts(grads, *, shared=None, order="random", generator=None, reduction="mean", backend="auto",
-                      return_info=False):
+                      return_info=False, nonfinite="raise"):
     """Project conflicting per-objective gradients and merge them, with the official GMD semantics.
 
     For each objective i, in the order given by row i of `order`, the running g_i' is projected against each
@@ -206,11 +214,15 @@ def project_conflicts(grads, *, shared=None, order="random", generator=None, red
         reduction: "mean" | "sum" | "none" ("none" returns the projected gradients [K, N]).
         backend: "auto" | "cpp" | "triton" | "torch"; the environment variable GMD_EXT_BACKEND applies to "auto".
         return_info: also return a ProjectionInfo (gram, coefficients, cosines, norms, num_conflicts).
+        nonfinite: "raise" (ValueError naming the objectives whose gradients hold NaN/Inf: one host
+            synchronisation on a GPU) or "propagate" (no check and no sync: NaN/Inf reach the result).
 
     Returns:
         merged [N] (or [K, N]) in the input dtype and device; (merged, info) with return_info=True.
     """
     G = as_matrix(grads)
+    if nonfinite not in ("raise", "propagate"):
+        raise ValueError(f'nonfinite must be "raise" or "propagate", got {nonfinite!r}')
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
     K, N = G.shape
@@ -218,7 +230,7 @@ def project_conflicts(grads, *, shared=None, order="random", generator=None, red
     perms = make_perms(order, K, generator, G.device)
     merged, gram_, A = project(G, perms, shared, reduction, backend)
     # Γ is non-finite exactly when a gradient holds NaN/Inf (or the dot products overflow): a free check.
-    if not torch.compiler.is_compiling() and not bool(torch.isfinite(gram_).all()):
+    if nonfinite == "raise" and not torch.compiler.is_compiling() and not bool(torch.isfinite(gram_).all()):
         bad = (~torch.isfinite(gram_.diagonal())).nonzero().flatten().tolist()
         raise ValueError(f"grads must be finite: the gradients of objectives {bad or 'some'} contain NaN or Inf "
                          f"(or their squared norms overflow float32)")
