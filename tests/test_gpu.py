@@ -363,3 +363,46 @@ def test_cuda_resources(source, tmp_path):
         vec = re.search(r", (2|4|8)>\(", name)
         if kernel and kernel.group(1) in _VEC_KERNELS and vec:
             assert "LDG.E.128" in body, f"{name}: no 128-bit loads"
+
+
+# ---------------------------------------------------------------- python -m gmd_ext.selftest
+def test_selftest_passes_here_and_reports_a_broken_kernel(monkeypatch, capsys):
+    from gmd_ext import selftest
+
+    assert selftest.main(["--device", "cpu", "--backend", "cpp", "--backend", "torch"]) == 0
+    out = capsys.readouterr().out
+    assert "| cpu | cpp | gram | float32 |" in out and "FAIL" not in out
+    rows = selftest.run(["cpu"], ["torch"])
+    assert {r.op for r in rows} >= {"gram", "pcgrad_coefficients", "combine", "combine_rows", "modality_group_norm"}
+    # A wrong kernel must show up as a failed row (and exit status 1), not pass silently.
+    monkeypatch.setattr(selftest.ops, "combine_rows", lambda G, A, backend=None: (A @ G.float()).to(G.dtype) * 1.01)
+    assert selftest.main(["--device", "cpu", "--backend", "torch"]) == 1
+    assert "| cpu | torch | combine_rows | float32 |" in capsys.readouterr().out
+    monkeypatch.setattr(selftest.ops, "gram", lambda G, backend=None: 1 / 0)
+    bad = [r for r in selftest.run(["cpu"], ["torch"]) if r.op == "gram"]
+    assert bad and not any(r.ok for r in bad) and "ZeroDivisionError" in bad[0].note
+
+
+# ---------------------------------------------------------------- bench/gpu_check.py
+def test_gpu_check_dry_run(tmp_path):
+    """The one-command GPU check end to end on this CPU at tiny sizes: selftest, test step, bandwidth rows checked
+    against references, CSV (shared fields + timestamp + git) and markdown under --out."""
+    import csv
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = subprocess.run([sys.executable, os.path.join(root, "bench", "gpu_check.py"), "--dry-run", "--out",
+                          str(tmp_path)], capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, PYTHONPATH=root))
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    rows = list(csv.DictReader(open(tmp_path / "gpu_check.csv")))
+    ops_timed = {r["op"] for r in rows if r["GB_s"]}
+    assert {"gram", "combine", "combine_rows", "group_norm_fwd", "group_norm_bwd", "pack_pairs"} <= ops_timed
+    assert all(r["git"] and r["timestamp"] and r["machine"] for r in rows)
+    assert {r["op"]: r["note"] for r in rows if r["op"].startswith("step:")} == {"step:selftest": "rc=0",
+                                                                                  "step:tests": "rc=0"}
+    assert "| gram | cpp | 4 | 4099 | float32 |" in (tmp_path / "gpu_check.md").read_text()
+    with pytest.raises(subprocess.CalledProcessError):  # a dry run never writes into bench/results
+        subprocess.run([sys.executable, os.path.join(root, "bench", "gpu_check.py"), "--dry-run"], check=True,
+                       capture_output=True, env=dict(os.environ, PYTHONPATH=root), timeout=60)
