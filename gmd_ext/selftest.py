@@ -15,10 +15,24 @@ from dataclasses import dataclass
 
 import torch
 
-from gmd_ext import ops, testing
+from gmd_ext import _backend, ops
 from gmd_ext.ops import reference
 
 _TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+BACKENDS = ("cpp", "triton", "torch")
+
+
+def present_devices() -> list[torch.device]:
+    """CPU and every visible GPU (the selftest is for the user's machine: all of its devices)."""
+    cuda = [torch.device("cuda", i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    return [torch.device("cpu"), *cuda]
+
+
+def _present(B: int, M: int, g: torch.Generator) -> torch.Tensor:
+    """A random presence mask [B, M] in which every sample keeps at least one modality."""
+    p = torch.rand(B, M, generator=g) < 0.5
+    p[torch.arange(B), torch.randint(M, (B,), generator=g)] = True
+    return p
 
 
 @dataclass
@@ -70,7 +84,7 @@ def _cases(device: torch.device, backend: str, dtype: torch.dtype, g: torch.Gene
         B, M, C = 2, 3, 8
         x = torch.randn(B, M, C, 5, 7, generator=g, dtype=torch.float64).to(dtype)
         w, b = torch.randn(M, C, generator=g), torch.randn(M, C, generator=g)
-        present = testing.present_mask("random", B, M, generator=g)
+        present = _present(B, M, g)
         out = ops.modality_group_norm(x.to(device), w.to(device), b.to(device), present.to(device), num_groups=4,
                                       activation="leaky_relu", backend=backend)
         ref = reference.modality_group_norm_reference(x.double(), w.double(), b.double(), present, num_groups=4,
@@ -81,7 +95,7 @@ def _cases(device: torch.device, backend: str, dtype: torch.dtype, g: torch.Gene
         B, M, C = 2, 3, 8
         x = torch.randn(B, M, C, 5, 7, generator=g, dtype=torch.float64)
         w, b = torch.randn(M, C, generator=g, dtype=torch.float64), torch.randn(M, C, generator=g, dtype=torch.float64)
-        present = testing.present_mask("random", B, M, generator=g)
+        present = _present(B, M, g)
         gy = torch.randn(B, M, C, 5, 7, generator=g, dtype=torch.float64)
         xd = x.to(dtype).to(device).requires_grad_()
         out = ops.modality_group_norm(xd, w.float().to(device), b.float().to(device), present.to(device),
@@ -97,13 +111,12 @@ def _cases(device: torch.device, backend: str, dtype: torch.dtype, g: torch.Gene
 
 
 def run(devices=None, backends=None, seed: int = 0) -> list[Check]:
-    """Run every check; devices / backends default to all that are present here (testing.devices(),
-    testing.backends_for). A backend that is unavailable on a device gives one row saying why."""
-    devices = [torch.device(d) for d in (devices or testing.devices())]
+    """Run every check; devices / backends default to all that are present here (present_devices(), BACKENDS).
+    A backend that is unavailable on a device gives one row saying why."""
     rows = []
-    for device in devices:
-        for backend in backends or testing.BACKEND_IDS:
-            ok, reason = testing.case_status(device, backend)
+    for device in [torch.device(d) for d in (devices or present_devices())]:
+        for backend in backends or BACKENDS:
+            ok, reason = _backend.available(backend, device)
             if not ok:
                 rows.append(Check(str(device), backend, "-", "-", None, True, f"skipped: {reason}"))
                 continue
@@ -138,7 +151,7 @@ def table(rows: list[Check]) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m gmd_ext.selftest", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", action="append", help="a device to test (repeatable; default: all present)")
-    parser.add_argument("--backend", action="append", choices=testing.BACKEND_IDS,
+    parser.add_argument("--backend", action="append", choices=BACKENDS,
                         help="a backend to test (repeatable; default: all)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
