@@ -1,7 +1,8 @@
 """Atomic training checkpoints and the random-number state needed to resume a run exactly.
 
 A checkpoint is one ``torch.save`` dictionary. It is written to a temporary file in the target folder, flushed to
-disk and moved over the target with ``os.replace``, so a run killed mid-write leaves the previous checkpoint intact.
+disk and moved over the target with ``os.replace``, so a run killed mid-write leaves the previous checkpoint intact
+(and its temporary file, which the next save to the same path removes). Files get the umask's permissions.
 Every value stored by :func:`rng_state` is a tensor, int, float, str, bool, None or a tuple/list/dict of these, so
 checkpoints load with ``torch.load(weights_only=True)``: a checkpoint file never executes code when it is read.
 
@@ -18,7 +19,9 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import re
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -69,15 +72,75 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
+def _umask() -> int:
+    # Linux reports the umask in /proc without changing it; os.umask() can only be read by setting it, which
+    # would briefly widen the permissions of files other threads create.
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_STALE_AGE_S = 24 * 3600  # temporaries of unknown owner this old are left-overs, not writes in progress
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
+def _remove_stale_temporaries(path: Path, suffix: str) -> None:
+    """Delete temporaries of ``path`` left by writers that died mid-write (kill -9, power loss).
+
+    A temporary is named ``.<name>.<pid>.<random><suffix>``; it is stale when its process no longer runs on this
+    machine (another process's write in progress is left alone), or, for names without a pid, when older than a
+    day. Our own pid's temporaries are never touched: a live write of this process may own them.
+    """
+    pattern = re.compile(rf"^\.{re.escape(path.name)}\.(?:(\d+)\.)?[A-Za-z0-9_]+{re.escape(suffix)}$")
+    now = time.time()
+    try:
+        entries = list(os.scandir(path.parent))
+    except OSError:
+        return
+    for entry in entries:
+        m = pattern.match(entry.name)
+        if m is None:
+            continue
+        try:
+            if m.group(1) is not None:
+                pid = int(m.group(1))
+                stale = pid != os.getpid() and not _pid_alive(pid)
+            else:
+                stale = now - entry.stat(follow_symlinks=False).st_mtime > _STALE_AGE_S
+            if stale and entry.is_file(follow_symlinks=False):
+                os.remove(entry.path)
+        except (OSError, ValueError):
+            continue  # raced with another cleaner or writer: nothing to do
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "wb", suffix: str = ".tmp"):
     """Open a temporary file beside `path` for writing; on success it replaces `path` (os.replace), on any error
     it is removed, so readers see the old file or the complete new one, never a partial write.
-    The parent folder is created. mode: "wb" or "w" (UTF-8)."""
+    The parent folder is created. mode: "wb" or "w" (UTF-8). The file gets the permissions a plain ``open``
+    would give it (0666 minus the umask), and temporaries of `path` left by killed writers are removed first."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    _remove_stale_temporaries(path, suffix)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=suffix)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp creates 0600
         with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
             yield f
         os.replace(tmp, path)
