@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["save_checkpoint", "load_checkpoint", "rng_state", "set_rng_state"]
+__all__ = ["save_checkpoint", "load_checkpoint", "rng_state", "set_rng_state", "atomic_write", "file_mode"]
 
 
 def rng_state() -> dict:
@@ -87,6 +87,11 @@ def _umask() -> int:
     return mask
 
 
+def file_mode() -> int:
+    """Permission bits a plain ``open(path, "w")`` gives a new file now: 0666 minus the umask."""
+    return 0o666 & ~_umask()
+
+
 _STALE_AGE_S = 24 * 3600  # temporaries of unknown owner this old are left-overs, not writes in progress
 
 
@@ -140,7 +145,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", suffix: str = ".tmp"
     _remove_stale_temporaries(path, suffix)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=suffix)
     try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp creates 0600
+        os.fchmod(fd, file_mode())  # mkstemp creates 0600
         with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
             yield f
         os.replace(tmp, path)

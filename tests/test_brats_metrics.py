@@ -81,3 +81,48 @@ def test_region_conversion_roundtrip_and_hierarchy():
     assert regions_to_labels(r).tolist() == [2, 1, 4, 1, 0]
     with pytest.raises(ValueError, match=r"\[3, \*S\]"):
         regions_to_labels(torch.zeros(2, 4, dtype=torch.bool))
+
+
+def _monai_regions(labels):
+    """MONAI's ConvertToMultiChannelBasedOnBratsClasses as its documentation defines it: channels TC = {1, 4},
+    WT = {1, 2, 4}, ET = {4} (BraTS 2018-2021 labels)."""
+    return np.stack([np.isin(labels, [1, 4]), np.isin(labels, [1, 2, 4]), labels == 4])
+
+
+def test_region_order_monai():
+    rng = np.random.default_rng(3)
+    lab = _random_labels(rng, (9, 8, 7))
+    ours = labels_to_regions(lab, order="monai").numpy()
+    np.testing.assert_array_equal(ours, _monai_regions(lab))
+    np.testing.assert_array_equal(labels_to_regions(lab).numpy(), ours[[1, 0, 2]])  # default stays WT, TC, ET
+    np.testing.assert_array_equal(labels_to_regions(lab, order=("ET", "WT", "TC")).numpy(), ours[[2, 1, 0]])
+    # MONAI-ordered regions give back the labels, and the right TC, only when the order is said.
+    np.testing.assert_array_equal(regions_to_labels(_monai_regions(lab), order="monai").numpy(), lab)
+    wrong = regions_to_labels(_monai_regions(lab)).numpy()  # read as (WT, TC, ET): edema turns into core
+    assert not np.array_equal(np.isin(wrong, [1, 4]), np.isin(lab, [1, 4]))
+
+    pred = _random_labels(rng, (9, 8, 7))
+    want = _numpy_dice(pred, lab)
+    got = brats_dice(_monai_regions(pred), _monai_regions(lab), order="monai")
+    assert got == pytest.approx(want) and list(got) == ["WT", "TC", "ET"]
+    assert brats_dice(labels_to_regions(pred), labels_to_regions(lab), order="brats") == pytest.approx(want)
+    assert brats_dice(pred, lab) == pytest.approx(want)
+
+
+def test_region_order_errors():
+    lab = np.zeros((2, 2), np.uint8)
+    with pytest.raises(ValueError, match="order must be one of"):
+        labels_to_regions(lab, order="nnunet")
+    with pytest.raises(ValueError, match="order must be one of"):
+        regions_to_labels(np.zeros((3, 2)), order=("WT", "WT", "ET"))
+    with pytest.raises(ValueError, match=r"pred must have shape \[3, \*S\] \(TC, WT, ET\)"):
+        brats_dice(lab, lab, order="monai")
+
+
+def test_monai_transform_interop():
+    transforms = pytest.importorskip("monai.transforms")
+    rng = np.random.default_rng(4)
+    lab = _random_labels(rng, (6, 5, 4))
+    monai = transforms.ConvertToMultiChannelBasedOnBratsClasses()(torch.from_numpy(lab))
+    np.testing.assert_array_equal(np.asarray(monai), labels_to_regions(lab, order="monai").numpy())
+    np.testing.assert_array_equal(regions_to_labels(torch.as_tensor(np.asarray(monai)), order="monai").numpy(), lab)

@@ -246,6 +246,10 @@ def _nifti_bytes(data, datatype=None, dims=None, gz=True):
     return gzip.compress(raw) if gz else raw
 
 
+def _truncated(blob):
+    return blob[:len(blob) // 2]
+
+
 def _nifti_cases():
     vol = np.ones((6, 6, 6), np.float32)
     rgb = np.zeros((6, 6, 6), dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
@@ -253,27 +257,25 @@ def _nifti_cases():
     return {
         "nifti_header_claims_2e12_voxels": lambda: _nifti_bytes(vol, dims=[3, 20000, 10000, 10000]),
         "nifti_header_claims_3e8_voxels_in_tiny_gz": lambda: _nifti_bytes(vol, dims=[3, 700, 700, 700]),
-        "nifti_raw_claims_more_than_file": lambda: _nifti_bytes(vol, dims=[3, 600, 600, 600], gz=False),
+        "nifti_header_claims_6e7_voxels_in_tiny_gz": lambda: _nifti_bytes(vol, dims=[3, 400, 400, 400]),
+        "nifti_raw_claims_more_than_file": lambda: _nifti_bytes(vol, dims=[3, 300, 300, 300], gz=False),
         "nifti_negative_dim": lambda: _nifti_bytes(vol, dims=[3, -6, 6, 6]),
         "nifti_rgb24": lambda: _nifti_bytes(rgb),
         "nifti_complex": lambda: _nifti_bytes(vol.astype(np.complex64)),
         "nifti_7d": lambda: _nifti_bytes(vol, dims=[7, 6, 6, 6, 1, 1, 2, 1]),
-        "nifti_truncated_gz": lambda: _nifti_bytes(vol)[:-30],
+        "nifti_truncated_gz": lambda: _truncated(_nifti_bytes(np.random.default_rng(0).random((20, 20, 20)))),
         "nifti_garbage": lambda: b"\x1f\x8b" + os.urandom(2000),
     }
 
 
 def _brats_case(root: Path, name: str, blob: bytes, gz=True):
+    """A case folder whose every file is the hostile blob (so no shape check between files stops it first)."""
     case = root / name / name
     case.mkdir(parents=True)
-    good = np.zeros((6, 6, 6), np.float32)
-    good[1:5, 1:5, 1:5] = np.arange(64, dtype=np.float32).reshape(4, 4, 4) + 1
-    for m in ("t1", "t1ce", "t2"):
-        nib.save(nib.Nifti1Image(good, np.eye(4)), str(case / f"{name}_{m}.nii.gz"))
-    nib.save(nib.Nifti1Image(np.zeros((6, 6, 6), np.uint8), np.eye(4)), str(case / f"{name}_seg.nii.gz"))
-    bad = case / f"{name}_flair.nii{'.gz' if gz else ''}"
-    bad.write_bytes(blob)
-    return case, bad
+    ext = ".nii.gz" if gz else ".nii"
+    for m in ("flair", "t1", "t1ce", "t2", "seg"):
+        (case / f"{name}_{m}{ext}").write_bytes(blob)
+    return case, case / f"{name}_flair{ext}"
 
 
 @pytest.fixture(scope="module")
@@ -288,7 +290,7 @@ def results(tmp_path_factory):
         p = tmp / f"{name}.npz"
         p.write_bytes(make())
         cases[name] = ("mmsa", p, ("MMSAFileError", p.name))
-    for name, make in ():
+    for name, make in _nifti_cases().items():
         blob = make()
         case, bad = _brats_case(tmp / "brats", name, blob, gz=not name.startswith("nifti_raw"))
         cases[name] = ("brats_case", case, ("BraTSDataError", bad.name))
@@ -297,7 +299,7 @@ def results(tmp_path_factory):
     return cases, _run_all(cases, tmp)
 
 
-_NAMES = [*_mmsa_cases(), *_npz_cases()]
+_NAMES = [*_mmsa_cases(), *_npz_cases(), *_nifti_cases(), *(f"{n}@dataset" for n in _nifti_cases())]
 
 
 @pytest.mark.parametrize("name", _NAMES)

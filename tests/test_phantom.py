@@ -50,7 +50,9 @@ def test_layout_labels_and_notice(cases):
         assert (v["seg"][~brain] == 0).all()
     assert saw_et  # and LGG-like cases without enhancement exist at ~20%; six cases usually include one
     ds = BraTSDataset(out, "all", check="full", augment=False)
-    assert len(ds) == 6 and ds[0]["image"].shape[0] == 4
+    assert len(ds) == 6 and ds[0]["image"].shape[0] == 4 and ds.layout == "brats"
+    from gmd_ext.io import file_mode
+    assert all((f.stat().st_mode & 0o777) == file_mode() for f in dirs[0].iterdir())  # the umask, not 0600
 
 
 def test_contrasts_make_modalities_unequally_informative(cases):

@@ -1,22 +1,36 @@
-"""BraTS 2018 NIfTI loader: case discovery, seeded splits, validation with file-naming errors, preprocessing.
+"""BraTS NIfTI loader: layout detection, case discovery, validated seeded splits, file-naming errors, preprocessing.
 
-Layout (the official release, or the flat form)::
+Layouts (detected from the root; :attr:`BraTSDataset.layout` names the one in use and a log line reports it):
 
-    <root>/{HGG,LGG}/<case>/<case>_{flair,t1,t1ce,t2,seg}.nii.gz
-    <root>/<case>/<case>_{flair,t1,t1ce,t2,seg}.nii.gz
+``"brats"``      BraTS 2018-2021: ``<root>/{HGG,LGG}/<case>/<case>_{flair,t1,t1ce,t2,seg}.nii.gz`` or the flat
+                 ``<root>/<case>/...`` (2020: ``BraTS20_Training_001_flair.nii.gz``; 2021:
+                 ``BraTS2021_00000_flair.nii.gz``); labels 0, 1 NCR/NET, 2 ED, 4 ET.
+``"brats2023"``  BraTS 2023 GLI: ``<root>/<case>/<case>-{t2f,t1n,t1c,t2w,seg}.nii.gz`` with
+                 ``<case> = BraTS-GLI-xxxxx-xxx``; t2f = FLAIR, t1n = T1, t1c = T1ce, t2w = T2; labels 0, 1 NCR,
+                 2 ED, 3 ET (read as 4).
+``"msd"``        Medical Segmentation Decathlon Task01_BrainTumour: ``<root>/imagesTr/<case>.nii.gz`` 4-D with
+                 channels FLAIR, T1w, t1gd, T2w and ``<root>/labelsTr/<case>.nii.gz`` with 1 edema,
+                 2 non-enhancing tumour, 3 enhancing tumour (read as 2, 1, 4); ``<root>/dataset.json``, when
+                 present, gives the channel and label names and is followed.
+
+Every layout is read into the same convention (gmd_ext/apps/brats/constants.py): channels (flair, t1, t1ce, t2),
+labels 0/1/2/4, regions WT/TC/ET.
 
 Preprocessing follows the usual BraTS pipeline: crop to the bounding box of the brain (voxels non-zero in any
 modality; BraTS volumes are skull-stripped with an exact-zero background), z-score each modality over the brain,
 set the background to 0; for training a random crop (padded with background where the volume is smaller) and
-random flips along each axis; for evaluation the whole brain box.
+random flips along each axis; for evaluation the whole brain box. A ``transform`` can replace the crop/flip.
 """
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -25,57 +39,193 @@ from gmd_ext.io import atomic_write
 from gmd_ext.apps.brats.constants import LABELS, MODALITIES
 from gmd_ext.apps.brats.metrics import labels_to_regions
 
-__all__ = ["MODALITIES", "BraTSDataError", "BraTSDataset", "find_cases", "make_splits", "load_case",
-           "preprocess"]
+__all__ = ["MODALITIES", "LAYOUTS", "BraTSDataError", "BraTSDataset", "Case", "find_cases", "make_splits",
+           "load_case", "preprocess"]
 
 _SPLITS = ("train", "val", "test")
 _EXTS = (".nii.gz", ".nii")
+_log = logging.getLogger(__name__)
+
+# Per layout: file suffix of each modality and of the segmentation, the separator before it, and the label map
+# (file value -> BraTS label).
+_NAMED = {
+    "brats": ({"flair": "flair", "t1": "t1", "t1ce": "t1ce", "t2": "t2", "seg": "seg"}, "_",
+              {0: 0, 1: 1, 2: 2, 4: 4}),
+    "brats2023": ({"flair": "t2f", "t1": "t1n", "t1ce": "t1c", "t2": "t2w", "seg": "seg"}, "-",
+                  {0: 0, 1: 1, 2: 2, 3: 4}),
+}
+_MSD_CHANNELS = ("flair", "t1", "t1ce", "t2")  # imagesTr channel order: FLAIR, T1w, t1gd, T2w
+_MSD_LABELS = {0: 0, 1: 2, 2: 1, 3: 4}  # edema, non-enhancing tumour, enhancing tumour -> ED, NCR/NET, ET
+LAYOUTS = {"brats": "BraTS 2018-2021 (<case>_{flair,t1,t1ce,t2,seg}; HGG/LGG or flat)",
+           "brats2023": "BraTS 2023 GLI (<case>-{t2f,t1n,t1c,t2w,seg}; enhancing tumour label 3 read as 4)",
+           "msd": "MSD Task01 (4-D imagesTr, labelsTr 1 edema / 2 non-enhancing / 3 enhancing)"}
+# Bound on the voxels of one file (512^3; a BraTS volume has 8.9 M, an MSD 4-D image 36 M elements): a header
+# claiming more is refused before any allocation.
+_MAX_ELEMENTS = 1 << 27
+_MAX_JSON_BYTES = 64 << 20
 
 
 class BraTSDataError(ValueError):
     """A BraTS file or folder is missing, unreadable or inconsistent; the message names the file."""
 
 
-def _case_file(case_dir: Path, suffix: str) -> Path | None:
+@dataclass(frozen=True)
+class Case:
+    """One case of a detected layout.
+
+    ``images`` maps each modality to ``(file, channel)``, channel ``None`` for a 3-D file, or to ``None`` when the
+    file is missing; ``expected`` gives the file name each modality and ``"seg"`` should have (for messages);
+    ``labels`` maps the file's label values to the BraTS labels.
+    """
+    name: str
+    layout: str
+    images: dict
+    seg: Path | None
+    expected: dict
+    labels: dict = field(default_factory=dict)
+
+
+def _find_file(folder: Path, stem: str) -> Path | None:
     for ext in _EXTS:
-        p = case_dir / f"{case_dir.name}_{suffix}{ext}"
+        p = folder / f"{stem}{ext}"
         if p.is_file():
             return p
     return None
 
 
-def _is_case_dir(d: Path) -> bool:
-    return d.is_dir() and any(_case_file(d, s) is not None for s in (*MODALITIES, "seg"))
+def _named_case(d: Path, layout: str) -> Case | None:
+    suffixes, sep, labels = _NAMED[layout]
+    files = {k: _find_file(d, f"{d.name}{sep}{v}") for k, v in suffixes.items()}
+    if not any(files.values()):
+        return None
+    expected = {k: d / f"{d.name}{sep}{v}.nii.gz" for k, v in suffixes.items()}
+    return Case(d.name, layout, {m: (files[m], None) if files[m] else None for m in MODALITIES}, files["seg"],
+                expected, labels)
 
 
-def find_cases(root: str | os.PathLike) -> dict[str, Path]:
-    """Case name -> case folder, for both layouts, sorted by name.
+def _read_json(path: Path):
+    try:
+        if path.stat().st_size > _MAX_JSON_BYTES:
+            raise BraTSDataError(f"{path}: larger than {_MAX_JSON_BYTES >> 20} MiB, not a JSON file of this loader")
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except BraTSDataError:
+        raise
+    except UnicodeDecodeError as e:
+        raise BraTSDataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except RecursionError:
+        raise BraTSDataError(f"{path}: JSON nested too deeply") from None
+    except (OSError, ValueError) as e:
+        raise BraTSDataError(f"{path}: not readable JSON ({type(e).__name__}: {e})") from None
 
-    A folder counts as a case when it holds at least one ``<folder>_<modality|seg>.nii[.gz]`` file, so a case with
-    a missing modality is still found (and reported by validation) while unrelated folders are ignored.
+
+def _msd_conventions(root: Path) -> tuple[tuple[str, ...], dict]:
+    """Channel order and label map of an MSD root, from dataset.json when present (else the Task01 defaults)."""
+    path = root / "dataset.json"
+    if not path.is_file():
+        return _MSD_CHANNELS, dict(_MSD_LABELS)
+    meta = _read_json(path)
+    if not isinstance(meta, dict):
+        raise BraTSDataError(f"{path}: expected a JSON object, got {type(meta).__name__}")
+    channels, labels = _MSD_CHANNELS, dict(_MSD_LABELS)
+    names = {"flair": "flair", "t1w": "t1", "t1": "t1", "t1n": "t1", "t1gd": "t1ce", "t1ce": "t1ce", "t1c": "t1ce",
+             "t2w": "t2", "t2": "t2", "t2f": "flair"}
+    if "modality" in meta:
+        mod = meta["modality"]
+        if not isinstance(mod, dict) or sorted(mod) != [str(i) for i in range(len(mod))]:
+            raise BraTSDataError(f"{path}: 'modality' must map '0', '1', ... to channel names, got {mod!r:.200}")
+        got = [names.get(str(mod[str(i)]).strip().lower()) for i in range(len(mod))]
+        if None in got or sorted(got) != sorted(MODALITIES):
+            raise BraTSDataError(f"{path}: 'modality' {mod!r:.200} does not name the four BraTS channels "
+                                 f"(FLAIR, T1w, t1gd, T2w)")
+        channels = tuple(got)
+    if "labels" in meta:
+        lab = meta["labels"]
+        if not isinstance(lab, dict):
+            raise BraTSDataError(f"{path}: 'labels' must map values to names, got {type(lab).__name__}")
+        labels = {}
+        for value, name in lab.items():
+            text = str(name).lower()
+            brats = (0 if "background" in text else 1 if ("non-enhancing" in text or "necro" in text)
+                     else 2 if ("edema" in text or "oedema" in text) else 4 if "enhancing" in text else None)
+            if brats is None or not str(value).isdigit():
+                raise BraTSDataError(f"{path}: label {value!r:.40}: {name!r:.80} is not a BraTS class (background, "
+                                     f"edema, non-enhancing tumour / necrosis, enhancing tumour)")
+            labels[int(value)] = brats
+        if sorted(labels.values()) != sorted(LABELS):
+            raise BraTSDataError(f"{path}: 'labels' must name background, edema, non-enhancing tumour and "
+                                 f"enhancing tumour once each, got {lab!r:.200}")
+    return channels, labels
+
+
+def _msd_cases(root: Path) -> dict[str, Case]:
+    channels, labels = _msd_conventions(root)
+    found = {}
+    for p in sorted((root / "imagesTr").iterdir()):
+        # The MSD archive carries macOS "._" resource files beside the images.
+        if p.name.startswith(".") or not p.is_file() or not p.name.endswith(_EXTS):
+            continue
+        name = p.name[:-7] if p.name.endswith(".nii.gz") else p.name[:-4]
+        seg = _find_file(root / "labelsTr", name)
+        expected = {m: p for m in MODALITIES} | {"seg": root / "labelsTr" / p.name}
+        found[name] = Case(name, "msd", {m: (p, channels.index(m)) for m in MODALITIES}, seg, expected, labels)
+    return found
+
+
+def find_cases(root: str | os.PathLike) -> dict[str, Case]:
+    """Detect the layout of ``root`` (module docstring) and return case name -> :class:`Case`, sorted by name.
+
+    A folder counts as a case when it holds at least one ``<folder>_<modality|seg>.nii[.gz]`` (or, BraTS 2023,
+    ``<folder>-<t2f|t1n|t1c|t2w|seg>``) file, so a case with a missing modality is still found (and reported by
+    validation) while unrelated folders are ignored. A root with ``imagesTr/`` is an MSD root.
 
     Raises:
-        BraTSDataError: ``root`` is not a folder, holds no case, or two cases share a name.
+        BraTSDataError: ``root`` is not a folder, holds no case, mixes layouts, or two cases share a name.
     """
     root = Path(root)
     if not root.is_dir():
         raise BraTSDataError(f"BraTS root {root} is not a folder")
-    found: dict[str, Path] = {}
-    candidates = []
-    for entry in sorted(root.iterdir()):
-        if entry.is_dir() and entry.name in ("HGG", "LGG"):
-            candidates += sorted(entry.iterdir())
-        else:
-            candidates.append(entry)
-    for d in candidates:
-        if _is_case_dir(d):
-            if d.name in found:
-                raise BraTSDataError(f"case name {d.name} appears twice: {found[d.name]} and {d}")
-            found[d.name] = d
+    if (root / "imagesTr").is_dir():
+        found = _msd_cases(root)
+    else:
+        found = {}
+        candidates = []
+        for entry in sorted(root.iterdir()):
+            if entry.is_dir() and entry.name in ("HGG", "LGG"):
+                candidates += sorted(entry.iterdir())
+            else:
+                candidates.append(entry)
+        layouts = set()
+        for d in candidates:
+            if not d.is_dir():
+                continue
+            for layout in _NAMED:
+                case = _named_case(d, layout)
+                if case is None:
+                    continue
+                layouts.add(layout)
+                if d.name in found:
+                    raise BraTSDataError(f"case name {d.name} appears twice: {found[d.name].expected['seg'].parent} "
+                                         f"and {d}")
+                found[d.name] = case
+        if len(layouts) > 1:
+            raise BraTSDataError(f"{root}: mixes the layouts {sorted(layouts)}; keep one release per root")
     if not found:
         raise BraTSDataError(f"no BraTS case under {root}; expected <root>/{{HGG,LGG}}/<case>/<case>_flair.nii.gz "
-                             f"(or <root>/<case>/...) with modalities {', '.join(MODALITIES)} and seg")
+                             f"(or <root>/<case>/...) with modalities {', '.join(MODALITIES)} and seg, BraTS 2023 "
+                             f"<root>/<case>/<case>-t2f.nii.gz ..., or an MSD Task01 root with imagesTr/ and "
+                             f"labelsTr/")
     return dict(sorted(found.items()))
+
+
+def _as_case(case) -> Case:
+    if isinstance(case, Case):
+        return case
+    d = Path(case)
+    for layout in _NAMED:
+        c = _named_case(d, layout)
+        if c is not None:
+            return c
+    raise BraTSDataError(f"{d}: no BraTS case files in this folder")
 
 
 def make_splits(cases: Sequence[str], seed: int = 0,
@@ -103,85 +253,113 @@ def make_splits(cases: Sequence[str], seed: int = 0,
             "test": sorted(shuffled[n_train + n_val:])}
 
 
-def _read_header(path: Path):
+def _read_header(path: Path, channels: int | None):
+    """(image proxy, spatial shape) after the checks that need no voxel data; ``channels`` is the 4th dimension
+    a 4-D file must have (``None`` for 3-D files)."""
     import nibabel as nib
 
     try:
         img = nib.load(str(path))
         shape = tuple(int(s) for s in img.shape)
-    except Exception as e:  # nibabel raises ImageFileError, EOFError, OSError, zlib.error... for damaged files
+        dtype = img.header.get_data_dtype()
+        kind = img.header.get_value_label("datatype") if hasattr(img.header, "get_value_label") else str(dtype)
+    except Exception as e:  # nibabel raises ImageFileError, HeaderDataError, EOFError, OSError, zlib.error...
         raise BraTSDataError(f"{path}: not a readable NIfTI file ({type(e).__name__}: {e})") from e
-    if len(shape) == 4 and shape[3] == 1:
-        shape = shape[:3]
-    if len(shape) != 3:
-        raise BraTSDataError(f"{path}: expected a 3D volume, got shape {shape}")
+    if dtype.fields is not None or dtype.kind not in "biuf":
+        raise BraTSDataError(f"{path}: datatype {kind} is not a scalar intensity image (RGB and complex images "
+                             f"are not MRI modalities or label maps)")
+    if any(s < 1 for s in shape) or math.prod(shape) > _MAX_ELEMENTS:
+        raise BraTSDataError(f"{path}: shape {shape} is empty or larger than {_MAX_ELEMENTS} voxels")
+    if channels is None:
+        if len(shape) == 4 and shape[3] == 1:
+            shape = shape[:3]
+        if len(shape) != 3:
+            raise BraTSDataError(f"{path}: expected a 3D volume, got shape {shape}")
+    elif len(shape) != 4 or shape[3] != channels:
+        raise BraTSDataError(f"{path}: expected a 4D image with {channels} channels (flair, t1, t1ce, t2), got "
+                             f"shape {shape}")
+    if not path.name.endswith(".gz"):
+        # An uncompressed file is memory-mapped: the voxels the header claims must be in the file.
+        need = int(img.header["vox_offset"]) + math.prod(shape) * dtype.itemsize
+        if path.stat().st_size < need:
+            raise BraTSDataError(f"{path}: the file is truncated: {path.stat().st_size} bytes, the header needs "
+                                 f"{need}")
     return img, shape
 
 
 def _read_data(path: Path, img, shape) -> np.ndarray:
     try:
         data = np.asanyarray(img.dataobj)
+    except MemoryError as e:
+        raise BraTSDataError(f"{path}: not enough memory to read the image data ({shape})") from e
     except Exception as e:  # truncated gzip: EOFError / zlib.error / OSError; short raw file: ValueError
         raise BraTSDataError(f"{path}: cannot read the image data, the file is truncated or corrupt "
                              f"({type(e).__name__}: {e})") from e
     return data.reshape(shape)
 
 
-def _case_files(case_dir: Path, modalities: Sequence[str], labelled: bool) -> tuple[list[Path], Path | None]:
+def _case_files(case: Case, modalities: Sequence[str], labelled: bool) -> tuple[list[tuple[Path, int | None]],
+                                                                                Path | None]:
     files = []
     for m in modalities:
-        p = _case_file(case_dir, m)
-        if p is None:
-            raise BraTSDataError(f"{case_dir / (case_dir.name + '_' + m + '.nii.gz')}: missing modality file "
-                                 f"'{m}' in case {case_dir.name}")
-        files.append(p)
-    seg = _case_file(case_dir, "seg")
-    if labelled and seg is None:
-        raise BraTSDataError(f"{case_dir / (case_dir.name + '_seg.nii.gz')}: missing segmentation file in labelled "
-                             f"case {case_dir.name}")
-    return files, seg
+        if case.images.get(m) is None:
+            raise BraTSDataError(f"{case.expected[m]}: missing modality file '{m}' in case {case.name}")
+        files.append(case.images[m])
+    if labelled and case.seg is None:
+        raise BraTSDataError(f"{case.expected['seg']}: missing segmentation file in labelled case {case.name}")
+    return files, case.seg
 
 
-def _check_shapes(headers: list[tuple[Path, tuple]]) -> None:
-    ref_path, ref_shape = headers[0]
-    for p, s in headers[1:]:
-        if s != ref_shape:
-            raise BraTSDataError(f"{p}: shape {s} differs from {ref_path.name} with shape {ref_shape}")
-
-
-def load_case(case_dir: str | os.PathLike, modalities: Sequence[str] = MODALITIES, labelled: bool = True,
-              header_only: bool = False):
+def load_case(case, modalities: Sequence[str] = MODALITIES, labelled: bool = True, header_only: bool = False):
     """Read one case.
+
+    Args:
+        case: a :class:`Case` from :func:`find_cases`, or the folder of a BraTS 2018-2021 / 2023 case.
+        modalities: channels to read, in this order (names from ``MODALITIES``, whatever the files call them).
+        labelled: require a segmentation file.
+        header_only: run only the checks that need no voxel data and return ``(None, None)``.
 
     Returns:
         ``(image, labels)``: image float32 ``[M, D, H, W]`` (numpy) in ``modalities`` order, labels uint8
-        ``[D, H, W]`` with values in {0, 1, 2, 4} (``None`` when unlabelled and no seg file). With
-        ``header_only=True`` only the checks that need no voxel data run and ``(None, None)`` is returned.
+        ``[D, H, W]`` with values in {0, 1, 2, 4} whatever the layout's own label values (``None`` when unlabelled
+        and no seg file).
 
     Raises:
-        BraTSDataError: missing modality or seg file, unreadable/truncated file, shapes that differ across the
-            case's files, seg values outside {0, 1, 2, 4}. The message names the file.
+        BraTSDataError: missing modality or seg file, unreadable/truncated file, RGB / complex / oversized images,
+            shapes that differ across the case's files, NaN/Inf intensities, seg values outside the layout's
+            labels. The message names the file.
     """
-    case_dir = Path(case_dir)
-    files, seg = _case_files(case_dir, modalities, labelled)
-    all_files = files + ([seg] if seg is not None else [])
-    headers = [(p, *_read_header(p)) for p in all_files]
-    _check_shapes([(p, s) for p, _, s in headers])
+    case = _as_case(case)
+    files, seg = _case_files(case, modalities, labelled)
+    n_channels = 4 if case.layout == "msd" else None
+    distinct = list(dict.fromkeys(p for p, _ in files))
+    headers = {p: _read_header(p, n_channels) for p in distinct}
+    if seg is not None:
+        headers[seg] = _read_header(seg, None)
+    ref = distinct[0]
+    for p, (_, s) in headers.items():
+        if s[:3] != headers[ref][1][:3]:
+            raise BraTSDataError(f"{p}: shape {s[:3]} differs from {ref.name} with shape {headers[ref][1][:3]}")
     if header_only:
         return None, None
-    image = np.stack([_read_data(p, img, s).astype(np.float32, copy=False) for p, img, s in headers[:len(files)]])
-    for p, vol in zip(files, image):
+    volumes = {p: _read_data(p, *headers[p]) for p in distinct}
+    image = np.stack([(volumes[p] if c is None else volumes[p][..., c]).astype(np.float32, copy=False)
+                      for p, c in files])
+    for (p, c), vol in zip(files, image):
         if not np.isfinite(vol).all():
-            raise BraTSDataError(f"{p}: image holds NaN or Inf values")
+            raise BraTSDataError(f"{p}: image holds NaN or Inf values" + (f" (channel {c})" if c is not None else ""))
     labels = None
     if seg is not None:
-        p, img, s = headers[-1]
-        raw = _read_data(p, img, s)
-        ok = np.isin(raw, LABELS)
+        raw = _read_data(seg, *headers[seg])
+        known = np.array(sorted(case.labels), dtype=np.float64)
+        ok = np.isin(raw, known)
         if not ok.all():
             bad = np.unique(raw[~ok])[:8].tolist()
-            raise BraTSDataError(f"{p}: label values outside the BraTS labels {{0, 1, 2, 4}}: {bad}")
-        labels = raw.astype(np.uint8)
+            raise BraTSDataError(f"{seg}: label values outside the {case.layout} labels {sorted(case.labels)}: {bad}")
+        lut = np.zeros(max(case.labels) + 1, dtype=np.uint8)
+        for value, brats in case.labels.items():
+            lut[value] = brats
+        labels = lut[raw.astype(np.int64)]
     return image, labels
 
 
@@ -221,35 +399,43 @@ def preprocess(image: np.ndarray, labels: np.ndarray | None = None, names: Seque
 
 
 class BraTSDataset(torch.utils.data.Dataset):
-    """BraTS cases as tensors, one split.
+    """BraTS cases as tensors, one split, from any layout of the module docstring.
 
     Args:
-        root: data folder (see the module docstring for the layouts).
+        root: data folder; its layout is detected (:attr:`layout`, logged at INFO).
         split: ``"train"``, ``"val"``, ``"test"`` or ``"all"`` (every case, no split file).
-        modalities: which modality files to read, in this channel order.
+        modalities: which modalities to read, in this channel order.
         crop_size: training crop edge (int or three ints), default 128.
-        augment: random crop + flips; default ``True`` for ``split="train"``, else whole brain boxes.
+        augment: built-in random crop + flips; default ``True`` for ``split="train"`` without a ``transform``,
+            else whole brain boxes.
+        transform: callable applied to each item dict (after the built-in crop/flip when ``augment``), returning
+            the item dict, e.g. a MONAI dictionary transform (``Compose([RandSpatialCropd(keys=["image",
+            "regions"], ...), ...])``) to replace the built-in augmentation.
         split_file: JSON file with the split. Read when it exists (so a run is reproduced exactly), else written
-            atomically from a seeded split; ``None`` keeps the split in memory.
-        split_seed, split_ratios: seed and train/val/test ratios of a new split (default 70/10/20 by case).
+            atomically from a seeded split with the root, seed and ratios it was made with; ``None`` keeps the split
+            in memory. A file is refused when it was made for another root, seed or ratios, lists a case twice or
+            in two splits, or names cases the root does not hold.
+        split_seed, split_ratios: seed and train/val/test ratios of a new split (default 0 and 70/10/20 by case).
+            ``None`` (the default) takes them from an existing split file; given explicitly they must match it.
         labelled: require a seg file per case (default ``True``; ``split="all"`` may set ``False``).
         on_error: ``"raise"`` (default) or ``"skip"``: drop a broken case with a warning naming the file.
         check: ``"header"`` validates files, shapes and headers at construction (fast) and reads voxels lazily;
-            ``"full"`` also reads every volume at construction, so truncated files and bad labels are found (and
-            skipped with ``on_error="skip"``) before training starts.
+            ``"full"`` also reads and preprocesses every volume at construction, so truncated files, bad labels and
+            constant modalities are found (and skipped with ``on_error="skip"``) before training starts.
         cache: keep preprocessed volumes in memory after the first read.
         seed: seed of the crop/flip randomness; a sample depends only on (seed, epoch, index), see ``set_epoch``.
 
-    Items are dicts: ``image`` float32 ``[M, D, H, W]``, ``regions`` float32 ``[3, D, H, W]`` (WT, TC, ET),
-    ``labels`` uint8 ``[D, H, W]`` (0/1/2/4), ``case`` str, ``bbox`` int64 ``[3, 2]`` (the brain box in the file's
-    voxel grid; zeros for training crops). Unlabelled items have no ``regions``/``labels``.
+    Items are dicts: ``image`` float32 ``[M, D, H, W]`` (channels in ``modalities`` order: flair, t1, t1ce, t2 by
+    default, whatever the layout calls them), ``regions`` float32 ``[3, D, H, W]`` (WT, TC, ET), ``labels`` uint8
+    ``[D, H, W]`` (0/1/2/4), ``case`` str, ``bbox`` int64 ``[3, 2]`` (the brain box in the file's voxel grid; zeros
+    for training crops). Unlabelled items have no ``regions``/``labels``.
     """
 
     def __init__(self, root: str | os.PathLike, split: str = "train", *, modalities: Sequence[str] = MODALITIES,
                  crop_size: int | Sequence[int] = 128, augment: bool | None = None,
-                 split_file: str | os.PathLike | None = None, split_seed: int = 0,
-                 split_ratios: Sequence[float] = (0.7, 0.1, 0.2), labelled: bool = True, on_error: str = "raise",
-                 check: str = "header", cache: bool = False, seed: int = 0):
+                 transform: Callable[[dict], dict] | None = None, split_file: str | os.PathLike | None = None,
+                 split_seed: int | None = None, split_ratios: Sequence[float] | None = None, labelled: bool = True,
+                 on_error: str = "raise", check: str = "header", cache: bool = False, seed: int = 0):
         if split not in (*_SPLITS, "all"):
             raise ValueError(f"split must be one of train, val, test, all; got {split!r}")
         if on_error not in ("raise", "skip"):
@@ -264,11 +450,15 @@ class BraTSDataset(torch.utils.data.Dataset):
             raise ValueError(f"crop_size must be a positive int or three positive ints, got {crop_size!r}")
         if split != "all" and not labelled:
             raise ValueError(f"split {split!r} is a labelled split; labelled=False needs split='all'")
+        if transform is not None and not callable(transform):
+            raise TypeError(f"transform must be a callable taking and returning the item dict, got "
+                            f"{type(transform).__name__}")
         self.root = Path(root)
         self.split = split
         self.modalities = tuple(modalities)
         self.crop_size = crop
-        self.augment = (split == "train") if augment is None else bool(augment)
+        self.transform = transform
+        self.augment = (split == "train" and transform is None) if augment is None else bool(augment)
         self.labelled = labelled
         self.on_error = on_error
         self.seed = int(seed)
@@ -276,39 +466,43 @@ class BraTSDataset(torch.utils.data.Dataset):
         self._cache: dict[int, tuple] | None = {} if cache else None
 
         all_cases = find_cases(self.root)
+        self.layout = next(iter(all_cases.values())).layout
+        _log.info("BraTSDataset: %s: layout %r, %s; %d cases", self.root, self.layout, LAYOUTS[self.layout],
+                  len(all_cases))
         if split == "all":
             names = list(all_cases)
         else:
             splits = self._load_or_make_split(split_file, list(all_cases), split_seed, split_ratios)
             names = splits[split]
-        self.case_dirs: list[Path] = []
+        self._cases: list[Case] = []
         for name in names:
             try:
-                load_case(all_cases[name], self.modalities, labelled, header_only=(check == "header"))
+                if check == "full":
+                    image, labels = load_case(all_cases[name], self.modalities, labelled)
+                    preprocess(image, labels, names=self._names(all_cases[name]))
+                else:
+                    load_case(all_cases[name], self.modalities, labelled, header_only=True)
             except BraTSDataError as e:
                 if on_error == "raise":
                     raise
                 warnings.warn(f"BraTSDataset: skipping case {name}: {e}", stacklevel=2)
                 continue
-            self.case_dirs.append(all_cases[name])
-        self.cases = [d.name for d in self.case_dirs]
+            self._cases.append(all_cases[name])
+        self.cases = [c.name for c in self._cases]
+
+    def _names(self, case: Case) -> list[str]:
+        files, _ = _case_files(case, self.modalities, False)
+        return [str(p) if c is None else f"{p} (channel {c}, {m})" for (p, c), m in zip(files, self.modalities)]
 
     def _load_or_make_split(self, split_file, names, seed, ratios) -> dict[str, list[str]]:
+        root = str(self.root.resolve())
         if split_file is not None and Path(split_file).is_file():
-            path = Path(split_file)
-            try:
-                data = json.loads(path.read_text(encoding="utf-8"))
-            except (OSError, json.JSONDecodeError) as e:
-                raise BraTSDataError(f"{path}: split file is not readable JSON ({e})") from e
-            if not isinstance(data, dict) or not all(isinstance(data.get(s), list) for s in _SPLITS):
-                raise BraTSDataError(f"{path}: split file must hold lists 'train', 'val' and 'test'")
-            missing = sorted(set(sum((data[s] for s in _SPLITS), [])) - set(names))
-            if missing:
-                raise BraTSDataError(f"{path}: split lists cases not found under {self.root}: {missing[:5]}")
-            return {s: list(data[s]) for s in _SPLITS}
+            return _read_split_file(Path(split_file), names, root, seed, ratios)
+        seed = 0 if seed is None else seed
+        ratios = (0.7, 0.1, 0.2) if ratios is None else ratios
         splits = make_splits(names, seed, ratios)
         if split_file is not None:
-            _write_json_atomic(Path(split_file), {"root": str(self.root), "seed": seed,
+            _write_json_atomic(Path(split_file), {"root": root, "layout": self.layout, "seed": int(seed),
                                                   "ratios": [float(r) for r in ratios], **splits})
         return splits
 
@@ -317,15 +511,14 @@ class BraTSDataset(torch.utils.data.Dataset):
         self.epoch = int(epoch)
 
     def __len__(self) -> int:
-        return len(self.case_dirs)
+        return len(self._cases)
 
     def _volume(self, index: int):
         if self._cache is not None and index in self._cache:
             return self._cache[index]
-        case_dir = self.case_dirs[index]
-        image, labels = load_case(case_dir, self.modalities, self.labelled)
-        files, _ = _case_files(case_dir, self.modalities, False)
-        out = preprocess(image, labels, names=[str(f) for f in files])
+        case = self._cases[index]
+        image, labels = load_case(case, self.modalities, self.labelled)
+        out = preprocess(image, labels, names=self._names(case))
         if self._cache is not None:
             self._cache[index] = out
         return out
@@ -344,7 +537,40 @@ class BraTSDataset(torch.utils.data.Dataset):
             lab = torch.from_numpy(np.ascontiguousarray(labels))
             item["labels"] = lab
             item["regions"] = labels_to_regions(lab).float()
+        if self.transform is not None:
+            item = self.transform(item)
+            if not isinstance(item, dict):
+                raise TypeError(f"BraTSDataset: transform must return the item dict, got {type(item).__name__}")
         return item
+
+
+def _read_split_file(path: Path, names: list[str], root: str, seed, ratios) -> dict[str, list[str]]:
+    data = _read_json(path)
+    if not isinstance(data, dict):
+        raise BraTSDataError(f"{path}: split file must be a JSON object with lists 'train', 'val' and 'test', got "
+                             f"{type(data).__name__}")
+    for s in _SPLITS:
+        v = data.get(s)
+        if not isinstance(v, list) or not all(isinstance(c, str) for c in v):
+            raise BraTSDataError(f"{path}: split file entry {s!r} must be a list of case names (strings)")
+    made = {"root": data.get("root"), "seed": data.get("seed"), "ratios": data.get("ratios")}
+    want = {"root": root, "seed": seed, "ratios": None if ratios is None else [float(r) for r in ratios]}
+    stale = [k for k in made if made[k] is not None and want[k] is not None and made[k] != want[k]]
+    if stale:
+        raise BraTSDataError(f"{path}: split file was made for " + ", ".join(f"{k} {made[k]!r}" for k in stale)
+                             + "; this dataset has " + ", ".join(f"{k} {want[k]!r}" for k in stale)
+                             + ". It belongs to another data set or split; delete it or pass its own split_file")
+    seen: dict[str, str] = {}
+    for s in _SPLITS:
+        for c in data[s]:
+            if c in seen:
+                where = f"twice in {s!r}" if seen[c] == s else f"in both {seen[c]!r} and {s!r}"
+                raise BraTSDataError(f"{path}: case {c!r} is listed {where}; splits must be disjoint")
+            seen[c] = s
+    missing = sorted(set(seen) - set(names))
+    if missing:
+        raise BraTSDataError(f"{path}: split lists cases not found under {root}: {missing[:5]}")
+    return {s: list(data[s]) for s in _SPLITS}
 
 
 def _random_crop_flip(image: np.ndarray, labels: np.ndarray | None, crop: tuple, rng: np.random.Generator):

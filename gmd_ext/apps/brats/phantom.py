@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from gmd_ext.apps.brats.constants import MODALITIES as _MODALITIES
+from gmd_ext.io import file_mode
 
 __all__ = ["make_cases", "NOTICE_FILE", "case_name"]
 
@@ -183,6 +184,7 @@ def _save_nifti(path: Path, data: np.ndarray, voxel_mm: float) -> None:
     os.close(fd)
     try:
         nib.save(img, tmp)
+        os.chmod(tmp, file_mode())  # mkstemp creates 0600; the case files get a plain open's mode
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
