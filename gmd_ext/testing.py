@@ -82,6 +82,23 @@ def device_params(devices=DEVICE_IDS) -> list:
     return params
 
 
+def call_on(device, fn, *args, **kwargs):
+    """fn(*args, **kwargs) with every tensor argument moved to `device` and tensor results moved back to the CPU:
+    a CPU-written test runs its op on any device of the matrix and compares on the host. Differentiable (.to is),
+    so gradients reach the CPU leaves."""
+    device = torch.device(device)
+
+    def there(a):
+        return a.to(device) if isinstance(a, torch.Tensor) else a
+
+    out = fn(*map(there, args), **{k: there(v) for k, v in kwargs.items()})
+    if isinstance(out, torch.Tensor):
+        return out.cpu()
+    if isinstance(out, tuple):
+        return tuple(o.cpu() if isinstance(o, torch.Tensor) else o for o in out)
+    return out
+
+
 def synchronize(device) -> None:
     """Wait for the work queued on `device` (a no-op on CPU): tests time nothing, but a kernel error on CUDA only
     surfaces at a synchronisation point."""

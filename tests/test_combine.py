@@ -4,10 +4,10 @@ on every backend available for CPU tensors, against fp64 references (fp16/bf16 b
 import pytest
 import torch
 
-from gmd_ext import _backend, ops
-from gmd_ext.testing import assert_close_rel, backends_for, low_precision
+from gmd_ext import _backend, ops, testing
+from gmd_ext.testing import assert_close_rel, call_on as _on, low_precision
 
-BACKENDS = backends_for("cpu")
+CASES = testing.device_backends()  # devices x backends, absent ones skipped
 EPS32 = torch.finfo(torch.float32).eps
 needs_cpp = pytest.mark.skipif(not _backend.CPP_LOADED, reason=f"C++ extension not built: {_backend.CPP_REASON}")
 
@@ -42,37 +42,37 @@ def _assert_lincomb_bound(out, coef, G, what):
 
 
 # ---------------------------------------------------------------- combine
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", CASES)
 @pytest.mark.parametrize("K", [1, 2, 3, 7, 15, 32])
 @pytest.mark.parametrize("N", [1, 17, 4099])
 @pytest.mark.parametrize("shared_kind", ["none", "mixed"])
-def test_combine_fp32(backend, K, N, shared_kind):
+def test_combine_fp32(device, backend, K, N, shared_kind):
     G, c, shared = _rows(K, N), torch.randn(K, generator=_gen(K)), _shared(N, shared_kind)
     s, o = 1.0 / K, 1.0
-    out = ops.combine(G, c, shared, s, o, backend)
+    out = _on(device, ops.combine, G, c, shared, s, o, backend)
     assert out.dtype == torch.float32 and out.shape == (N,)
     scale = torch.full((N,), s, dtype=torch.float64) if shared is None else torch.where(shared, s, o).double()
     _assert_lincomb_bound(out / scale, c, G, "combine")
 
 
 # Not triton: the interpreter needs ~9 s for this size on the 2-core box; tests/test_triton.py covers its slicing.
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
-def test_combine_large_odd_n(backend):
+@pytest.mark.parametrize("device,backend", [c for c in CASES if c.values[1] != "triton"])
+def test_combine_large_odd_n(device, backend):
     N = 2**20 + 3
     G, c, shared = _rows(3, N), torch.randn(3, generator=_gen(3)), _shared(N, "mixed")
-    out = ops.combine(G, c, shared, 0.25, 2.0, backend)
+    out = _on(device, ops.combine, G, c, shared, 0.25, 2.0, backend)
     scale = torch.where(shared, 0.25, 2.0).double()
     _assert_lincomb_bound(out / scale, c, G, "combine")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", CASES)
 @pytest.mark.parametrize("dtype", low_precision)
 @pytest.mark.parametrize("shared_kind", ["none", "mixed"])
-def test_combine_low_precision_flash_attention_rule(backend, dtype, shared_kind):
+def test_combine_low_precision_flash_attention_rule(device, backend, dtype, shared_kind):
     K, N = 7, 4099
     G, c, shared = _rows(K, N, dtype), torch.randn(K, generator=_gen(5)), _shared(N, shared_kind)
     s, o = 1.0 / K, 1.0
-    out = ops.combine(G, c, shared, s, o, backend)
+    out = _on(device, ops.combine, G, c, shared, s, o, backend)
     assert out.dtype == dtype
     ref = _ref_combine(G, c, shared, s, o)
     # Plain torch at the input precision: the same formula with every operand and result in `dtype`.
@@ -81,51 +81,51 @@ def test_combine_low_precision_flash_attention_rule(backend, dtype, shared_kind)
     assert_close_rel(out, ref, baseline, what=f"combine {dtype}")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", CASES)
 @pytest.mark.parametrize("K,N", [(3, 0), (0, 5), (1, 1)])
-def test_combine_edge_shapes(backend, K, N):
+def test_combine_edge_shapes(device, backend, K, N):
     G, c = _rows(K, N), torch.randn(K, generator=_gen(0))
-    out = ops.combine(G, c, _shared(N, "mixed"), 0.5, 1.0, backend)
+    out = _on(device, ops.combine, G, c, _shared(N, "mixed"), 0.5, 1.0, backend)
     assert out.shape == (N,) and out.dtype == torch.float32
     torch.testing.assert_close(out.double(), _ref_combine(G, c, _shared(N, "mixed"), 0.5, 1.0))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", CASES)
 @pytest.mark.parametrize("layout", ["column_slice", "transposed", "step2"])
-def test_combine_non_contiguous(backend, layout):
+def test_combine_non_contiguous(device, backend, layout):
     K, N = 5, 1031
     base = _rows(2 * K, 2 * N + 1)
     G = {"column_slice": base[:K, :N], "transposed": base[:K, :N].T.contiguous().T,
          "step2": base[:K, : 2 * N : 2]}[layout]
     c = torch.randn(2 * K, generator=_gen(2))[::2]  # non-contiguous coefficients too
     shared = (torch.rand(2 * N, generator=_gen(3)) > 0.5)[::2]
-    out = ops.combine(G, c, shared, 0.2, 1.0, backend)
-    torch.testing.assert_close(out, ops.combine(G.contiguous(), c.contiguous(), shared.contiguous(), 0.2, 1.0,
-                                                backend), rtol=1e-6, atol=1e-6)
+    out = _on(device, ops.combine, G, c, shared, 0.2, 1.0, backend)
+    expected = _on(device, ops.combine, G.contiguous(), c.contiguous(), shared.contiguous(), 0.2, 1.0, backend)
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_combine_zero_rows_and_nan(backend):
+@pytest.mark.parametrize("device,backend", CASES)
+def test_combine_zero_rows_and_nan(device, backend):
     G = _rows(4, 600)
     G[1] = 0
     G[2, 100] = float("nan")
     c = torch.tensor([1.0, 2.0, 0.5, -1.0])
-    out = ops.combine(G, c, None, 1.0, 1.0, backend)
+    out = _on(device, ops.combine, G, c, None, 1.0, 1.0, backend)
     assert torch.isnan(out[100])
     keep = torch.arange(600) != 100
     assert torch.isfinite(out[keep]).all(), "NaN must stay in its own column"
     _assert_lincomb_bound(out[keep], c, G[:, keep], "combine")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_combine_autograd_matches_reference(backend, dtype):
+def test_combine_autograd_matches_reference(device, backend, dtype):
     K, N = 4, 300
     G = _rows(K, N, dtype).requires_grad_()
     c = torch.randn(K, generator=_gen(7)).requires_grad_()
     shared = _shared(N, "mixed")
     w = torch.randn(N, generator=_gen(8))
-    (ops.combine(G, c, shared, 0.25, 1.0, backend).float() * w).sum().backward()
+    (_on(device, ops.combine, G, c, shared, 0.25, 1.0, backend).float() * w).sum().backward()
     G64, c64 = G.detach().double().requires_grad_(), c.detach().double().requires_grad_()
     (_ref_combine(G64, c64, shared, 0.25, 1.0) * w.double()).sum().backward()
     assert G.grad.dtype == dtype
@@ -140,53 +140,53 @@ def test_combine_autograd_matches_reference(backend, dtype):
 
 
 # ---------------------------------------------------------------- combine_rows
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", CASES)
 @pytest.mark.parametrize("K,R", [(1, 1), (3, 3), (7, 7), (15, 15), (32, 32), (5, 2), (2, 9)])
 @pytest.mark.parametrize("N", [1, 17, 4099])
-def test_combine_rows_fp32(backend, K, R, N):
+def test_combine_rows_fp32(device, backend, K, R, N):
     G, A = _rows(K, N), torch.randn(R, K, generator=_gen(K * R))
-    out = ops.combine_rows(G, A, backend)
+    out = _on(device, ops.combine_rows, G, A, backend)
     assert out.dtype == torch.float32 and out.shape == (R, N)
     _assert_lincomb_bound(out, A, G, "combine_rows")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", CASES)
 @pytest.mark.parametrize("dtype", low_precision)
-def test_combine_rows_low_precision_flash_attention_rule(backend, dtype):
+def test_combine_rows_low_precision_flash_attention_rule(device, backend, dtype):
     G, A = _rows(7, 2053, dtype), torch.randn(7, 7, generator=_gen(9))
-    out = ops.combine_rows(G, A, backend)
+    out = _on(device, ops.combine_rows, G, A, backend)
     assert out.dtype == dtype
     assert_close_rel(out, A.double() @ G.double(), A.to(dtype) @ G, what=f"combine_rows {dtype}")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", CASES)
 @pytest.mark.parametrize("K,R,N", [(3, 2, 0), (0, 2, 5), (3, 0, 5)])
-def test_combine_rows_edge_shapes(backend, K, R, N):
+def test_combine_rows_edge_shapes(device, backend, K, R, N):
     G, A = _rows(K, N), torch.randn(R, K, generator=_gen(0))
-    out = ops.combine_rows(G, A, backend)
+    out = _on(device, ops.combine_rows, G, A, backend)
     assert out.shape == (R, N)
     torch.testing.assert_close(out.double(), A.double() @ G.double())
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_combine_rows_non_contiguous_and_nan(backend):
+@pytest.mark.parametrize("device,backend", CASES)
+def test_combine_rows_non_contiguous_and_nan(device, backend):
     base = _rows(8, 2 * 999 + 1)
     G = base[1:5, : 2 * 999 : 2]
     G[3, 10] = float("nan")
     A = torch.randn(6, 8, generator=_gen(4)).T[:4].T  # [6, 4] view with strides (1, 8)
     assert not G.is_contiguous() and not A.is_contiguous()
-    out = ops.combine_rows(G, A, backend)
+    out = _on(device, ops.combine_rows, G, A, backend)
     ref = A.double() @ G.double()
     assert torch.isnan(out[:, 10]).all() and torch.isfinite(out[:, torch.arange(999) != 10]).all()
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5, equal_nan=True)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_combine_rows_autograd_matches_reference(backend):
+@pytest.mark.parametrize("device,backend", CASES)
+def test_combine_rows_autograd_matches_reference(device, backend):
     G = _rows(5, 200).requires_grad_()
     A = torch.randn(3, 5, generator=_gen(11)).requires_grad_()
     W = torch.randn(3, 200, generator=_gen(12))
-    (ops.combine_rows(G, A, backend) * W).sum().backward()
+    (_on(device, ops.combine_rows, G, A, backend) * W).sum().backward()
     G64, A64 = G.detach().double().requires_grad_(), A.detach().double().requires_grad_()
     ((A64 @ G64) * W.double()).sum().backward()
     torch.testing.assert_close(G.grad.double(), G64.grad, rtol=1e-5, atol=1e-5)

@@ -6,10 +6,10 @@ flash-attention rule (gmd_ext.testing.assert_close_rel) against plain torch at t
 import pytest
 import torch
 
-from gmd_ext import _backend, ops
-from gmd_ext.testing import assert_close_rel, backends_for, low_precision
+from gmd_ext import _backend, ops, testing
+from gmd_ext.testing import assert_close_rel, call_on as _on, low_precision
 
-BACKENDS = backends_for("cpu")
+CASES = testing.device_backends()  # devices x backends, absent ones skipped
 EPS32 = torch.finfo(torch.float32).eps
 needs_cpp = pytest.mark.skipif(not _backend.CPP_LOADED, reason=f"C++ extension not built: {_backend.CPP_REASON}")
 
@@ -28,47 +28,47 @@ def _assert_dot_bound(out, G, what="gram"):
     assert (err <= bound).all(), f"{what}: max error/bound {(err / bound).max().item():.3g} > 1"
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", CASES)
 @pytest.mark.parametrize("K", [1, 2, 3, 7, 15, 32])
 @pytest.mark.parametrize("N", [1, 17, 4099])
-def test_fp32_matches_fp64_reference(backend, K, N):
+def test_fp32_matches_fp64_reference(device, backend, K, N):
     G = _rows(K, N)
-    out = ops.gram(G, backend)
+    out = _on(device, ops.gram, G, backend)
     assert out.dtype == torch.float32 and out.shape == (K, K)
     _assert_dot_bound(out, G)
     if backend != "torch":  # the kernels compute one triangle and mirror it; a BLAS G Gᵀ need not be symmetric
         assert torch.equal(out, out.T), "gram must be exactly symmetric"
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_large_odd_n(backend):
+@pytest.mark.parametrize("device,backend", CASES)
+def test_large_odd_n(device, backend):
     G = _rows(3, 2**20 + 3)
-    _assert_dot_bound(ops.gram(G, backend), G)
+    _assert_dot_bound(_on(device, ops.gram, G, backend), G)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", CASES)
 @pytest.mark.parametrize("dtype", low_precision)
 @pytest.mark.parametrize("K,N", [(3, 4099), (15, 1000)])
-def test_low_precision_flash_attention_rule(backend, dtype, K, N):
+def test_low_precision_flash_attention_rule(device, backend, dtype, K, N):
     G = _rows(K, N, dtype)
     G64 = G.double()
     ref = G64 @ G64.T
     baseline = G @ G.T  # plain torch at the input precision
-    assert_close_rel(ops.gram(G, backend), ref, baseline, what=f"gram {dtype}")
+    assert_close_rel(_on(device, ops.gram, G, backend), ref, baseline, what=f"gram {dtype}")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", CASES)
 @pytest.mark.parametrize("K", [0, 4])
-def test_empty(backend, K):
-    out = ops.gram(torch.empty(K, 0), backend)
+def test_empty(device, backend, K):
+    out = _on(device, ops.gram, torch.empty(K, 0), backend)
     assert out.shape == (K, K) and out.dtype == torch.float32
     assert (out == 0).all()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("layout", ["column_slice", "transposed", "row_slice", "step2", "expanded"])
-def test_non_contiguous(backend, dtype, layout):
+def test_non_contiguous(device, backend, dtype, layout):
     K, N = 5, 1031
     base = _rows(2 * K, 2 * N + 1, dtype)
     G = {
@@ -79,41 +79,41 @@ def test_non_contiguous(backend, dtype, layout):
         "expanded": base[0, :N].expand(K, N),  # row stride 0
     }[layout]
     assert not G.is_contiguous()
-    out = ops.gram(G, backend)
-    expected = ops.gram(G.contiguous(), backend)
+    out = _on(device, ops.gram, G, backend)
+    expected = _on(device, ops.gram, G.contiguous(), backend)
     torch.testing.assert_close(out, expected, rtol=4 * N * EPS32, atol=0)
     if dtype == torch.float32:
         _assert_dot_bound(out, G)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_zero_rows_and_scales(backend):
+@pytest.mark.parametrize("device,backend", CASES)
+def test_zero_rows_and_scales(device, backend):
     G = _rows(6, 2000)
     G[2] = 0
     G[4] *= 1e6
     G[5] = -G[0]  # anti-parallel
-    out = ops.gram(G, backend)
+    out = _on(device, ops.gram, G, backend)
     assert (out[2] == 0).all() and (out[:, 2] == 0).all()
     _assert_dot_bound(out, G)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", CASES)
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_non_finite_propagates(backend, bad):
+def test_non_finite_propagates(device, backend, bad):
     G = _rows(4, 700)
     G[1, 333] = bad
-    out = ops.gram(G, backend)
+    out = _on(device, ops.gram, G, backend)
     assert not torch.isfinite(out[1]).any() and not torch.isfinite(out[:, 1]).any()
     keep = torch.tensor([0, 2, 3])
     assert torch.isfinite(out[keep][:, keep]).all(), "a non-finite row must not leak into the other entries"
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_autograd_matches_reference(backend, dtype):
+def test_autograd_matches_reference(device, backend, dtype):
     G = _rows(4, 300, dtype).requires_grad_()
     W = torch.randn(4, 4, dtype=torch.float32)
-    (ops.gram(G, backend) * W).sum().backward()
+    (_on(device, ops.gram, G, backend) * W).sum().backward()
     G_ref = G.detach().double().requires_grad_()
     ((G_ref @ G_ref.T) * W.double()).sum().backward()
     assert G.grad.dtype == dtype

@@ -7,11 +7,11 @@ second check.
 import pytest
 import torch
 
-from gmd_ext import _backend, ops
+from gmd_ext import _backend, ops, testing
 from gmd_ext.ops import reference
-from gmd_ext.testing import backends_for
+from gmd_ext.testing import call_on as _on
 
-BACKENDS = backends_for("cpu")
+CASES = testing.device_backends()  # devices x backends, absent ones skipped
 needs_cpp = pytest.mark.skipif(not _backend.CPP_LOADED, reason=f"C++ extension not built: {_backend.CPP_REASON}")
 
 
@@ -29,9 +29,9 @@ def _conflicting(K, N, seed=0):
     return 0.3 * common + torch.randn(K, N, generator=g, dtype=torch.float64)
 
 
-def _check_against_loop(G64, perms, backend):
+def _check_against_loop(G64, perms, device, backend):
     gram = G64 @ G64.T
-    A = ops.pcgrad_coefficients(gram.float(), perms, backend)
+    A = _on(device, ops.pcgrad_coefficients, gram.float(), perms, backend)
     assert A.dtype == torch.float32 and A.shape == gram.shape
     projected = reference.pairwise_pcgrad(G64, perms, reduction="none")
     got = A.double() @ G64
@@ -41,45 +41,45 @@ def _check_against_loop(G64, perms, backend):
     return A
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", CASES)
 @pytest.mark.parametrize("K", [1, 2, 3, 7, 15, 32])
 @pytest.mark.parametrize("order", ["random", "sequential"])
-def test_matches_pairwise_loop(backend, K, order):
-    _check_against_loop(_conflicting(K, 257, seed=K), _perms(K, order, seed=K), backend)
+def test_matches_pairwise_loop(device, backend, K, order):
+    _check_against_loop(_conflicting(K, 257, seed=K), _perms(K, order, seed=K), device, backend)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_two_rows_by_hand(backend):
+@pytest.mark.parametrize("device,backend", CASES)
+def test_two_rows_by_hand(device, backend):
     # g0 = (1, 0), g1 = (-1, 1): g0·g1 = -1, so g0' = g0 + g1/2 and g1' = g1 + g0.
     G = torch.tensor([[1.0, 0.0], [-1.0, 1.0]], dtype=torch.float64)
-    A = _check_against_loop(G, _perms(2, "sequential"), backend)
+    A = _check_against_loop(G, _perms(2, "sequential"), device, backend)
     torch.testing.assert_close(A, torch.tensor([[1.0, 0.5], [1.0, 1.0]]))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_zero_parallel_antiparallel_and_scaled_rows(backend):
+@pytest.mark.parametrize("device,backend", CASES)
+def test_zero_parallel_antiparallel_and_scaled_rows(device, backend):
     G = _conflicting(6, 300)
     G[1] = 0  # zero norm: never projected against, and projecting it changes nothing
     G[3] = -2.0 * G[2]  # anti-parallel to row 2
     G[4] = 3.0 * G[0]  # parallel to row 0
     G[5] *= 1e6  # scale differs by 1e6
-    A = _check_against_loop(G, _perms(6), backend)
+    A = _check_against_loop(G, _perms(6), device, backend)
     assert (A[:, 1] == torch.eye(6)[:, 1]).all(), "a zero-norm objective must be skipped"
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_empty(backend):
-    A = ops.pcgrad_coefficients(torch.empty(0, 0), torch.empty(0, 0, dtype=torch.long), backend)
+@pytest.mark.parametrize("device,backend", CASES)
+def test_empty(device, backend):
+    A = _on(device, ops.pcgrad_coefficients, torch.empty(0, 0), torch.empty(0, 0, dtype=torch.long), backend)
     assert A.shape == (0, 0) and A.dtype == torch.float32
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_nan_gram_matches_reference(backend):
+@pytest.mark.parametrize("device,backend", CASES)
+def test_nan_gram_matches_reference(device, backend):
     G = _conflicting(4, 50)
     gram = (G @ G.T).float()
     gram[1, 2] = gram[2, 1] = float("nan")
     perms = _perms(4)
-    torch.testing.assert_close(ops.pcgrad_coefficients(gram, perms, backend),
+    torch.testing.assert_close(_on(device, ops.pcgrad_coefficients, gram, perms, backend),
                                reference.pcgrad_coefficients(gram, perms), equal_nan=True)
 
 
