@@ -4,8 +4,9 @@ import torch
 
 from gmd_ext import _backend, modality_group_norm, testing
 from gmd_ext.ops.reference import modality_group_norm_reference
+from gmd_ext.testing import call_on as _on
 
-BACKENDS = testing.backends_for("cpu")
+CASES = testing.device_backends()  # devices x backends, absent ones skipped
 ACTIVATIONS = [None, "relu", "leaky_relu"]
 needs_cpp = pytest.mark.skipif(not _backend.CPP_LOADED, reason="gmd_ext._C not built")
 
@@ -20,16 +21,17 @@ def _grads(out, leaves, g):
 
 
 # Triton runs through the CPU interpreter at seconds per case: its all-present case is left to 'random'.
-_REFERENCE_CASES = [(b, m) for b in BACKENDS for m in ("all", "modality_absent", "random")
-                    if not (b == "triton" and m == "all")]
+_REFERENCE_CASES = [pytest.param(*c.values, m, marks=c.marks, id=f"{c.id}-{m}") for c in CASES
+                    for m in ("all", "modality_absent", "random")
+                    if not (c.values == ("cpu", "triton") and m == "all")]
 
 
-@pytest.mark.parametrize("backend,mask", _REFERENCE_CASES)
+@pytest.mark.parametrize("device,backend,mask", _REFERENCE_CASES)
 @pytest.mark.parametrize("nsp,activation", [(1, None), (2, "relu"), (3, "leaky_relu"), (2, None), (1, "leaky_relu")])
-def test_matches_dense_reference(nsp, mask, activation, backend):
+def test_matches_dense_reference(nsp, mask, activation, device, backend):
     x, w, b = (t.requires_grad_() for t in _inputs(nsp, size=4 if nsp == 3 else 5))
     present = testing.present_mask(mask, 3, 4)
-    y = modality_group_norm(x, w, b, present, num_groups=3, activation=activation, backend=backend)
+    y = _on(device, modality_group_norm, x, w, b, present, num_groups=3, activation=activation, backend=backend)
     ref = modality_group_norm_reference(x, w, b, present, num_groups=3, activation=activation)
     torch.testing.assert_close(y, ref)
     g = torch.randn_like(ref)
@@ -37,24 +39,24 @@ def test_matches_dense_reference(nsp, mask, activation, backend):
         torch.testing.assert_close(got, want)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", CASES)
 @pytest.mark.parametrize("num_groups", [1, 2, 6])
-def test_group_counts_and_eps(num_groups, backend):
+def test_group_counts_and_eps(num_groups, device, backend):
     x, w, b = _inputs(2)
     present = testing.present_mask("random", 3, 4)
     torch.testing.assert_close(
-        modality_group_norm(x, w, b, present, num_groups=num_groups, eps=0.1, backend=backend),
+        _on(device, modality_group_norm, x, w, b, present, num_groups=num_groups, eps=0.1, backend=backend),
         modality_group_norm_reference(x, w, b, present, num_groups=num_groups, eps=0.1))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_absent_pairs(backend):
+@pytest.mark.parametrize("device,backend", CASES)
+def test_absent_pairs(device, backend):
     """Absent pairs: zero output, zero dx, no contribution to the affine grads (NaN there must not leak)."""
     x, w, b = _inputs(2)
     present = testing.present_mask("modality_absent", 3, 4)
     x[~present] = float("nan")
     x, w, b = (t.requires_grad_() for t in (x, w, b))
-    y = modality_group_norm(x, w, b, present, num_groups=2, activation="relu", backend=backend)
+    y = _on(device, modality_group_norm, x, w, b, present, num_groups=2, activation="relu", backend=backend)
     assert torch.isfinite(y).all() and (y[~present] == 0).all()
     dx, dw, db = _grads(y, (x, w, b), torch.randn_like(y))
     assert (dx[~present] == 0).all() and torch.isfinite(dx).all()
@@ -64,22 +66,22 @@ def test_absent_pairs(backend):
 
 # Not triton: under the CPU interpreter each call costs ~0.1 s and gradcheck makes hundreds; the triton values and
 # gradients are checked against the float64 reference in test_matches_dense_reference.
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
+@pytest.mark.parametrize("device,backend", [c for c in CASES if c.values[1] != "triton"])
 @pytest.mark.parametrize("activation", ACTIVATIONS)
-def test_gradcheck(activation, backend):
+def test_gradcheck(activation, device, backend):
     x, w, b = _inputs(1, B=2, M=3, C=4, size=3)
     # Keep pre-activations away from the kink at 0, where finite differences of relu are meaningless.
     b = b + torch.sign(b) * 0.5
     present = torch.tensor([[True, False, True], [False, False, True]])
     leaves = [t.requires_grad_() for t in (x, w, b)]
     assert torch.autograd.gradcheck(
-        lambda x, w, b: modality_group_norm(x, w, b, present, num_groups=2, activation=activation,
+        lambda x, w, b: _on(device, modality_group_norm, x, w, b, present, num_groups=2, activation=activation,
                                             backend=backend), leaves, fast_mode=True)
 
 
 @pytest.mark.parametrize("dtype", testing.low_precision)
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_low_precision(dtype, backend):
+@pytest.mark.parametrize("device,backend", CASES)
+def test_low_precision(dtype, device, backend):
     """fp16/bf16 error within 2x (values) / 3x (grads) of plain torch's at the same precision, vs fp32."""
     x, w, b = _inputs(2, C=8, size=8, dtype=torch.float32)
     present = testing.present_mask("random", 3, 4)
@@ -91,20 +93,20 @@ def test_low_precision(dtype, backend):
                b.detach().clone().requires_grad_()]
     kw = dict(num_groups=4, activation="leaky_relu")
     ref = modality_group_norm_reference(*ref_in, present, **kw)
-    out = modality_group_norm(*out_in, present, backend=backend, **kw)
+    out = _on(device, modality_group_norm, *out_in, present, backend=backend, **kw)
     base = modality_group_norm_reference(*base_in, present, **kw)
     assert out.dtype == dtype
     testing.assert_close_rel(out, ref, base)
     testing.assert_grads_close_rel((out, ref, base), (out_in, ref_in, base_in), ("x", "weight", "bias"))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_non_contiguous_and_constant_input(backend):
+@pytest.mark.parametrize("device,backend", CASES)
+def test_non_contiguous_and_constant_input(device, backend):
     x, w, b = _inputs(2, size=6)
     x[0, 0] = 3.0  # zero variance: rstd = 1/sqrt(eps), output = bias
     xt = x.transpose(-1, -2)
     present = testing.present_mask("all", 3, 4)
-    y = modality_group_norm(xt, w, b, present, num_groups=3, backend=backend)
+    y = _on(device, modality_group_norm, xt, w, b, present, num_groups=3, backend=backend)
     torch.testing.assert_close(y, modality_group_norm_reference(xt, w, b, present, num_groups=3))
     torch.testing.assert_close(y[0, 0], b[0].view(-1, 1, 1).expand(-1, 6, 6))
 
@@ -146,10 +148,10 @@ def test_statistics_outputs():
     assert mean16.dtype == torch.float32
 
 
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "torch"])
-def test_torch_compile_fullgraph(backend):
-    x, w, b = (t.float().requires_grad_() for t in _inputs(2))
-    present = testing.present_mask("random", 3, 4)
+@pytest.mark.parametrize("device,backend", [c for c in CASES if c.values[1] != "torch"])
+def test_torch_compile_fullgraph(device, backend):
+    x, w, b = (t.float().to(device).requires_grad_() for t in _inputs(2))
+    present = testing.present_mask("random", 3, 4).to(device)
 
     def f(x, w, b, present):
         return modality_group_norm(x, w, b, present, num_groups=3, activation="relu", backend=backend) * 2
