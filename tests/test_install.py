@@ -93,3 +93,16 @@ def test_pip_install_in_a_fresh_venv(tmp_path):
     assert "instead of the installed gmd-ext" in r.stderr and "python -P" in r.stderr, r.stderr
     fixed = run("-P", "-c", USE, cwd=src)
     assert json.loads(fixed.stdout)["library"] == info["library"]
+
+
+@pytest.mark.skipif(torch.version.cuda is not None, reason="a CUDA build of torch can build the CUDA kernels")
+def test_force_cuda_with_a_cpu_torch_fails_with_the_reason(tmp_path):
+    # GMD_EXT_FORCE_CUDA=1 means "the CUDA kernels are required": with a CPU torch the build stops before compiling
+    # anything, says why and names the compile-only check, and leaves no build record.
+    _copy_source(tmp_path)
+    r = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=tmp_path, capture_output=True,
+                       text=True, env={**os.environ, "GMD_EXT_FORCE_CUDA": "1"}, timeout=300)
+    assert r.returncode != 0
+    assert "GMD_EXT_FORCE_CUDA=1 requires building the CUDA kernels" in r.stderr and "CPU build" in r.stderr, r.stderr
+    assert ".ci/compile_cuda.sh" in r.stderr
+    assert not (tmp_path / "gmd_ext" / "_build_info.json").exists()
