@@ -15,7 +15,9 @@ pairs are never computed: fwd+bwd at 50% missing costs about half of all present
 
 `run_branches` runs the network once per modality (on that modality's present rows): each branch then has its own
 autograd graph, so a loss over a modality subset S differentiates only through the branches of S — the official
-per-branch cost of the GMD objectives (Σ_S |S| branch backwards), and what gmd_ext.gmd.branches batches.
+per-branch cost of the GMD objectives (Σ_S |S| branch backwards). Each branch output's autograd node carries the
+mark ds_ops.BRANCH_MARK, by which GMD(strategy="branches") (gmd_ext/gmd/branches.py) batches the objectives'
+cotangents through each branch's backward.
 """
 from __future__ import annotations
 
@@ -63,7 +65,10 @@ def run_branches(fn: Network, x: torch.Tensor, present, *, backend: str = "auto"
             continue
         sub = plan.only(m)
         y = fn(ds_ops.pack(x, sub, backend=backend), sub)
-        outs.append(ds_ops.scatter(y, sub, modality=m, backend=backend))
+        out = ds_ops.scatter(y, sub, modality=m, backend=backend)
+        if out.grad_fn is not None:
+            out.grad_fn.metadata[ds_ops.BRANCH_MARK] = m  # found by GMD(strategy="branches")
+        outs.append(out)
     if missing:
         like = next((o for o in outs if o is not None), None)
         if like is None:

@@ -15,13 +15,13 @@ import torch
 
 from gmd_ext import _backend
 from gmd_ext.gmd.buffers import GradBuffers
-from gmd_ext.gmd import fsdp, lowmem
+from gmd_ext.gmd import branches, fsdp, lowmem
 from gmd_ext.gmd.comm import make_comm
 from gmd_ext.gmd.projection import ProjectionInfo, coefficients, make_perms, project
 
 _REDUCTIONS = ("mean", "sum")
 _ORDERS = ("random", "sequential")
-_STRATEGIES = ("sequential", "batched")
+_STRATEGIES = ("sequential", "batched", "branches")
 _NONFINITE = ("raise", "skip", "propagate")
 _MEMORY = ("default", "low")
 # Shared-element masks cost N bytes each; a handful covers the reach patterns of sampled subsets in practice.
@@ -108,7 +108,10 @@ class GMD:
             model does not support vmap). "batched" differentiates every objective's graph K times (vmap over the
             K one-hot cotangents), so it only pays off when the objectives share one graph (multi-head); with one
             forward per modality subset use "sequential" (bench/bench_step.py, DSUNet3d, K = 4: batched costs
-            3.1x sequential with subset forwards, 1.08x with one shared forward).
+            3.1x sequential with subset forwards, 1.08x with one shared forward). "branches": for late-fusion
+            models whose branch outputs are marked (the library's DS models' ``branches``; gmd_ext/gmd/branches.py),
+            one backward per branch with the cotangents of every objective using it batched; sequential when no
+            loss reaches a marked branch.
         nonfinite: what a NaN/Inf loss or gradient does. "raise" (ValueError naming the objectives; .grad cleared),
             "skip" (grads cleared, info.skipped = True, `step()` does nothing), or "propagate" (no check, no host
             synchronisation: the merged gradient becomes NaN everywhere — what torch.amp.GradScaler needs, below).
@@ -245,7 +248,7 @@ class GMD:
             if self.strategy == "batched" and not bufs.fill_batched(losses):
                 self.strategy = "sequential"
                 bufs = self._prepare(K)  # the sequential rows may be fewer (a scratch row)
-            if self.strategy == "batched":
+            if self.strategy == "batched" or (self.strategy == "branches" and branches.fill(bufs, losses)):
                 comm.rows_done(bufs)
             else:
                 bufs.fill_sequential(losses, lambda k: comm.row_done(bufs, k))

@@ -27,6 +27,9 @@ from gmd_ext.ops import reference
 from gmd_ext.ops.reference import ACTIVATIONS, _conv_out_shape
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+# The autograd-node metadata key that marks a branch output of a late-fusion model: gmd_ext.ds.packed.run_branches
+# sets it, GMD(strategy="branches") (gmd_ext/gmd/branches.py) finds the branches by it. Defined here, below both.
+BRANCH_MARK = "gmd_ext.branch"
 
 
 # ---------------------------------------------------------------- validation

@@ -1,0 +1,102 @@
+"""GMD(strategy="branches"): per-objective gradients of a late-fusion model, branch by branch (docs/design.md §1).
+
+With one branch per modality and a fusion over the subset's branches only, objective S's gradient is
+g_S = Σ_{m ∈ S} J_mᵀ c_{S,m}, where c_{S,m} = ∂L_S/∂(branch m's output) comes from the cheap fusion + loss head and
+J_mᵀ is branch m's backward. The sequential engine runs Σ_S |S| branch backwards (32 for 15 subsets of 4
+modalities); here every branch runs ONE backward, with the cotangents of all objectives that use it batched
+(`torch.autograd.grad(..., is_grads_batched=True)`: 2^(M−1) = 8 per branch), and each objective's slice is added
+into its row of the engine's [K, N] buffer. Same rows as the sequential engine (to fp32 rounding).
+
+Branches are found in the losses' graphs by a mark on their output node: gmd_ext.ds.packed.run_branches (the
+library's models' `branches`) puts ``node.metadata[BRANCH_MARK] = m`` on each branch output's grad_fn. Parameters a
+loss reaches without passing a branch (a head after the fusion) get their gradient from the head pass directly.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch.autograd.graph import GradientEdge
+
+from gmd_ext.ops.ds_ops import BRANCH_MARK
+
+
+def _walk(root, target: dict, stop: bool):
+    """(branch nodes, parameter indices) reached from `root`: stops at marked branch nodes when stop."""
+    nodes, params, stack, seen = [], [], [root], set()
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        if stop and BRANCH_MARK in fn.metadata:
+            nodes.append(fn)
+            continue
+        var = getattr(fn, "variable", None)  # AccumulateGrad nodes hold their leaf
+        if var is not None:
+            i = target.get(id(var))
+            if i is not None:
+                params.append(i)
+            continue
+        stack.extend(f for f, _ in fn.next_functions)
+    return nodes, params
+
+
+def fill(bufs, losses) -> bool:
+    """Fill the rows and reach flags of `bufs` (gmd_ext.gmd.buffers.GradBuffers) for `losses`; False (nothing
+    written) when no loss reaches a marked branch or the buffers hold fewer rows than objectives."""
+    if any(b.G.shape[0] != len(losses) for b in bufs.buffers) or any(l.grad_fn is None for l in losses):
+        return False
+    target = {id(p): i for i, p in enumerate(bufs.params)}
+    heads = [_walk(l.grad_fn, target, stop=True) for l in losses]
+    nodes = list(dict.fromkeys(n for found, _ in heads for n in found))
+    if not nodes:
+        return False
+    slot = {i: (b, j) for b in bufs.buffers for j, i in enumerate(b.index)}
+    for b in bufs.buffers:
+        b.G.zero_()
+    bufs.reach[:] = False
+
+    def add(rows: list[int], i: int, g: torch.Tensor):
+        """Rows `rows` of parameter i's slice += g [len(rows), *shape]."""
+        b, j = slot[i]
+        view = b.batched_view(j)
+        view.index_add_(0, torch.tensor(rows, device=view.device), g.to(view.dtype))
+        bufs.reach[rows, i] = True
+
+    # 1. The head of every objective: cotangents at its branches' outputs, gradients of head-only parameters.
+    cotangents: dict = {n: ([], []) for n in nodes}  # node -> (objectives, cotangents)
+    for k, (loss, (found, head)) in enumerate(zip(losses, heads)):
+        head = list(dict.fromkeys(head))
+        inputs = [GradientEdge(n, 0) for n in found] + [bufs.params[i] for i in head]
+        grads = torch.autograd.grad(loss, inputs, retain_graph=True, allow_unused=True)
+        for n, c in zip(found, grads):
+            if c is not None:
+                cotangents[n][0].append(k)
+                cotangents[n][1].append(c)
+        for i, g in zip(head, grads[len(found):]):
+            if g is not None:
+                add([k], i, g[None])
+
+    # 2. One backward per branch, its objectives' cotangents batched.
+    for n in nodes:
+        ks, cs = cotangents[n]
+        if not ks:
+            continue
+        _, reached = _walk(n, target, stop=False)
+        reached = list(dict.fromkeys(reached))
+        params = [bufs.params[i] for i in reached]
+        try:
+            grads = torch.autograd.grad([GradientEdge(n, 0)], params, grad_outputs=[torch.stack(cs)],
+                                        is_grads_batched=True, retain_graph=True, allow_unused=True)
+        except RuntimeError as e:  # an op without a vmap rule or fallback: one backward per cotangent
+            warnings.warn(f"gmd_ext.GMD(strategy='branches'): batched branch backward failed ({e}); running "
+                          "one backward per objective and branch", RuntimeWarning, stacklevel=3)
+            per = [torch.autograd.grad([GradientEdge(n, 0)], params, grad_outputs=[c], retain_graph=True,
+                                       allow_unused=True) for c in cs]
+            grads = [None if per[0][t] is None else torch.stack([p[t] for p in per]) for t in range(len(params))]
+        for i, g in zip(reached, grads):
+            if g is not None:
+                add(ks, i, g)
+    return True
+
