@@ -1,20 +1,26 @@
-"""DSUNet3d forward+backward with missing modalities: Dynamic Sharing vs the official execution.
+"""DSUNet3d (width 0.5) with Dynamic Sharing: forward+backward with missing modalities, and full GMD steps.
 
-Providers (same model, same weights, same inputs):
-  official   every modality's branch is run (plain torch, one batch of B per modality, as the official
-             ModuleParallel code does) and the missing ones are discarded by the masked mean.
-  ds         DSUNet3d.forward: present pairs gathered once into one batch (the library default).
-  ds_layers  DSUNet3d.forward, execution="layers": DS layers on [B, M, ...] (masked_conv / modality_group_norm).
-In both DS providers absent (sample, modality) pairs are never computed.
+fwd+bwd (op dsunet3d_fwd_bwd, one BCE loss of the fused logits), per missing rate:
+  official   every modality's branch on every sample (model.forward_modality, the official ModuleParallel
+             execution), the missing ones discarded by the masked mean
+  ds         the library's default path, DSUNet3d.forward: present pairs packed once, the shared network on the
+             packed rows (gmd_ext kernels: pack/scatter, fused modality_group_norm + ReLU), fused once
+  ds_layers  the same weights run as a network of DS layers on [B, M, ...] tensors (masked_conv /
+             modality_group_norm ops, every layer packing and scattering)
+GMD step (op dsunet3d_gmd_step: K = 15 subset objectives, subset losses, GMD.backward, optimizer step; all modalities
+present), every provider under the same engine and fixed orders:
+  official     one branch per modality (forward_modality: separate graphs), subset fusion over a Python list
+  ds_stacked   model.forward_branches: the [B, M, ...] tensor, indexed per subset (every subset's backward runs
+               through every branch)
+  ds           model.branches: per-modality graphs on the library kernels (Σ_S |S| branch backwards, the floor of
+               the sequential engine)
+  ds_branches  the same with GMD(strategy="branches"): one backward per branch, its 8 objectives' cotangents batched
 
-Each step is forward + BCE-with-logits loss against a fixed random target + backward. Providers and missing
-rates are interleaved in every repetition (the provider order alternates), after warm-up; the median of the
-timed repetitions is reported. Appends to bench/results/ds.csv (bench/utils.py schema; --quick: bench/scratch/)
-and prints a markdown table.
+Providers are checked against each other before timing, interleaved with alternating order after warm-up (bench/
+utils), median reported; rows appended to bench/results/ds.csv in the shared schema.
 
-    python bench/bench_ds.py                 # B=2, 4 modalities, 64^3, width 0.5, 0/25/50/75 % missing
-    python bench/bench_ds.py --size 32       # smaller volumes
-    python bench/bench_ds.py --threads 1     # on a CPU shared with other jobs
+    python bench/bench_ds.py --threads 1                 # the committed numbers
+    python bench/bench_ds.py --quick                     # smoke run into bench/scratch/
 """
 from __future__ import annotations
 
@@ -27,7 +33,10 @@ import torch.nn.functional as F
 
 import utils
 
-from gmd_ext import DSUNet3d, masked_mean
+import gmd_ext
+from gmd_ext import GMD, DSUNet3d, masked_mean
+from gmd_ext.ds import masked_apply
+from gmd_ext.ops import PairPlan
 
 
 def missing_mask(batch: int, num_modalities: int, fraction: float, generator: torch.Generator) -> torch.Tensor:
@@ -49,99 +58,164 @@ def missing_mask(batch: int, num_modalities: int, fraction: float, generator: to
     return present
 
 
-def official_logits(model: DSUNet3d, x: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
-    """Every branch computed, the missing ones discarded by the masked mean (the official execution)."""
+# ---------------------------------------------------------------- fwd+bwd providers
+def official_logits(model, x, present):
     branches = torch.stack([model.forward_modality(x[:, m], m) for m in range(model.num_modalities)], 1)
     return masked_mean(branches, present)
 
 
-def ds_logits(model: DSUNet3d, x: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
-    model.execution = "packed"
+def ds_logits(model, x, present):
     return model(x, present)
 
 
-def ds_layers_logits(model: DSUNet3d, x: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
-    model.execution = "layers"
-    return model(x, present)
+def ds_layers_logits(model, x, present):
+    """The DS-layers network of the same modules on [B, M, ...] tensors (each layer packs and scatters)."""
+    plan = PairPlan(present, *present.shape, x.device)
+
+    def block(b, h):
+        h = b.norm1(b.conv1(h, plan), plan)
+        return b.norm2(b.conv2(h, plan), plan)
+
+    def up(h):
+        return F.interpolate(h, scale_factor=2, mode="trilinear", align_corners=True)
+
+    h = block(model.inc, x.unsqueeze(2))
+    skips = [h]
+    for down in model.downs:
+        h = block(down, masked_apply(lambda t: F.max_pool3d(t, 2), h, plan))
+        skips.append(h)
+    skips.pop()
+    for u in model.ups:
+        h = block(u, torch.cat([skips.pop(), masked_apply(up, h, plan)], dim=2))
+    return masked_mean(model.outc(h, plan), plan)
 
 
-PROVIDERS = {"official": official_logits, "ds": ds_logits, "ds_layers": ds_layers_logits}
+FWD_BWD = {"official": official_logits, "ds": ds_logits, "ds_layers": ds_layers_logits}
 
 
-def make_step(fn, model, x, present, target):
+# ---------------------------------------------------------------- GMD step providers
+def subset_losses(branches, target, subsets):
+    """Each subset's BCE loss of the mean of its branches (all present), from its own branches only."""
+    return {s.name: F.binary_cross_entropy_with_logits(torch.stack([branches[m] for m in s.indices]).mean(0), target)
+            for s in subsets}
+
+
+def stacked_losses(out, target, subsets):
+    return {s.name: F.binary_cross_entropy_with_logits(out[:, list(s.indices)].mean(1), target) for s in subsets}
+
+
+STEPS = {
+    "official": ("sequential", lambda model, x, y, subs: subset_losses(
+        [model.forward_modality(x[:, m], m) for m in range(model.num_modalities)], y, subs)),
+    "ds_stacked": ("sequential", lambda model, x, y, subs: stacked_losses(model.forward_branches(x), y, subs)),
+    "ds": ("sequential", lambda model, x, y, subs: subset_losses(model.branches(x), y, subs)),
+    "ds_branches": ("branches", lambda model, x, y, subs: subset_losses(model.branches(x), y, subs)),
+}
+
+
+def make_gmd_step(name, model, x, y, subs, order):
+    strategy, losses = STEPS[name]
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: every provider steps the same weights
+    gmd = GMD(opt, order=order, strategy=strategy)
+
     def step():
-        model.zero_grad(set_to_none=True)
-        F.binary_cross_entropy_with_logits(fn(model, x, present), target).backward()
+        gmd.zero_grad()
+        gmd.backward(losses(model, x, y, subs))
+        gmd.step()
+        return [p.grad for p in model.parameters()]
     return step
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", type=int, default=64, help="cubic volume side (default 64)")
+    parser.add_argument("--size", type=int, default=32, help="cubic volume side of fwd+bwd (default 32)")
+    parser.add_argument("--step-size", type=int, default=16, help="cubic volume side of the GMD step (default 16)")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--width", type=float, default=0.5)
-    parser.add_argument("--missing", default="0,25,50,75", help="comma-separated missing percentages")
+    parser.add_argument("--missing", default="0,50", help="comma-separated missing percentages (fwd+bwd)")
     parser.add_argument("--reps", type=int, default=5, help="timed repetitions per cell (median reported)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed repetitions per cell first")
+    parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--providers", default="official,ds,ds_layers",
-                        help=f"comma-separated subset of {','.join(PROVIDERS)} (official is always run: the ratios "
-                             "are against it)")
+    parser.add_argument("--parts", default="fwd_bwd,gmd_step")
+    parser.add_argument("--machine", default=None, help="machine label (default: cores and CPU model)")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (1 on a shared box)")
     utils.add_output_args(parser, "ds")
-    parser.add_argument("--machine", default=None,
-                        help="machine label for the CSV (default: cores, CPU model, torch threads)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch intra-op threads (default: torch's choice). On a CPU shared with other jobs, "
-                             "1 avoids OpenMP barrier stalls that slowed both providers >20x on the 2-core dev box")
     args = parser.parse_args(argv)
     if args.quick:
-        args.size, args.batch, args.missing, args.reps, args.warmup = 16, 1, "0,50", 2, 1
-    if args.size < 16 or args.batch < 1 or args.reps < 1 or args.warmup < 0:
-        parser.error("need --size >= 16, --batch >= 1, --reps >= 1, --warmup >= 0")
-    percents = [int(p) for p in args.missing.split(",")]
-    names = ["official"] + [n for n in args.providers.split(",") if n != "official"]
-    unknown = set(names) - set(PROVIDERS)
-    if unknown:
-        parser.error(f"unknown providers {sorted(unknown)}; choose from {list(PROVIDERS)}")
+        args.size, args.step_size, args.width, args.reps, args.warmup = 16, 16, 0.25, 1, 0
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-
+    parts = args.parts.split(",")
     utils.banner()
-    warnings.simplefilter("ignore", RuntimeWarning)  # the backend fallback notice, if any, is not a result
+    warnings.simplefilter("ignore", RuntimeWarning)  # backend fallback / vmap notices are not results
     gen = torch.Generator().manual_seed(args.seed)
     torch.manual_seed(args.seed)
     model = DSUNet3d(width=args.width)
     M = model.num_modalities
-    x = torch.randn(args.batch, M, args.size, args.size, args.size, generator=gen)
-    target = (torch.rand(args.batch, model.num_classes, args.size, args.size, args.size, generator=gen) > 0.5).float()
-    masks = {p: missing_mask(args.batch, M, p / 100, gen) for p in percents}
-    machine = args.machine or utils.machine(threads=True)
-    shape = f"B={args.batch},M={M},{args.size}^3,width={args.width}"
-    print(f"# DSUNet3d fwd+bwd, {shape}, {machine}, torch {torch.__version__}; "
-          f"load average before: {os.getloadavg()[0]:.2f}", flush=True)
+    common = utils.common_fields("ds", machine_name=args.machine)
+    print(f"# load average before: {os.getloadavg()[0]:.2f}", flush=True)
+    rows, tables = [], []
 
-    # Alternating the call order, so no provider always runs on a cache/allocator state left by the same other one.
-    res = utils.time_interleaved({f"missing {p}% {name}": make_step(PROVIDERS[name], model, x, masks[p], target)
-                                  for p in percents for name in names},
-                                 rounds=args.reps, warmup=args.warmup, alternate=True, progress=True)
-    med = {(p, name): res[f"missing {p}% {name}"]["median_ms"] for p in percents for name in names}
+    if "fwd_bwd" in parts:
+        x = torch.randn(args.batch, M, *[args.size] * 3, generator=gen)
+        target = (torch.rand(args.batch, 3, *[args.size] * 3, generator=gen) > 0.5).float()
+        percents = [int(p) for p in args.missing.split(",")]
+        masks = {p: missing_mask(args.batch, M, p / 100, gen) for p in percents}
+        for p in percents:  # every provider is checked against the official execution first
+            ref = official_logits(model, x, masks[p])
+            for name, fn in FWD_BWD.items():
+                torch.testing.assert_close(fn(model, x, masks[p]), ref, rtol=1e-3, atol=1e-4)
 
-    common = utils.common_fields("ds", machine_name=machine)
-    rows, table = [], []
-    for p in percents:
-        base = med[(p, "official")]
-        for name in names:
-            r = res[f"missing {p}% {name}"]
-            rows.append({**common, "op": "dsunet3d_fwd_bwd", "provider": name, "shape": shape, "dtype": "float32",
-                         **{k: f"{v:.1f}" for k, v in r.items()}, "missing": f"{p}%",
-                         "ratio": f"{base / med[(p, name)]:.2f}"})
-        speedups = [cell for name in names[1:] for cell in (f"{med[(p, name)]:.0f}", f"{base / med[(p, name)]:.2f}x")]
-        table.append([f"{p}%", f"{base:.0f}", *speedups])
+        def fwd_bwd(fn, present):
+            def step():
+                model.zero_grad(set_to_none=True)
+                F.binary_cross_entropy_with_logits(fn(model, x, present), target).backward()
+            return step
+
+        res = utils.time_interleaved({(p, n): fwd_bwd(fn, masks[p]) for p in percents for n, fn in FWD_BWD.items()},
+                                     rounds=args.reps, warmup=args.warmup, alternate=True, progress=True)
+        shape = f"B={args.batch},M={M},{args.size}^3,width={args.width}"
+        for p in percents:
+            for n in FWD_BWD:
+                r = res[(p, n)]
+                rows.append({**common, "op": "dsunet3d_fwd_bwd", "provider": n, "shape": shape, "dtype": "float32",
+                             **{k: f"{v:.1f}" for k, v in r.items()}, "missing": f"{p}%",
+                             "vs_official": f"{r['median_ms'] / res[(p, 'official')]['median_ms']:.3f}",
+                             "vs_all_present": f"{r['median_ms'] / res[(0, n)]['median_ms']:.3f}"
+                             if 0 in percents else ""})
+        tables.append(utils.markdown_table(
+            ["missing"] + [f"{n} ms (x official, x 0% missing)" for n in FWD_BWD],
+            [[f"{p}%"] + [f"{res[(p, n)]['median_ms']:.0f} ({res[(p, n)]['median_ms'] / res[(p, 'official')]['median_ms']:.2f}, "
+                          f"{res[(p, n)]['median_ms'] / res[(percents[0], n)]['median_ms']:.2f})" for n in FWD_BWD]
+             for p in percents]))
+
+    if "gmd_step" in parts:
+        subs = gmd_ext.subsets(model.modalities)
+        K = len(subs)
+        x = torch.randn(args.batch, M, *[args.step_size] * 3, generator=gen)
+        y = (torch.rand(args.batch, 3, *[args.step_size] * 3, generator=gen) > 0.5).float()
+        order = torch.stack([torch.randperm(K, generator=gen) for _ in range(K)])
+        steps = {n: make_gmd_step(n, model, x, y, subs, order) for n in STEPS}
+        want = [g.clone() for g in steps["official"]()]
+        for n, step in steps.items():  # same merged gradient as the official execution
+            for g, w in zip(step(), want):
+                torch.testing.assert_close(g, w, rtol=1e-3, atol=1e-6)
+        res = utils.time_interleaved(steps, rounds=args.reps, warmup=args.warmup, alternate=True, progress=True)
+        shape = f"B={args.batch},M={M},{args.step_size}^3,width={args.width},K={K}"
+        base = res["official"]["median_ms"]
+        for n in STEPS:
+            r = res[n]
+            rows.append({**common, "op": "dsunet3d_gmd_step", "provider": n, "shape": shape, "dtype": "float32",
+                         **{k: f"{v:.1f}" for k, v in r.items()}, "missing": "0%",
+                         "vs_official": f"{r['median_ms'] / base:.3f}", "vs_all_present": ""})
+        tables.append(utils.markdown_table(["provider", "GMD step ms", "x official", "x ds (sequential)"],
+                                           [[n, f"{res[n]['median_ms']:.0f}", f"{res[n]['median_ms'] / base:.2f}",
+                                             f"{res[n]['median_ms'] / res['ds']['median_ms']:.2f}"] for n in STEPS]))
+
     path = utils.append_rows(utils.csv_path(args), rows)
-
-    print(f"\nload average after: {os.getloadavg()[0]:.2f}; median of {args.reps} after {args.warmup} warm-up\n")
-    header = ["missing", "official ms"] + [h for n in names[1:] for h in (f"{n} ms", f"{n} speed-up")]
-    print(utils.markdown_table(header, table))
+    print(f"\n{common['machine']}, {torch.get_num_threads()} thread(s); load average after: "
+          f"{os.getloadavg()[0]:.2f}; median of {args.reps} after {args.warmup} warm-up\n")
+    print("\n\n".join(tables))
     print(f"\nappended {len(rows)} rows to {path}")
 
 
