@@ -4,8 +4,8 @@
     python bench/gpu_check.py --dry-run       # here, on a CPU: every step at tiny sizes (tests/test_gpu.py)
 
 Steps, each with its own time limit so the whole stays under 8 minutes:
-  1. build    `python setup.py build_ext --inplace` for sm_90 only (TORCH_CUDA_ARCH_LIST=9.0; skipped by --dry-run
-              and --no-build);
+  1. build    `pip install --no-build-isolation --no-deps -e .` for sm_90 only (TORCH_CUDA_ARCH_LIST=9.0), then the
+              script restarts itself to import that install (skipped by --dry-run and --no-build);
   2. selftest `python -m gmd_ext.selftest` (every backend on every device against float64 references);
   3. tests    `pytest tests/test_gpu.py` with TRITON_INTERPRET=0 (fp64 references, N >= 2^31, no host syncs, CUDA
               graphs, torch.compile, cuda:1 when present);
@@ -19,7 +19,6 @@ the markdown table goes next to it. Every provider is checked against the float6
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import subprocess
 import sys
@@ -27,20 +26,12 @@ import time
 
 import torch
 
-import utils  # bench/utils.py (puts the repository root on sys.path)
+import utils
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N_FULL = (3_250_000, 1 << 28)  # DSUNet3d's parameter count; a buffer several times any L2
 K_FULL = (4, 15, 64)
 MEMORY_BUDGET = 48 << 30  # bytes of operands per case; larger cases are listed as skipped (K = 64, N = 2^28 fp32)
-
-
-def _git_revision() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def _step(name: str, cmd: list[str], timeout: float, env: dict | None = None) -> dict:
@@ -189,8 +180,12 @@ def main(argv=None) -> int:
     steps = []
     py = sys.executable
     if not (dry or args.no_build):
-        steps.append(_step("build", [py, "setup.py", "build_ext", "--inplace", "-q"], 300,
-                           {"TORCH_CUDA_ARCH_LIST": "9.0", "MAX_JOBS": str(os.cpu_count() or 4)}))
+        # An editable install of this checkout (the bench scripts import the installed package), then this script
+        # again in a new process, which sees the install.
+        steps.append(_step("build", [py, "-m", "pip", "install", "-q", "--no-build-isolation", "--no-deps", "-e",
+                                     ROOT], 300, {"TORCH_CUDA_ARCH_LIST": "9.0", "MAX_JOBS": str(os.cpu_count() or 4)}))
+        if steps[-1]["rc"] == 0:
+            os.execv(py, [py, os.path.abspath(__file__), *(argv if argv is not None else sys.argv[1:]), "--no-build"])
     interp = {"TRITON_INTERPRET": "1" if dry else "0", "PYTHONPATH": ROOT}
     selftest = [py, "-m", "gmd_ext.selftest"] + (["--device", "cpu", "--backend", "cpp", "--backend", "torch"]
                                                  if dry else [])
@@ -203,13 +198,14 @@ def main(argv=None) -> int:
     print("\n=== bandwidth", flush=True)
     rows = bandwidth(device, (4,) if dry else K_FULL, (4099,) if dry else N_FULL,
                      (torch.float32, torch.bfloat16), ("cpp",) if dry else ("cpp", "triton"), deadline)
-    meta = dict(utils.common_fields(), timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(
-        timespec="seconds"), git=_git_revision(), dry_run=dry)
-    csv_rows = [dict(meta, **r) for r in rows] + [dict(meta, op=f"step:{s['step']}", note=f"rc={s['rc']}",
-                                                       median_ms=s["seconds"] * 1e3) for s in steps]
-    csv_path = utils.write_csv(os.path.join(out_dir, "gpu_check.csv"), csv_rows, append=True)
+    meta = dict(utils.common_fields("gpu_check", device=device), dry_run=dry)
+    blank = dict.fromkeys(utils.MEASURED, "")
+    csv_rows = ([{**meta, **blank, "provider": r.get("backend", ""), **r} for r in rows]
+                + [{**meta, **blank, "op": f"step:{s['step']}", "note": f"rc={s['rc']}",
+                    "median_ms": s["seconds"] * 1e3} for s in steps])
+    csv_path = utils.append_rows(os.path.join(out_dir, "gpu_check.csv"), csv_rows)
     header = ["op", "backend", "K", "N", "dtype", "median_ms", "GB_s", "of_copy", "note"]
-    md = (f"GPU check on {meta['machine']} (git {meta['git']}, {meta['timestamp']})\n\n"
+    md = (f"GPU check on {meta['machine']} (git {meta['git_rev']}, {meta['timestamp']})\n\n"
           + utils.markdown_table(["step", "rc", "seconds"], [[s["step"], s["rc"], s["seconds"]] for s in steps])
           + "\n\n" + utils.markdown_table(header, [[r.get(h, "") for h in header] for r in rows]) + "\n")
     md_path = utils.write_text(os.path.join(out_dir, "gpu_check.md"), md)

@@ -32,8 +32,6 @@ from collections.abc import Callable
 
 import torch
 
-import gmd_ext
-from gmd_ext import _backend
 from gmd_ext.io import atomic_write
 
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -148,12 +146,17 @@ def git_revision() -> str:
 
 def kernels() -> str:
     """"cpp" when gmd_ext's compiled kernels are loaded, else "none" (every op then runs a fallback)."""
+    from gmd_ext import _backend
+
     return "cpp" if _backend.CPP_LOADED else "none"
 
 
 def banner() -> None:
     """Print which gmd_ext is benchmarked and whether its C++ kernels loaded; if not, why and the fixing command:
     numbers of the fallback must never pass for the kernels'."""
+    import gmd_ext
+    from gmd_ext import _backend
+
     print(f"# gmd_ext {gmd_ext.__version__} from {_backend.PACKAGE_DIR}; torch {torch.__version__}")
     if _backend.CPP_LOADED:
         print(f"# C++ kernels: loaded ({_backend.LIBRARY})")
@@ -163,6 +166,8 @@ def banner() -> None:
 
 def common_fields(bench: str, *, device: str = "cpu", machine_name: str | None = None) -> dict:
     """The COMMON columns of one run (the timestamp is taken now, in UTC)."""
+    import gmd_ext
+
     return {"bench": bench, "timestamp": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "git_rev": git_revision(), "machine": machine_name or machine(), "device": device,
             "torch": torch.__version__, "gmd_ext": gmd_ext.__version__, "kernels": kernels(),

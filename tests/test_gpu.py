@@ -399,7 +399,7 @@ def test_gpu_check_dry_run(tmp_path):
     rows = list(csv.DictReader(open(tmp_path / "gpu_check.csv")))
     ops_timed = {r["op"] for r in rows if r["GB_s"]}
     assert {"gram", "combine", "combine_rows", "group_norm_fwd", "group_norm_bwd", "pack_pairs"} <= ops_timed
-    assert all(r["git"] and r["timestamp"] and r["machine"] for r in rows)
+    assert all(r["git_rev"] and r["timestamp"] and r["machine"] for r in rows)
     assert {r["op"]: r["note"] for r in rows if r["op"].startswith("step:")} == {"step:selftest": "rc=0",
                                                                                   "step:tests": "rc=0"}
     assert "| gram | cpp | 4 | 4099 | float32 |" in (tmp_path / "gpu_check.md").read_text()
