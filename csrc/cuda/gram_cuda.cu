@@ -9,10 +9,11 @@
 //
 // The slice count is a function of (K, N) only, never of the device: the result is bit-identical on every GPU.
 //
-// Resources (nvcc 13.0 -Xptxas -v, sm_90, no fast-math; see tests/test_gpu.py::test_cuda_resources): fp32
-// 62 registers, bf16/fp16 64 (VEC path), 0 bytes stack, 0 spills; 256 threads, <= 35 KiB dynamic shared memory:
-// 3 CTAs per SM by registers. With 4 x 4 register tiles every FMA costs 0.5 shared-memory words, so K = 15 is
-// about at the HBM floor and K = 64 is shared-memory bound (estimate ~35% of H200 HBM; not measured).
+// Resources (nvcc 13.0 -Xptxas -v, sm_90, without --use_fast_math; checked by tests/test_gpu.py::test_cuda_resources):
+// gram_partial_kernel 64 registers (fp32, 128-bit path), 79 (fp16/bf16, 128-bit path), 80 (scalar path); finalize 32;
+// 0 bytes stack, 0 spills. 256 threads and <= 35 KiB dynamic shared memory: 3 CTAs per SM by registers. With 4 x 4
+// register tiles every FMA costs 0.5 shared-memory words, so K = 15 should be near the HBM floor and K = 64 shared-
+// memory bound (an estimate from these counts; not measured: no GPU was available).
 #include <torch/library.h>
 
 #include "common.cuh"

@@ -10,6 +10,8 @@
 // An out-of-range perms entry cannot raise here without a host sync (and a device assert would poison the CUDA
 // context): the kernel makes that row of A NaN instead, which the caller's finiteness check reports.
 // project_conflicts validates its orders on the host before launching.
+//
+// Resources (nvcc 13.0 -Xptxas -v, sm_90): 40 registers staged, 48 unstaged, 0 bytes stack, 0 spills.
 #include <torch/library.h>
 
 #include <limits>

@@ -85,7 +85,9 @@ def gram(G: torch.Tensor) -> torch.Tensor:
 
     Each program accumulates one slice of N in fp32; the per-program partials are summed in fp64 by torch (a
     fixed-order reduction, so the result is deterministic, unlike atomics), and the upper triangle is mirrored
-    so Γ is exactly symmetric.
+    so Γ is exactly symmetric. The program count follows the SM count (_utils.max_programs), so the last bits of
+    Γ can differ between GPU models (run to run on one GPU they do not); the C++ CUDA kernel's split depends on
+    (K, N) only.
     """
     check(G)
     K, N = G.shape
