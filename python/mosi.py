@@ -92,9 +92,10 @@ def load_data(args) -> tuple[dict, str, str]:
                                                f"{'x'.join(map(str, dims))}.pkl")
         if not path.exists():  # deterministic (seed 0), so an existing file is the same file
             t0 = time.time()
-            print(f"writing a synthetic {args.dataset}-format file to {path} ...", flush=True)
+            size = synthetic_mosi.file_size(n, aligned=not args.unaligned, dims=dims)
+            print(f"writing a synthetic {args.dataset}-format file of {size / 1e6:.0f} MB to {path} ...", flush=True)
             synthetic_mosi.make(path, n=n, aligned=not args.unaligned, dims=dims, seed=0)
-            print(f"  wrote {path.stat().st_size / 1e6:.0f} MB in {time.time() - t0:.1f} s", flush=True)
+            print(f"  done in {time.time() - t0:.1f} s", flush=True)
         source = f"synthetic {args.dataset}-format file ({layout}, n={n}, dims={dims}, data seed 0): {path}"
     else:
         path = Path(args.data)
