@@ -12,7 +12,7 @@ from gmd_ext import _backend, ops
 from gmd_ext.apps.brats import DSUNet3d
 from gmd_ext.apps.mosi import DSSentimentNet
 from gmd_ext.ds import DSConv, DSGroupNorm, DSLayerNorm, DSLinear, masked_mean
-from gmd_ext.gmd import GMD, gram, project_conflicts, sample_subsets, subsets
+from gmd_ext.gmd import GMD, gram, project_conflicts, sample_subsets, subset_losses, subsets
 from gmd_ext.gmd import monitor
 from gmd_ext.ops import masked_conv, modality_group_norm
 

@@ -70,3 +70,53 @@ def test_subsets_bad_inputs():
         subsets("flair")
     with pytest.raises(ValueError, match="without '\\+'"):
         subsets(["a+b", "c"])
+
+
+def test_subset_losses_with_present_mask():
+    """Fused = mean over the subset's present modalities; rows with none of them excluded; sequence input
+    differentiates only through the subset's own branches; tensor and sequence inputs agree."""
+    from gmd_ext import subset_losses
+    torch.manual_seed(0)
+    B, M = 5, 3
+    objectives = subsets(("a", "b", "c"))
+    present = torch.tensor([[1, 0, 1], [0, 1, 0], [1, 1, 1], [0, 0, 1], [1, 0, 0]], dtype=torch.bool)
+    seq = [torch.randn(B, 2, requires_grad=True) for _ in range(M)]
+    seq[1].data[~present[:, 1]] = float("nan")   # an absent branch's garbage must not leak in
+    y = torch.randn(B, 2)
+    loss_fn = lambda f, t: ((f - t) ** 2).sum(1).mean()  # noqa: E731
+    out = subset_losses(seq, y, loss_fn, objectives, present)
+    assert list(out) == [s.name for s in objectives]
+    for s in objectives:
+        rows, fused = [], []
+        for b in range(B):
+            ms = [m for m in s.indices if present[b, m]]
+            if ms:
+                rows.append(b)
+                fused.append(torch.stack([seq[m][b] for m in ms]).mean(0))
+        expected = loss_fn(torch.stack(fused), y[rows])
+        torch.testing.assert_close(out[s.name], expected)
+        grads = torch.autograd.grad(out[s.name], seq, allow_unused=True, retain_graph=True)
+        for m in range(M):
+            assert (grads[m] is None) == (m not in s.indices), (s.name, m)
+            if grads[m] is not None:
+                assert torch.isfinite(grads[m]).all() and (grads[m][~present[:, m]] == 0).all()
+    stacked = torch.stack([t.detach().nan_to_num() for t in seq], 1)
+    for name, v in subset_losses(stacked, y, loss_fn, objectives, present).items():
+        torch.testing.assert_close(v, out[name].detach())
+    # present=None: the plain mean over the subset
+    full = subset_losses(stacked, y, loss_fn, objectives)
+    torch.testing.assert_close(full["a+c"], loss_fn((stacked[:, 0] + stacked[:, 2]) / 2, y))
+
+
+def test_subset_losses_bad_inputs():
+    from gmd_ext import subset_losses
+    objectives = subsets(("a", "b"))
+    x, y = torch.randn(4, 2, 3), torch.randn(4, 3)
+    with pytest.raises(ValueError, match="target must be a tensor with B = 4"):
+        subset_losses(x, y[:3], torch.nn.functional.mse_loss, objectives)
+    with pytest.raises(ValueError, match=r"present must be None or a bool tensor \[B, M\] = \[4, 2\]"):
+        subset_losses(x, y, torch.nn.functional.mse_loss, objectives, torch.ones(4, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="over 3 modalities, but branches has M = 2"):
+        subset_losses(x, y, torch.nn.functional.mse_loss, subsets(("a", "b", "c")))
+    with pytest.raises(TypeError, match="branches must be"):
+        subset_losses(3, y, torch.nn.functional.mse_loss, objectives)

@@ -2,6 +2,7 @@
 (`subsets`) and the dominance monitor. Built on gmd_ext.ops."""
 from gmd_ext.gmd.engine import GMD
 from gmd_ext.gmd.projection import ProjectionInfo, gram, project_conflicts
-from gmd_ext.gmd.subsets import Subset, sample_subsets, subsets
+from gmd_ext.gmd.subsets import Subset, sample_subsets, subset_losses, subsets
 
-__all__ = ["GMD", "ProjectionInfo", "gram", "project_conflicts", "Subset", "sample_subsets", "subsets"]
+__all__ = ["GMD", "ProjectionInfo", "gram", "project_conflicts", "Subset", "sample_subsets", "subset_losses",
+           "subsets"]

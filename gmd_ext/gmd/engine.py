@@ -112,6 +112,8 @@ class GMD:
             models whose branch outputs are marked (the library's DS models' ``branches``; gmd_ext/gmd/branches.py),
             one backward per branch with the cotangents of every objective using it batched; sequential when no
             loss reaches a marked branch.
+        include_self: True (official GMD, LibMTL): g_i is projected against every original gradient, its own
+            included; False: torchjd's PCGrad rule (j = i skipped). docs/semantics.md.
         nonfinite: what a NaN/Inf loss or gradient does. "raise" (ValueError naming the objectives; .grad cleared),
             "skip" (grads cleared, info.skipped = True, `step()` does nothing), or "propagate" (no check, no host
             synchronisation: the merged gradient becomes NaN everywhere — what torch.amp.GradScaler needs, below).
@@ -159,7 +161,9 @@ class GMD:
     def __init__(self, optimizer: torch.optim.Optimizer, *, reduction: str = "mean", order="random",
                  seed: int | None = None, backend: str = "auto", monitor: Callable | None = None,
                  ddp_module=None, process_group=None, strategy: str = "sequential", nonfinite: str = "raise",
-                 communication: str = "auto", memory: str = "default"):
+                 communication: str = "auto", memory: str = "default", include_self: bool = True):
+        if not isinstance(include_self, bool):
+            raise TypeError(f"include_self must be a bool, got {type(include_self).__name__}")
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if reduction not in _REDUCTIONS:
@@ -206,6 +210,7 @@ class GMD:
         self.ddp_module = ddp_module
         self.strategy = strategy
         self.nonfinite = nonfinite
+        self.include_self = include_self
         self._generator = torch.Generator()
         if seed is None:
             params = [p for g in optimizer.param_groups for p in g["params"]]
@@ -257,7 +262,8 @@ class GMD:
         perms = self._perms(K, bufs.buffers[0].G.device)
         loss_tensor = torch.stack([l.detach().float().reshape(()) for l in losses])
         merged, gram, A = project(rows, perms, masks, self.reduction, self.backend, scale=comm.scale,
-                                  finite=torch.isfinite(loss_tensor).all(), reduce_gram=comm.reduce_gram)
+                                  finite=torch.isfinite(loss_tensor).all(), reduce_gram=comm.reduce_gram,
+                                  include_self=self.include_self)
         merged = comm.restore(merged)
         if comm.scale != 1.0:
             gram = gram * (comm.scale * comm.scale)
@@ -278,7 +284,8 @@ class GMD:
         loss_tensor = torch.stack([l.detach().float().reshape(()) for l in losses])
         K = len(losses)
         A, c = coefficients(gram, self._perms(K, gram.device), self.backend,
-                            finite=torch.isfinite(loss_tensor).all().to(gram.device))
+                            finite=torch.isfinite(loss_tensor).all().to(gram.device),
+                            include_self=self.include_self)
         shared = reach.all(0) | ~reach.any(0)
         shared_scale = 1.0 / K if self.reduction == "mean" else 1.0
         scales = [None if not r else (shared_scale if s else 1.0) for r, s in zip(reach.any(0), shared)]

@@ -149,12 +149,26 @@ def make_perms(order, K: int, generator: torch.Generator | None = None, device="
     return _to_device(order, device)
 
 
+def pcgrad(gram_: torch.Tensor, perms: torch.Tensor, backend: str | None = None, include_self: bool = True):
+    """A [K, K] from Γ and the orders. include_self=False (torchjd's PCGrad rule: g_i is never projected on its
+    own original gradient, docs/semantics.md) runs the same kernel on Γ bordered by one zero-norm objective K,
+    which takes i's place in row i of the orders: zero-norm objectives are skipped, so the result is exact and
+    the kernels keep one code path."""
+    perms = perms.to(gram_.device)
+    if include_self:
+        return ops.pcgrad_coefficients(gram_, perms, backend)
+    K = gram_.shape[0]
+    rows = torch.where(perms == torch.arange(K, device=perms.device)[:, None], K, perms)
+    bordered = torch.cat([torch.cat([rows, rows.new_full((K, 1), K)], 1), rows.new_full((1, K + 1), K)])
+    return ops.pcgrad_coefficients(torch.nn.functional.pad(gram_, (0, 1, 0, 1)), bordered, backend)[:K, :K]
+
+
 def coefficients(gram_: torch.Tensor, perms: torch.Tensor, backend: str | None = None, *, scale: float = 1.0,
-                 finite: torch.Tensor | None = None):
+                 finite: torch.Tensor | None = None, include_self: bool = True):
     """(A [K, K], c [K]) from Γ: the projection coefficients and the combination weights c_k = scale · Σ_i A_ik
     (the merged gradient is Σ_i g_i' = cᵀ G before the per-element scale); c is NaN when Γ's diagonal is not
     finite or `finite` is False (see `project`)."""
-    A = ops.pcgrad_coefficients(gram_, perms.to(gram_.device), backend)
+    A = pcgrad(gram_, perms, backend, include_self)
     c = A.sum(0) if scale == 1.0 else A.sum(0) * scale
     ok = torch.isfinite(gram_.diagonal()).all()
     if finite is not None:
@@ -163,7 +177,7 @@ def coefficients(gram_: torch.Tensor, perms: torch.Tensor, backend: str | None =
 
 
 def project(G, perms: torch.Tensor, shared, reduction: str, backend: str | None = None, *,
-            scale: float = 1.0, finite: torch.Tensor | None = None, reduce_gram=None):
+            scale: float = 1.0, finite: torch.Tensor | None = None, reduce_gram=None, include_self: bool = True):
     """The two-pass projection on validated inputs, without host synchronisation.
 
     Args:
@@ -177,28 +191,30 @@ def project(G, perms: torch.Tensor, shared, reduction: str, backend: str | None 
             every projection). Free: it goes through the K coefficients.
         reduce_gram: optional callable Γ -> Γ applied before the coefficients (G holds one rank's shard of the
             columns: the shard Gramians are summed over ranks, gmd_ext/gmd/comm.py).
+        include_self: True (official GMD, LibMTL) or False (torchjd's PCGrad rule), see `pcgrad`.
     Returns:
         (merged, gram, A): merged [N] ([K, N] for "none") in G's dtype, or a list of [N_b] for a list of buffers.
     """
     many = isinstance(G, (list, tuple))
     Gs, masks = (list(G), list(shared)) if many else ([G], [shared])
-    grams = [ops.gram(g, backend) for g in Gs]
+    # Γ and A from detached rows: the coefficients are constants for autograd (project_conflicts' docstring).
+    grams = [ops.gram(g.detach(), backend) for g in Gs]
     gram_ = grams[0] if len(grams) == 1 else sum(g.to(grams[0].device) for g in grams)
     if reduce_gram is not None:
         gram_ = reduce_gram(gram_)
     if reduction == "none":
         if many:
             raise ValueError('reduction="none" projects one buffer, got a list')
-        A = ops.pcgrad_coefficients(gram_, perms.to(gram_.device), backend)
+        A = pcgrad(gram_, perms, backend, include_self)
         return ops.combine_rows(G, A, backend), gram_, A
-    A, c = coefficients(gram_, perms, backend, scale=scale, finite=finite)
+    A, c = coefficients(gram_, perms, backend, scale=scale, finite=finite, include_self=include_self)
     shared_scale = 1.0 / A.shape[0] if reduction == "mean" else 1.0
     merged = [ops.combine(g, c.to(g.device), m, shared_scale, 1.0, backend) for g, m in zip(Gs, masks)]
     return (merged if many else merged[0]), gram_, A
 
 
 def project_conflicts(grads, *, shared=None, order="random", generator=None, reduction="mean", backend="auto",
-                      return_info=False, nonfinite="raise"):
+                      return_info=False, nonfinite="raise", include_self: bool = True):
     """Project conflicting per-objective gradients and merge them, with the official GMD semantics.
 
     For each objective i, in the order given by row i of `order`, the running g_i' is projected against each
@@ -216,6 +232,13 @@ def project_conflicts(grads, *, shared=None, order="random", generator=None, red
         return_info: also return a ProjectionInfo (gram, coefficients, cosines, norms, num_conflicts).
         nonfinite: "raise" (ValueError naming the objectives whose gradients hold NaN/Inf: one host
             synchronisation on a GPU) or "propagate" (no check and no sync: NaN/Inf reach the result).
+        include_self: True (official GMD and LibMTL): g_i is projected against every original gradient, its own
+            included (it matters once earlier projections turned g_i' against g_i); False: torchjd's PCGrad
+            rule, j = i skipped. docs/semantics.md compares the implementations.
+
+    Autograd: the projection coefficients A are treated as constants (they come from data-dependent branches:
+    which pairs conflict), so for a `grads` that requires grad the result is differentiable as s ⊙ (cᵀ G) with
+    c = column sums of A fixed (A @ G for reduction="none"); info.gram and info.coefficients carry no gradient.
 
     Returns:
         merged [N] (or [K, N]) in the input dtype and device; (merged, info) with return_info=True.
@@ -228,7 +251,9 @@ def project_conflicts(grads, *, shared=None, order="random", generator=None, red
     K, N = G.shape
     shared = check_shared(shared, N, G.device)
     perms = make_perms(order, K, generator, G.device)
-    merged, gram_, A = project(G, perms, shared, reduction, backend)
+    if not isinstance(include_self, bool):
+        raise TypeError(f"include_self must be a bool, got {type(include_self).__name__}")
+    merged, gram_, A = project(G, perms, shared, reduction, backend, include_self=include_self)
     # Γ is non-finite exactly when a gradient holds NaN/Inf (or the dot products overflow): a free check.
     if nonfinite == "raise" and not torch.compiler.is_compiling() and not bool(torch.isfinite(gram_).all()):
         bad = (~torch.isfinite(gram_.diagonal())).nonzero().flatten().tolist()

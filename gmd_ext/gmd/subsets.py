@@ -8,7 +8,7 @@ flair+t1+t1ce, flair+t1+t2, flair+t1ce+t2, t1+t1ce+t2, flair+t1+t1ce+t2. The ful
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -43,7 +43,7 @@ class Subset(tuple):
         return (Subset, (tuple(self), self.indices, self.num_modalities))
 
 
-def _check_modalities(modalities) -> tuple[str, ...]:
+def check_modalities(modalities) -> tuple[str, ...]:
     if isinstance(modalities, str) or not isinstance(modalities, Sequence):
         raise TypeError(f"modalities must be a sequence of modality names (e.g. ('flair', 't1', 't1ce', 't2')), "
                         f"got {type(modalities).__name__}: {modalities!r}")
@@ -71,7 +71,7 @@ def subsets(modalities: Sequence[str]) -> list[Subset]:
     Returns:
         list of Subset (tuples of names with .name, .indices, .mask); the full set is last.
     """
-    names = _check_modalities(modalities)
+    names = check_modalities(modalities)
     M = len(names)
     return [Subset([names[i] for i in idx], idx, M)
             for r in range(1, M + 1) for idx in itertools.combinations(range(M), r)]
@@ -86,7 +86,7 @@ def sample_subsets(modalities: Sequence[str], k: int, generator: torch.Generator
         k: number of subsets, 1 <= k <= 2^M - 1 (k = 1 gives the full set alone).
         generator: torch.Generator (CPU) driving the draw; None uses torch's default generator.
     """
-    names = _check_modalities(modalities)
+    names = check_modalities(modalities)
     total = 2 ** len(names) - 1
     if isinstance(k, bool) or not isinstance(k, int):
         raise TypeError(f"k must be an int, got {type(k).__name__}")
@@ -98,3 +98,83 @@ def sample_subsets(modalities: Sequence[str], k: int, generator: torch.Generator
     # The full set is the last of the canonical order; draw the others among the first total - 1.
     picked = torch.randperm(total - 1, generator=generator)[: k - 1].sort().values.tolist()
     return [every[i] for i in picked] + [every[-1]]
+
+
+def subset_losses(branches, target: torch.Tensor, loss_fn: Callable, subsets: Sequence[Subset],
+                  present: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """One objective per modality subset: fuse each subset's branch outputs and apply the task loss.
+
+    For subset S, row b is fused as the mean of branch m's output over the modalities m in S that are present in
+    row b, and ``loss_fn(fused, target)`` is taken over the rows where at least one modality of S is present (the
+    others are excluded from S's loss). A subset with no such row gets a zero loss (a zero gradient, which the
+    projection skips), so K stays fixed. Each subset's loss differentiates only through its own modalities'
+    branches when `branches` is a sequence (it is never stacked).
+
+    Args:
+        branches: per-modality outputs, a [B, M, ...] tensor or a sequence of M tensors [B, ...].
+        target: [B, ...] tensor handed to loss_fn (row-selected with the fused outputs).
+        loss_fn: callable (fused [B', ...], target [B', ...]) -> scalar tensor.
+        subsets: Subset objects (gmd_ext.subsets / sample_subsets) over the same M modalities.
+        present: None (every modality present in every row) or bool [B, M].
+    Returns:
+        {subset.name: scalar loss} in the order of `subsets` (a dict for GMD.backward: the names tell the engine
+        which modalities each objective uses).
+    """
+    if isinstance(branches, torch.Tensor):
+        if branches.dim() < 2:
+            raise ValueError(f"branches must be a [B, M, ...] tensor or a sequence of M [B, ...] tensors, got a "
+                             f"tensor of shape {tuple(branches.shape)}")
+        B, M = branches.shape[:2]
+        branch = lambda m: branches[:, m]  # noqa: E731
+        like = branches[:, 0]
+    elif isinstance(branches, Sequence) and not isinstance(branches, (str, bytes)) and branches:
+        for m, t in enumerate(branches):
+            if not isinstance(t, torch.Tensor) or t.dim() < 1 or t.shape != branches[0].shape:
+                got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(f"branches[{m}] must be a tensor of branches[0]'s shape "
+                                 f"{tuple(branches[0].shape)}, got {got}")
+        B, M = branches[0].shape[0], len(branches)
+        branch = lambda m: branches[m]  # noqa: E731
+        like = branches[0]
+    else:
+        raise TypeError(f"branches must be a [B, M, ...] tensor or a non-empty sequence of M [B, ...] tensors, got "
+                        f"{type(branches).__name__}")
+    if not isinstance(target, torch.Tensor) or target.dim() < 1 or target.shape[0] != B:
+        got = tuple(target.shape) if isinstance(target, torch.Tensor) else type(target).__name__
+        raise ValueError(f"target must be a tensor with B = {B} rows (the branches' batch), got {got}")
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be a callable (fused, target) -> scalar tensor, got {type(loss_fn).__name__}")
+    if isinstance(subsets, (str, Subset)) or not isinstance(subsets, Sequence) or not subsets:
+        raise TypeError(f"subsets must be a non-empty sequence of Subset (gmd_ext.subsets(modalities)), got "
+                        f"{type(subsets).__name__}")
+    for s in subsets:
+        if not isinstance(s, Subset):
+            raise TypeError(f"subsets must hold Subset objects (gmd_ext.subsets(modalities)), got {type(s).__name__}")
+        if s.num_modalities != M:
+            raise ValueError(f"subset {s.name!r} is over {s.num_modalities} modalities, but branches has M = {M}")
+    if present is not None:
+        if not isinstance(present, torch.Tensor) or present.dtype != torch.bool or tuple(present.shape) != (B, M):
+            got = (f"{present.dtype} {tuple(present.shape)}" if isinstance(present, torch.Tensor)
+                   else type(present).__name__)
+            raise ValueError(f"present must be None or a bool tensor [B, M] = [{B}, {M}], got {got}")
+        present = present.to(like.device)
+    out = {}
+    for s in subsets:
+        if present is None:
+            fused = sum(branch(m) for m in s.indices) / len(s.indices)
+            out[s.name] = loss_fn(fused, target)
+            continue
+        w = present[:, list(s.indices)]                                   # [B, |S|]
+        count = w.sum(1)
+        shape = (B,) + (1,) * (like.dim() - 1)
+        # where, not a 0/1 product: an absent branch's output (garbage or NaN) must not reach the fused value.
+        total = sum(torch.where(w[:, j].view(shape), branch(m), 0.0) for j, m in enumerate(s.indices))
+        fused = total / count.clamp_min(1).view(shape).to(total.dtype)
+        rows = count > 0
+        if bool(rows.all()):
+            out[s.name] = loss_fn(fused, target)
+        elif bool(rows.any()):
+            out[s.name] = loss_fn(fused[rows], target[rows])
+        else:
+            out[s.name] = fused.sum() * 0.0
+    return out
