@@ -491,3 +491,31 @@ def test_cuda_step_one_host_sync_with_checks_and_monitor():
     gmd.backward(model.losses(x, y))
     ls = model.losses(x, y)
     assert _count_syncs(lambda: (gmd.backward(ls), gmd.step())) == 1
+
+
+def test_load_state_dict_is_all_or_nothing():
+    """A state that fails part-way (optimizer state of another parameter set) changes nothing."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.Adam(model.parameters(), lr=0.1)
+    gmd = GMD(opt, seed=0)
+    x = torch.randn(4, 3)
+    gmd.zero_grad()
+    gmd.backward([model(x).pow(2).mean(), model(x).sum()])
+    gmd.step()
+    before = gmd.state_dict()
+    other = torch.optim.Adam([torch.nn.Parameter(torch.zeros(5))], lr=0.1)
+    bad = {"step": 7, "generator": torch.Generator().manual_seed(1).get_state(), "optimizer": other.state_dict()}
+    with pytest.raises(ValueError):
+        gmd.load_state_dict(bad)
+    after = gmd.state_dict()
+    assert after["step"] == before["step"]
+    assert torch.equal(after["generator"], before["generator"])
+    assert after["optimizer"]["param_groups"] == before["optimizer"]["param_groups"]
+    for k, v in before["optimizer"]["state"].items():
+        for name, t in v.items():
+            assert torch.equal(after["optimizer"]["state"][k][name], t)
+    with pytest.raises(TypeError, match="generator"):
+        gmd.load_state_dict({**before, "generator": "nope"})
+    with pytest.raises(ValueError, match="step"):
+        gmd.load_state_dict({**before, "step": -1})

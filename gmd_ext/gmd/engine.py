@@ -8,6 +8,7 @@ handling) on the one two-pass pipeline of `project_conflicts` (gmd_ext/gmd/proje
 from __future__ import annotations
 
 import collections
+import copy
 import functools
 from collections.abc import Callable, Mapping, Sequence
 
@@ -312,9 +313,24 @@ class GMD:
         missing = {"step", "generator", "optimizer"} - set(state_dict)
         if missing:
             raise ValueError(f"state_dict is missing keys {sorted(missing)} (expected step, generator, optimizer)")
-        self._generator.set_state(state_dict["generator"])
-        self._step = int(state_dict["step"])
-        self.optimizer.load_state_dict(state_dict["optimizer"])
+        step, generator = state_dict["step"], state_dict["generator"]
+        if isinstance(step, bool) or not isinstance(step, (int, torch.Tensor)) or int(step) < 0:
+            raise ValueError(f"state_dict['step'] must be a non-negative int, got {step!r}")
+        if not isinstance(generator, torch.Tensor) or generator.dtype != torch.uint8:
+            raise TypeError(f"state_dict['generator'] must be a torch.Generator state (uint8 tensor), "
+                            f"got {type(generator).__name__}")
+        # All or nothing: a state that fails to load part-way (a bad generator state, an optimizer state for
+        # other parameters) leaves the engine and its optimizer exactly as they were.
+        saved_generator = self._generator.get_state()
+        saved_optimizer = copy.deepcopy(self.optimizer.state_dict())
+        try:
+            self._generator.set_state(generator)
+            self.optimizer.load_state_dict(state_dict["optimizer"])
+        except Exception:
+            self._generator.set_state(saved_generator)
+            self.optimizer.load_state_dict(saved_optimizer)
+            raise
+        self._step = int(step)
 
     def close(self) -> None:
         """Remove the gradient hooks this engine put on the parameters."""

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from gmd_ext.gmd.projection import ProjectionInfo
+from gmd_ext.io import atomic_write
 
 _BINS = np.linspace(0.0, 180.0, 91)  # 2° angle bins
 
@@ -170,10 +171,8 @@ class DominanceMonitor:
                     raise ValueError(f"{self.path}: existing CSV has a different header (other objectives or "
                                      f"modalities); use a new path")
             else:
-                tmp = f"{self.path}.tmp{os.getpid()}"
-                with open(tmp, "w") as f:
+                with atomic_write(self.path, "w") as f:
                     f.write(header)
-                os.replace(tmp, self.path)
             self._header_checked = True
         line = ",".join(_fmt(v) for v in row.values()) + "\n"
         # One write() of a whole line on an O_APPEND file: rows never interleave or tear.
@@ -203,6 +202,8 @@ class DominanceMonitor:
             ax.set_title(f"{title} (mean of {self.steps} steps)")
             ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
             ax.set_yticks(range(len(names)), names, fontsize=7)
+            ax.set_xlabel("objective j (modality subset)")
+            ax.set_ylabel("objective i (modality subset)")
             fig.colorbar(im, ax=ax, fraction=0.046)
         centers = (_BINS[:-1] + _BINS[1:]) / 2
         width = _BINS[1] - _BINS[0]
@@ -213,11 +214,9 @@ class DominanceMonitor:
         axes[2].set_ylabel("pairs")
         axes[2].legend()
         fig.tight_layout()
-        root, ext = os.path.splitext(path)
-        tmp = f"{root}.tmp{os.getpid()}{ext or '.png'}"
-        fig.savefig(tmp, dpi=100, format="png")
+        with atomic_write(path, "wb") as f:
+            fig.savefig(f, dpi=100, format="png")
         plt.close(fig)
-        os.replace(tmp, path)
 
     def close(self) -> None:
         if self._writer is not None:

@@ -24,10 +24,10 @@ stored as int16 (like the BraTS release) with an exact-zero background outside t
 from __future__ import annotations
 
 import functools
+import gzip
 import math
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from gmd_ext.apps.brats.constants import MODALITIES as _MODALITIES
-from gmd_ext.io import file_mode
+from gmd_ext.io import atomic_write
 
 __all__ = ["make_cases", "NOTICE_FILE", "case_name"]
 
@@ -180,16 +180,9 @@ def _save_nifti(path: Path, data: np.ndarray, voxel_mm: float) -> None:
     affine[:3, 3] = -voxel_mm * (np.array(data.shape) - 1) / 2
     img = nib.Nifti1Image(data, affine)
     img.header.set_xyzt_units("mm")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name[:-7]}.", suffix=".nii.gz")
-    os.close(fd)
-    try:
-        nib.save(img, tmp)
-        os.chmod(tmp, file_mode())  # mkstemp creates 0600; the case files get a plain open's mode
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    # .nii.gz is the gzip of the .nii bytes; mtime=0 keeps the files byte-identical across runs.
+    with atomic_write(path, "wb") as f:
+        f.write(gzip.compress(img.to_bytes(), compresslevel=6, mtime=0))
 
 
 def make_cases(out_dir: str | os.PathLike, n: int, size: int = 96, seed: int = 0) -> list[Path]:
