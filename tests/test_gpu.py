@@ -393,7 +393,7 @@ def test_gpu_check_dry_run(tmp_path):
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     run = subprocess.run([sys.executable, os.path.join(root, "bench", "gpu_check.py"), "--dry-run", "--out",
-                          str(tmp_path)], capture_output=True, text=True, timeout=300,
+                          str(tmp_path)], capture_output=True, text=True, timeout=1200,
                          env=dict(os.environ, PYTHONPATH=root))
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     rows = list(csv.DictReader(open(tmp_path / "gpu_check.csv")))
