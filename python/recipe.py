@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from gmd_ext import GMD, sample_subsets, subsets
+from gmd_ext import GMD, sample_subsets, subset_losses, subsets  # noqa: F401  (subset_losses: the recipes' objectives)
 from gmd_ext import _backend
 from gmd_ext.gmd.monitor import DominanceMonitor
 from gmd_ext.io import atomic_write, load_checkpoint, rng_state, save_checkpoint, set_rng_state
@@ -313,11 +313,6 @@ def choose_subsets(modalities: Sequence[str], k: int, generator: torch.Generator
     ``k`` sampled ones with the full set always among them (gmd_ext.sample_subsets)."""
     every = subsets(modalities)
     return every if k in (0, len(every)) else sample_subsets(modalities, k, generator)
-
-
-def subset_losses(branches: torch.Tensor, target, loss_fn: Callable, chosen) -> dict[str, torch.Tensor]:
-    """``{subset.name: loss_fn(mean of the subset's branch outputs, target)}``; branches ``[B, M, ...]``."""
-    return {s.name: loss_fn(branches[:, list(s.indices)].mean(1), target) for s in chosen}
 
 
 class Step:
