@@ -163,6 +163,14 @@ def _tuple(v, n, name, minimum):
     return t
 
 
+def _check_like_x(t, name, x):
+    """A convolution parameter must have x's dtype and device."""
+    if t.dtype != x.dtype:
+        raise TypeError(f"{name} must have x's dtype {x.dtype}, got {t.dtype}")
+    if t.device != x.device:
+        raise ValueError(f"{name} must be on x's device {x.device}, got {t.device}")
+
+
 def _conv_args(x, weight, bias, stride, padding, dilation):
     """Validate masked_conv's arguments; returns (per_modality, stride, padding, dilation) as tuples."""
     nsp = _check_x(x)
@@ -185,20 +193,14 @@ def _conv_args(x, weight, bias, stride, padding, dilation):
     if wcin != Cin:
         raise ValueError(f"weight's Cin ({wcin}) must equal x's channel dim x.shape[2] ({Cin}); "
                          f"weight {tuple(weight.shape)}, x {tuple(x.shape)}")
-    if weight.dtype != x.dtype:
-        raise TypeError(f"weight must have x's dtype {x.dtype}, got {weight.dtype}")
-    if weight.device != x.device:
-        raise ValueError(f"weight must be on x's device {x.device}, got {weight.device}")
+    _check_like_x(weight, "weight", x)
     if bias is not None:
         if not isinstance(bias, torch.Tensor):
             raise TypeError(f"bias must be None or a torch.Tensor, got {type(bias).__name__}")
         if tuple(bias.shape) not in ((Cout,), (M, Cout)):
             raise ValueError(f"bias must be None, [Cout] = [{Cout}] or [M, Cout] = [{M}, {Cout}], "
                              f"got {tuple(bias.shape)}")
-        if bias.dtype != x.dtype:
-            raise TypeError(f"bias must have x's dtype {x.dtype}, got {bias.dtype}")
-        if bias.device != x.device:
-            raise ValueError(f"bias must be on x's device {x.device}, got {bias.device}")
+        _check_like_x(bias, "bias", x)
     k = weight.shape[-nsp:]
     stride = _tuple(stride, nsp, "stride", 1)
     dilation = _tuple(dilation, nsp, "dilation", 1)
