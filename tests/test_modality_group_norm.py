@@ -202,15 +202,17 @@ from triton.compiler import ASTSource
 from gmd_ext.triton import modality_group_norm as tgn
 kernel, out_bf16, path = sys.argv[1], sys.argv[2] == "1", sys.argv[3]
 data, x = ("*u16", "*bf16") if out_bf16 else ("*fp32", "*fp32")
-sizes = {"M": "i32", "C": "i32", "G": "i32", "L": "i32"}
+sizes = {"M": "i32", "C": "i32", "G": "i32", "L": "i32", "splits": "i32"}
+# The element-wise passes (normalise + affine + activation, and dx) carry the bytes; the statistics kernels are
+# reductions over CHUNK elements.
 if kernel == "fwd":
-    fn = tgn._group_norm_fwd_kernel
-    sig = {"x_ptr": x, "w_ptr": "*fp32", "b_ptr": "*fp32", "present_ptr": "*u8", "y_ptr": data,
-           "mean_ptr": "*fp32", "rstd_ptr": "*fp32", **sizes, "eps": "fp32"}
+    fn = tgn._apply_kernel
+    sig = {"x_ptr": x, "w_ptr": "*fp32", "b_ptr": "*fp32", "present_ptr": "*u8", "mean_ptr": "*fp32",
+           "rstd_ptr": "*fp32", "y_ptr": data, **sizes}
 else:
-    fn = tgn._group_norm_bwd_kernel
+    fn = tgn._bwd_apply_kernel
     sig = {"gy_ptr": x, "x_ptr": x, "w_ptr": "*fp32", "b_ptr": "*fp32", "present_ptr": "*u8", "mean_ptr": "*fp32",
-           "rstd_ptr": "*fp32", "dx_ptr": data, "dg_ptr": "*fp32", "db_ptr": "*fp32", **sizes}
+           "rstd_ptr": "*fp32", "coef_ptr": "*fp32", "dx_ptr": data, **sizes}
 constexprs = {"ACT": 2, "ACC": tl.float32, "OUT_BF16": out_bf16, "BLOCK": tgn.BLOCK}
 sig.update({k: "constexpr" for k in constexprs})
 compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs),
