@@ -18,28 +18,13 @@ import warnings
 import torch
 from torch.autograd.graph import GradientEdge
 
+from gmd_ext.gmd.buffers import walk_graph
 from gmd_ext.ops.ds_ops import BRANCH_MARK
 
 
 def _walk(root, target: dict, stop: bool):
     """(branch nodes, parameter indices) reached from `root`: stops at marked branch nodes when stop."""
-    nodes, params, stack, seen = [], [], [root], set()
-    while stack:
-        fn = stack.pop()
-        if fn is None or fn in seen:
-            continue
-        seen.add(fn)
-        if stop and BRANCH_MARK in fn.metadata:
-            nodes.append(fn)
-            continue
-        var = getattr(fn, "variable", None)  # AccumulateGrad nodes hold their leaf
-        if var is not None:
-            i = target.get(id(var))
-            if i is not None:
-                params.append(i)
-            continue
-        stack.extend(f for f, _ in fn.next_functions)
-    return nodes, params
+    return walk_graph(root, target, BRANCH_MARK if stop else None)
 
 
 def fill(bufs, losses) -> bool:

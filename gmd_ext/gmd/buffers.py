@@ -173,23 +173,31 @@ def _hook(ref, i):
     return hook
 
 
-def _reached(loss: torch.Tensor, target: dict) -> list[int]:
-    """Indices (values of `target`, keyed by id(param)) of the leaves the autograd graph of `loss` reaches."""
-    out = []
-    if loss.grad_fn is None:
-        i = target.get(id(loss))
-        return [i] if i is not None else out
-    stack, seen = [loss.grad_fn], set()
+def walk_graph(root, target: dict, stop_mark: str | None = None):
+    """(marked nodes, leaf indices) reached from the autograd node `root`: indices are values of `target` (keyed
+    by id(param)); with `stop_mark`, the walk collects nodes whose metadata holds it and does not go past them."""
+    nodes, params, stack, seen = [], [], [root], set()
     while stack:
         fn = stack.pop()
         if fn is None or fn in seen:
             continue
         seen.add(fn)
+        if stop_mark is not None and stop_mark in fn.metadata:
+            nodes.append(fn)
+            continue
         var = getattr(fn, "variable", None)  # AccumulateGrad nodes hold their leaf
         if var is not None:
             i = target.get(id(var))
             if i is not None:
-                out.append(i)
+                params.append(i)
             continue
         stack.extend(f for f, _ in fn.next_functions)
-    return out
+    return nodes, params
+
+
+def _reached(loss: torch.Tensor, target: dict) -> list[int]:
+    """Indices (values of `target`, keyed by id(param)) of the leaves the autograd graph of `loss` reaches."""
+    if loss.grad_fn is None:
+        i = target.get(id(loss))
+        return [i] if i is not None else []
+    return walk_graph(loss.grad_fn, target)[1]
