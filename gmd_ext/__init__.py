@@ -15,12 +15,14 @@ from gmd_ext.ds import DSConv, DSGroupNorm, DSLayerNorm, DSLinear, masked_mean
 from gmd_ext.gmd import GMD, gram, project_conflicts, sample_subsets, subset_losses, subsets
 from gmd_ext.gmd import monitor
 from gmd_ext.ops import masked_conv, modality_group_norm
+from gmd_ext.ops.ds_ops import declare_modality_dim
 
 __version__ = "0.1.0"
 
 # The public names; subpackages (gmd_ext.data, gmd_ext.metrics, gmd_ext.testing, gmd_ext.info) are imported by name.
 __all__ = [
-    "project_conflicts", "gram", "GMD", "subsets", "sample_subsets", "monitor",
+    "project_conflicts", "gram", "GMD", "subsets", "sample_subsets", "subset_losses", "declare_modality_dim",
+    "monitor",
     "masked_conv", "modality_group_norm", "DSConv", "DSGroupNorm", "DSLinear", "DSLayerNorm", "masked_mean",
     "DSUNet3d", "DSSentimentNet", "ops", "__version__",
 ]

@@ -122,7 +122,9 @@ def test_zero_copy_grads_are_buffer_views():
                for p in params]
     gmd.backward(losses())
     G = gmd._buffers[0].G
-    assert len(gmd._buffers) == 1 and G.shape == (3, sum(p.numel() for p in model.parameters()))
+    N = sum(p.numel() for p in model.parameters())
+    # Rows padded to 64 elements so every row starts aligned.
+    assert len(gmd._buffers) == 1 and G.shape == (3, -(-N // 64) * 64) and G.stride(0) % 64 == 0
     assert set(seen) == {G.untyped_storage().data_ptr()}  # every backward wrote into the [K, N] buffer
     merged = {p.grad.untyped_storage().data_ptr() for p in params}
     assert len(merged) == 1  # the merged gradient: views into one flat buffer
@@ -328,6 +330,7 @@ def test_callable_order():
     params = list(model.parameters())
     for step in range(2):
         ref = official(params, losses, ORDER if step % 2 == 0 else ORDER.flip(1))
+        gmd.zero_grad()
         gmd.backward(losses())
         torch.testing.assert_close(flat_grad(params), ref, rtol=1e-5, atol=1e-6)
     assert calls == [0, 1]
@@ -355,11 +358,13 @@ def test_batched_falls_back_once_with_warning():
     with pytest.warns(RuntimeWarning, match="falling back"):
         gmd.backward([_NoVmap.apply(lin(x)).sum(), -lin(x)[:, 0].sum()])
     got = [p.grad.clone() for p in lin.parameters()]
+    gmd.zero_grad()
     ref_g.backward([_NoVmap.apply(lin(x)).sum(), -lin(x)[:, 0].sum()])
     for g, p in zip(got, lin.parameters()):
         torch.testing.assert_close(g, p.grad)
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
+        gmd.zero_grad()
         gmd.backward([_NoVmap.apply(lin(x)).sum(), -lin(x)[:, 0].sum()])  # no second warning
 
 

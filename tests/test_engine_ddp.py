@@ -67,12 +67,15 @@ def full(t):
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-def run(model, gmd, x, y, forward=None, pick=losses_of):
+def run(model, gmd, x, y, forward=None, pick=losses_of, micro=1):
+    """STEPS SGD steps; micro > 1: each step accumulates `micro` backward calls over equal row blocks with the
+    losses scaled by 1/micro (equal to one call on all the rows)."""
     forward = forward or model
     merged = []
     for _ in range(STEPS):
         gmd.zero_grad()
-        gmd.backward(pick(forward(x), y))
+        for part in zip(x.chunk(micro), y.chunk(micro)):
+            gmd.backward([l / micro for l in pick(forward(part[0]), part[1])])
         merged.append(torch.cat([full(p.grad).flatten() if p.grad is not None else torch.zeros(p.numel())
                                  for p in model.parameters()]))
         gmd.step()
@@ -81,7 +84,8 @@ def run(model, gmd, x, y, forward=None, pick=losses_of):
 
 VARIANTS = ("ddp_all_reduce", "ddp_reduce_scatter", "group_all_reduce", "group_reduce_scatter",
             "group_reduce_scatter_batched", "sampled_reduce_scatter", "fsdp", "fsdp_no_reshard", "sampled_fsdp",
-            "fsdp_bf16_params")
+            "fsdp_bf16_params", "accum_ddp_all_reduce", "accum_group_all_reduce", "accum_group_reduce_scatter",
+            "accum_group_reduce_scatter_batched", "accum_fsdp")
 
 
 def fsdp_net(reshard_after_forward=True, mp_policy=None):
@@ -97,6 +101,8 @@ def fsdp_net(reshard_after_forward=True, mp_policy=None):
 
 def run_variant(variant, x, y):
     torch.manual_seed(0)
+    micro = 2 if variant.startswith("accum_") else 1
+    variant = variant.removeprefix("accum_")
     if "fsdp" in variant:
         from torch.distributed.fsdp import MixedPrecisionPolicy
 
@@ -105,7 +111,7 @@ def run_variant(variant, x, y):
         model = fsdp_net(reshard_after_forward=not variant.endswith("no_reshard"), mp_policy=mp_policy)
         pick = sampled(torch.Generator().manual_seed(5)) if variant.startswith("sampled") else losses_of
         gmd = GMD(torch.optim.SGD(model.parameters(), lr=0.1), seed=3)
-        return run(model, gmd, x, y, pick=pick)
+        return run(model, gmd, x, y, pick=pick, micro=micro)
     model = Net()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     communication = "all_reduce" if "all_reduce" in variant else "reduce_scatter"
@@ -113,14 +119,15 @@ def run_variant(variant, x, y):
     if variant.startswith("ddp"):
         ddp = nn.parallel.DistributedDataParallel(model)
         gmd = GMD(opt, ddp_module=ddp, seed=3, communication=communication)
-        return run(model, gmd, x, y, forward=ddp)
+        return run(model, gmd, x, y, forward=ddp, micro=micro)
     gmd = GMD(opt, process_group=dist.group.WORLD, seed=3, communication=communication,
               strategy="batched" if variant.endswith("batched") else "sequential")
-    return run(model, gmd, x, y, pick=pick)
+    return run(model, gmd, x, y, pick=pick, micro=micro)
 
 
 def reference(variant, world):
     torch.manual_seed(0)
+    variant = variant.removeprefix("accum_")  # the reference is one call on the whole batch
     model = Net()
     x, y = data(world)
     pick = sampled(torch.Generator().manual_seed(5)) if variant.startswith("sampled") else losses_of
@@ -235,11 +242,11 @@ def test_ranks_equal_one_process_on_concatenated_batch(ranks, variant, one_threa
 
 
 def test_per_rank_gradient_memory(ranks):
-    """reduce_scatter: N + K·⌈N/W⌉ elements (one padded scratch row + the shards); FSDP2: K·N/W (the rows of the
+    """reduce_scatter: N + K·N/W elements, up to padding (one scratch row + the shards); FSDP2: K·N/W (the rows of the
     local shards; the merged shard is one more N/W)."""
     world, out = ranks
     K, N = 3, sum(p.numel() for p in Net().parameters())
-    S = -(-N // world)
+    S = -(-N // (64 * world)) * 64  # equal shards, each a multiple of 64 elements (aligned rows)
     for rank in range(world):
         res = torch.load(out / f"equal_{rank}.pt")
         assert res["rs_memory"] == ([(1, S * world)], [(K, S)])

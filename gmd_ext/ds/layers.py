@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gmd_ext.ops import ds_ops
-from gmd_ext.ops.ds_ops import PairPlan, as_plan, check_present
+from gmd_ext.ops.ds_ops import PairPlan, as_plan, check_present, declare_modality_dim, declare_shared
 
 _ACTIVATIONS = (None, "relu", "leaky_relu")
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -110,7 +110,23 @@ def _tuple(value, n: int, name: str) -> tuple[int, ...]:
     return value
 
 
-class DSConv(nn.Module):
+class _ModalityParams(nn.Module):
+    """Declares which modalities use the layer's parameters to GMD's official reduction (gmd_ext/gmd/usage.py):
+    per-modality parameters by their dim 0, shared ones as shared; at construction and again when the module is
+    unpickled or deep-copied (a copied Parameter does not keep Python attributes)."""
+
+    def _declare(self) -> None:
+        shared = getattr(self, "shared", False)  # one weight for every modality: used by every objective
+        for p in (self.weight, self.bias):
+            if p is not None:
+                declare_shared(p) if shared else declare_modality_dim(p, 0)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._declare()
+
+
+class DSConv(_ModalityParams):
     """Convolution shared by all modalities (or one weight per modality), skipping absent pairs.
 
     forward(x [B, M, in_channels, *S], present bool [B, M] | None) -> [B, M, out_channels, *S'] (zeros where
@@ -142,6 +158,7 @@ class DSConv(nn.Module):
         self.weight = nn.Parameter(torch.empty(lead + (out_channels, in_channels) + self.kernel_size, **factory))
         self.bias = nn.Parameter(torch.empty(lead + (out_channels,), **factory)) if bias else None
         self.reset_parameters()
+        self._declare()
 
     def reset_parameters(self):
         # torch.nn.ConvNd's initialisation, applied to each modality's weight independently.
@@ -189,7 +206,7 @@ class DSConv(nn.Module):
                 f"shared={self.shared}" + ("" if self.shared else f", num_modalities={self.num_modalities}"))
 
 
-class DSGroupNorm(nn.Module):
+class DSGroupNorm(_ModalityParams):
     """GroupNorm with statistics per (sample, modality) pair and one affine per modality, optional fused activation.
 
     forward(x [B, M, num_channels, *S], present bool [B, M] | None) -> same shape, zeros where absent.
@@ -210,6 +227,7 @@ class DSGroupNorm(nn.Module):
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.ones(num_modalities, num_channels, **factory))
         self.bias = nn.Parameter(torch.zeros(num_modalities, num_channels, **factory))
+        self._declare()
 
     def forward(self, x: torch.Tensor, present: torch.Tensor | None = None) -> torch.Tensor:
         if x.dim() < 3 or x.shape[1] != self.num_modalities or x.shape[2] != self.num_channels:
@@ -238,7 +256,7 @@ class DSGroupNorm(nn.Module):
                 f"activation={self.activation}")
 
 
-class DSLinear(nn.Module):
+class DSLinear(_ModalityParams):
     """Linear layer over the last dim, shared by all modalities (or one weight per modality).
 
     forward(x [B, M, ..., in_features], present bool [B, M] | None) -> [B, M, ..., out_features], zeros where
@@ -258,6 +276,7 @@ class DSLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(lead + (out_features, in_features), **factory))
         self.bias = nn.Parameter(torch.empty(lead + (out_features,), **factory)) if bias else None
         self.reset_parameters()
+        self._declare()
 
     def reset_parameters(self):
         bound = 1 / math.sqrt(self.in_features) if self.in_features else 0.0
@@ -306,7 +325,7 @@ class DSLinear(nn.Module):
                 f"shared={self.shared}" + ("" if self.shared else f", num_modalities={self.num_modalities}"))
 
 
-class DSLayerNorm(nn.Module):
+class DSLayerNorm(_ModalityParams):
     """LayerNorm over the last dim with one affine per modality.
 
     forward(x [B, M, ..., normalized_shape], present bool [B, M] | None) -> same shape, zeros where absent.
@@ -322,6 +341,7 @@ class DSLayerNorm(nn.Module):
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.ones(num_modalities, normalized_shape, **factory))
         self.bias = nn.Parameter(torch.zeros(num_modalities, normalized_shape, **factory))
+        self._declare()
 
     def forward(self, x: torch.Tensor, present: torch.Tensor | None = None) -> torch.Tensor:
         if x.dim() < 3 or x.shape[1] != self.num_modalities or x.shape[-1] != self.normalized_shape:

@@ -38,9 +38,9 @@ def fill(bufs, losses) -> bool:
     if not nodes:
         return False
     slot = {i: (b, j) for b in bufs.buffers for j, i in enumerate(b.index)}
-    for b in bufs.buffers:
-        b.G.zero_()
-    bufs.reach[:] = False
+    if not bufs.keep:  # accumulating (GMD.backward until zero_grad): add into the rows; reach flags are the engine's
+        for b in bufs.buffers:
+            b.G.zero_()
 
     def add(rows: list[int], i: int, g: torch.Tensor):
         """Rows `rows` of parameter i's slice += g [len(rows), *shape]."""

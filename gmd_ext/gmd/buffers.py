@@ -35,6 +35,8 @@ class Buffer:
         # rows < K: objective k is differentiated into row k % rows (a communication that moves each row off the
         # rank right after its backward pass needs one); width >= N pads each row (shardable into equal parts).
         self.width = self.N if width is None else width(self.N)
+        if self.width < self.N:
+            raise ValueError(f"row width {self.width} < {self.N} elements")
         self.G = torch.zeros((K if rows is None else rows, self.width), dtype=p0.dtype, device=p0.device)
         self.views = [self.row_views(self.G, k) for k in range(self.G.shape[0])]
 
@@ -60,9 +62,59 @@ def check_params(params) -> None:
             raise TypeError(f"parameter {k} of the optimizer is sparse; GMD needs dense parameters")
 
 
-class GradBuffers:
-    """K rows of per-objective gradients over `params`, filled by backward passes; `reach[k, i]` says whether
-    objective k's graph reached parameter i."""
+class RowState:
+    """What the engine tracks about K per-objective gradient rows over `params` besides the rows themselves:
+    `reach[k, i]` (objective k's graph reached parameter i) and the accumulation state. GMD.backward accumulates
+    until zero_grad: `keep` tells a fill to add into the rows (and OR the reach flags) instead of starting from
+    zero; `merged[i]` is the .grad the engine last set on parameter i; `foreign` records a backward pass outside
+    the engine's (a plain loss.backward())."""
+
+    def __init__(self, params: list, K: int):
+        self.params = params
+        self.reach = np.zeros((K, len(params)), dtype=np.bool_)
+        self.keep = False
+        self.fresh = True
+        self.merged: list = [None] * len(params)
+        self.foreign = False
+
+    @property
+    def K(self) -> int:
+        return self.reach.shape[0]
+
+    def matches(self, params, K) -> bool:
+        return K == self.K and len(params) == len(self.params) and all(a is b for a, b in zip(params, self.params))
+
+    def clear(self) -> None:
+        """Forget the accumulated rows (zero_grad): the next fill starts from zero."""
+        self.fresh = True
+        self.foreign = False
+
+    def accumulating(self) -> bool:
+        """Whether the next fill adds to the rows: True when the rows hold this step's earlier backward calls
+        (no zero_grad since, and every parameter's .grad is still the merged gradient the engine set), False after
+        a zero_grad (GMD's, or any that cleared a .grad to None). Raises when a gradient from outside the engine is
+        in .grad, which GMD would otherwise silently discard."""
+        foreign = self.foreign
+        mine, cleared = False, False
+        for i, p in enumerate(self.params):
+            g, m = p.grad, self.merged[i]
+            if g is None:
+                cleared = cleared or m is not None
+            elif g is m:
+                mine = True
+            else:
+                foreign = True
+        if foreign:
+            raise RuntimeError(
+                "gmd_ext.GMD.backward: a parameter's .grad holds a gradient from outside GMD (a plain "
+                "loss.backward(), or .grad assigned) since the last zero_grad(); GMD would discard it. Pass that "
+                "loss to gmd.backward with the objectives, or call gmd.zero_grad() first")
+        return not self.fresh and mine and not cleared
+
+
+class GradBuffers(RowState):
+    """K rows of per-objective gradients over `params`, filled by backward passes (RowState: reach flags and
+    accumulation state)."""
 
     def __init__(self, params: list, K: int, rows: int | None = None, width: Callable[[int], int] | None = None):
         check_params(params)
@@ -71,8 +123,7 @@ class GradBuffers:
             groups.setdefault((p.device, p.dtype), []).append(i)
         # The only place a [K, N] buffer is created: first step, or K / parameters changed.
         self.buffers = [Buffer([params[i] for i in idx], idx, K, rows, width) for idx in groups.values()]
-        self.params = params
-        self.reach = np.zeros((K, len(params)), dtype=np.bool_)
+        super().__init__(params, K)
         self._slot = [None] * len(params)  # parameter i -> (buffer, position in it)
         for b in self.buffers:
             for j, i in enumerate(b.index):
@@ -82,26 +133,21 @@ class GradBuffers:
         ref = weakref.ref(self)
         self._handles = [p.register_post_accumulate_grad_hook(_hook(ref, i)) for i, p in enumerate(params)]
 
-    @property
-    def K(self) -> int:
-        return self.reach.shape[0]
-
-    def matches(self, params, K) -> bool:
-        return K == self.K and len(params) == len(self.params) and all(a is b for a, b in zip(params, self.params))
-
     def view(self, k: int, i: int) -> torch.Tensor:
         b, j = self._slot[i]
         return b.views[k % len(b.views)][j]
 
     def fill_sequential(self, losses, after_row: Callable[[int], None]) -> None:
         """One backward pass per objective into its row; `after_row(k)` runs right after row k is complete."""
-        self.reach[:] = False
+        if not self.keep:
+            self.reach[:] = False
         K = len(losses)
         try:
             for k, loss in enumerate(losses):
                 for b in self.buffers:
                     # Autograd adds into the row views; zeroing row k right before its pass keeps it cache-warm.
-                    b.G[k % b.G.shape[0]].zero_()
+                    if not self.keep or b.G.shape[0] < self.K:  # a scratch row always starts from zero
+                        b.G[k % b.G.shape[0]].zero_()
                 for i, p in enumerate(self.params):
                     p.grad = self.view(k, i)
                 self._row = k
@@ -123,17 +169,21 @@ class GradBuffers:
             warnings.warn(f"gmd_ext.GMD: strategy='batched' is not supported by this model ({e}); falling back "
                           f"to strategy='sequential' for the rest of training", RuntimeWarning, stacklevel=3)
             return False
-        self.reach[:] = False
+        if not self.keep:
+            self.reach[:] = False
         target = {id(p): i for i, p in enumerate(self.params)}
         for k, loss in enumerate(losses):
             self.reach[k, _reached(loss, target)] = True
         for b in self.buffers:
             for j, i in enumerate(b.index):
-                g = grads[i]
-                if g is None:
-                    b.batched_view(j).zero_()
+                g, view = grads[i], b.batched_view(j)
+                if self.keep:
+                    if g is not None:
+                        view.add_(g)
+                elif g is None:
+                    view.zero_()
                 else:
-                    b.batched_view(j).copy_(g)
+                    view.copy_(g)
         return True
 
     def set_grads(self, merged) -> None:
@@ -143,6 +193,7 @@ class GradBuffers:
         for b, m in zip(self.buffers, merged):
             for p, v, i in zip(b.params, b.row_views(m), b.index):
                 p.grad = v if reach_any[i] else None
+                self.merged[i] = p.grad
 
     def _accumulated(self, p, i):
         k = self._row
@@ -168,8 +219,11 @@ class GradBuffers:
 def _hook(ref, i):
     def hook(p):
         bufs = ref()
-        if bufs is not None and bufs._row is not None:
-            bufs._accumulated(p, i)
+        if bufs is not None:
+            if bufs._row is not None:
+                bufs._accumulated(p, i)
+            else:
+                bufs.foreign = True  # a backward pass outside the engine accumulated into .grad
     return hook
 
 

@@ -6,9 +6,11 @@ The engine talks to a communication only through the `Comm` interface (docs/desi
     buffers(params, K, batched)  the row buffers autograd fills (rows(K, batched) rows of width(N) elements:
                                  fewer rows than K reuse a scratch row)
     backward_context()           around the K backward passes
+    keep_rows(accumulating)      whether this rank's rows keep their contents for an accumulating backward
     row_done(bufs, k)            after row k's backward pass (sequential), or rows_done(bufs) (batched)
-    local(bufs, masks)           the [K, n] rows and [n] shared masks this rank projects
-    reduce_gram(gram)            this rank's Γ -> the Γ of the full rows
+    local(bufs)                  the [K, n] rows this rank projects
+    start(n)                     where those n columns start in the full rows; local_masks(masks) slices masks
+    reduce_gram(t)               this rank's Γ (and segment norms) -> those of the full rows
     restore(merged)              this rank's merged [n] -> the merged [N] that goes to .grad
     scale                        folded into the combination coefficients instead of a pass over the rows
 
@@ -21,6 +23,12 @@ Two communications under DDP / process_group=:
   coefficients from the same Γ and order, combines its shard, and one all-gather of the merged shard restores the
   merged [N] gradient (into the scratch row): (K + 1)·N values sent per rank, N + K·N/W gradient memory.
   The per-element shared masks are sliced exactly as the rows are.
+
+Accumulation (several GMD.backward calls before a step) never reduces a row twice: under "all_reduce" the
+rows hold the reduced sum after a call, so for the next call rank 0 keeps it and every other rank restarts
+from zero (the all-reduce then adds this call's gradients to the earlier sum once); under "reduce_scatter" the
+full-length row is always this call's local gradient, and its reduce-scattered shard is added to the shard
+row. Each call communicates its own contribution once.
 """
 from __future__ import annotations
 
@@ -108,7 +116,8 @@ class Comm:
         return K
 
     def width(self, N: int) -> int:
-        return N
+        # Rows start on 64-element boundaries (256 B in fp32): aligned vector loads in every kernel.
+        return -(-N // 64) * 64
 
     @contextlib.contextmanager
     def backward_context(self):
@@ -129,6 +138,10 @@ class Comm:
                                    "the K passes without DDP sync and all-reduces once: " + str(e)) from e
             raise
 
+    def keep_rows(self, accumulating: bool) -> bool:
+        # The rows already hold the ranks' sum: only one rank may carry it into the next all-reduce.
+        return accumulating and self.rank == 0
+
     def row_done(self, bufs, k: int) -> None:
         # Row k's all-reduce starts right after its backward pass, overlapping the next one.
         self._reduce([b.G[k] for b in bufs.buffers])
@@ -136,9 +149,15 @@ class Comm:
     def rows_done(self, bufs) -> None:
         self._reduce([b.G for b in bufs.buffers])
 
-    def local(self, bufs, masks):
+    def local(self, bufs):
         self._wait()
-        return [b.G for b in bufs.buffers], masks
+        return [b.G for b in bufs.buffers]
+
+    def start(self, n: int) -> int:
+        return 0
+
+    def local_masks(self, masks):
+        return masks
 
     def reduce_gram(self, gram: torch.Tensor) -> torch.Tensor:
         return gram
@@ -177,6 +196,7 @@ class ReduceScatterComm(Comm):
         self._shards: list[torch.Tensor] = []
         self._scratch: list[torch.Tensor] = []
         self._mask_cache: dict = {}
+        self._accumulate = False
 
     @property
     def sharded(self) -> bool:
@@ -187,9 +207,13 @@ class ReduceScatterComm(Comm):
         return K if batched or not self.sharded else 1
 
     def width(self, N: int) -> int:
-        W = self.world_size
-        return -(-N // W) * W
+        # W equal shards, each a multiple of 64 elements (aligned rows in the [K, S] shard buffer too).
+        unit = 64 * self.world_size
+        return -(-N // unit) * unit
 
+    def keep_rows(self, accumulating: bool) -> bool:
+        self._accumulate = accumulating
+        return accumulating and not self.sharded  # sharded: full rows are this call's; the shards accumulate
     def _shard_buffers(self, bufs):
         K = bufs.K
         if len(self._shards) != len(bufs.buffers) or any(
@@ -203,6 +227,14 @@ class ReduceScatterComm(Comm):
         if not self.sharded:
             return
         shards = self._shard_buffers(bufs)
+        if self._accumulate:
+            # Add this call's reduced shard to the accumulated one (the rows are this call's gradients only).
+            for b, s in zip(bufs.buffers, shards):
+                part = torch.empty_like(s[k])
+                self._run(lambda b=b, part=part: torch.distributed.reduce_scatter_tensor(
+                    part, b.G[k % b.G.shape[0]], group=self.group))
+                s[k].add_(part)
+            return
         for b, s in zip(bufs.buffers, shards):
             self._works.append(self._run(lambda b=b, s=s: torch.distributed.reduce_scatter_tensor(
                 s[k], b.G[k % b.G.shape[0]], group=self.group, async_op=True)))
@@ -214,12 +246,20 @@ class ReduceScatterComm(Comm):
         for k in range(bufs.K):
             self.row_done(bufs, k)
 
-    def local(self, bufs, masks):
+    def local(self, bufs):
         self._wait()
         if not self.sharded:
-            return [b.G for b in bufs.buffers], masks
+            return [b.G for b in bufs.buffers]
         self._scratch = [(b.G[0], b.N) for b in bufs.buffers]
-        return list(self._shards), [self._shard_mask(m, s.shape[1]) for m, s in zip(masks, self._shards)]
+        return list(self._shards)
+
+    def start(self, n: int) -> int:
+        return self.rank * n if self.sharded else 0
+
+    def local_masks(self, masks):
+        if not self.sharded:
+            return masks
+        return [self._shard_mask(m, s.shape[1]) for m, s in zip(masks, self._shards)]
 
     def _shard_mask(self, m, S: int):
         if m is None:

@@ -10,23 +10,33 @@ from __future__ import annotations
 import collections
 import copy
 import functools
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
 from gmd_ext import _backend
 from gmd_ext.gmd.buffers import GradBuffers
-from gmd_ext.gmd import branches, fsdp, lowmem
+from gmd_ext.gmd import branches, fsdp, lowmem, usage as usage_
+from gmd_ext.gmd.subsets import Subset
+from gmd_ext.gmd.usage import Segments
 from gmd_ext.gmd.comm import make_comm
-from gmd_ext.gmd.projection import ProjectionInfo, coefficients, make_perms, project
+from gmd_ext.gmd.projection import ProjectionInfo, coefficients, gram_sum, make_perms, project
 
 _REDUCTIONS = ("mean", "sum")
 _ORDERS = ("random", "sequential")
-_STRATEGIES = ("sequential", "batched", "branches")
+_STRATEGIES = ("auto", "sequential", "batched", "branches")
 _NONFINITE = ("raise", "skip", "propagate")
 _MEMORY = ("default", "low")
 # Shared-element masks cost N bytes each; a handful covers the reach patterns of sampled subsets in practice.
 _MASK_CACHE_SIZE = 8
+
+
+def _to(t: torch.Tensor, device) -> torch.Tensor:
+    """A small CPU tensor on `device` without a host synchronisation (pinned source, non-blocking copy)."""
+    if torch.device(device).type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 class StepInfo(ProjectionInfo):
@@ -61,8 +71,10 @@ class StepInfo(ProjectionInfo):
                 f"names={self.names})")
 
 
-class GMD:
-    """Gradient-guided Modality Decoupling for a standard training loop.
+class GMD(torch.optim.Optimizer):
+    """Gradient-guided Modality Decoupling for a standard training loop: a torch.optim.Optimizer wrapping
+    `optimizer` (its param_groups, state and defaults are the wrapped optimizer's, so LR schedulers,
+    torch.amp.GradScaler.step(gmd) and Lightning take GMD directly).
 
     ::
 
@@ -76,10 +88,20 @@ class GMD:
     Parameters are the trainable (requires_grad) parameters of ``optimizer.param_groups``, all groups, in order.
     For every objective i, in the order of row i of the [K, K] order, its gradient is projected against each
     original gradient it conflicts with; the merged gradient is the mean over objectives of the projected
-    gradients on parameters every objective reached ("shared") and their sum elsewhere (reduction="sum": sum
-    everywhere). A parameter no objective reached keeps ``.grad = None``. The merged gradient is left in
-    ``.grad`` as views into one flat buffer per (device, dtype); the per-objective gradients are computed in place
-    into a [K, N] buffer that is reused across steps (reallocated only when K or the parameter set changes).
+    gradients on the elements every objective uses ("shared") and their sum elsewhere (reduction="sum": sum
+    everywhere), "uses" as in the official per-branch code (see `usage`). A parameter no objective reached keeps
+    ``.grad = None``. The merged gradient is left in ``.grad`` as views into one flat buffer per (device, dtype);
+    the per-objective gradients are computed in place into a [K, N] buffer (rows padded to 64 elements) that is
+    reused across steps (reallocated only when K or the parameter set changes).
+
+    Accumulation: per-objective gradients accumulate across ``backward`` calls until ``zero_grad()`` (GMD's, the
+    wrapped optimizer's, or any that clears ``.grad``), and after every call ``.grad`` holds the GMD projection
+    of the accumulated per-objective gradients — two micro-batches with losses scaled by 1/2 give the merged
+    gradient of one call on the whole batch (a random order is drawn once per step, at its first call, and
+    reused by the calls that accumulate). Under ddp_module= / process_group= each call
+    communicates only its own contribution (rows already reduced are never reduced again). A gradient put in
+    ``.grad`` by a plain ``loss.backward()`` (before or between GMD's calls) makes ``backward`` raise instead of
+    being silently discarded: pass that loss to ``backward`` with the objectives.
 
     Args:
         optimizer: a torch.optim.Optimizer over the model's parameters (float32/float16/bfloat16).
@@ -104,7 +126,8 @@ class GMD:
         process_group: without DDP, all-reduce (average) the buffer on this group (torch.distributed.group.WORLD
             for the default group). Every rank must use the same K and reach the same parameters with each
             objective (sample subsets with identically seeded generators).
-        strategy: "sequential" (K backward passes) or "batched" (one ``torch.autograd.grad(...,
+        strategy: "auto" (default: "branches" when a loss reaches the marked branch outputs of the library's DS
+            models, else "sequential"), "sequential" (K backward passes) or "batched" (one ``torch.autograd.grad(...,
             is_grads_batched=True)`` call over the K losses, falling back to sequential with one warning when the
             model does not support vmap). "batched" differentiates every objective's graph K times (vmap over the
             K one-hot cotangents), so it only pays off when the objectives share one graph (multi-head); with one
@@ -115,6 +138,18 @@ class GMD:
             loss reaches a marked branch.
         include_self: True (official GMD, LibMTL): g_i is projected against every original gradient, its own
             included; False: torchjd's PCGrad rule (j = i skipped). docs/semantics.md.
+        usage: which objectives "use" an element, deciding mean (all do) or sum (some do not).
+            "official" (default): as in the official per-branch architecture, decided per segment — a parameter
+            tensor, or one modality's slice of a parameter declared modality-specific (the DS layers declare
+            their per-modality parameters; gmd_ext.gmd.usage.declare_modality_dim) — from whether the
+            objective's gradient there is non-zero: modality m's specific elements are unused by subsets
+            without m however the forward batches, packs, stacks or indexes them. Free: the Gramian pass runs
+            segment by segment and its diagonals are the segments' norms (gmd_ext/gmd/usage.py).
+            "reach": per parameter tensor, by autograd graph reach (everything counts as used when one forward
+            is stacked or packed for every objective).
+        specific: optional override for usage="official", a mapping parameter -> False (shared: every objective
+            uses it, whatever its gradient), True (used where its gradient is non-zero: the default) or an int
+            dim (its slices along dim belong one to each modality; must be its outermost dimension in memory).
         nonfinite: what a NaN/Inf loss or gradient does. "raise" (ValueError naming the objectives; .grad cleared),
             "skip" (grads cleared, info.skipped = True, `step()` does nothing), or "propagate" (no check, no host
             synchronisation: the merged gradient becomes NaN everywhere — what torch.amp.GradScaler needs, below).
@@ -133,7 +168,8 @@ class GMD:
         memory: "default" (the [K, N] buffer) or "low" (no [K, N] buffer: the Gramian accumulated parameter by
             parameter during one batched backward over the K losses, then one backward of the
             coefficient-weighted sum of the losses; peak gradient memory N + K·(largest parameter), equal to
-            "default"; single process only, any `strategy` is ignored; gmd_ext/gmd/lowmem.py).
+            "default"; single process only, any `strategy` is ignored, no accumulation across backward calls;
+            gmd_ext/gmd/lowmem.py).
 
     AMP recipe (torch.amp.GradScaler)::
 
@@ -161,8 +197,9 @@ class GMD:
 
     def __init__(self, optimizer: torch.optim.Optimizer, *, reduction: str = "mean", order="random",
                  seed: int | None = None, backend: str = "auto", monitor: Callable | None = None,
-                 ddp_module=None, process_group=None, strategy: str = "sequential", nonfinite: str = "raise",
-                 communication: str = "auto", memory: str = "default", include_self: bool = True):
+                 ddp_module=None, process_group=None, strategy: str = "auto", nonfinite: str = "raise",
+                 communication: str = "auto", memory: str = "default", include_self: bool = True,
+                 usage: str = "official", specific=None):
         if not isinstance(include_self, bool):
             raise TypeError(f"include_self must be a bool, got {type(include_self).__name__}")
         if not isinstance(optimizer, torch.optim.Optimizer):
@@ -188,7 +225,14 @@ class GMD:
             raise ValueError(f"nonfinite must be one of {_NONFINITE}, got {nonfinite!r}")
         if memory not in _MEMORY:
             raise ValueError(f"memory must be one of {_MEMORY}, got {memory!r}")
+        if usage not in usage_.USAGES:
+            raise ValueError(f"usage must be one of {usage_.USAGES}, got {usage!r}")
+        if isinstance(optimizer, GMD):
+            raise TypeError("optimizer is already a GMD engine; wrap the underlying torch.optim.Optimizer once")
         trainable = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+        if specific is not None and usage != "official":
+            raise ValueError('specific= overrides usage="official"; it has no meaning with usage="reach"')
+        self._specific = usage_.check_specific(specific, trainable)
         if fsdp.is_sharded(trainable):
             if ddp_module is not None or process_group is not None:
                 raise ValueError("GMD on an FSDP2 (fully_shard) model takes its process group from the device "
@@ -212,6 +256,10 @@ class GMD:
         self.strategy = strategy
         self.nonfinite = nonfinite
         self.include_self = include_self
+        self.usage = usage
+        # torch.optim.Optimizer state that GMD does not delegate (hooks are registered on the wrapped optimizer).
+        self._zero_grad_profile_name = f"Optimizer.zero_grad#{type(self).__name__}.zero_grad"
+        self._patch_zero_grad(optimizer)
         self._generator = torch.Generator()
         if seed is None:
             params = [p for g in optimizer.param_groups for p in g["params"]]
@@ -222,53 +270,161 @@ class GMD:
         self._bufs: GradBuffers | None = None
         self._perm_cache: dict = {}
         self._mask_cache: collections.OrderedDict = collections.OrderedDict()
+        self._segments: list[Segments] | None = None
+        self._auto_sequential = False
+        self._step_perms = None
         self.last_info: StepInfo | None = None
 
     @property
     def _buffers(self):
         return self._bufs.buffers if self._bufs is not None else []
 
+    # ------------------------------------------------------------------ torch.optim.Optimizer protocol
+    # The wrapped optimizer's groups, state and defaults, not copies: a scheduler that sets group["lr"], a
+    # GradScaler that unscales group["params"]' grads, a checkpoint of state, all act on the optimizer that steps.
+    @property
+    def param_groups(self):
+        return self.optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value):
+        self.optimizer.param_groups = value
+
+    @property
+    def state(self):
+        return self.optimizer.state
+
+    @state.setter
+    def state(self, value):
+        self.optimizer.state = value
+
+    @property
+    def defaults(self):
+        return self.optimizer.defaults
+
+    @defaults.setter
+    def defaults(self, value):
+        self.optimizer.defaults = value
+
+    def add_param_group(self, param_group: dict) -> None:
+        """Add a group to the wrapped optimizer; the next backward allocates buffers over the new parameter set."""
+        self.optimizer.add_param_group(param_group)
+
+    def register_step_pre_hook(self, hook):
+        return self.optimizer.register_step_pre_hook(hook)
+
+    def register_step_post_hook(self, hook):
+        return self.optimizer.register_step_post_hook(hook)
+
+    def register_state_dict_pre_hook(self, hook, prepend: bool = False):
+        return self.optimizer.register_state_dict_pre_hook(hook, prepend)
+
+    def register_state_dict_post_hook(self, hook, prepend: bool = False):
+        return self.optimizer.register_state_dict_post_hook(hook, prepend)
+
+    def register_load_state_dict_pre_hook(self, hook, prepend: bool = False):
+        return self.optimizer.register_load_state_dict_pre_hook(hook, prepend)
+
+    def register_load_state_dict_post_hook(self, hook, prepend: bool = False):
+        return self.optimizer.register_load_state_dict_post_hook(hook, prepend)
+
+    def __getstate__(self):
+        raise TypeError("a GMD engine holds autograd hooks and buffers and cannot be pickled or deep-copied; save "
+                        "gmd.state_dict() instead")
+
+    def __repr__(self) -> str:
+        K = self._bufs.K if self._bufs is not None else None
+        N = sum(b.N for b in self._bufs.buffers) if self._bufs is not None else None
+        order = self.order if isinstance(self.order, str) else type(self.order).__name__
+        inner = "\n".join("  " + line for line in repr(self.optimizer).splitlines())
+        return (f"GMD(reduction={self.reduction!r}, order={order!r}, usage={self.usage!r}, "
+                f"include_self={self.include_self}, strategy={self.strategy!r}, memory={self.memory!r}, "
+                f"nonfinite={self.nonfinite!r}, world_size={self.comm.world_size}, step={self._step}, K={K}, "
+                f"N={N},\n{inner}\n)")
+
     # ------------------------------------------------------------------ public API
-    def zero_grad(self) -> None:
-        """Set every parameter's .grad to None (the buffers are kept and overwritten by the next backward)."""
-        self.optimizer.zero_grad(set_to_none=True)
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear the gradients (the wrapped optimizer's zero_grad) and the accumulated per-objective rows; the
+        buffers are kept and overwritten by the next backward."""
+        self.optimizer.zero_grad(set_to_none=set_to_none)  # patched: also clears the rows (_patch_zero_grad)
+
+    def _patch_zero_grad(self, optimizer) -> None:
+        """Make the wrapped optimizer's own zero_grad clear the accumulated rows too (loops that keep calling
+        optimizer.zero_grad() must not accumulate onto the last step's rows). A weak reference: the optimizer
+        does not keep the engine alive."""
+        ref = weakref.ref(self)
+        inner = optimizer.zero_grad
+
+        @functools.wraps(inner)
+        def zero_grad(set_to_none: bool = True):
+            engine = ref()
+            if engine is not None and engine._bufs is not None:
+                engine._bufs.clear()
+            return inner(set_to_none=set_to_none)
+
+        optimizer.zero_grad = zero_grad
 
     def backward(self, losses) -> StepInfo:
-        """K backward passes (or one batched pass), all-reduce when distributed, projection, merged .grad.
+        """K backward passes (or one batched pass) accumulated into the per-objective rows, communication when
+        distributed, projection, merged .grad.
 
         Args:
             losses: a sequence of K scalar float tensors requiring grad, or a dict name -> loss (names flow into
-                info.names and the monitor).
+                info.names and the monitor). Every call until zero_grad() must pass the same K objectives.
         Returns:
-            StepInfo (gram, coefficients, cosines, norms, num_conflicts, losses, names, skipped, ...).
+            StepInfo (gram, coefficients, cosines, norms, num_conflicts, losses, names, skipped, ...) of the
+            accumulated gradients.
         """
-        names, losses = self._check_losses(losses)
+        names, losses, subsets = self._check_losses(losses)
         K = len(losses)
         self.last_info = None
+        member = usage_.membership(subsets) if self.usage == "official" else None
         if self.memory == "low":
-            return self._done(self._finish(names, None, *self._low_memory(losses)))
+            return self._done(self._finish(names, None, *self._low_memory(losses, member)))
         comm = self.comm
         comm.check(K, losses[0].device)
         bufs = self._prepare(K)
-        with comm.backward_context():
-            if self.strategy == "batched" and not bufs.fill_batched(losses):
-                self.strategy = "sequential"
-                bufs = self._prepare(K)  # the sequential rows may be fewer (a scratch row)
-            if self.strategy == "batched" or (self.strategy == "branches" and branches.fill(bufs, losses)):
-                comm.rows_done(bufs)
-            else:
-                bufs.fill_sequential(losses, lambda k: comm.row_done(bufs, k))
-        rows, masks = comm.local(bufs, self._shared_masks())
+        accumulating = bufs.accumulating()
+        if not accumulating:
+            bufs.reach[:] = False
+        bufs.keep = comm.keep_rows(accumulating)
+        strategy = self._strategy()
+        # One order per accumulated step: the calls after the first reuse it, so micro-batches equal one call.
+        perms = self._step_perms if accumulating else self._perms(K, bufs.buffers[0].G.device)
+        self._step_perms = perms
+        try:
+            with comm.backward_context():
+                if strategy == "batched" and not bufs.fill_batched(losses):
+                    self.strategy = strategy = "sequential"
+                    bufs = self._prepare(K)  # the sequential rows may be fewer (a scratch row)
+                if strategy == "batched":
+                    comm.rows_done(bufs)
+                elif strategy in ("branches", "auto") and branches.fill(bufs, losses):
+                    comm.rows_done(bufs)
+                else:
+                    if strategy == "auto":
+                        self._auto_sequential = True  # no marked branch: skip the graph walk from now on
+                    bufs.fill_sequential(losses, lambda k: comm.row_done(bufs, k))
+        except BaseException:
+            self.zero_grad()  # a failed backward leaves no partial rows or row views in .grad
+            raise
+        bufs.fresh = False
+        rows = comm.local(bufs)
 
-        perms = self._perms(K, bufs.buffers[0].G.device)
         loss_tensor = torch.stack([l.detach().float().reshape(()) for l in losses])
+        gram, masks = self._gram_and_masks(rows, member)
         merged, gram, A = project(rows, perms, masks, self.reduction, self.backend, scale=comm.scale,
-                                  finite=torch.isfinite(loss_tensor).all(), reduce_gram=comm.reduce_gram,
-                                  include_self=self.include_self)
+                                  finite=torch.isfinite(loss_tensor).all(), include_self=self.include_self,
+                                  gram=gram)
         merged = comm.restore(merged)
         if comm.scale != 1.0:
             gram = gram * (comm.scale * comm.scale)
         return self._done(self._finish(names, merged, gram, A, loss_tensor))
+
+    def _strategy(self) -> str:
+        if self.strategy == "auto" and self._auto_sequential:
+            return "sequential"
+        return self.strategy
 
     def _done(self, info: StepInfo) -> StepInfo:
         self.last_info = info
@@ -277,27 +433,50 @@ class GMD:
             self.monitor(info.step, info)
         return info
 
-    def _low_memory(self, losses):
+    def _low_memory(self, losses, member):
         """memory="low" (gmd_ext/gmd/lowmem.py): Γ parameter by parameter, then one backward of Σ c_k L_k;
         returns (gram, A, loss_tensor) with the merged gradient already in .grad."""
         params = [p for g in self.optimizer.param_groups for p in g["params"] if p.requires_grad]
-        gram, reach = lowmem.gram(losses, params, self.backend)
+        if any(p.grad is not None for p in params):
+            raise RuntimeError('gmd_ext.GMD(memory="low") keeps no per-objective rows, so it cannot accumulate '
+                               'several backward calls or keep a gradient already in .grad: call gmd.zero_grad() '
+                               'before each backward (use memory="default" for gradient accumulation)')
+        dims = None
+        if self.usage == "official":
+            dims = [usage_.spec(p, i, self._specific) for i, p in enumerate(params)]
+        gram, reach, norms = lowmem.gram(losses, params, self.backend, dims)
         loss_tensor = torch.stack([l.detach().float().reshape(()) for l in losses])
         K = len(losses)
         A, c = coefficients(gram, self._perms(K, gram.device), self.backend,
                             finite=torch.isfinite(loss_tensor).all().to(gram.device),
                             include_self=self.include_self)
-        shared = reach.all(0) | ~reach.any(0)
         shared_scale = 1.0 / K if self.reduction == "mean" else 1.0
-        scales = [None if not r else (shared_scale if s else 1.0) for r, s in zip(reach.any(0), shared)]
+        if dims is None:
+            shared = reach.all(0) | ~reach.any(0)
+            scales = [None if not r else (shared_scale if s else 1.0) for r, s in zip(reach.any(0), shared)]
+        else:
+            if member is not None:
+                usage_.check_membership(member, [Segments(params, range(len(params)), [p.numel() for p in params],
+                                                          0, self._specific)])
+                member = _to(member, gram.device)
+            scales = [None if not r or n is None else usage_.slice_scales(p, d, n, shared_scale, member)
+                      for p, d, n, r in zip(params, dims, norms, reach.any(0))]
         lowmem.combine(losses, params, c, scales)
         return gram, A, loss_tensor
 
     #: The official implementation's name for `backward` (its PCGrad class calls it pc_backward).
     pc_backward = backward
 
-    def step(self):
-        """optimizer.step(), unless the last backward was skipped (nonfinite="skip")."""
+    def step(self, closure: Callable | None = None):
+        """optimizer.step(closure), unless the last backward was skipped (nonfinite="skip").
+
+        closure: as for any torch.optim.Optimizer — a callable that clears the gradients, computes the losses,
+        runs ``gmd.backward(losses)`` and returns a loss; it is passed to the wrapped optimizer, which calls it
+        (once, or several times for LBFGS) under grad mode and returns its loss."""
+        if closure is not None:
+            if not callable(closure):
+                raise TypeError(f"closure must be a callable or None, got {type(closure).__name__}")
+            return self.optimizer.step(torch.enable_grad()(closure))
         if self.last_info is not None and self.last_info.skipped:
             return None
         return self.optimizer.step()
@@ -346,9 +525,16 @@ class GMD:
     # ------------------------------------------------------------------ validation
     @staticmethod
     def _check_losses(losses):
+        subsets = None
         if isinstance(losses, Mapping):
-            names = tuple(str(n) for n in losses)
+            names = tuple(n.name if isinstance(n, Subset) else str(n) for n in losses)
             values = list(losses.values())
+            # Which modalities each objective uses: from gmd_ext.subset_losses, or keys that are Subsets.
+            subsets = getattr(losses, "subsets", None)
+            if subsets is None and all(isinstance(n, Subset) for n in losses):
+                subsets = tuple(losses)
+            if subsets is not None and len(subsets) != len(values):
+                subsets = None
         elif isinstance(losses, Sequence) and not isinstance(losses, (str, bytes)):
             names, values = None, list(losses)
         elif isinstance(losses, torch.Tensor):
@@ -369,7 +555,7 @@ class GMD:
             if not loss.requires_grad:
                 raise ValueError(f"{what} does not require grad (computed under no_grad, detached, or from "
                                  f"parameters with requires_grad=False)")
-        return names, values
+        return names, values, subsets
 
     # ------------------------------------------------------------------ projection policy
     def _prepare(self, K: int) -> GradBuffers:
@@ -381,7 +567,33 @@ class GMD:
             self._bufs = None  # free the old [K, N] buffers before allocating the new ones
             self._bufs = self.comm.buffers(params, K, batched)
             self._mask_cache.clear()
+            self._segments = None
+            if self.usage == "official":
+                self._segments = [Segments([params[i] for i in b.index], b.index, b.sizes, b.width,
+                                           self._specific) for b in self._bufs.buffers]
         return self._bufs
+
+    def _gram_and_masks(self, rows, member):
+        """(Γ of the full rows, per-buffer shared masks of the local columns) for this rank's [K, n] rows;
+        member: the objectives' [K, M] modality membership (CPU) or None."""
+        comm = self.comm
+        if self._segments is None:  # usage="reach": per-tensor reach flags, one gram call per buffer
+            return comm.reduce_gram(gram_sum(rows, self.backend)), comm.local_masks(self._shared_masks())
+        usage_.check_membership(member, self._segments)
+        parts = [seg.gram(r, self.backend, comm.start(r.shape[1])) for seg, r in zip(self._segments, rows)]
+        dev = parts[0][0].device
+        gram0 = sum((g.to(dev) for g, _ in parts[1:]), parts[0][0])
+        K = rows[0].shape[0]
+        # Γ and the segments' squared norms in one tensor: one all-reduce where the rows are sharded.
+        packed = comm.reduce_gram(torch.cat([gram0.flatten()] + [n.to(dev).flatten() for _, n in parts]))
+        gram = packed[:K * K].view(K, K)
+        masks, at = [], K * K
+        for seg, r in zip(self._segments, rows):
+            norms = packed[at:at + K * len(seg)].view(K, len(seg))
+            at += K * len(seg)
+            on = None if member is None else _to(member, r.device)
+            masks.append(seg.shared_mask(norms.to(r.device), on, comm.start(r.shape[1]), r.shape[1]))
+        return gram, masks
 
     def _perms(self, K, device):
         order = self.order
@@ -416,6 +628,8 @@ class GMD:
                 masks.append(None)
             else:
                 m = torch.repeat_interleave(torch.from_numpy(flags), torch.tensor(b.sizes, dtype=torch.int64))
+                if b.width > b.N:  # row padding: zero in every row, its scale is irrelevant
+                    m = torch.cat([m, m.new_ones(b.width - b.N)])
                 if b.G.device.type == "cuda":
                     m = m.pin_memory()  # so the non-blocking copy below does not synchronise
                 masks.append(m.to(b.G.device, non_blocking=True))

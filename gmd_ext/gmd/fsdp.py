@@ -19,10 +19,9 @@ from __future__ import annotations
 
 import warnings
 
-import numpy as np
 import torch
 
-from gmd_ext.gmd.buffers import Buffer, check_params
+from gmd_ext.gmd.buffers import Buffer, RowState, check_params
 from gmd_ext.gmd.comm import Comm
 
 
@@ -65,6 +64,9 @@ class FSDPComm(Comm):
     def buffers(self, params, K: int, batched: bool):
         return ShardedGrads(params, K)
 
+    def keep_rows(self, accumulating: bool) -> bool:
+        return accumulating  # the rows hold FSDP's reduced shards; each call adds its own
+
     def row_done(self, bufs, k: int) -> None:
         pass  # the rows already hold FSDP's reduce-scattered shards
 
@@ -77,9 +79,11 @@ class FSDPComm(Comm):
         return gram
 
 
-class ShardedGrads:
+class ShardedGrads(RowState):
     """The [K, N/W] rows of this rank's local gradient shards (one buffer per (device, dtype)), filled from FSDP's
-    sharded `.grad` after each backward pass; `reach[k, i]`: objective k produced a gradient for parameter i."""
+    sharded `.grad` after each backward pass (added to them when accumulating: FSDP already averaged this
+    call's gradient over the ranks, so nothing is reduced twice); `reach[k, i]`: objective k produced a gradient
+    for parameter i."""
 
     def __init__(self, params: list, K: int):
         check_params(params)
@@ -89,18 +93,11 @@ class ShardedGrads:
         for i, t in enumerate(local):
             groups.setdefault((t.device, t.dtype), []).append(i)
         self.buffers = [Buffer([local[i] for i in idx], idx, K) for idx in groups.values()]
-        self.params = params
-        self.reach = np.zeros((K, len(params)), dtype=np.bool_)
-
-    @property
-    def K(self) -> int:
-        return self.reach.shape[0]
-
-    def matches(self, params, K) -> bool:
-        return K == self.K and len(params) == len(self.params) and all(a is b for a, b in zip(params, self.params))
+        super().__init__(params, K)
 
     def fill_sequential(self, losses, after_row) -> None:
-        self.reach[:] = False
+        if not self.keep:
+            self.reach[:] = False
         K = len(losses)
         for k, loss in enumerate(losses):
             for p in self.params:
@@ -110,10 +107,14 @@ class ShardedGrads:
                 for i, view in zip(b.index, b.views[k]):
                     g = self.params[i].grad
                     if g is None:
-                        view.zero_()
+                        if not self.keep:
+                            view.zero_()
                     else:
                         self.reach[k, i] = True
-                        view.copy_(g.to_local())
+                        if self.keep:
+                            view.add_(g.to_local())
+                        else:
+                            view.copy_(g.to_local())
             for p in self.params:
                 p.grad = None
             after_row(k)
@@ -132,6 +133,7 @@ class ShardedGrads:
                 p = self.params[i]
                 p.grad = (DTensor.from_local(v, p.device_mesh, p.placements, shape=p.shape, stride=p.stride(),
                                              run_check=False) if reach_any[i] else None)
+                self.merged[i] = p.grad
 
     def close(self) -> None:
         pass

@@ -18,10 +18,13 @@ torch 2.13).
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 
 from gmd_ext import ops
+from gmd_ext.gmd import usage
 from gmd_ext.gmd.buffers import _reached
 
 
@@ -32,23 +35,29 @@ def _vmap_level() -> int:
     return level - 1
 
 
-def gram(losses: list[torch.Tensor], params: list[torch.Tensor], backend=None):
-    """(Γ [K, K] float32, reach [K, P] bool) of the losses' gradients over `params`, parameter by parameter.
+def gram(losses: list[torch.Tensor], params: list[torch.Tensor], backend=None, rules=None):
+    """(Γ [K, K] float32, reach [K, P] bool, norms) of the losses' gradients over `params`, parameter by
+    parameter.
 
     Γ_ij = Σ_p g_i^p · g_j^p, accumulated in float64 across parameters (each parameter's block by the gram op's
     fp32-within-block rule, as the default mode's blocks); reach[k, i]: the graph of losses[k] reaches params[i].
+    rules: None, or per parameter its usage rule (gmd_ext.gmd.usage.spec); then norms[i] is parameter i's [K, s]
+    segment norms (gmd_ext.gmd.usage.slice_norms), zero for a parameter no objective reaches, else None.
     """
     L = torch.stack([l.reshape(()) for l in losses])
     K = L.shape[0]
     total = torch.zeros((K, K), dtype=torch.float64, device=L.device)
+    norms = [None] * len(params)
 
-    def hook(g):
+    def hook(i, g):
         level = _vmap_level()
-        rows = torch._remove_batch_dim(g, level, K, 0).reshape(K, -1)
-        total.add_(ops.gram(rows, backend).to(total.device, torch.float64))
+        rows = torch._remove_batch_dim(g, level, K, 0)
+        total.add_(ops.gram(rows.reshape(K, -1), backend).to(total.device, torch.float64))
+        if rules is not None:
+            norms[i] = usage.slice_norms(rows, rules[i])
         return torch._add_batch_dim(rows.new_zeros(()).expand(K, *g.shape), 0, level)
 
-    handles = [p.register_hook(hook) for p in params]
+    handles = [p.register_hook(functools.partial(hook, i)) for i, p in enumerate(params)]
     try:
         torch.autograd.grad(L, params, grad_outputs=torch.eye(K, dtype=L.dtype, device=L.device),
                             is_grads_batched=True, allow_unused=True, retain_graph=True)
@@ -59,7 +68,7 @@ def gram(losses: list[torch.Tensor], params: list[torch.Tensor], backend=None):
     reach = np.zeros((K, len(params)), dtype=np.bool_)
     for k, loss in enumerate(losses):
         reach[k, _reached(loss, target)] = True
-    return total.float(), reach
+    return total.float(), reach, norms
 
 
 def combine(losses: list[torch.Tensor], params: list[torch.Tensor], c: torch.Tensor, scales: list) -> None:

@@ -176,8 +176,15 @@ def coefficients(gram_: torch.Tensor, perms: torch.Tensor, backend: str | None =
     return A, torch.where(ok, c, float("nan"))
 
 
+def gram_sum(Gs: list, backend: str | None = None) -> torch.Tensor:
+    """Γ of [K, N_b] buffers projected as one [K, ΣN_b] matrix: the sum of their Gramians (pass 1)."""
+    grams = [ops.gram(g.detach(), backend) for g in Gs]
+    return grams[0] if len(grams) == 1 else sum(g.to(grams[0].device) for g in grams)
+
+
 def project(G, perms: torch.Tensor, shared, reduction: str, backend: str | None = None, *,
-            scale: float = 1.0, finite: torch.Tensor | None = None, reduce_gram=None, include_self: bool = True):
+            scale: float = 1.0, finite: torch.Tensor | None = None, include_self: bool = True,
+            gram: torch.Tensor | None = None):
     """The two-pass projection on validated inputs, without host synchronisation.
 
     Args:
@@ -189,19 +196,16 @@ def project(G, perms: torch.Tensor, shared, reduction: str, backend: str | None 
         finite: optional bool scalar tensor; False makes the merged gradient NaN everywhere, as does a non-finite
             Γ diagonal (NaN/Inf in a gradient, or overflowing squared norms, which would otherwise silently skip
             every projection). Free: it goes through the K coefficients.
-        reduce_gram: optional callable Γ -> Γ applied before the coefficients (G holds one rank's shard of the
-            columns: the shard Gramians are summed over ranks, gmd_ext/gmd/comm.py).
         include_self: True (official GMD, LibMTL) or False (torchjd's PCGrad rule), see `pcgrad`.
+        gram: Γ of the full rows when the caller computed it (the GMD engine: segment by segment, summed over
+            ranks when G holds one rank's shard of the columns); pass 1 is then skipped.
     Returns:
         (merged, gram, A): merged [N] ([K, N] for "none") in G's dtype, or a list of [N_b] for a list of buffers.
     """
     many = isinstance(G, (list, tuple))
     Gs, masks = (list(G), list(shared)) if many else ([G], [shared])
     # Γ and A from detached rows: the coefficients are constants for autograd (project_conflicts' docstring).
-    grams = [ops.gram(g.detach(), backend) for g in Gs]
-    gram_ = grams[0] if len(grams) == 1 else sum(g.to(grams[0].device) for g in grams)
-    if reduce_gram is not None:
-        gram_ = reduce_gram(gram_)
+    gram_ = gram_sum(Gs, backend) if gram is None else gram
     if reduction == "none":
         if many:
             raise ValueError('reduction="none" projects one buffer, got a list')

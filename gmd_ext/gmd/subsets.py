@@ -16,6 +16,15 @@ import torch
 _MAX_MODALITIES = 20
 
 
+class SubsetLosses(dict):
+    """{subset name: loss}, as `subset_losses` returns it; `.subsets` keeps the Subset objects (in the same
+    order) so GMD knows exactly which modalities each objective uses (gmd_ext/gmd/usage.py)."""
+
+    def __init__(self, items, subsets):
+        super().__init__(items)
+        self.subsets = tuple(subsets)
+
+
 class Subset(tuple):
     """A non-empty modality subset: a tuple of modality names, in modality order.
 
@@ -117,8 +126,8 @@ def subset_losses(branches, target: torch.Tensor, loss_fn: Callable, subsets: Se
         subsets: Subset objects (gmd_ext.subsets / sample_subsets) over the same M modalities.
         present: None (every modality present in every row) or bool [B, M].
     Returns:
-        {subset.name: scalar loss} in the order of `subsets` (a dict for GMD.backward: the names tell the engine
-        which modalities each objective uses).
+        {subset.name: scalar loss} in the order of `subsets` (a dict subclass whose `.subsets` tells GMD.backward
+        exactly which modalities each objective uses).
     """
     if isinstance(branches, torch.Tensor):
         if branches.dim() < 2:
@@ -158,7 +167,7 @@ def subset_losses(branches, target: torch.Tensor, loss_fn: Callable, subsets: Se
                    else type(present).__name__)
             raise ValueError(f"present must be None or a bool tensor [B, M] = [{B}, {M}], got {got}")
         present = present.to(like.device)
-    out = {}
+    out = SubsetLosses((), subsets)
     for s in subsets:
         if present is None:
             fused = sum(branch(m) for m in s.indices) / len(s.indices)

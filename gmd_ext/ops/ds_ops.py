@@ -31,6 +31,36 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # sets it, GMD(strategy="branches") (gmd_ext/gmd/branches.py) finds the branches by it. Defined here, below both.
 BRANCH_MARK = "gmd_ext.branch"
 
+# The attribute a parameter carries to tell GMD's official reduction (gmd_ext/gmd/usage.py) which modalities use
+# it: ("dim", d) — its slices along d belong one to each modality; ("modality", m) — all of it belongs to modality
+# m; ("shared",) — every modality uses it. Set by the DS layers and models, or by the functions below.
+MODALITY_ATTR = "_gmd_modality"
+
+
+def declare_modality_dim(param: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """Declare that `param`'s slices along `dim` belong one to each modality (slice m to modality m). Returns
+    `param`. The DS layers call it for their per-modality parameters (again when the module is deep-copied or
+    unpickled: a copied Parameter loses Python attributes)."""
+    if not isinstance(dim, int) or isinstance(dim, bool) or not -param.dim() <= dim < max(param.dim(), 1):
+        raise ValueError(f"dim must be an int in [-{param.dim()}, {param.dim()}) for a parameter of shape "
+                         f"{tuple(param.shape)}, got {dim!r}")
+    setattr(param, MODALITY_ATTR, ("dim", dim % param.dim()))
+    return param
+
+
+def declare_modality(param: torch.Tensor, modality: int) -> torch.Tensor:
+    """Declare that all of `param` belongs to modality index `modality` (a per-modality encoder's parameter)."""
+    if not isinstance(modality, int) or isinstance(modality, bool) or modality < 0:
+        raise ValueError(f"modality must be a non-negative modality index, got {modality!r}")
+    setattr(param, MODALITY_ATTR, ("modality", modality))
+    return param
+
+
+def declare_shared(param: torch.Tensor) -> torch.Tensor:
+    """Declare that every modality (every objective) uses `param`, whatever its gradient."""
+    setattr(param, MODALITY_ATTR, ("shared",))
+    return param
+
 
 # ---------------------------------------------------------------- validation
 def _check_x(x, name="x") -> int:

@@ -21,7 +21,7 @@ from gmd_ext.apps.mosi.constants import MODALITIES as MOSI_MODALITIES
 from gmd_ext.ds.layers import DSLayerNorm, DSLinear
 from gmd_ext.ds.packed import fuse
 from gmd_ext.ops import ds_ops
-from gmd_ext.ops.ds_ops import PairPlan, as_plan
+from gmd_ext.ops.ds_ops import PairPlan, as_plan, declare_modality, declare_shared
 
 class DSSentimentNet(nn.Module):
     """Dynamic Sharing sentiment regressor for MMSA features.
@@ -63,6 +63,20 @@ class DSSentimentNet(nn.Module):
         self.head1 = DSLinear(hidden, hidden)
         self.head2 = DSLinear(hidden, 1)
         self.dropout = nn.Dropout(dropout)
+        self._declare()
+
+    def _declare(self) -> None:
+        """Which modalities use which parameters, for GMD's official reduction (the DS layers declare their own):
+        modality m's input projection and its norm belong to m; the GRU is shared."""
+        for m, (proj, norm) in enumerate(zip(self.proj, self.proj_norm)):
+            for p in (*proj.parameters(), *norm.parameters()):
+                declare_modality(p, m)
+        for p in self.encoder.parameters():
+            declare_shared(p)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._declare()  # a deep copy or unpickled copy does not keep the parameters' declarations
 
     @property
     def num_modalities(self) -> int:

@@ -1,0 +1,228 @@
+"""Which objectives use which gradient elements: the official GMD reduction rule (docs/semantics.md).
+
+Official GMD merges the projected gradients by their mean over objectives on the elements every objective uses
+and by their sum elsewhere. "Uses" is what it means in the official per-branch architecture (one branch per
+modality, separate modality-specific parameters, fusion over the subset's branches only): modality m's specific
+parameter elements are unused by every subset without m, however the forward here is batched, packed, stacked or
+indexed — so autograd graph reach, which a stacked or packed forward makes total, cannot decide it.
+
+`usage="official"` (the default) decides it per *segment* — a parameter tensor, or one modality's slice of a
+parameter declared modality-specific along a dimension — by the first rule that applies:
+1. declared (the DS layers and models declare every parameter: `declare_modality_dim`, `declare_modality`,
+   `declare_shared` in gmd_ext.ops.ds_ops; or `GMD(..., specific=...)`) and the objectives' modality subsets are
+   known (the losses come from `gmd_ext.subset_losses`): a segment of modality m is used exactly by the
+   subsets holding m; a shared one by every objective. Exact, whatever the gradients' values.
+2. otherwise (an undeclared parameter of a user's model, or losses without subsets): objective k uses the
+   segment when its gradient there is not identically zero. The squared norms this needs are free: the Gramian
+   pass runs segment by segment (Γ = Σ_s G_s G_sᵀ over column slices of the [K, N] buffer, read in place) and
+   the diagonal of each segment's Gramian is that segment's squared norm per objective.
+No extra pass over the buffer and no host synchronisation (the masks are built on the device).
+
+Limits of rule 2: a parameter whose gradient is exactly zero for an objective that does depend on it (its
+elements' gradients cancel, e.g. an L1 loss's bias with as many positive as negative residuals, or every
+square underflows, |g| < 1e-23 in fp32) counts as unused by it; declare such parameters (`specific={p: False}`
+for shared ones). `usage="reach"` keeps the per-tensor autograd-reach rule.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from gmd_ext import ops
+from gmd_ext.ops.ds_ops import MODALITY_ATTR, declare_modality, declare_modality_dim, declare_shared
+
+__all__ = ["USAGES", "declare_modality_dim", "declare_modality", "declare_shared", "spec", "check_specific",
+           "membership", "check_membership", "Segments", "slice_norms", "slice_scales"]
+
+USAGES = ("official", "reach")
+# A rule: ("shared",) | ("detect",) | ("dim", d) | ("modality", m)
+_DETECT = ("detect",)
+
+
+def _rule(value, p: torch.Tensor, what: str):
+    """A declaration or a `specific=` value -> a rule."""
+    if value is None or value is True:
+        return _DETECT
+    if value is False:
+        return ("shared",)
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = ("dim", value)
+    if isinstance(value, tuple) and value == ("shared",):
+        return value
+    if isinstance(value, tuple) and len(value) == 2 and value[0] in ("dim", "modality") \
+            and isinstance(value[1], int) and not isinstance(value[1], bool):
+        kind, v = value
+        if kind == "modality":
+            if v < 0:
+                raise ValueError(f"{what}: modality index must be >= 0, got {v}")
+            return value
+        if not -p.dim() <= v < p.dim():
+            raise ValueError(f"{what}: dim must be in [-{p.dim()}, {p.dim()}) for shape {tuple(p.shape)}, got {v}")
+        d = v % p.dim()
+        if p.shape[d] == 0 or p.stride(d) * p.shape[d] != p.numel():
+            raise ValueError(f"{what} (shape {tuple(p.shape)}, strides {p.stride()}) is declared modality-"
+                             f"specific along dim {d}, which is not its outermost dimension in memory: its slices "
+                             f"must be contiguous blocks (store the modality dimension first)")
+        return ("dim", d)
+    raise ValueError(f"{what} must be True (decide from its gradient), False (shared), an int dim (one slice per "
+                     f"modality) or ('modality', m), got {value!r}")
+
+
+def spec(p: torch.Tensor, i: int, specific: Mapping | None):
+    """Parameter i's rule: `specific[id(p)]` when given, else its declaration, else ("detect",)."""
+    if specific is not None and id(p) in specific:
+        return _rule(specific[id(p)], p, f"specific[parameter {i}]")
+    return _rule(getattr(p, MODALITY_ATTR, None), p, f"parameter {i}")
+
+
+def check_specific(specific, params) -> dict | None:
+    """Validate `GMD(..., specific=)`: a mapping trainable parameter -> rule; returned keyed by id."""
+    if specific is None:
+        return None
+    if not isinstance(specific, Mapping):
+        raise TypeError(f"specific must be a mapping parameter -> True | False | int dim | ('modality', m), got "
+                        f"{type(specific).__name__}")
+    ids = {id(p) for p in params}
+    for k in specific:
+        if not isinstance(k, torch.Tensor) or id(k) not in ids:
+            raise ValueError("specific's keys must be trainable parameters of the optimizer, got "
+                             f"{type(k).__name__}{tuple(k.shape) if isinstance(k, torch.Tensor) else ''}")
+    return {id(k): v for k, v in specific.items()}
+
+
+def membership(subsets) -> torch.Tensor | None:
+    """bool [K, M]: objective k's subset holds modality m (None when the subsets are unknown)."""
+    if subsets is None:
+        return None
+    M = subsets[0].num_modalities
+    member = torch.zeros((len(subsets), M), dtype=torch.bool)
+    for k, s in enumerate(subsets):
+        if s.num_modalities != M:
+            raise ValueError(f"the objectives' subsets are over different modality counts ({M} and "
+                             f"{s.num_modalities})")
+        member[k, list(s.indices)] = True
+    return member
+
+
+def _parts(p, rule, n):
+    """(sizes, modality index or -1, always shared) of parameter p's segments (n: its local element count)."""
+    if rule[0] == "dim":
+        count = p.shape[rule[1]]
+        return [n // count] * count, list(range(count)), False
+    if rule[0] == "modality":
+        return [n], [rule[1]], False
+    return [n], [-1], rule == ("shared",)
+
+
+class Segments:
+    """The usage segments of one buffer: column bounds [start, stop) covering its row width, and per segment
+    whether it is always shared and which modality it belongs to (-1: none declared)."""
+
+    def __init__(self, params, index, sizes, width: int, specific):
+        bounds, always, modality = [], [], []
+        offset = 0
+        for p, i, n in zip(params, index, sizes):
+            rule = spec(p, i, specific)
+            parts, mods, shared = _parts(p, rule, n)
+            for size, m in zip(parts, mods):
+                if shared and always and always[-1]:
+                    bounds[-1][1] += size  # consecutive shared parameters: one segment
+                else:
+                    bounds.append([offset, offset + size])
+                    always.append(shared)
+                    modality.append(m)
+                offset += size
+        if width > offset:  # row padding: zero in every row, so its scale is irrelevant
+            bounds.append([offset, width])
+            always.append(True)
+            modality.append(-1)
+        self.bounds = bounds
+        self.always = torch.tensor(always, dtype=torch.bool)
+        self.modality = torch.tensor(modality, dtype=torch.int64)
+        self.num_modalities = int(self.modality.max()) + 1 if len(modality) else 0
+        self.width = width
+        self._device_cache: dict = {}
+
+    def __len__(self) -> int:
+        return len(self.bounds)
+
+    def window(self, start: int, stop: int):
+        """Per segment, its local column bounds in the window [start, stop) of the row (empty when outside)."""
+        return [(min(max(a, start), stop) - start, min(max(b, start), stop) - start) for a, b in self.bounds]
+
+    def _on(self, device):
+        key = str(device)
+        hit = self._device_cache.get(key)
+        if hit is None:
+            sizes = torch.tensor([b - a for a, b in self.bounds], dtype=torch.int64)
+            hit = (self.always.to(device), sizes.to(device), self.modality.to(device))
+            self._device_cache[key] = hit
+        return hit
+
+    def gram(self, G: torch.Tensor, backend=None, start: int = 0):
+        """(Γ [K, K] float32, squared norms [K, S] float32) of the [K, n] rows G holding columns [start, start+n)
+        of this buffer, one gram call per segment over column slices read in place."""
+        K, n = G.shape
+        total = torch.zeros((K, K), dtype=torch.float64, device=G.device)
+        norms = torch.zeros((K, len(self.bounds)), dtype=torch.float32, device=G.device)
+        for s, (a, b) in enumerate(self.window(start, start + n)):
+            if b > a:
+                g = ops.gram(G.detach()[:, a:b], backend)
+                total += g.to(torch.float64)
+                norms[:, s] = g.diagonal()
+        return total.float(), norms
+
+    def shared_mask(self, norms: torch.Tensor, member: torch.Tensor | None = None, start: int = 0,
+                    n: int | None = None):
+        """bool [n] mask of the columns [start, start+n) whose segment every objective uses (or none does: those
+        columns are zero in every row), from the [K, S] squared norms and, when known, the objectives' [K, M]
+        modality membership (on the norms' device); no host synchronisation."""
+        always, sizes, modality = self._on(norms.device)
+        used = _used(norms, modality, member)
+        shared = always | used.all(0) | ~used.any(0)
+        mask = torch.repeat_interleave(shared, sizes, output_size=self.width)
+        return mask if n is None else mask[start:start + n]
+
+
+def _used(norms: torch.Tensor, modality: torch.Tensor, member: torch.Tensor | None) -> torch.Tensor:
+    """[K, S] bool: declared segments by membership when it is known, the others by non-zero gradient."""
+    used = norms != 0
+    if member is None:
+        return used
+    return torch.where(modality >= 0, member[:, modality.clamp_min(0)], used)
+
+
+def check_membership(member: torch.Tensor | None, segments) -> None:
+    """The declared modality indices must exist in the objectives' subsets."""
+    if member is None:
+        return
+    M = max((s.num_modalities for s in segments), default=0)
+    if M > member.shape[1]:
+        raise ValueError(f"parameters are declared for modality index {M - 1}, but the objectives' subsets are "
+                         f"over {member.shape[1]} modalities")
+
+
+def slice_norms(rows: torch.Tensor, rule) -> torch.Tensor:
+    """[K, s] squared norms of a parameter's K gradient rows [K, *shape] per segment (s = 1, or the slices along
+    the declared dim), float32."""
+    K = rows.shape[0]
+    if rule[0] != "dim":
+        return rows.reshape(K, -1).float().square().sum(1, keepdim=True)
+    d = rule[1]
+    return rows.movedim(d + 1, 1).reshape(K, rows.shape[d + 1], -1).float().square().sum(2)
+
+
+def slice_scales(p: torch.Tensor, rule, norms: torch.Tensor, shared_scale: float, member=None):
+    """The merged gradient's scale on parameter p from its [K, s] segment norms (and the objectives' [K, M]
+    membership when known): shared_scale where every objective (or none) uses the segment, 1 elsewhere; a float
+    for a shared parameter, else a tensor broadcastable to p (no host synchronisation)."""
+    if rule == ("shared",):
+        return shared_scale
+    _, mods, _ = _parts(p, rule, p.numel())
+    modality = torch.tensor(mods, dtype=torch.int64, device=norms.device)
+    used = _used(norms, modality, None if member is None else member.to(norms.device))
+    scale = torch.where(used.all(0) | ~used.any(0), shared_scale, 1.0).to(p.dtype)
+    if rule[0] != "dim":
+        return scale.reshape(())
+    return scale.reshape([-1 if d == rule[1] else 1 for d in range(p.dim())])
