@@ -580,7 +580,8 @@ class GMD(torch.optim.Optimizer):
         if self._segments is None:  # usage="reach": per-tensor reach flags, one gram call per buffer
             return comm.reduce_gram(gram_sum(rows, self.backend)), comm.local_masks(self._shared_masks())
         usage_.check_membership(member, self._segments)
-        parts = [seg.gram(r, self.backend, comm.start(r.shape[1])) for seg, r in zip(self._segments, rows)]
+        parts = [seg.gram(r, self.backend, comm.start(r.shape[1]), member is not None)
+                 for seg, r in zip(self._segments, rows)]
         dev = parts[0][0].device
         gram0 = sum((g.to(dev) for g, _ in parts[1:]), parts[0][0])
         K = rows[0].shape[0]

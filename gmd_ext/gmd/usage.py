@@ -143,13 +143,11 @@ class Segments:
         self.num_modalities = int(self.modality.max()) + 1 if len(modality) else 0
         self.width = width
         self._device_cache: dict = {}
+        self._run_cache: dict = {}
+        self._mask_cache: dict = {}
 
     def __len__(self) -> int:
         return len(self.bounds)
-
-    def window(self, start: int, stop: int):
-        """Per segment, its local column bounds in the window [start, stop) of the row (empty when outside)."""
-        return [(min(max(a, start), stop) - start, min(max(b, start), stop) - start) for a, b in self.bounds]
 
     def _on(self, device):
         key = str(device)
@@ -160,27 +158,60 @@ class Segments:
             self._device_cache[key] = hit
         return hit
 
-    def gram(self, G: torch.Tensor, backend=None, start: int = 0):
+    def _runs(self, known: bool):
+        """Column runs [a, b) for the Gramian and the segment each one's norm belongs to (-1: none needed):
+        segments decided without norms (always shared; declared, when the subsets are known) merge into runs,
+        one gram call each, so a fully declared model costs one call per buffer as without usage detection."""
+        key = bool(known)
+        hit = self._run_cache.get(key)
+        if hit is None:
+            hit = []
+            for s, ((a, b), always, m) in enumerate(zip(self.bounds, self.always.tolist(), self.modality.tolist())):
+                need = not always and (m < 0 or not known)
+                if not need and hit and hit[-1][2] < 0 and hit[-1][1] == a:
+                    hit[-1][1] = b
+                else:
+                    hit.append([a, b, s if need else -1])
+            self._run_cache[key] = hit
+        return hit
+
+    def gram(self, G: torch.Tensor, backend=None, start: int = 0, known: bool = False):
         """(Γ [K, K] float32, squared norms [K, S] float32) of the [K, n] rows G holding columns [start, start+n)
-        of this buffer, one gram call per segment over column slices read in place."""
+        of this buffer, over column slices read in place; `known`: the objectives' subsets are known, so declared
+        segments need no norm (left zero)."""
         K, n = G.shape
         total = torch.zeros((K, K), dtype=torch.float64, device=G.device)
         norms = torch.zeros((K, len(self.bounds)), dtype=torch.float32, device=G.device)
-        for s, (a, b) in enumerate(self.window(start, start + n)):
+        stop = start + n
+        for a, b, s in self._runs(known):
+            a, b = min(max(a, start), stop) - start, min(max(b, start), stop) - start
             if b > a:
                 g = ops.gram(G.detach()[:, a:b], backend)
                 total += g.to(torch.float64)
-                norms[:, s] = g.diagonal()
+                if s >= 0:
+                    norms[:, s] = g.diagonal()
         return total.float(), norms
 
     def shared_mask(self, norms: torch.Tensor, member: torch.Tensor | None = None, start: int = 0,
                     n: int | None = None):
         """bool [n] mask of the columns [start, start+n) whose segment every objective uses (or none does: those
-        columns are zero in every row), from the [K, S] squared norms and, when known, the objectives' [K, M]
-        modality membership (on the norms' device); no host synchronisation."""
+        columns are zero in every row; None on the CPU when that is every column), from the [K, S] squared norms
+        and, when known, the objectives' [K, M] modality membership (on the norms' device); no host
+        synchronisation."""
         always, sizes, modality = self._on(norms.device)
         used = _used(norms, modality, member)
         shared = always | used.all(0) | ~used.any(0)
+        if shared.device.type == "cpu":
+            # On the host the pattern is known: reuse its mask (sampled subsets repeat a few), None if all shared.
+            key = (shared.numpy().tobytes(), start, n)
+            if key not in self._mask_cache:
+                if len(self._mask_cache) >= 8:
+                    self._mask_cache.pop(next(iter(self._mask_cache)))
+                self._mask_cache[key] = None if bool(shared.all()) else self._expand(shared, sizes, start, n)
+            return self._mask_cache[key]
+        return self._expand(shared, sizes, start, n)
+
+    def _expand(self, shared, sizes, start, n):
         mask = torch.repeat_interleave(shared, sizes, output_size=self.width)
         return mask if n is None else mask[start:start + n]
 
