@@ -51,6 +51,7 @@ SHARED_DEFAULTS = {
     "gmd": True,               # THE switch of a paired comparison: GMD-merged gradients or joint training
     "gmd_reduction": "mean",   # GMD: mean over objectives on shared elements, sum on modality-specific ones
     "gmd_order": "random",     # GMD projection order: random (the paper) | sequential
+    "gmd_usage": "official",   # which elements count as shared: official (per-branch rule) | reach (older rule)
     # Joint training backpropagates the mean of the subset losses: on parameters every subset uses, that is the
     # mean of the per-subset gradients, the scale GMD's "mean" reduction gives them. "sum" is K times that (with
     # Adam only the relative weight of weight_decay and eps changes).
@@ -258,6 +259,7 @@ def check_config(cfg: dict, num_modalities: int) -> None:
         raise ValueError(f"config subsets_per_step must be 0 (all {total} subsets) or k in 1..{total}, got "
                          f"{cfg['subsets_per_step']}")
     for key, allowed in (("gmd_reduction", ("mean", "sum")), ("gmd_order", ("random", "sequential")),
+                         ("gmd_usage", ("official", "reach")),
                          ("joint_reduction", ("mean", "sum")), ("lr_schedule", ("poly", "cosine", "constant"))):
         if cfg[key] not in allowed:
             raise ValueError(f"config {key} must be one of {allowed}, got {cfg[key]!r}")
@@ -320,7 +322,7 @@ class Step:
 
     The two differ in this switch only: same objectives, same optimizer. Joint training backpropagates the mean
     (``joint_reduction: "mean"``) or the sum of the losses; GMD merges the per-objective gradients
-    (``gmd_reduction``, ``gmd_order``; its order generator is seeded with ``seed``).
+    (``gmd_reduction``, ``gmd_order``, ``gmd_usage``; its order generator is seeded with ``seed``).
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, cfg: dict, seed: int, *, backend: str = "auto",
@@ -328,7 +330,7 @@ class Step:
         self.optimizer = optimizer
         self.joint_reduction = cfg["joint_reduction"]
         self.gmd = (GMD(optimizer, reduction=cfg["gmd_reduction"], order=cfg["gmd_order"], seed=seed,
-                        backend=backend, monitor=monitor) if cfg["gmd"] else None)
+                        backend=backend, monitor=monitor, usage=cfg["gmd_usage"]) if cfg["gmd"] else None)
 
     def __call__(self, losses: dict[str, torch.Tensor]):
         """Zero the gradients, backpropagate, step. Returns GMD's StepInfo (None for joint training)."""
