@@ -158,7 +158,10 @@ class GMD(torch.optim.Optimizer):
             needs neither argument: FSDP reduce-scatters each objective's gradient, GMD keeps the K local shards
             (K·N/W per rank), all-reduces their K×K Gramians on the mesh's group and sets the merged shard as the
             DTensor .grad. Supported: a 1-D mesh, any reshard_after_forward, MixedPrecisionPolicy(param_dtype,
-            reduce_dtype); not HSDP, not strategy="batched" (gmd_ext/gmd/fsdp.py).
+            reduce_dtype); not HSDP, not strategy="batched" (gmd_ext/gmd/fsdp.py). fully_shard replaces the
+            parameters, so the DS layers' modality declarations do not reach the sharded ones: the official
+            reduction then decides from the gradients (per tensor), or from `specific=` over the sharded
+            parameters (whole-tensor rules only).
         communication: under ddp_module= / process_group=, "reduce_scatter" (row k reduce-scattered right after
             backward k, the shard Gramians all-reduced, the merged shard all-gathered: (K + 1)·N values sent per
             rank instead of 2·K·N, gradient memory N + K·N/W instead of K·N), "all_reduce" (every row all-reduced)
@@ -422,8 +425,8 @@ class GMD(torch.optim.Optimizer):
         return self._done(self._finish(names, merged, gram, A, loss_tensor))
 
     def _strategy(self) -> str:
-        if self.strategy == "auto" and self._auto_sequential:
-            return "sequential"
+        if self.strategy == "auto" and (self._auto_sequential or isinstance(self.comm, fsdp.FSDPComm)):
+            return "sequential"  # FSDP's reduce-scatter runs in its backward hooks: one plain backward each
         return self.strategy
 
     def _done(self, info: StepInfo) -> StepInfo:

@@ -108,6 +108,11 @@ def membership(subsets) -> torch.Tensor | None:
 def _parts(p, rule, n):
     """(sizes, modality index or -1, always shared) of parameter p's segments (n: its local element count)."""
     if rule[0] == "dim":
+        if n != p.numel():
+            raise ValueError(f"a parameter of shape {tuple(p.shape)} is declared modality-specific along dim "
+                             f"{rule[1]} but is sharded ({n} of its {p.numel()} elements are local: FSDP2); "
+                             f"per-modality slices of sharded parameters are not supported — declare it "
+                             f"specific={{p: True}} or keep it unsharded")
         count = p.shape[rule[1]]
         return [n // count] * count, list(range(count)), False
     if rule[0] == "modality":
