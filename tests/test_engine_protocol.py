@@ -234,3 +234,16 @@ def test_failed_backward_leaves_no_partial_gradient():
         gmd.backward(bad)
     assert all(p.grad is None for p in model.parameters())
     gmd.backward(good)  # not mistaken for a foreign gradient
+
+
+def test_accumulating_different_objectives_raises():
+    model, opt, gmd = make()
+    ls = losses_of(model, X, Y)
+    gmd.backward({"a": ls[0], "b": ls[1], "c": ls[2]})
+    ls = losses_of(model, X, Y)
+    with pytest.raises(ValueError, match="differ from the ones this step"):
+        gmd.backward({"a": ls[0], "c": ls[2], "b": ls[1]})
+    gmd.zero_grad()
+    gmd.backward(losses_of(model, X, Y))
+    with pytest.raises(ValueError, match="same objectives"):
+        gmd.backward(losses_of(model, X, Y)[:2])

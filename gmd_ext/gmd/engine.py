@@ -276,6 +276,7 @@ class GMD(torch.optim.Optimizer):
         self._segments: list[Segments] | None = None
         self._auto_sequential = False
         self._step_perms = None
+        self._step_names = None
         self.last_info: StepInfo | None = None
 
     @property
@@ -386,8 +387,17 @@ class GMD(torch.optim.Optimizer):
             return self._done(self._finish(names, None, *self._low_memory(losses, member)))
         comm = self.comm
         comm.check(K, losses[0].device)
+        if self._bufs is not None and self._bufs.K != K and self._bufs.accumulating():
+            raise ValueError(f"gmd_ext.GMD.backward: got {K} objectives, but this step has accumulated "
+                             f"{self._bufs.K} since the last zero_grad(); every call of a step must pass the same "
+                             f"objectives (sample subsets once per step, not per micro-batch)")
         bufs = self._prepare(K)
         accumulating = bufs.accumulating()
+        if accumulating and names is not None and self._step_names is not None and names != self._step_names:
+            raise ValueError(f"gmd_ext.GMD.backward: the objectives {list(names)} differ from the ones this step "
+                             f"has accumulated since the last zero_grad() ({list(self._step_names)}); every call "
+                             f"of a step must pass the same objectives in the same order")
+        self._step_names = names
         if not accumulating:
             bufs.reach[:] = False
         bufs.keep = comm.keep_rows(accumulating)
