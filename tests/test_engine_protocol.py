@@ -247,3 +247,33 @@ def test_accumulating_different_objectives_raises():
     gmd.backward(losses_of(model, X, Y))
     with pytest.raises(ValueError, match="same objectives"):
         gmd.backward(losses_of(model, X, Y)[:2])
+
+
+def test_state_is_shared_with_a_dict_copying_wrapper():
+    """Lightning's LightningOptimizer wraps an optimizer by copying its __dict__ into an instance of a subclass
+    (without 'step'): GMD's state written through such a wrapper must be the engine's state."""
+    import gc
+
+    model, opt, gmd = make(nonfinite="skip")
+    wrapper = object.__new__(type("LightningGMD", (type(gmd),), {}))
+    wrapper.__dict__ = {k: v for k, v in gmd.__dict__.items() if k not in ("step", "__del__")}
+    info = wrapper.backward(losses_of(model, X, Y))
+    assert gmd.last_info is info and gmd.state_dict()["step"] == 1
+    wrapper.step()
+    del wrapper
+    gc.collect()  # the wrapper's finaliser must not remove the engine's hooks
+    sum(losses_of(model, X, Y)).backward()
+    with pytest.raises(RuntimeError, match="from outside GMD"):
+        gmd.backward(losses_of(model, X, Y))
+
+
+def test_lightning_optimizer_wraps_gmd():
+    pytest.importorskip("lightning")
+    from lightning.pytorch.core.optimizer import LightningOptimizer
+
+    model, opt, gmd = make()
+    lo = LightningOptimizer(gmd)
+    lo.zero_grad()
+    info = lo.backward(losses_of(model, X, Y))  # GMD's own methods, called through the wrapper
+    assert gmd.last_info is info and gmd.state_dict()["step"] == 1
+    assert lo.param_groups is opt.param_groups

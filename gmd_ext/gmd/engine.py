@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import copy
 import functools
+import types
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 
@@ -256,7 +257,12 @@ class GMD(torch.optim.Optimizer):
         self.backend = backend
         self.monitor = monitor
         self.ddp_module = ddp_module
-        self.strategy = strategy
+        # Every attribute that changes after construction lives in this one holder, never rebound: Lightning's
+        # LightningOptimizer wraps an optimizer by copying its __dict__ into an instance of a subclass, so state
+        # written through the wrapper must land in an object the engine shares with it.
+        self._s = types.SimpleNamespace(
+            strategy=strategy, step=0, bufs=None, segments=None, auto_sequential=False, step_perms=None,
+            step_names=None, last_info=None, owner=id(self))
         self.nonfinite = nonfinite
         self.include_self = include_self
         self.usage = usage
@@ -269,19 +275,25 @@ class GMD(torch.optim.Optimizer):
             seed = self.comm.broadcast_seed(int(torch.randint(0, 2 ** 62, ()).item()),
                                             params[0].device if params else "cpu")
         self._generator.manual_seed(seed)
-        self._step = 0
-        self._bufs: GradBuffers | None = None
         self._perm_cache: dict = {}
         self._mask_cache: collections.OrderedDict = collections.OrderedDict()
-        self._segments: list[Segments] | None = None
-        self._auto_sequential = False
-        self._step_perms = None
-        self._step_names = None
-        self.last_info: StepInfo | None = None
+
+    @property
+    def last_info(self) -> StepInfo | None:
+        """The StepInfo of the last backward (None before the first, and after a failed one)."""
+        return self._s.last_info
+
+    @property
+    def strategy(self) -> str:
+        return self._s.strategy
+
+    @property
+    def _bufs(self) -> GradBuffers | None:
+        return self._s.bufs
 
     @property
     def _buffers(self):
-        return self._bufs.buffers if self._bufs is not None else []
+        return self._s.bufs.buffers if self._s.bufs is not None else []
 
     # ------------------------------------------------------------------ torch.optim.Optimizer protocol
     # The wrapped optimizer's groups, state and defaults, not copies: a scheduler that sets group["lr"], a
@@ -337,13 +349,13 @@ class GMD(torch.optim.Optimizer):
                         "gmd.state_dict() instead")
 
     def __repr__(self) -> str:
-        K = self._bufs.K if self._bufs is not None else None
-        N = sum(b.N for b in self._bufs.buffers) if self._bufs is not None else None
+        K = self._s.bufs.K if self._s.bufs is not None else None
+        N = sum(b.N for b in self._s.bufs.buffers) if self._s.bufs is not None else None
         order = self.order if isinstance(self.order, str) else type(self.order).__name__
         inner = "\n".join("  " + line for line in repr(self.optimizer).splitlines())
         return (f"GMD(reduction={self.reduction!r}, order={order!r}, usage={self.usage!r}, "
-                f"include_self={self.include_self}, strategy={self.strategy!r}, memory={self.memory!r}, "
-                f"nonfinite={self.nonfinite!r}, world_size={self.comm.world_size}, step={self._step}, K={K}, "
+                f"include_self={self.include_self}, strategy={self._s.strategy!r}, memory={self.memory!r}, "
+                f"nonfinite={self.nonfinite!r}, world_size={self.comm.world_size}, step={self._s.step}, K={K}, "
                 f"N={N},\n{inner}\n)")
 
     # ------------------------------------------------------------------ public API
@@ -381,34 +393,34 @@ class GMD(torch.optim.Optimizer):
         """
         names, losses, subsets = self._check_losses(losses)
         K = len(losses)
-        self.last_info = None
+        self._s.last_info = None
         member = usage_.membership(subsets) if self.usage == "official" else None
         if self.memory == "low":
             return self._done(self._finish(names, None, *self._low_memory(losses, member)))
         comm = self.comm
         comm.check(K, losses[0].device)
-        if self._bufs is not None and self._bufs.K != K and self._bufs.accumulating():
+        if self._s.bufs is not None and self._s.bufs.K != K and self._s.bufs.accumulating():
             raise ValueError(f"gmd_ext.GMD.backward: got {K} objectives, but this step has accumulated "
-                             f"{self._bufs.K} since the last zero_grad(); every call of a step must pass the same "
+                             f"{self._s.bufs.K} since the last zero_grad(); every call of a step must pass the same "
                              f"objectives (sample subsets once per step, not per micro-batch)")
         bufs = self._prepare(K)
         accumulating = bufs.accumulating()
-        if accumulating and names is not None and self._step_names is not None and names != self._step_names:
+        if accumulating and names is not None and self._s.step_names is not None and names != self._s.step_names:
             raise ValueError(f"gmd_ext.GMD.backward: the objectives {list(names)} differ from the ones this step "
-                             f"has accumulated since the last zero_grad() ({list(self._step_names)}); every call "
+                             f"has accumulated since the last zero_grad() ({list(self._s.step_names)}); every call "
                              f"of a step must pass the same objectives in the same order")
-        self._step_names = names
+        self._s.step_names = names
         if not accumulating:
             bufs.reach[:] = False
         bufs.keep = comm.keep_rows(accumulating)
-        strategy = self._strategy()
+        strategy = self._resolve_strategy()
         # One order per accumulated step: the calls after the first reuse it, so micro-batches equal one call.
-        perms = self._step_perms if accumulating else self._perms(K, bufs.buffers[0].G.device)
-        self._step_perms = perms
+        perms = self._s.step_perms if accumulating else self._perms(K, bufs.buffers[0].G.device)
+        self._s.step_perms = perms
         try:
             with comm.backward_context():
                 if strategy == "batched" and not bufs.fill_batched(losses):
-                    self.strategy = strategy = "sequential"
+                    self._s.strategy = strategy = "sequential"
                     bufs = self._prepare(K)  # the sequential rows may be fewer (a scratch row)
                 if strategy == "batched":
                     comm.rows_done(bufs)
@@ -416,7 +428,7 @@ class GMD(torch.optim.Optimizer):
                     comm.rows_done(bufs)
                 else:
                     if strategy == "auto":
-                        self._auto_sequential = True  # no marked branch: skip the graph walk from now on
+                        self._s.auto_sequential = True  # no marked branch: skip the graph walk from now on
                     bufs.fill_sequential(losses, lambda k: comm.row_done(bufs, k))
         except BaseException:
             self.zero_grad()  # a failed backward leaves no partial rows or row views in .grad
@@ -434,14 +446,14 @@ class GMD(torch.optim.Optimizer):
             gram = gram * (comm.scale * comm.scale)
         return self._done(self._finish(names, merged, gram, A, loss_tensor))
 
-    def _strategy(self) -> str:
-        if self.strategy == "auto" and (self._auto_sequential or isinstance(self.comm, fsdp.FSDPComm)):
+    def _resolve_strategy(self) -> str:
+        if self._s.strategy == "auto" and (self._s.auto_sequential or isinstance(self.comm, fsdp.FSDPComm)):
             return "sequential"  # FSDP's reduce-scatter runs in its backward hooks: one plain backward each
-        return self.strategy
+        return self._s.strategy
 
     def _done(self, info: StepInfo) -> StepInfo:
-        self.last_info = info
-        self._step += 1
+        self._s.last_info = info
+        self._s.step += 1
         if self.monitor is not None:
             self.monitor(info.step, info)
         return info
@@ -490,13 +502,13 @@ class GMD(torch.optim.Optimizer):
             if not callable(closure):
                 raise TypeError(f"closure must be a callable or None, got {type(closure).__name__}")
             return self.optimizer.step(torch.enable_grad()(closure))
-        if self.last_info is not None and self.last_info.skipped:
+        if self._s.last_info is not None and self._s.last_info.skipped:
             return None
         return self.optimizer.step()
 
     def state_dict(self) -> dict:
         """{"step", "generator" (the order RNG state), "optimizer" (optimizer.state_dict())}."""
-        return {"step": self._step, "generator": self._generator.get_state(),
+        return {"step": self._s.step, "generator": self._generator.get_state(),
                 "optimizer": self.optimizer.state_dict()}
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -522,16 +534,17 @@ class GMD(torch.optim.Optimizer):
             self._generator.set_state(saved_generator)
             self.optimizer.load_state_dict(saved_optimizer)
             raise
-        self._step = int(step)
+        self._s.step = int(step)
 
     def close(self) -> None:
         """Remove the gradient hooks this engine put on the parameters."""
-        if self._bufs is not None:
-            self._bufs.close()
+        if self._s.bufs is not None:
+            self._s.bufs.close()
 
     def __del__(self):
         try:
-            self.close()
+            if self._s.owner == id(self):  # not a wrapper sharing this engine's state (Lightning's)
+                self.close()
         except Exception:  # interpreter shutdown: nothing left to clean
             pass
 
@@ -573,28 +586,28 @@ class GMD(torch.optim.Optimizer):
     # ------------------------------------------------------------------ projection policy
     def _prepare(self, K: int) -> GradBuffers:
         params = [p for g in self.optimizer.param_groups for p in g["params"] if p.requires_grad]
-        batched = self.strategy == "batched"
+        batched = self._s.strategy == "batched"
         rows = self.comm.rows(K, batched)
-        if self._bufs is None or not self._bufs.matches(params, K) or self._bufs.buffers[0].G.shape[0] != rows:
+        if self._s.bufs is None or not self._s.bufs.matches(params, K) or self._s.bufs.buffers[0].G.shape[0] != rows:
             self.close()
-            self._bufs = None  # free the old [K, N] buffers before allocating the new ones
-            self._bufs = self.comm.buffers(params, K, batched)
+            self._s.bufs = None  # free the old [K, N] buffers before allocating the new ones
+            self._s.bufs = self.comm.buffers(params, K, batched)
             self._mask_cache.clear()
-            self._segments = None
+            self._s.segments = None
             if self.usage == "official":
-                self._segments = [Segments([params[i] for i in b.index], b.index, b.sizes, b.width,
-                                           self._specific) for b in self._bufs.buffers]
-        return self._bufs
+                self._s.segments = [Segments([params[i] for i in b.index], b.index, b.sizes, b.width,
+                                           self._specific) for b in self._s.bufs.buffers]
+        return self._s.bufs
 
     def _gram_and_masks(self, rows, member):
         """(Γ of the full rows, per-buffer shared masks of the local columns) for this rank's [K, n] rows;
         member: the objectives' [K, M] modality membership (CPU) or None."""
         comm = self.comm
-        if self._segments is None:  # usage="reach": per-tensor reach flags, one gram call per buffer
+        if self._s.segments is None:  # usage="reach": per-tensor reach flags, one gram call per buffer
             return comm.reduce_gram(gram_sum(rows, self.backend)), comm.local_masks(self._shared_masks())
-        usage_.check_membership(member, self._segments)
+        usage_.check_membership(member, self._s.segments)
         parts = [seg.gram(r, self.backend, comm.start(r.shape[1]), member is not None)
-                 for seg, r in zip(self._segments, rows)]
+                 for seg, r in zip(self._s.segments, rows)]
         dev = parts[0][0].device
         gram0 = sum((g.to(dev) for g, _ in parts[1:]), parts[0][0])
         K = rows[0].shape[0]
@@ -602,7 +615,7 @@ class GMD(torch.optim.Optimizer):
         packed = comm.reduce_gram(torch.cat([gram0.flatten()] + [n.to(dev).flatten() for _, n in parts]))
         gram = packed[:K * K].view(K, K)
         masks, at = [], K * K
-        for seg, r in zip(self._segments, rows):
+        for seg, r in zip(self._s.segments, rows):
             norms = packed[at:at + K * len(seg)].view(K, len(seg))
             at += K * len(seg)
             on = None if member is None else _to(member, r.device)
@@ -618,7 +631,7 @@ class GMD(torch.optim.Optimizer):
                 return perms.pin_memory().to(device, non_blocking=True)
             return perms.to(device)
         if callable(order) and not isinstance(order, torch.Tensor):
-            return make_perms(order(self._step), K, None, device)
+            return make_perms(order(self._s.step), K, None, device)
         key = (K, str(device))
         if key not in self._perm_cache:
             self._perm_cache[key] = make_perms(order, K, None, device)
@@ -627,7 +640,7 @@ class GMD(torch.optim.Optimizer):
     def _shared_masks(self):
         """Per buffer: None (every element shared) or bool [N], from the per-parameter reach flags; cached by
         reach pattern (sampled subsets repeat a few patterns)."""
-        reach = self._bufs.reach
+        reach = self._s.bufs.reach
         key = reach.tobytes()
         masks = self._mask_cache.get(key)
         if masks is not None:
@@ -636,7 +649,7 @@ class GMD(torch.optim.Optimizer):
         # Elements no objective reached are zero in every row, so their scale is irrelevant: call them shared.
         shared = reach.all(0) | ~reach.any(0)
         masks = []
-        for b in self._bufs.buffers:
+        for b in self._s.bufs.buffers:
             flags = shared[b.index]
             if flags.all():
                 masks.append(None)
@@ -660,7 +673,7 @@ class GMD(torch.optim.Optimizer):
             # The step's one synchronisation: losses, Γ and A in one device-to-host copy.
             pack = torch.cat([loss_tensor, gram.flatten(), A.flatten()]).cpu()
             loss_tensor, gram, A = pack[:K], pack[K:K + K * K].view(K, K), pack[K + K * K:].view(K, K)
-        info = StepInfo(self._step, names, gram, A, loss_tensor)
+        info = StepInfo(self._s.step, names, gram, A, loss_tensor)
         if check:
             bad = ~(torch.isfinite(loss_tensor) & torch.isfinite(gram.diagonal()))
             if bool(bad.any()):
@@ -674,5 +687,5 @@ class GMD(torch.optim.Optimizer):
                 info.skipped, info.reason = True, reason
                 return info
         if merged is not None:  # memory="low" wrote .grad itself
-            self._bufs.set_grads(merged)
+            self._s.bufs.set_grads(merged)
         return info
