@@ -171,6 +171,7 @@ def main():
     steps = 2 * half * BATCHES
     assert trainer_a.global_step == steps and trainer_c.global_step == steps, (trainer_a.global_step, steps)
     assert a.history[-1] < 0.8 * a.history[0], (a.history[0], a.history[-1])
+    assert len(a.norms) == steps, f"on_before_optimizer_step ran {len(a.norms)} times in {steps} steps"
     # Clipping saw unscaled gradients (scaled ones would be ~65536x larger) and bounded them.
     finite = [(n, m) for n, m in zip(a.norms, a.clipped_norms) if n == n and n != float("inf")]  # skipped steps
     assert max(n for n, _ in finite) < 100 and max(m for _, m in finite) <= a.clip * (1 + 1e-4), finite
