@@ -77,7 +77,10 @@ def main():
     data = torch.Generator().manual_seed(1)
     model = LateFusionNet(DIMS)
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    gmd = GMD(optimizer, seed=0)                    # official GMD: random orders, mean on shared elements
+    # Official GMD: random orders; mean over subsets on the elements every subset uses (the head), sum on the
+    # others (encoder m's, unused by the subsets without m: detected from their zero gradient there). If your
+    # per-modality weights share one tensor (modality m = row m), say so: GMD(..., specific={weight: 0}).
+    gmd = GMD(optimizer, seed=0)
     objectives = gmd_ext.subsets(MODALITIES)        # 7 subsets: audio, text, video, audio+text, ..., all three
 
     pairs = len(objectives) * (len(objectives) - 1) // 2
