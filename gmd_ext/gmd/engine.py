@@ -33,6 +33,12 @@ _MEMORY = ("default", "low")
 _MASK_CACHE_SIZE = 8
 
 
+def _delegated(name: str) -> property:
+    """An attribute of the wrapped optimizer, read and written through (not a copy)."""
+    return property(lambda self: getattr(self.optimizer, name), lambda self, v: setattr(self.optimizer, name, v),
+                    doc=f"The wrapped optimizer's {name}.")
+
+
 def _to(t: torch.Tensor, device) -> torch.Tensor:
     """A small CPU tensor on `device` without a host synchronisation (pinned source, non-blocking copy)."""
     if torch.device(device).type == "cuda":
@@ -298,29 +304,9 @@ class GMD(torch.optim.Optimizer):
     # ------------------------------------------------------------------ torch.optim.Optimizer protocol
     # The wrapped optimizer's groups, state and defaults, not copies: a scheduler that sets group["lr"], a
     # GradScaler that unscales group["params"]' grads, a checkpoint of state, all act on the optimizer that steps.
-    @property
-    def param_groups(self):
-        return self.optimizer.param_groups
-
-    @param_groups.setter
-    def param_groups(self, value):
-        self.optimizer.param_groups = value
-
-    @property
-    def state(self):
-        return self.optimizer.state
-
-    @state.setter
-    def state(self, value):
-        self.optimizer.state = value
-
-    @property
-    def defaults(self):
-        return self.optimizer.defaults
-
-    @defaults.setter
-    def defaults(self, value):
-        self.optimizer.defaults = value
+    param_groups = _delegated("param_groups")
+    state = _delegated("state")
+    defaults = _delegated("defaults")
 
     def add_param_group(self, param_group: dict) -> None:
         """Add a group to the wrapped optimizer; the next backward allocates buffers over the new parameter set."""
