@@ -150,7 +150,7 @@ def sliding_window_branches(model: DSUNet3d, image: torch.Tensor, window, overla
         chunk = corners[i:i + batch_size]
         sl = [tuple(slice(s, s + w) for s, w in zip(c, window)) for c in chunk]
         x = torch.stack([image[(slice(None), *s)] for s in sl])
-        out = model.forward_branches(x).float()  # [b, M, 3, *window]
+        out = torch.stack(model.forward_branches(x), 1).float()  # [b, M, 3, *window]
         for o, s in zip(out, sl):
             acc[(slice(None), slice(None), *s)] += o * weight
             norm[s] += weight

@@ -16,7 +16,8 @@ modalities present. Writes ``metrics.json``, ``report.md``, ``metrics.png`` and,
 that is not empty is refused unless ``--resume`` (same settings) or ``--overwrite``.
 
 Why one forward pass serves all 7 objectives: DS branches do not interact before the late mean fusion, so the
-prediction of a subset is the mean of its modalities' branch predictions (``forward_branches``), and a subset's
+prediction of a subset is the mean of its modalities' branch predictions (``forward_branches``: one graph per
+modality), and a subset's
 loss reaches only the parameters of its own modalities and the shared ones, exactly as running the model with
 that subset present would.
 """
@@ -127,7 +128,7 @@ def branch_predictions(model, data: dict, batch_size: int, device) -> torch.Tens
     out = []
     for i in range(0, n, batch_size):
         x, lengths, _ = _batch(data, torch.arange(i, min(i + batch_size, n)), device)
-        out.append(model.forward_branches(x, None, lengths).cpu())
+        out.append(torch.stack(model.forward_branches(x, None, lengths), 1).cpu())
     return torch.cat(out)
 
 

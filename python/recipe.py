@@ -14,9 +14,11 @@ What lives here, once for both recipes:
 
 The model interface a recipe relies on (DSUNet3d and DSSentimentNet have it; a user's own model needs the same):
   ``model.modalities``                 the M modality names, in the order of the branch axis
-  ``model.forward_branches(x, ...)``   per-modality outputs ``[B, M, ...]`` computed without interaction between
-                                       modalities before the fusion, so the prediction of a subset S is the mean
-                                       over S of the branch outputs (the DS late fusion)
+  ``model.forward_branches(x, ...)``   per-modality outputs, a sequence of M tensors ``[B, ...]`` (or one
+                                       ``[B, M, ...]`` tensor) computed without interaction between modalities
+                                       before the fusion, so the prediction of a subset S is the mean over S of the
+                                       branch outputs (the DS late fusion); a sequence of separately computed
+                                       branches lets each subset's loss differentiate only through its own
   a recipe's ``loss_fn(fused, target)``  the task loss of a fused prediction (scalar)
 brats.py also uses ``model.num_classes`` (output channels of a branch).
 
@@ -412,7 +414,8 @@ def fit(run_dir: Path, cfg: dict, seed: int, *, build_model: Callable[[], torch.
         steps_per_epoch: the number of batches ``batches`` yields per epoch (sizes the LR schedule).
         batches(epoch, generator): the epoch's batches; ``generator`` is the run's data generator (checkpointed),
             for recipes that draw their batch order from it.
-        forward(model, batch) -> (branches [B, M, ...], target): ``model.forward_branches`` on the batch.
+        forward(model, batch) -> (branches: M tensors [B, ...] or [B, M, ...], target): ``model.forward_branches``
+            on the batch.
         loss_fn(fused, target): the task loss of one subset's fused prediction.
         validate(model) -> (score, extra) or None (no validation data); ``mode`` "max" or "min" says which score is
             better. The best epoch's weights go to ``best.pt``.

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gmd_ext
-from gmd_ext import GMD, DSUNet3d, masked_mean
+from gmd_ext import GMD, DSSentimentNet, DSUNet3d, masked_mean
 from gmd_ext.ds import DSLinear, run_branches
 
 ORDER_SEED = 3
@@ -56,8 +56,37 @@ def test_dsunet3d_branches_strategy_equals_sequential():
     x = torch.randn(2, 4, 16, 16, 16)
     y = torch.rand(2, 3, 16, 16, 16).round()
     present = torch.tensor([[True, True, False, True], [True, True, True, True]])
-    _assert_same(model, lambda: _subset_losses(model.branches(x, present), y,
+    _assert_same(model, lambda: _subset_losses(model.forward_branches(x, present), y,
                                                F.binary_cross_entropy_with_logits, present))
+
+
+def test_dsunet3d_branches_strategy_on_the_recipe_path():
+    """gmd_ext.subset_losses(model.forward_branches(x), ...): branches equals sequential, and equals the official
+    per-branch execution (forward_modality per modality)."""
+    torch.manual_seed(4)
+    model = DSUNet3d(width=0.25)
+    x = torch.randn(2, 4, 16, 16, 16)
+    y = torch.rand(2, 3, 16, 16, 16).round()
+    subs = gmd_ext.subsets(model.modalities)
+    bce = F.binary_cross_entropy_with_logits
+    _assert_same(model, lambda: gmd_ext.subset_losses(model.forward_branches(x), y, bce, subs))
+    official, _, _ = _step(model, lambda: gmd_ext.subset_losses(
+        [model.forward_modality(x[:, m], m) for m in range(4)], y, bce, subs), "sequential")
+    branches, _, _ = _step(model, lambda: gmd_ext.subset_losses(model.forward_branches(x), y, bce, subs), "branches")
+    for (name, _), a, b in zip(model.named_parameters(), official, branches):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_dssentimentnet_branches_strategy_equals_sequential():
+    torch.manual_seed(5)
+    model = DSSentimentNet(input_dims=(6, 5, 4), hidden=8, dropout=0.0)
+    x = {"text": torch.randn(4, 5, 6), "audio": torch.randn(4, 3, 5), "vision": torch.randn(4, 4, 4)}
+    lengths = {"text": torch.tensor([5, 2, 4, 1]), "audio": None, "vision": torch.tensor([4, 4, 1, 2])}
+    present = torch.tensor([[True, True, True], [True, False, True], [False, True, False], [True, True, False]])
+    y = torch.randn(4)
+    subs = gmd_ext.subsets(model.modalities)
+    _assert_same(model, lambda: gmd_ext.subset_losses(model.forward_branches(x, present, lengths), y, F.l1_loss,
+                                                      subs, present))
 
 
 class _HeadModel(nn.Module):

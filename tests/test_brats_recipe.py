@@ -251,7 +251,7 @@ def test_sliding_window_matches_direct_inference():
     model = DSUNet3d(MODS, 3, 0.25).eval()
     image = torch.randn(4, 20, 18, 22)
     with torch.no_grad():
-        direct = model.forward_branches(image[None])[0]
+        direct = torch.stack(model.forward_branches(image[None]), 1)[0]
     # One window covering the whole (padded) volume is exact inference; check the crop-back after padding.
     got = brats.sliding_window_branches(model, image, (20, 18, 22), 0.5, "uniform")
     torch.testing.assert_close(got, direct)

@@ -3,6 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import gmd_ext
 from gmd_ext import DSSentimentNet, DSUNet3d, masked_mean
 from gmd_ext.ops import PairPlan
 
@@ -55,12 +56,15 @@ def reference_branches(model, x, present):
 
 def test_dsunet3d_equals_per_modality_runs_averaged(unet):
     x = torch.randn(2, 4, 16, 17, 16)  # 17 is not a multiple of 16: padded skips
-    branches = unet.branches(x, PRESENT)
+    branches = unet.forward_branches(x, PRESENT)
     assert isinstance(branches, tuple) and len(branches) == 4
     assert all(b.shape == (2, 3, 16, 17, 16) for b in branches)
     ref = reference_branches(unet, x, PRESENT)
     torch.testing.assert_close(torch.stack(list(branches), 1), ref)
-    torch.testing.assert_close(unet.forward_branches(x, PRESENT), ref)
+    with torch.no_grad():  # inference: one packed batch, split per modality; the same values
+        packed = unet.forward_branches(x, PRESENT)
+    assert isinstance(packed, tuple) and len(packed) == 4
+    torch.testing.assert_close(torch.stack(list(packed), 1), ref)
     fused = unet(x, PRESENT)
     assert fused.shape == (2, 3, 16, 17, 16)
     per_sample = torch.stack([ref[b, PRESENT[b]].mean(0) for b in range(2)])
@@ -77,7 +81,7 @@ def test_dsunet3d_gradients_equal_plain_torch_reference(unet):
     ref = reference_branches(unet, x, PRESENT)
     fused_ref = torch.stack([ref[b, PRESENT[b]].mean(0) for b in range(2)])
     want = torch.autograd.grad(F.binary_cross_entropy_with_logits(fused_ref, target), params)
-    for out in (unet(x, PRESENT), masked_mean(unet.forward_branches(x, PRESENT), PRESENT)):
+    for out in (unet(x, PRESENT), masked_mean(torch.stack(unet.forward_branches(x, PRESENT), 1), PRESENT)):
         got = torch.autograd.grad(F.binary_cross_entropy_with_logits(out, target), params)
         for (name, _), g, w in zip(unet.named_parameters(), got, want):
             torch.testing.assert_close(g, w, rtol=1e-3, atol=1e-6, msg=name)
@@ -87,7 +91,7 @@ def test_dsunet3d_subset_loss_reaches_only_its_branches(unet):
     """forward_branches: each branch its own graph, so a loss over a subset never runs another branch's backward
     (the per-objective cost of the official per-branch execution)."""
     x = torch.randn(2, 4, 16, 16, 16)
-    branches = unet.branches(x, None)
+    branches = unet.forward_branches(x, None)
     loss = (branches[0] + branches[3]).square().mean()
     used = [g is not None for g in torch.autograd.grad(loss, branches, allow_unused=True)]
     assert used == [True, False, False, True]
@@ -95,9 +99,22 @@ def test_dsunet3d_subset_loss_reaches_only_its_branches(unet):
     assert len(roots) == 4
 
 
+def test_dsunet3d_subset_losses_differentiate_each_subset_through_its_own_branches(unet):
+    """The documented recipe path: gmd_ext.subset_losses over forward_branches' tuple; subset S's loss reaches
+    exactly the branches of S."""
+    x = torch.randn(2, 4, 16, 16, 16)
+    y = torch.rand(2, 3, 16, 16, 16).round()
+    branches = unet.forward_branches(x, None)
+    subs = gmd_ext.subsets(unet.modalities)
+    losses = gmd_ext.subset_losses(branches, y, F.binary_cross_entropy_with_logits, subs)
+    for s in subs:
+        grads = torch.autograd.grad(losses[s.name], branches, allow_unused=True, retain_graph=True)
+        assert [g is not None for g in grads] == [m in s.indices for m in range(4)], s.name
+
+
 def test_dsunet3d_branches_fuse_any_subset_without_rerun(unet):
     x = torch.randn(2, 4, 16, 16, 16)
-    branches = unet.forward_branches(x, None)
+    branches = torch.stack(unet.forward_branches(x, None), 1)
     for subset in ([True, False, False, True], [False, False, True, False], [True] * 4):
         present = torch.tensor([subset, subset])
         torch.testing.assert_close(masked_mean(branches, present), unet(x, present))
@@ -129,7 +146,7 @@ def test_dsunet3d_absent_modality_gets_no_gradient():
 def test_dsunet3d_modality_absent_from_batch_gives_zero_branch(unet):
     x = torch.randn(2, 4, 16, 16, 16)
     present = torch.tensor([[True, True, False, True], [False, True, False, False]])
-    branches = unet.branches(x, present)
+    branches = unet.forward_branches(x, present)
     assert (branches[2] == 0).all() and not branches[2].requires_grad
     torch.testing.assert_close(torch.stack(list(branches), 1), reference_branches(unet, x, present))
 
@@ -227,13 +244,17 @@ SENTI_PRESENT = torch.tensor([[True, True, True], [True, False, False], [False, 
 def test_sentiment_unaligned_branches_equal_single_sequence_runs(senti):
     x, lengths = sentiment_inputs()
     branches = senti.forward_branches(x, SENTI_PRESENT, lengths)
+    assert isinstance(branches, tuple) and len(branches) == 3 and all(b.shape == (4,) for b in branches)
+    with torch.no_grad():  # inference: one packed batch, split per modality
+        packed = senti.forward_branches(x, SENTI_PRESENT, lengths)
     names = senti.modalities
     ref = torch.zeros(4, 3, dtype=torch.float64)
     for b in range(4):
         for m, name in enumerate(names):
             if SENTI_PRESENT[b, m]:
                 ref[b, m] = single_branch(senti, m, x[name][b, :lengths[name][b]])
-    torch.testing.assert_close(branches, ref)
+    torch.testing.assert_close(torch.stack(branches, 1), ref)
+    torch.testing.assert_close(torch.stack(packed, 1), ref)
     torch.testing.assert_close(senti(x, SENTI_PRESENT, lengths), masked_mean(ref, SENTI_PRESENT))
     # The same inputs as lists in modality order.
     as_list = senti([x[n] for n in names], SENTI_PRESENT, [lengths[n] for n in names])
@@ -242,7 +263,7 @@ def test_sentiment_unaligned_branches_equal_single_sequence_runs(senti):
 
 def test_sentiment_aligned_full_length_and_padding_ignored(senti):
     x, lengths = sentiment_inputs(T=(6, 6, 6))
-    full = senti.forward_branches(x, None)
+    full = torch.stack(senti.forward_branches(x, None), 1)
     ref = torch.stack([torch.stack([single_branch(senti, m, x[n][b]) for m, n in enumerate(senti.modalities)])
                        for b in range(4)])
     torch.testing.assert_close(full, ref)

@@ -246,6 +246,13 @@ class DSGroupNorm(_ModalityParams):
             raise ValueError(f"rows must be [P, {self.num_channels}, *S], got shape {tuple(rows.shape)}")
         if rows.shape[0] == 0:
             return rows.new_zeros(rows.shape)
+        if plan.branch is not None:
+            # One modality's rows: P samples of that one modality, its [1, C] affine as is (a gathered [P, C]
+            # affine costs an index_add per parameter in the backward, and P times that in a batched one).
+            m = plan.branch
+            return ds_ops.modality_group_norm(rows[:, None], self.weight.narrow(0, m, 1), self.bias.narrow(0, m, 1),
+                                              None, num_groups=self.num_groups, eps=self.eps,
+                                              activation=self.activation, backend=self.backend)[:, 0]
         return ds_ops.modality_group_norm(rows[None], self.weight.index_select(0, plan.modality),
                                           self.bias.index_select(0, plan.modality), None,
                                           num_groups=self.num_groups, eps=self.eps, activation=self.activation,
@@ -314,6 +321,9 @@ class DSLinear(_ModalityParams):
             raise ValueError(f"rows must be [P, ..., {self.in_features}], got shape {tuple(rows.shape)}")
         if self.shared:
             return F.linear(rows, self.weight, self.bias)
+        if plan.branch is not None:  # one modality's rows: its weight as is
+            m = plan.branch
+            return F.linear(rows, self.weight[m], None if self.bias is None else self.bias[m])
         flat = rows.reshape(rows.shape[0], -1, self.in_features)
         y = torch.einsum("pri,poi->pro", flat, self.weight.index_select(0, plan.modality))
         if self.bias is not None:
@@ -360,6 +370,9 @@ class DSLayerNorm(_ModalityParams):
         _check_rows(rows, plan, f"..., {self.normalized_shape}")
         if rows.shape[-1] != self.normalized_shape:
             raise ValueError(f"rows must be [P, ..., {self.normalized_shape}], got shape {tuple(rows.shape)}")
+        if plan.branch is not None:  # one modality's rows: its affine as is
+            m = plan.branch
+            return F.layer_norm(rows, (self.normalized_shape,), self.weight[m], self.bias[m], self.eps)
         affine = (rows.shape[0],) + (1,) * (rows.dim() - 2) + (self.normalized_shape,)
         return torch.addcmul(self.bias.index_select(0, plan.modality).view(affine),
                              F.layer_norm(rows, (self.normalized_shape,), eps=self.eps),

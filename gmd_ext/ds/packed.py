@@ -12,6 +12,8 @@ pairs are never computed: fwd+bwd at 50% missing costs about half of all present
     run_packed(fn, x, present)  -> (rows_out [P, *F'], plan): one batch of every present pair
     fuse(rows_out, plan)        -> [B, *F']: the mean over each sample's present modalities
     run_branches(fn, x, present) -> tuple of M tensors [B, *F'] (zeros where absent)
+    branch_output(rows, plan, m)  -> [B, *F']: one branch's rows scattered to the batch and marked (for models
+                                     whose inputs are not one [B, M, *F] tensor, e.g. DSSentimentNet)
 
 `run_branches` runs the network once per modality (on that modality's present rows): each branch then has its own
 autograd graph, so a loss over a modality subset S differentiates only through the branches of S — the official
@@ -57,21 +59,28 @@ def run_branches(fn: Network, x: torch.Tensor, present, *, backend: str = "auto"
     the samples where that modality is absent (a modality absent from the whole batch: a zero tensor without a
     graph). torch.stack(list(out), 1) is the [B, M, *F'] per-modality output."""
     plan = as_plan(present, x.shape[0], x.shape[1], x.device)
-    outs, missing = [], []
+    outs = []
     for m in range(plan.M):
         if plan.counts[m] == 0:
             outs.append(None)
-            missing.append(m)
             continue
         sub = plan.only(m)
-        y = fn(ds_ops.pack(x, sub, backend=backend), sub)
-        out = ds_ops.scatter(y, sub, modality=m, backend=backend)
-        if out.grad_fn is not None:
-            out.grad_fn.metadata[ds_ops.BRANCH_MARK] = m  # found by GMD(strategy="branches")
-        outs.append(out)
-    if missing:
-        like = next((o for o in outs if o is not None), None)
-        if like is None:
-            raise ValueError("present holds no pair: there is no branch to run")
-        outs = [like.new_zeros(like.shape) if o is None else o for o in outs]
-    return tuple(outs)
+        outs.append(branch_output(fn(ds_ops.pack(x, sub, backend=backend), sub), sub, m, backend=backend))
+    return fill_missing(outs)
+
+
+def branch_output(rows: torch.Tensor, plan: PairPlan, modality: int, *, backend: str = "auto") -> torch.Tensor:
+    """Branch `modality`'s output rows [counts[m], *F] (in plan order) -> [B, *F], zeros where it is absent; its
+    autograd node carries the mark ds_ops.BRANCH_MARK by which GMD(strategy="branches") finds the branch."""
+    out = ds_ops.scatter(rows, plan, modality=modality, backend=backend)
+    if out.grad_fn is not None:
+        out.grad_fn.metadata[ds_ops.BRANCH_MARK] = modality
+    return out
+
+
+def fill_missing(outs: list) -> tuple[torch.Tensor, ...]:
+    """Per-modality outputs with None for a modality absent from the whole batch -> zeros (no graph) there."""
+    like = next((o for o in outs if o is not None), None)
+    if like is None:
+        raise ValueError("present holds no pair: there is no branch to run")
+    return tuple(like.new_zeros(like.shape) if o is None else o for o in outs)

@@ -46,7 +46,10 @@ def fill(bufs, losses) -> bool:
         """Rows `rows` of parameter i's slice += g [len(rows), *shape]."""
         b, j = slot[i]
         view = b.batched_view(j)
-        view.index_add_(0, torch.tensor(rows, device=view.device), g.to(view.dtype))
+        g = g.to(view.dtype)
+        # One add per row: index_add_ into the strided [K, *shape] view takes a slow scatter path.
+        for r, k in enumerate(rows):
+            view[k].add_(g[r])
         bufs.reach[rows, i] = True
 
     # 1. The head of every objective: cotangents at its branches' outputs, gradients of head-only parameters.
@@ -72,8 +75,16 @@ def fill(bufs, losses) -> bool:
         reached = list(dict.fromkeys(reached))
         params = [bufs.params[i] for i in reached]
         try:
-            grads = torch.autograd.grad([GradientEdge(n, 0)], params, grad_outputs=[torch.stack(cs)],
-                                        is_grads_batched=True, retain_graph=True, allow_unused=True)
+            edge = GradientEdge(n, 0)
+            # torch.func.vmap, not is_grads_batched: the latter is the legacy vmap, whose for-loop fallback runs
+            # the convolution and group norm backward once per cotangent; functorch's batch rules run them once.
+            with warnings.catch_warnings():
+                # An op without a batch rule (e.g. a GRU's packed-sequence backward) runs once per cotangent:
+                # correct, and still one graph walk; functorch's notice about it is not the user's to act on.
+                warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet")
+                grads = torch.func.vmap(lambda c: torch.autograd.grad([edge], params, grad_outputs=[c],
+                                                                      retain_graph=True, allow_unused=True))(
+                    torch.stack(cs))
         except RuntimeError as e:  # an op without a vmap rule or fallback: one backward per cotangent
             warnings.warn(f"gmd_ext.GMD(strategy='branches'): batched branch backward failed ({e}); running "
                           "one backward per objective and branch", RuntimeWarning, stacklevel=3)

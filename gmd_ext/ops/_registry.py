@@ -160,6 +160,55 @@ def _register_cpp_ds():
         return dx, dw, db, None, None, None, None
 
     torch.library.register_autograd(lib + "modality_group_norm_fwd", _gn_backward, setup_context=_gn_setup)
+    _register_ds_vmap(lib)
+
+
+def _to_front(t, bdim, size):
+    """t with its vmapped dim first; an unbatched t expanded to `size` there (a view)."""
+    return t.movedim(bdim, 0) if bdim is not None else t.expand(size, *t.shape)
+
+
+def _register_ds_vmap(lib: str, bwd_suffix: str = "") -> None:
+    """vmap rules of the DS ops a batched backward runs (GMD(strategy="branches"): every objective's cotangent
+    through one branch backward, torch.autograd.grad(..., is_grads_batched=True)). Without them vmap runs the op
+    once per cotangent and stacks the results.
+
+    pack_pairs / scatter_pairs gather / scatter rows of dim 0: the vmapped dim rides along as dim 1. The group
+    norm backward folds the V vmapped copies into its modality dim (pair (b, v·M + m), affine row v·M + m), so
+    each copy keeps its own statistics and its own weight / bias gradient: one kernel call instead of V.
+    """
+    if not bwd_suffix:
+        @torch.library.register_vmap(lib + "pack_pairs")
+        def _(info, in_dims, x, index):
+            if in_dims[1] is not None:
+                raise NotImplementedError("gmd_ext::pack_pairs: a vmapped index is not supported")
+            return torch.ops.gmd_ext.pack_pairs(x.movedim(in_dims[0], 1), index), 1
+
+        @torch.library.register_vmap(lib + "scatter_pairs")
+        def _(info, in_dims, y, index, num_pairs):
+            if in_dims[1] is not None:
+                raise NotImplementedError("gmd_ext::scatter_pairs: a vmapped index is not supported")
+            return torch.ops.gmd_ext.scatter_pairs(y.movedim(in_dims[0], 1), index, num_pairs), 1
+
+    bwd = getattr(torch.ops.gmd_ext, "modality_group_norm_bwd" + bwd_suffix)
+
+    @torch.library.register_vmap(lib + "modality_group_norm_bwd" + bwd_suffix)
+    def _(info, in_dims, grad_y, x, weight, bias, present, mean, rstd, num_groups, activation, *mask):
+        V = info.batch_size
+        g, xs, w, b, p, mu, rs = (_to_front(t, d, V) for t, d in zip(
+            (grad_y, x, weight, bias, present, mean, rstd), in_dims))
+        B, M = xs.shape[1:3]
+
+        def pairs(t):  # [V, B, M, ...] -> [B, V·M, ...]
+            return t.transpose(0, 1).reshape(B, V * M, *t.shape[3:])
+
+        out = bwd(pairs(g), pairs(xs), w.reshape(V * M, -1), b.reshape(V * M, -1), pairs(p), pairs(mu),
+                  pairs(rs), num_groups, activation, *mask)
+        dx, dw, db = out
+        dx = None if dx is None else dx.view(B, V, M, *dx.shape[2:])
+        dw = None if dw is None else dw.view(V, M, -1)
+        db = None if db is None else db.view(V, M, -1)
+        return (dx, dw, db), (None if dx is None else 1, None if dw is None else 0, None if db is None else 0)
 
 
 def _group_norm_fake(x, num_groups):
@@ -271,6 +320,7 @@ def _register_triton():
         return (dx if keep[0] else None, dw if keep[1] else None, db if keep[2] else None, None, None, None, None)
 
     modality_group_norm_fwd_triton.register_autograd(_gn_backward, setup_context=_gn_setup)
+    _register_ds_vmap("gmd_ext::", "_triton")
     _triton_registered = True
 
 

@@ -117,7 +117,9 @@ class PairPlan:
       present: bool [B, M] on device. index: int64 [P] on device, flat pair b * M + m, modality-major (all pairs
       of modality 0 first: each modality's pairs are contiguous once packed). modality, sample: int64 [P] on
       device, each packed row's modality and sample. starts: tuple, the first packed row of each modality.
-      present_host: the mask on the CPU.
+      present_host: the mask on the CPU. branch: None, or m when the plan holds the pairs of modality m only (a
+      branch of the per-branch execution, `only(m)`): its packed rows all take modality m's parameters, so the
+      layers use them as they are instead of gathering them per row.
     The index is built on the host and copied to the device once (pinned and non-blocking on CUDA).
     """
 
@@ -142,6 +144,7 @@ class PairPlan:
             else host.to(device, non_blocking=True)
         self.present_host = host
         self.device = device
+        self.branch: int | None = None
         self._only: dict[int, PairPlan] = {}
 
     def only(self, modality: int) -> "PairPlan":
@@ -150,7 +153,9 @@ class PairPlan:
         if modality not in self._only:
             host = torch.zeros_like(self.present_host)
             host[:, modality] = self.present_host[:, modality]
-            self._only[modality] = PairPlan(host, self.B, self.M, self.device, allow_empty_rows=True)
+            plan = PairPlan(host, self.B, self.M, self.device, allow_empty_rows=True)
+            plan.branch = modality
+            self._only[modality] = plan
         return self._only[modality]
 
     @property

@@ -9,7 +9,8 @@ the mean over the modalities present. Unlike the official code, absent modalitie
 One network, one execution (gmd_ext.ds.packed): the present (sample, modality) pairs are packed once, the shared
 U-Net runs on the packed rows (vendor convolutions; each row's GroupNorm + ReLU in the fused modality_group_norm
 kernel with the row's modality affine), and the logits are fused once. `forward_branches` runs the same network
-once per modality, so each branch has its own autograd graph (the official per-branch execution).
+once per modality, so each branch has its own autograd graph (the official per-branch execution), and returns the
+M per-modality outputs as a tuple.
 
 Parameter counts (measured by tests/test_models.py): width 0.5 -> 3,245,235 (official: 3.25 M); four separate
 U-Nets of the same width -> 12,954,444 (official: 12.95 M).
@@ -23,7 +24,7 @@ from torch import nn
 from gmd_ext.apps.brats.constants import MODALITIES as BRATS_MODALITIES
 from gmd_ext.ds.layers import DSConv, DSGroupNorm
 from gmd_ext.ds.packed import fuse, run_branches, run_packed
-from gmd_ext.ops.ds_ops import PairPlan, as_plan
+from gmd_ext.ops.ds_ops import PairPlan, as_plan, scatter
 
 _BASE_CHANNELS = (32, 64, 128, 256, 512)
 _DEPTH = 4  # number of ×2 down-samplings
@@ -126,16 +127,20 @@ class DSUNet3d(nn.Module):
                              f"by 2), got {tuple(x.shape[2:])}")
         return as_plan(present, x.shape[0], M, x.device)
 
-    def forward_branches(self, x: torch.Tensor, present=None) -> torch.Tensor:
-        """Per-modality logits [B, M, num_classes, D, H, W], zeros where absent (never computed). Each modality's
-        branch runs separately (its own autograd graph; `branches` gives them unstacked)."""
-        return torch.stack(self.branches(x, present), 1)
+    def forward_branches(self, x: torch.Tensor, present=None) -> tuple[torch.Tensor, ...]:
+        """Per-modality logits: a tuple of M tensors [B, num_classes, D, H, W], zeros where absent (never
+        computed); torch.stack(list(out), 1) is the [B, M, num_classes, D, H, W] tensor.
 
-    def branches(self, x: torch.Tensor, present=None) -> tuple[torch.Tensor, ...]:
-        """Per-modality logits: a tuple of M tensors [B, num_classes, D, H, W], zeros where absent. Each branch
-        has its own autograd graph, so a loss over a modality subset differentiates only through that subset's
-        branches (the official per-branch cost)."""
+        With grad enabled each modality's branch runs separately and has its own autograd graph, so
+        `gmd_ext.subset_losses(model.forward_branches(x), ...)` differentiates each subset only through its own
+        branches (the official per-branch cost), and GMD batches the objectives through each branch's backward
+        (the branch outputs are marked, gmd_ext.ds.packed). Without grad (inference) there is no graph to keep
+        apart: the present pairs run as one packed batch (faster on small batches) and are split per modality.
+        """
         plan = self._plan(x, present)
+        if not torch.is_grad_enabled():
+            rows, plan = run_packed(self._run, x.unsqueeze(2), plan, backend=self.backend)
+            return scatter(rows, plan, backend=self.backend).unbind(1)
         return run_branches(self._run, x.unsqueeze(2), plan, backend=self.backend)
 
     def forward(self, x: torch.Tensor, present=None) -> torch.Tensor:

@@ -6,7 +6,7 @@ call (its final state at the sequence's length); a modality-specific LayerNorm (
 head (DSLinear) map each state to a per-modality prediction, and the predictions are fused by the mean over the
 modalities present. Pack-once (gmd_ext.ds.packed): the present pairs are gathered once in the PairPlan's order,
 everything after the input projections runs on the packed rows, and the predictions are fused or scattered
-once. Absent modalities are never projected or encoded and receive no gradient.
+once; `forward_branches` (training) runs the same network once per modality so each branch has its own graph. Absent modalities are never projected or encoded and receive no gradient.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 from gmd_ext.apps.mosi.constants import MODALITIES as MOSI_MODALITIES
 from gmd_ext.ds.layers import DSLayerNorm, DSLinear
-from gmd_ext.ds.packed import fuse
+from gmd_ext.ds.packed import branch_output, fill_missing, fuse
 from gmd_ext.ops import ds_ops
 from gmd_ext.ops.ds_ops import PairPlan, as_plan, declare_modality, declare_shared
 
@@ -135,9 +135,8 @@ class DSSentimentNet(nn.Module):
                                  f"got values in [{int(valid.min())}, {int(valid.max())}]")
         return xs, plan, lens
 
-    def _packed(self, x, present, lengths) -> tuple[torch.Tensor, PairPlan]:
-        """Per-pair predictions [P] in the plan's order, and the plan."""
-        xs, plan, lens = self._check(x, present, lengths)
+    def _packed(self, xs, plan: PairPlan, lens) -> torch.Tensor:
+        """Per-pair predictions [P] in the plan's order (checked inputs: _check)."""
         seqs, seq_lens = [], []
         for m, (t, L) in enumerate(zip(xs, lens)):
             n = plan.counts[m]
@@ -155,13 +154,24 @@ class DSSentimentNet(nn.Module):
         _, state = self.encoder(packed)
         h = self.norm.packed(state[-1], plan)
         h = self.dropout(F.relu(self.head1.packed(h, plan)))
-        return self.head2.packed(h, plan).squeeze(-1), plan
+        return self.head2.packed(h, plan).squeeze(-1)
 
-    def forward_branches(self, x, present=None, lengths=None) -> torch.Tensor:
-        """Per-modality predictions [B, M] (zeros where absent); fuse any subset with masked_mean."""
-        rows, plan = self._packed(x, present, lengths)
-        return ds_ops.scatter(rows, plan)
+    def forward_branches(self, x, present=None, lengths=None) -> tuple[torch.Tensor, ...]:
+        """Per-modality predictions: a tuple of M tensors [B], zeros where absent; torch.stack(list(out), 1) is
+        the [B, M] tensor. Fuse any subset with gmd_ext.subset_losses / masked_mean.
+
+        With grad enabled each modality's branch runs separately (its own autograd graph, marked for
+        GMD(strategy="branches"), gmd_ext.ds.packed), so a subset's loss differentiates only through its own
+        branches. Without grad (inference) the present pairs run as one packed batch, split per modality.
+        """
+        xs, plan, lens = self._check(x, present, lengths)
+        if not torch.is_grad_enabled():
+            return ds_ops.scatter(self._packed(xs, plan, lens), plan).unbind(1)
+        return fill_missing([None if plan.counts[m] == 0 else
+                             branch_output(self._packed(xs, plan.only(m), lens), plan.only(m), m)
+                             for m in range(plan.M)])
 
     def forward(self, x, present=None, lengths=None) -> torch.Tensor:
         """Fused regression [B]: the mean of the present modalities' predictions."""
-        return fuse(*self._packed(x, present, lengths))
+        xs, plan, lens = self._check(x, present, lengths)
+        return fuse(self._packed(xs, plan, lens), plan)
