@@ -7,14 +7,16 @@ fwd+bwd (op dsunet3d_fwd_bwd, one BCE loss of the fused logits), per missing rat
              packed rows (gmd_ext kernels: pack/scatter, fused modality_group_norm + ReLU), fused once
   ds_layers  the same weights run as a network of DS layers on [B, M, ...] tensors (masked_conv /
              modality_group_norm ops, every layer packing and scattering)
-GMD step (op dsunet3d_gmd_step: K = 15 subset objectives, subset losses, GMD.backward, optimizer step; all modalities
-present), every provider under the same engine and fixed orders:
-  official     one branch per modality (forward_modality: separate graphs), subset fusion over a Python list
-  ds_stacked   model.forward_branches: the [B, M, ...] tensor, indexed per subset (every subset's backward runs
-               through every branch)
-  ds           model.branches: per-modality graphs on the library kernels (Σ_S |S| branch backwards, the floor of
-               the sequential engine)
+GMD step (op dsunet3d_gmd_step: K = 15 subset objectives, gmd_ext.subset_losses, GMD.backward, optimizer step; all
+modalities present), every provider under the same engine and fixed orders:
+  official     one branch per modality (forward_modality: separate graphs), subset fusion over a Python list,
+               GMD(strategy="sequential")
+  ds_stacked   torch.stack(model.forward_branches(x), 1): one [B, M, ...] tensor indexed per subset (every subset's
+               backward runs through every branch), sequential
+  ds           the recipe path, subset_losses(model.forward_branches(x), ...): per-modality graphs on the library
+               kernels (Σ_S |S| branch backwards, the floor of the sequential engine), sequential
   ds_branches  the same with GMD(strategy="branches"): one backward per branch, its 8 objectives' cotangents batched
+               (torch.func.vmap with the DS ops' vmap rules)
 
 Providers are checked against each other before timing, interleaved with alternating order after warm-up (bench/
 utils), median reported; rows appended to bench/results/ds.csv in the shared schema.
@@ -95,21 +97,17 @@ FWD_BWD = {"official": official_logits, "ds": ds_logits, "ds_layers": ds_layers_
 
 # ---------------------------------------------------------------- GMD step providers
 def subset_losses(branches, target, subsets):
-    """Each subset's BCE loss of the mean of its branches (all present), from its own branches only."""
-    return {s.name: F.binary_cross_entropy_with_logits(torch.stack([branches[m] for m in s.indices]).mean(0), target)
-            for s in subsets}
-
-
-def stacked_losses(out, target, subsets):
-    return {s.name: F.binary_cross_entropy_with_logits(out[:, list(s.indices)].mean(1), target) for s in subsets}
+    """Each subset's BCE loss of the mean of its branches (all present): gmd_ext.subset_losses, the recipe path."""
+    return gmd_ext.subset_losses(branches, target, F.binary_cross_entropy_with_logits, subsets)
 
 
 STEPS = {
     "official": ("sequential", lambda model, x, y, subs: subset_losses(
         [model.forward_modality(x[:, m], m) for m in range(model.num_modalities)], y, subs)),
-    "ds_stacked": ("sequential", lambda model, x, y, subs: stacked_losses(model.forward_branches(x), y, subs)),
-    "ds": ("sequential", lambda model, x, y, subs: subset_losses(model.branches(x), y, subs)),
-    "ds_branches": ("branches", lambda model, x, y, subs: subset_losses(model.branches(x), y, subs)),
+    "ds_stacked": ("sequential", lambda model, x, y, subs: subset_losses(
+        torch.stack(model.forward_branches(x), 1), y, subs)),
+    "ds": ("sequential", lambda model, x, y, subs: subset_losses(model.forward_branches(x), y, subs)),
+    "ds_branches": ("branches", lambda model, x, y, subs: subset_losses(model.forward_branches(x), y, subs)),
 }
 
 
@@ -139,6 +137,9 @@ def main(argv=None):
     parser.add_argument("--parts", default="fwd_bwd,gmd_step")
     parser.add_argument("--machine", default=None, help="machine label (default: cores and CPU model)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (1 on a shared box)")
+    parser.add_argument("--clock", choices=("cpu", "wall"), default="cpu",
+                        help="what is timed: this process's CPU time (default: on a shared box the wall clock "
+                             "mostly measures the scheduler) or the wall clock")
     utils.add_output_args(parser, "ds")
     args = parser.parse_args(argv)
     if args.quick:
@@ -155,6 +156,11 @@ def main(argv=None):
     common = utils.common_fields("ds", machine_name=args.machine)
     print(f"# load average before: {os.getloadavg()[0]:.2f}", flush=True)
     rows, tables = [], []
+    common["clock"] = args.clock
+
+    def timed(fns):
+        samples = utils.sample_interleaved(fns, rounds=args.reps, warmup=args.warmup, alternate=True, progress=True)
+        return {name: utils.summarize(s[f"{args.clock}_ms"]) for name, s in samples.items()}
 
     if "fwd_bwd" in parts:
         x = torch.randn(args.batch, M, *[args.size] * 3, generator=gen)
@@ -172,8 +178,7 @@ def main(argv=None):
                 F.binary_cross_entropy_with_logits(fn(model, x, present), target).backward()
             return step
 
-        res = utils.time_interleaved({(p, n): fwd_bwd(fn, masks[p]) for p in percents for n, fn in FWD_BWD.items()},
-                                     rounds=args.reps, warmup=args.warmup, alternate=True, progress=True)
+        res = timed({(p, n): fwd_bwd(fn, masks[p]) for p in percents for n, fn in FWD_BWD.items()})
         shape = f"B={args.batch},M={M},{args.size}^3,width={args.width}"
         for p in percents:
             for n in FWD_BWD:
@@ -200,7 +205,7 @@ def main(argv=None):
         for n, step in steps.items():  # same merged gradient as the official execution
             for g, w in zip(step(), want):
                 torch.testing.assert_close(g, w, rtol=1e-3, atol=1e-6)
-        res = utils.time_interleaved(steps, rounds=args.reps, warmup=args.warmup, alternate=True, progress=True)
+        res = timed(steps)
         shape = f"B={args.batch},M={M},{args.step_size}^3,width={args.width},K={K}"
         base = res["official"]["median_ms"]
         for n in STEPS:
@@ -208,13 +213,13 @@ def main(argv=None):
             rows.append({**common, "op": "dsunet3d_gmd_step", "provider": n, "shape": shape, "dtype": "float32",
                          **{k: f"{v:.1f}" for k, v in r.items()}, "missing": "0%",
                          "vs_official": f"{r['median_ms'] / base:.3f}", "vs_all_present": ""})
-        tables.append(utils.markdown_table(["provider", "GMD step ms", "x official", "x ds (sequential)"],
+        tables.append(utils.markdown_table(["provider", "GMD step ms", "x official", "ds (sequential) / this"],
                                            [[n, f"{res[n]['median_ms']:.0f}", f"{res[n]['median_ms'] / base:.2f}",
-                                             f"{res[n]['median_ms'] / res['ds']['median_ms']:.2f}"] for n in STEPS]))
+                                             f"{res['ds']['median_ms'] / res[n]['median_ms']:.2f}"] for n in STEPS]))
 
     path = utils.append_rows(utils.csv_path(args), rows)
     print(f"\n{common['machine']}, {torch.get_num_threads()} thread(s); load average after: "
-          f"{os.getloadavg()[0]:.2f}; median of {args.reps} after {args.warmup} warm-up\n")
+          f"{os.getloadavg()[0]:.2f}; median {args.clock} time of {args.reps} after {args.warmup} warm-up\n")
     print("\n\n".join(tables))
     print(f"\nappended {len(rows)} rows to {path}")
 

@@ -289,3 +289,43 @@ def test_fuse_and_run_branches_match_masked_mean():
     torch.testing.assert_close(fuse(rows, plan2), masked_mean(want, present))
     low = fuse(rows.to(torch.bfloat16), plan2)
     assert low.dtype == torch.bfloat16
+
+
+# ---------------------------------------------------------------- branch plans (the per-branch execution)
+@pytest.mark.parametrize("device", testing.device_params())
+@pytest.mark.parametrize("make,shape", [
+    (lambda: DSConv(2, 3, 3, padding=1, dims=2), (2, 5, 5)),            # weight gradient: one GEMM (small maps)
+    (lambda: DSConv(2, 3, 3, padding=1, dims=2), (2, 9, 9)),            # weight gradient per cotangent
+    (lambda: DSConv(2, 3, 3, stride=2, padding=1, dims=2), (2, 7, 7)),  # data gradient: the vendor backward
+    (lambda: DSConv(2, 3, 3, padding=2, dilation=2, dims=2), (2, 6, 6)),
+    (lambda: DSConv(2, 3, 3, padding=1, dims=3), (2, 3, 3, 3)),
+    (lambda: DSConv(2, 3, 3, padding=1, dims=2, shared=False, num_modalities=3), (2, 5, 5)),
+    (lambda: DSGroupNorm(3, 2, 4, activation="relu"), (4, 5, 5)),
+    (lambda: DSLinear(6, 4, shared=False, num_modalities=3), (2, 6)),
+    (lambda: DSLayerNorm(3, 6), (2, 6)),
+], ids=["conv_gemm", "conv_per_cotangent", "conv_stride", "conv_dilation", "conv3d", "conv_per_modality",
+        "group_norm", "linear_per_modality", "layer_norm"])
+def test_branch_plan_packed_form_and_batched_backward(make, shape, device):
+    """layer.packed on one modality's rows (plan.only(m): that modality's parameters used as they are) equals the
+    layer's modality m; V cotangents through it as one torch.func.vmap backward (the conv_rows and group-norm vmap
+    rules, GMD(strategy="branches")) equal V separate backward passes."""
+    torch.manual_seed(0)
+    layer = make().double().to(device)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    present = testing.present_mask("random", 4, 3, torch.Generator().manual_seed(1))
+    plan = PairPlan(present, 4, 3, device)
+    x = torch.randn(4, 3, *shape, dtype=torch.float64, device=device, requires_grad=True)
+    want = layer(x, plan)
+    leaves = [x, *layer.parameters()]
+    for m in range(3):
+        sub = plan.only(m)
+        assert sub.branch == m
+        got = ds_ops.scatter(layer.packed(ds_ops.pack(x, sub), sub), sub, modality=m)
+        torch.testing.assert_close(got, want[:, m], rtol=1e-10, atol=1e-12)
+        cotangents = torch.randn(5, *got.shape, dtype=torch.float64, device=device)
+        batched = torch.func.vmap(lambda c: torch.autograd.grad(got, leaves, c, retain_graph=True))(cotangents)
+        single = [torch.autograd.grad(got, leaves, c, retain_graph=True) for c in cotangents]
+        for t, (b, *s) in enumerate(zip(batched, *single)):
+            torch.testing.assert_close(b, torch.stack(s), rtol=1e-10, atol=1e-12, msg=f"leaf {t}, modality {m}")

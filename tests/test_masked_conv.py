@@ -3,12 +3,21 @@ import pytest
 import torch
 
 from gmd_ext import _backend, masked_conv, testing
+from gmd_ext.ops import ds_ops
 from gmd_ext.ops.ds_ops import PairPlan
 from gmd_ext.ops.reference import masked_conv_reference, present_index
 
 # masked_conv has no Triton kernel: "triton" runs the torch form (test_triton_backend_is_the_torch_form), so the
-# matrix below covers the two distinct implementations.
+# matrix below covers the two distinct implementations, on every device (CUDA cells collected everywhere, skipped
+# where absent).
 BACKENDS = [b for b in testing.backends_for("cpu") if b != "triton"]
+CASES = testing.device_backends(backends=("cpp", "torch"))
+
+
+def _mc(device, x, w, b, present=None, **conv):
+    """masked_conv on `device` (inputs moved there, result back on the CPU; differentiable); the mask stays on the
+    host, where the data loader gives it."""
+    return testing.call_on(device, lambda x, w, b: masked_conv(x, w, b, present, **conv), x, w, b)
 needs_cpp = pytest.mark.skipif(not _backend.CPP_LOADED, reason="gmd_ext._C not built")
 
 
@@ -24,9 +33,9 @@ def _grads(out, inputs, g):
     return torch.autograd.grad(out, leaves, g, allow_unused=True)
 
 
-def _check_against_reference(x, w, b, present, backend, **conv):
+def _check_against_reference(x, w, b, present, backend, device="cpu", **conv):
     leaves = [t.requires_grad_() for t in (x, w, b) if t is not None]
-    y = masked_conv(x, w, b, present, backend=backend, **conv)
+    y = _mc(device, x, w, b, present, backend=backend, **conv)
     ref = masked_conv_reference(x, w, b, present, **conv)
     torch.testing.assert_close(y, ref)
     g = torch.randn_like(ref)
@@ -34,81 +43,81 @@ def _check_against_reference(x, w, b, present, backend, **conv):
         torch.testing.assert_close(got, want)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", CASES)
 # Per-modality weights run as one grouped convolution over modality slots ("all", "modality_absent", "random")
 # or, when that would waste most slots ("one_modality"), one convolution per modality: both are covered.
 @pytest.mark.parametrize("mask", ["all", "modality_absent", "random", "one_modality"])
 @pytest.mark.parametrize("per_modality", [False, True], ids=["shared", "per_modality"])
 @pytest.mark.parametrize("nsp", [1, 2, 3])
-def test_matches_dense_reference(nsp, per_modality, mask, backend):
+def test_matches_dense_reference(nsp, per_modality, mask, backend, device):
     size, Cin = (4, 2) if nsp == 3 else (7, 3)  # float64 conv3d takes ATen's slow path: keep it tiny
     x, w, b = _inputs(nsp, per_modality, "per" if per_modality else "shared", size=size, Cin=Cin)
-    _check_against_reference(x, w, b, testing.present_mask(mask, 3, 4), backend, padding=1)
+    _check_against_reference(x, w, b, testing.present_mask(mask, 3, 4), backend, device, padding=1)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", CASES)
 @pytest.mark.parametrize("mask", ["random", "one_modality"])
 @pytest.mark.parametrize("per_modality,bias_kind", [(False, None), (False, "per"), (True, None), (True, "shared")])
-def test_bias_variants(per_modality, bias_kind, mask, backend):
+def test_bias_variants(per_modality, bias_kind, mask, backend, device):
     x, w, b = _inputs(2, per_modality, bias_kind)
-    _check_against_reference(x, w, b, testing.present_mask(mask, 3, 4), backend)
+    _check_against_reference(x, w, b, testing.present_mask(mask, 3, 4), backend, device)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", CASES)
 @pytest.mark.parametrize("conv", [
     dict(stride=2), dict(padding=2, dilation=2), dict(stride=(1, 2), padding=(0, 1), dilation=(2, 1)),
     dict(padding="same"), dict(padding="valid", stride=3),
 ], ids=["stride", "pad_dil", "tuples", "same", "valid_stride"])
-def test_stride_padding_dilation(conv, backend):
+def test_stride_padding_dilation(conv, backend, device):
     x, w, b = _inputs(2, True, "per", size=9)
-    _check_against_reference(x, w, b, testing.present_mask("random", 3, 4), backend, **conv)
+    _check_against_reference(x, w, b, testing.present_mask("random", 3, 4), backend, device, **conv)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_present_none_is_all_present(backend):
+@pytest.mark.parametrize("device,backend", CASES)
+def test_present_none_is_all_present(backend, device):
     x, w, b = _inputs(2, False, "shared")
-    torch.testing.assert_close(masked_conv(x, w, b, backend=backend), masked_conv_reference(x, w, b))
+    torch.testing.assert_close(_mc(device, x, w, b, backend=backend), masked_conv_reference(x, w, b))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_absent_pairs_are_never_read(backend):
+@pytest.mark.parametrize("device,backend", CASES)
+def test_absent_pairs_are_never_read(backend, device):
     """NaN in absent slices must not leak into outputs or gradients: absent pairs are not computed at all."""
     x, w, b = _inputs(2, True, "per")
     present = testing.present_mask("modality_absent", 3, 4)
     x[~present] = float("nan")
     x.requires_grad_()
     w.requires_grad_()
-    y = masked_conv(x, w, b, present, backend=backend)
+    y = _mc(device, x, w, b, present, backend=backend)
     assert torch.isfinite(y).all() and (y[~present] == 0).all()
     dx, dw = torch.autograd.grad(y.sum(), (x, w))
     assert torch.isfinite(dw).all() and (dx[~present] == 0).all()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_absent_modality_gets_zero_weight_grad(backend):
+@pytest.mark.parametrize("device,backend", CASES)
+def test_absent_modality_gets_zero_weight_grad(backend, device):
     x, w, b = _inputs(2, True, "per")
     present = testing.present_mask("modality_absent", 3, 4)
     w.requires_grad_()
     b.requires_grad_()
-    y = masked_conv(x, w, b, present, backend=backend)
+    y = _mc(device, x, w, b, present, backend=backend)
     dw, db = torch.autograd.grad((y * torch.randn_like(y)).sum(), (w, b))
     assert (dw[1] == 0).all() and (db[1] == 0).all()
     assert (dw[0] != 0).any() and (db[0] != 0).any()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", CASES)
 @pytest.mark.parametrize("per_modality", [False, True], ids=["shared", "per_modality"])
-def test_gradcheck(per_modality, backend):
+def test_gradcheck(per_modality, backend, device):
     x, w, b = _inputs(1, per_modality, "per" if per_modality else "shared", B=2, M=3, Cin=2, Cout=2, size=5)
     present = torch.tensor([[True, False, True], [False, False, True]])
     leaves = [t.requires_grad_() for t in (x, w, b)]
     assert torch.autograd.gradcheck(
-        lambda x, w, b: masked_conv(x, w, b, present, stride=2, padding=1, backend=backend), leaves, fast_mode=True)
+        lambda x, w, b: _mc(device, x, w, b, present, stride=2, padding=1, backend=backend), leaves, fast_mode=True)
 
 
 @pytest.mark.parametrize("dtype", testing.low_precision)
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_low_precision(dtype, backend):
+@pytest.mark.parametrize("device,backend", CASES)
+def test_low_precision(dtype, backend, device):
     """fp16/bf16 error within 2x (values) / 3x (grads) of plain torch's at the same precision, vs fp32."""
     x, w, b = _inputs(2, True, "per", dtype=torch.float32, Cin=8, Cout=8, size=8)
     present = testing.present_mask("random", 3, 4)
@@ -116,19 +125,19 @@ def test_low_precision(dtype, backend):
     out_in = [t.detach().to(dtype).requires_grad_() for t in ref_in]
     base_in = [t.detach().to(dtype).requires_grad_() for t in ref_in]
     ref = masked_conv_reference(*ref_in, present, padding=1)
-    out = masked_conv(*out_in, present, padding=1, backend=backend)
+    out = _mc(device, *out_in, present, padding=1, backend=backend)
     base = masked_conv_reference(*base_in, present, padding=1)
     testing.assert_close_rel(out, ref, base)
     testing.assert_grads_close_rel((out, ref, base), (out_in, ref_in, base_in), ("x", "weight", "bias"))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_non_contiguous_input(backend):
+@pytest.mark.parametrize("device,backend", CASES)
+def test_non_contiguous_input(backend, device):
     x, w, b = _inputs(2, False, "shared", size=8)
     xt = x.transpose(-1, -2)
     assert not xt.is_contiguous()
     present = testing.present_mask("random", 3, 4)
-    torch.testing.assert_close(masked_conv(xt, w, b, present, backend=backend),
+    torch.testing.assert_close(_mc(device, xt, w, b, present, backend=backend),
                                masked_conv_reference(xt, w, b, present))
 
 
@@ -321,3 +330,32 @@ def test_bad_inputs(call, exc, match):
     x, w, _ = _inputs(2, True, None, dtype=torch.float32)
     with pytest.raises(exc, match=match):
         call(x, w, torch.ones(3, 4, dtype=torch.bool))
+
+
+# ---------------------------------------------------------------- batched backward (vmap rules)
+def _vmapped_vjp(out, leaves, cotangents):
+    """The V vector-Jacobian products of `out` as one functorch-vmapped backward (what GMD(strategy="branches")
+    runs through a branch), and as V separate backward passes."""
+    batched = torch.func.vmap(lambda c: torch.autograd.grad(out, leaves, c, retain_graph=True))(cotangents)
+    single = [torch.autograd.grad(out, leaves, c, retain_graph=True) for c in cotangents]
+    return batched, [torch.stack(t) for t in zip(*single)]
+
+
+@needs_cpp
+@pytest.mark.parametrize("device", testing.device_params())
+def test_pack_scatter_batched_backward_equals_per_cotangent(device):
+    """gmd_ext::pack_pairs / scatter_pairs under torch.func.vmap (their vmap rules): equal, exactly, to one
+    backward per cotangent, and one op call per batch (no per-cotangent fallback loop)."""
+    present = testing.present_mask("random", 3, 4)
+    plan = PairPlan(present, 3, 4, device)
+    x = torch.randn(3, 4, 2, 5, device=device, requires_grad=True)
+    rows = ds_ops.pack(x, plan, backend="cpp")
+    out = ds_ops.scatter(rows * 2, plan, backend="cpp")
+    cotangents = torch.randn(6, *out.shape, device=device)
+    batched, single = _vmapped_vjp(out, [x], cotangents)
+    torch.testing.assert_close(batched[0], single[0], rtol=0, atol=0)
+    with torch.profiler.profile() as prof:
+        torch.func.vmap(lambda c: torch.autograd.grad(out, [x], c, retain_graph=True))(cotangents)
+    calls = {e.key: e.count for e in prof.key_averages()}
+    # The batched call and the rule's one call on the whole batch; the fallback would call once per cotangent.
+    assert calls["gmd_ext::pack_pairs"] <= 2 and calls["gmd_ext::scatter_pairs"] <= 2, calls

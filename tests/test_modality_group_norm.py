@@ -346,3 +346,22 @@ def test_direct_op_calls_raise_cleanly():
     got = json.loads(run.stdout.strip().splitlines()[-1])
     for name, (exc, pattern) in _BAD_OP_EXPECT.items():
         assert got[name][0] == exc and re.search(pattern, got[name][1]), f"{name}: {got[name]}"
+
+
+# ---------------------------------------------------------------- batched backward (vmap rule)
+@pytest.mark.parametrize("device,backend", testing.device_backends(backends=("cpp", "triton")))
+def test_batched_backward_equals_per_cotangent(device, backend):
+    """V cotangents as one torch.func.vmap backward (the vmap rule of the backward op: one kernel call over V·B·M
+    pairs, GMD(strategy="branches")) equal V separate backward passes, absent pairs included; one call, not V."""
+    x, w, b = (t.to(device).requires_grad_() for t in _inputs(2, B=3, M=2, C=4, size=4))
+    present = testing.present_mask("random", 3, 2)
+    y = modality_group_norm(x, w, b, present, num_groups=2, activation="relu", backend=backend)
+    cotangents = torch.randn(5, *y.shape, dtype=y.dtype, device=device)
+    batched = torch.func.vmap(lambda c: torch.autograd.grad(y, (x, w, b), c, retain_graph=True))(cotangents)
+    single = [torch.autograd.grad(y, (x, w, b), c, retain_graph=True) for c in cotangents]
+    for got, *want in zip(batched, *single):
+        torch.testing.assert_close(got, torch.stack(want))
+    op = "gmd_ext::modality_group_norm_bwd" + ("_triton" if backend == "triton" else "")
+    with torch.profiler.profile() as prof:
+        torch.func.vmap(lambda c: torch.autograd.grad(y, (x, w, b), c, retain_graph=True))(cotangents)
+    assert {e.key: e.count for e in prof.key_averages()}[op] <= 2  # the batched call and the rule's one call

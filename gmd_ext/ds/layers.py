@@ -190,6 +190,13 @@ class DSConv(_ModalityParams):
         if rows.dim() != self.dims + 2 or rows.shape[1] != self.in_channels:
             raise ValueError(f"rows must be [P, {self.in_channels}, *S] with {self.dims} spatial dims, "
                              f"got shape {tuple(rows.shape)}")
+        if plan.branch is not None:
+            # One modality's rows (a branch of the per-branch execution): a convolution whose backward batches
+            # the objectives' cotangents (ds_ops.conv_rows).
+            m = plan.branch
+            w, b = (self.weight, self.bias) if self.shared else (self.weight[m], None if self.bias is None
+                                                                  else self.bias[m])
+            return ds_ops.conv_rows(rows, w, b, self.stride, self.padding, self.dilation)
         conv = functools.partial(_CONV[self.dims], stride=self.stride, padding=self.padding,
                                  dilation=self.dilation)
         if self.shared:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import warnings
 
+import numpy as np
 import torch
 from torch.autograd.graph import GradientEdge
 
@@ -38,18 +39,23 @@ def fill(bufs, losses) -> bool:
     if not nodes:
         return False
     slot = {i: (b, j) for b in bufs.buffers for j, i in enumerate(b.index)}
-    if not bufs.keep:  # accumulating (GMD.backward until zero_grad): add into the rows; reach flags are the engine's
-        for b in bufs.buffers:
-            b.G.zero_()
+    # Accumulating into kept rows (GMD.backward until zero_grad, bufs.keep): add into them; the reach flags are
+    # the engine's (ORed). Otherwise the rows are not zeroed beforehand: each slice's first contribution is copied
+    # and the slices nothing wrote are zeroed at the end (one pass over the [K, N] rows saved).
+    keep = bufs.keep
+    written = np.zeros(bufs.reach.shape, dtype=np.bool_)
 
     def add(rows: list[int], i: int, g: torch.Tensor):
-        """Rows `rows` of parameter i's slice += g [len(rows), *shape]."""
+        """Rows `rows` of parameter i's slice += g [len(rows), *shape] (the first contribution copied unless keep)."""
         b, j = slot[i]
         view = b.batched_view(j)
-        g = g.to(view.dtype)
-        # One add per row: index_add_ into the strided [K, *shape] view takes a slow scatter path.
+        # One op per row: index_add_ into the strided [K, *shape] view takes a slow scatter path.
         for r, k in enumerate(rows):
-            view[k].add_(g[r])
+            if keep or written[k, i]:
+                view[k].add_(g[r])
+            else:
+                view[k].copy_(g[r])
+                written[k, i] = True
         bufs.reach[rows, i] = True
 
     # 1. The head of every objective: cotangents at its branches' outputs, gradients of head-only parameters.
@@ -94,5 +100,12 @@ def fill(bufs, losses) -> bool:
         for i, g in zip(reached, grads):
             if g is not None:
                 add(ks, i, g)
+    if not keep:
+        for k, i in zip(*(~written).nonzero()):  # slices nothing wrote: zero (they hold the last step's values)
+            b, j = slot[int(i)]
+            b.batched_view(j)[int(k)].zero_()
+        for b in bufs.buffers:
+            if b.width > b.N:  # row padding: zero, as a full-row zeroing would leave it
+                b.G[:, b.N:].zero_()
     return True
 

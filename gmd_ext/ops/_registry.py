@@ -168,14 +168,78 @@ def _to_front(t, bdim, size):
     return t.movedim(bdim, 0) if bdim is not None else t.expand(size, *t.shape)
 
 
+# Output positions per row up to which the batched weight gradient of conv_rows is one GEMM over im2col rows
+# (below it the vendor's per-call overhead dominates: measured 5x faster at 2^3, 1.2x at 4^3, slower from 8^3 on a
+# 2-core Xeon, 1 thread; bench/bench_ds.py).
+CONV_ROWS_GEMM_MAX = 64
+_CONV_T = {1: torch.nn.functional.conv_transpose1d, 2: torch.nn.functional.conv_transpose2d,
+           3: torch.nn.functional.conv_transpose3d}
+
+
+def _register_conv_rows():
+    """gmd_ext::conv_rows_backward: the backward of a convolution of packed rows (gmd_ext.ops.ds_ops.conv_rows,
+    the layers' per-branch form), pure torch, so that a batched backward (V cotangents through one branch,
+    GMD(strategy="branches")) has a vmap rule: the data gradient of all V·P rows in one call, the weight gradient
+    per cotangent, as one GEMM over the im2col rows where the maps are small. Unbatched: the vendor backward."""
+
+    @torch.library.custom_op("gmd_ext::conv_rows_backward", mutates_args=())
+    def conv_rows_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride: list[int],
+                           padding: list[int], dilation: list[int], need_input: bool
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> (grad_x (empty unless need_input), grad_weight, grad_bias [Cout])."""
+        n = x.dim() - 2
+        dx, dw, _ = torch.ops.aten.convolution_backward(grad, x, weight, None, stride, padding, dilation, False,
+                                                        [0] * n, 1, [need_input, True, False])
+        return (dx if need_input else x.new_empty(0)), dw, grad.sum([0, *range(2, grad.dim())])
+
+    @conv_rows_backward.register_fake
+    def _(grad, x, weight, stride, padding, dilation, need_input):
+        return (x.new_empty(x.shape) if need_input else x.new_empty(0), weight.new_empty(weight.shape),
+                grad.new_empty(grad.shape[1:2]))
+
+    @conv_rows_backward.register_vmap
+    def _(info, in_dims, grad, x, weight, stride, padding, dilation, need_input):
+        V = info.batch_size
+        gd, xd, wd = in_dims[:3]
+        if gd is None or xd is not None or wd is not None:  # not V cotangents of one forward: one call each
+            g, xs, ws = _to_front(grad, gd, V), _to_front(x, xd, V), _to_front(weight, wd, V)
+            outs = [conv_rows_backward(g[v], xs[v], ws[v], stride, padding, dilation, need_input) for v in range(V)]
+            return tuple(torch.stack(t) for t in zip(*outs)), (0, 0, 0)
+        g = grad.movedim(gd, 0)  # [V, P, Cout, *S']
+        n, P = x.dim() - 2, x.shape[0]
+        if need_input and all(st == 1 for st in stride):
+            # Stride 1: the data gradient is the transposed convolution (exact sizes; faster than the vendor's
+            # backward call on this CPU, and one call for all V·P rows).
+            dx = _CONV_T[n](g.flatten(0, 1), weight, None, 1, padding, 0, 1, dilation).unflatten(0, (V, P))
+        elif need_input:  # the data gradient reads only x's shape: an expanded stand-in, as torch.nn.grad does
+            dx = torch.ops.aten.convolution_backward(
+                g.flatten(0, 1), x.new_empty(1).expand(V * P, *x.shape[1:]), weight, None, stride, padding,
+                dilation, False, [0] * n, 1, [True, False, False])[0].unflatten(0, (V, P))
+        else:
+            dx = x.new_empty(V, 0)
+        if g[0, 0, 0].numel() <= CONV_ROWS_GEMM_MAX and all(d == 1 for d in dilation):
+            k = weight.shape[2:]
+            cols = torch.nn.functional.pad(x, [q for p in reversed(padding) for q in (p, p)])
+            for i in range(n):
+                cols = cols.unfold(2 + i, k[i], stride[i])  # [P, Cin, *S', *k]
+            cols = cols.permute(0, *range(2, 2 + n), 1, *range(2 + n, 2 + 2 * n)).reshape(-1, weight[0].numel())
+            dw = (g.movedim(2, 1).reshape(V * g.shape[2], -1) @ cols).view(V, *weight.shape)
+        else:
+            dw = torch.stack([torch.ops.aten.convolution_backward(
+                g[v], x, weight, None, stride, padding, dilation, False, [0] * n, 1, [False, True, False])[1]
+                for v in range(V)])
+        return (dx, dw, g.sum([1, *range(3, g.dim())])), (0, 0, 0)
+
+
 def _register_ds_vmap(lib: str, bwd_suffix: str = "") -> None:
     """vmap rules of the DS ops a batched backward runs (GMD(strategy="branches"): every objective's cotangent
     through one branch backward, torch.autograd.grad(..., is_grads_batched=True)). Without them vmap runs the op
     once per cotangent and stacks the results.
 
     pack_pairs / scatter_pairs gather / scatter rows of dim 0: the vmapped dim rides along as dim 1. The group
-    norm backward folds the V vmapped copies into its modality dim (pair (b, v·M + m), affine row v·M + m), so
-    each copy keeps its own statistics and its own weight / bias gradient: one kernel call instead of V.
+    norm backward runs the V vmapped copies as one sample of V·B·M pairs (pair (v, b, m), its affine row gathered
+    from m), so each copy keeps its own statistics, and sums each copy's weight / bias gradient over b: one
+    kernel call instead of V, no copy of the cotangents.
     """
     if not bwd_suffix:
         @torch.library.register_vmap(lib + "pack_pairs")
@@ -199,16 +263,18 @@ def _register_ds_vmap(lib: str, bwd_suffix: str = "") -> None:
             (grad_y, x, weight, bias, present, mean, rstd), in_dims))
         B, M = xs.shape[1:3]
 
-        def pairs(t):  # [V, B, M, ...] -> [B, V·M, ...]
-            return t.transpose(0, 1).reshape(B, V * M, *t.shape[3:])
+        def pairs(t):  # [V, B, M, ...] -> [1, V·B·M, ...]
+            return t.reshape(1, V * B * M, *t.shape[3:])
 
-        out = bwd(pairs(g), pairs(xs), w.reshape(V * M, -1), b.reshape(V * M, -1), pairs(p), pairs(mu),
-                  pairs(rs), num_groups, activation, *mask)
-        dx, dw, db = out
-        dx = None if dx is None else dx.view(B, V, M, *dx.shape[2:])
-        dw = None if dw is None else dw.view(V, M, -1)
-        db = None if db is None else db.view(V, M, -1)
-        return (dx, dw, db), (None if dx is None else 1, None if dw is None else 0, None if db is None else 0)
+        def affine(t):  # [V, M, C] -> [V·B·M, C]: each pair's row
+            return t[:, None].expand(V, B, M, t.shape[-1]).reshape(V * B * M, -1)
+
+        dx, dw, db = bwd(pairs(g), pairs(xs), affine(w), affine(b), pairs(p), pairs(mu), pairs(rs), num_groups,
+                         activation, *mask)
+        dx = None if dx is None else dx.view(V, B, M, *dx.shape[2:])
+        dw = None if dw is None else dw.view(V, B, M, -1).sum(1)
+        db = None if db is None else db.view(V, B, M, -1).sum(1)
+        return (dx, dw, db), tuple(None if t is None else 0 for t in (dx, dw, db))
 
 
 def _group_norm_fake(x, num_groups):
@@ -324,6 +390,7 @@ def _register_triton():
     _triton_registered = True
 
 
+_register_conv_rows()
 if _backend.CPP_LOADED:
     _register_cpp_projection()
     _register_cpp_ds()

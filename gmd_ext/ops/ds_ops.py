@@ -293,6 +293,44 @@ def scatter(rows: torch.Tensor, plan: PairPlan, *, modality: int | None = None, 
     return rows.new_zeros((num, *rows.shape[1:])).index_copy(0, index, rows).view(shape)
 
 
+class _ConvRows(torch.autograd.Function):
+    """A vendor convolution whose backward is gmd_ext::conv_rows_backward (a vmap rule for batched cotangents)."""
+
+    @staticmethod
+    def forward(rows, weight, bias, stride, padding, dilation):
+        conv = (torch.nn.functional.conv1d, torch.nn.functional.conv2d, torch.nn.functional.conv3d)[rows.dim() - 3]
+        return conv(rows, weight, bias, stride, padding, dilation)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        rows, weight, _, stride, padding, dilation = inputs
+        ctx.conv = (list(stride), list(padding), list(dilation))
+        ctx.save_for_backward(rows, weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        rows, weight = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        if not torch._C._functorch.is_batchedtensor(grad):
+            # One cotangent: the vendor backward straight away (the custom op's Python dispatch is for vmap).
+            stride, padding, dilation = ctx.conv
+            dx, dw, db = torch.ops.aten.convolution_backward(
+                grad, rows, weight, [weight.shape[0]] if need[2] else None, stride, padding, dilation, False,
+                [0] * (rows.dim() - 2), 1, [need[0], need[1], need[2]])
+            return dx, dw, db, None, None, None
+        dx, dw, db = torch.ops.gmd_ext.conv_rows_backward(grad, rows, weight, *ctx.conv, need[0])
+        return dx if need[0] else None, dw if need[1] else None, db if need[2] else None, None, None, None
+
+
+def conv_rows(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride, padding, dilation
+              ) -> torch.Tensor:
+    """F.conv{1,2,3}d of packed rows [P, Cin, *S] (groups 1, explicit padding), differentiable with a backward that
+    batches: V cotangents through it (torch.func.vmap over the backward, GMD(strategy="branches")) compute the
+    data gradient of all V·P rows in one call and the weight gradients per cotangent (gmd_ext/ops/_registry.py).
+    The per-branch form of the DS layers; values and single gradients are those of F.conv."""
+    return _ConvRows.apply(rows, weight, bias, tuple(stride), tuple(padding), tuple(dilation))
+
+
 def masked_conv(x, weight, bias=None, present=None, *, stride=1, padding=0, dilation=1, backend="auto"):
     """Convolution of every present (b, m) pair; absent pairs are skipped and come out as zeros.
 
