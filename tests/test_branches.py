@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gmd_ext
-from gmd_ext import GMD, DSSentimentNet, DSUNet3d, masked_mean
+from gmd_ext import GMD, DSSentimentNet, DSUNet3d, masked_mean, testing
 from gmd_ext.ds import DSLinear, run_branches
 
 ORDER_SEED = 3
@@ -50,23 +50,25 @@ def _assert_same(model, losses_fn):
             torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-7, msg=name)
 
 
-def test_dsunet3d_branches_strategy_equals_sequential():
+@pytest.mark.parametrize("device", testing.device_params())
+def test_dsunet3d_branches_strategy_equals_sequential(device):
     torch.manual_seed(0)
-    model = DSUNet3d(width=0.25)
-    x = torch.randn(2, 4, 16, 16, 16)
-    y = torch.rand(2, 3, 16, 16, 16).round()
+    model = DSUNet3d(width=0.25).to(device)
+    x = torch.randn(2, 4, 16, 16, 16).to(device)
+    y = torch.rand(2, 3, 16, 16, 16).round().to(device)
     present = torch.tensor([[True, True, False, True], [True, True, True, True]])
     _assert_same(model, lambda: _subset_losses(model.forward_branches(x, present), y,
                                                F.binary_cross_entropy_with_logits, present))
 
 
-def test_dsunet3d_branches_strategy_on_the_recipe_path():
+@pytest.mark.parametrize("device", testing.device_params())
+def test_dsunet3d_branches_strategy_on_the_recipe_path(device):
     """gmd_ext.subset_losses(model.forward_branches(x), ...): branches equals sequential, and equals the official
     per-branch execution (forward_modality per modality)."""
     torch.manual_seed(4)
-    model = DSUNet3d(width=0.25)
-    x = torch.randn(2, 4, 16, 16, 16)
-    y = torch.rand(2, 3, 16, 16, 16).round()
+    model = DSUNet3d(width=0.25).to(device)
+    x = torch.randn(2, 4, 16, 16, 16).to(device)
+    y = torch.rand(2, 3, 16, 16, 16).round().to(device)
     subs = gmd_ext.subsets(model.modalities)
     bce = F.binary_cross_entropy_with_logits
     _assert_same(model, lambda: gmd_ext.subset_losses(model.forward_branches(x), y, bce, subs))

@@ -24,7 +24,7 @@ def per_pair(fn, x, present):
 
 
 def grads(out, inputs, seed=1):
-    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype).to(out.device)
     res = torch.autograd.grad((out * g).sum(), inputs, allow_unused=True)
     return [torch.zeros_like(i) if r is None else r for r, i in zip(res, inputs)]
 
@@ -45,15 +45,16 @@ def check_against_per_pair(y, ref, params, absent_modality_has_no_grad=False):
         assert gs[1][1].abs().max() == 0 and gs[2][1].abs().max() == 0
 
 
+@pytest.mark.parametrize("device", testing.device_params())
 # ---------------------------------------------------------------- DSConv
 @pytest.mark.parametrize("dims", [1, 2, 3])
 @pytest.mark.parametrize("shared", [True, False])
 @pytest.mark.parametrize("mask", ["all", "modality_absent", "random"])
 @pytest.mark.parametrize("geometry", [dict(stride=1, padding=1, dilation=1), dict(stride=2, padding=0, dilation=2)])
-def test_dsconv_matches_per_pair_reference(dims, shared, mask, geometry):
+def test_dsconv_matches_per_pair_reference(dims, shared, mask, geometry, device):
     B, M, Cin, Cout = 3, 3, 2, 4
-    layer = DSConv(Cin, Cout, 3, dims=dims, shared=shared, num_modalities=M, **geometry).double()
-    x = torch.randn(B, M, Cin, *([7] * dims), dtype=torch.float64, requires_grad=True)
+    layer = DSConv(Cin, Cout, 3, dims=dims, shared=shared, num_modalities=M, **geometry).double().to(device)
+    x = torch.randn(B, M, Cin, *([7] * dims), dtype=torch.float64, device=device, requires_grad=True)
     present = present_mask(mask, B, M)
     y = layer(x, present)
 
@@ -106,16 +107,17 @@ def test_dsconv_validation():
         layer.packed(torch.randn(2, 2, 5, 5), torch.ones(1, 3, dtype=torch.bool))
 
 
+@pytest.mark.parametrize("device", testing.device_params())
 # ---------------------------------------------------------------- DSGroupNorm
 @pytest.mark.parametrize("activation", [None, "relu", "leaky_relu"])
 @pytest.mark.parametrize("mask", ["all", "modality_absent", "random"])
-def test_dsgroupnorm_matches_per_pair_reference(activation, mask):
+def test_dsgroupnorm_matches_per_pair_reference(activation, mask, device):
     B, M, C, G = 3, 3, 6, 3
-    layer = DSGroupNorm(M, G, C, activation=activation).double()
+    layer = DSGroupNorm(M, G, C, activation=activation).double().to(device)
     with torch.no_grad():
         layer.weight.normal_()
         layer.bias.normal_()
-    x = torch.randn(B, M, C, 4, 5, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(B, M, C, 4, 5, dtype=torch.float64, device=device, requires_grad=True)
     present = present_mask(mask, B, M)
     y = layer(x, present)
     act = {None: lambda t: t, "relu": F.relu, "leaky_relu": F.leaky_relu}[activation]
@@ -133,13 +135,14 @@ def test_dsgroupnorm_validation():
         DSGroupNorm(2, 2, 4)(torch.randn(1, 3, 4, 5))
 
 
+@pytest.mark.parametrize("device", testing.device_params())
 # ---------------------------------------------------------------- DSLinear / DSLayerNorm
 @pytest.mark.parametrize("shared", [True, False])
 @pytest.mark.parametrize("mask", ["all", "modality_absent", "random"])
-def test_dslinear_matches_per_pair_reference(shared, mask):
+def test_dslinear_matches_per_pair_reference(shared, mask, device):
     B, M, T, Fin, Fout = 4, 3, 5, 6, 7
-    layer = DSLinear(Fin, Fout, shared=shared, num_modalities=M).double()
-    x = torch.randn(B, M, T, Fin, dtype=torch.float64, requires_grad=True)
+    layer = DSLinear(Fin, Fout, shared=shared, num_modalities=M).double().to(device)
+    x = torch.randn(B, M, T, Fin, dtype=torch.float64, device=device, requires_grad=True)
     present = present_mask(mask, B, M)
     y = layer(x, present)
     ref = per_pair(lambda b, m, xi: F.linear(xi, layer.weight if shared else layer.weight[m],
@@ -147,14 +150,15 @@ def test_dslinear_matches_per_pair_reference(shared, mask):
     check_against_per_pair(y, ref, [x, layer.weight, layer.bias], mask == "modality_absent" and not shared)
 
 
+@pytest.mark.parametrize("device", testing.device_params())
 @pytest.mark.parametrize("mask", ["all", "modality_absent", "random"])
-def test_dslayernorm_matches_per_pair_reference(mask):
+def test_dslayernorm_matches_per_pair_reference(mask, device):
     B, M, T, C = 4, 3, 5, 8
-    layer = DSLayerNorm(M, C).double()
+    layer = DSLayerNorm(M, C).double().to(device)
     with torch.no_grad():
         layer.weight.normal_()
         layer.bias.normal_()
-    x = torch.randn(B, M, T, C, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(B, M, T, C, dtype=torch.float64, device=device, requires_grad=True)
     present = present_mask(mask, B, M)
     y = layer(x, present)
     ref = per_pair(lambda b, m, xi: F.layer_norm(xi, (C,), layer.weight[m], layer.bias[m]), x, present)
@@ -247,6 +251,7 @@ def test_torch_compile_matches_eager(make):
         torch.testing.assert_close(got, want)
 
 
+@pytest.mark.parametrize("device", testing.device_params())
 @pytest.mark.parametrize("make,shape", [
     (lambda: DSConv(2, 3, 3, padding=1, dims=2), (2, 5, 5)),
     (lambda: DSConv(2, 3, 3, padding=1, dims=2, shared=False, num_modalities=3), (2, 5, 5)),
@@ -255,16 +260,16 @@ def test_torch_compile_matches_eager(make):
     (lambda: DSLayerNorm(3, 6), (2, 6)),
 ], ids=["conv_shared", "conv_per_modality", "group_norm", "linear_per_modality", "layer_norm"])
 @pytest.mark.parametrize("mask", ["all", "modality_absent", "random", "one_modality"])
-def test_packed_form_equals_layer(make, shape, mask):
+def test_packed_form_equals_layer(make, shape, mask, device):
     """layer.packed on the plan's packed rows, scattered back, equals layer(x, plan): values and gradients."""
     torch.manual_seed(0)
-    layer = make()
+    layer = make().to(device)
     with torch.no_grad():
         for p in layer.parameters():
             p.add_(0.3 * torch.randn_like(p))
     present = testing.present_mask(mask, 4, 3, torch.Generator().manual_seed(1))
-    plan = PairPlan(present, 4, 3, "cpu")
-    x = torch.randn(4, 3, *shape, requires_grad=True)
+    plan = PairPlan(present, 4, 3, device)
+    x = torch.randn(4, 3, *shape, device=device, requires_grad=True)
     got = ds_ops.scatter(layer.packed(ds_ops.pack(x, plan), plan), plan)
     want = layer(x, plan)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

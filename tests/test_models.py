@@ -1,10 +1,12 @@
 """DSUNet3d and DSSentimentNet: equal to running the shared network per modality and averaging the present ones."""
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 import gmd_ext
-from gmd_ext import DSSentimentNet, DSUNet3d, masked_mean
+from gmd_ext import DSSentimentNet, DSUNet3d, masked_mean, testing
 from gmd_ext.ops import PairPlan
 
 PRESENT = torch.tensor([[True, False, True, True], [False, True, False, False]])
@@ -118,6 +120,29 @@ def test_dsunet3d_branches_fuse_any_subset_without_rerun(unet):
     for subset in ([True, False, False, True], [False, False, True, False], [True] * 4):
         present = torch.tensor([subset, subset])
         torch.testing.assert_close(masked_mean(branches, present), unet(x, present))
+
+
+@pytest.mark.parametrize("device", testing.device_params())
+def test_dsunet3d_on_device_equals_plain_torch_reference(unet, device):
+    """forward, forward_branches (training and inference) and the gradients on `device` against the plain-torch
+    per-branch execution on the CPU."""
+    model = copy.deepcopy(unet).to(device)
+    x = torch.randn(2, 4, 16, 16, 16)
+    target = torch.rand(2, 3, 16, 16, 16).round()
+    ref = reference_branches(unet, x, PRESENT)
+    fused_ref = torch.stack([ref[b, PRESENT[b]].mean(0) for b in range(2)])
+    want = torch.autograd.grad(F.binary_cross_entropy_with_logits(fused_ref, target), list(unet.parameters()))
+    xd, td = x.to(device), target.to(device)
+    branches = model.forward_branches(xd, PRESENT)
+    torch.testing.assert_close(torch.stack(branches, 1).cpu(), ref, rtol=1e-3, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.stack(model.forward_branches(xd, PRESENT), 1).cpu(), ref, rtol=1e-3,
+                                   atol=1e-5)
+    for out in (model(xd, PRESENT), masked_mean(torch.stack(branches, 1), PRESENT)):
+        got = torch.autograd.grad(F.binary_cross_entropy_with_logits(out, td), list(model.parameters()),
+                                  retain_graph=True)
+        for (name, _), g, w in zip(model.named_parameters(), got, want):
+            torch.testing.assert_close(g.cpu(), w, rtol=1e-3, atol=1e-5, msg=name)
 
 
 def test_dsunet3d_sample_independent_of_other_samples(unet):
@@ -259,6 +284,16 @@ def test_sentiment_unaligned_branches_equal_single_sequence_runs(senti):
     # The same inputs as lists in modality order.
     as_list = senti([x[n] for n in names], SENTI_PRESENT, [lengths[n] for n in names])
     torch.testing.assert_close(as_list, masked_mean(ref, SENTI_PRESENT))
+
+
+@pytest.mark.parametrize("device", testing.device_params())
+def test_sentiment_on_device_equals_cpu(senti, device):
+    x, lengths = sentiment_inputs()
+    model = copy.deepcopy(senti).to(device)
+    xd = {n: t.to(device) for n, t in x.items()}
+    torch.testing.assert_close(torch.stack(model.forward_branches(xd, SENTI_PRESENT, lengths), 1).cpu(),
+                               torch.stack(senti.forward_branches(x, SENTI_PRESENT, lengths), 1))
+    torch.testing.assert_close(model(xd, SENTI_PRESENT, lengths).cpu(), senti(x, SENTI_PRESENT, lengths))
 
 
 def test_sentiment_aligned_full_length_and_padding_ignored(senti):

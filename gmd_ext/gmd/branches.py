@@ -4,12 +4,19 @@ With one branch per modality and a fusion over the subset's branches only, objec
 g_S = Σ_{m ∈ S} J_mᵀ c_{S,m}, where c_{S,m} = ∂L_S/∂(branch m's output) comes from the cheap fusion + loss head and
 J_mᵀ is branch m's backward. The sequential engine runs Σ_S |S| branch backwards (32 for 15 subsets of 4
 modalities); here every branch runs ONE backward, with the cotangents of all objectives that use it batched
-(`torch.autograd.grad(..., is_grads_batched=True)`: 2^(M−1) = 8 per branch), and each objective's slice is added
-into its row of the engine's [K, N] buffer. Same rows as the sequential engine (to fp32 rounding).
+(torch.func.vmap over torch.autograd.grad: 2^(M−1) = 8 per branch), and each objective's slice is written into its
+row of the engine's [K, N] buffer. Same rows as the sequential engine (to fp32 rounding).
 
-Branches are found in the losses' graphs by a mark on their output node: gmd_ext.ds.packed.run_branches (the
-library's models' `branches`) puts ``node.metadata[BRANCH_MARK] = m`` on each branch output's grad_fn. Parameters a
-loss reaches without passing a branch (a head after the fusion) get their gradient from the head pass directly.
+The batching is real only where the branch's ops have functorch batch rules: aten's convolution and group norm
+backward do, and so do the library's DS ops (gmd_ext/ops/_registry.py: pack/scatter, the fused group norm
+backward, conv_rows — the per-branch convolution whose batched backward computes the data gradient of all
+cotangents in one call and small maps' weight gradients as one GEMM). `is_grads_batched=True` is not used: it runs
+the legacy vmap, whose fallback calls the convolution backward once per cotangent.
+
+Branches are found in the losses' graphs by a mark on their output node: gmd_ext.ds.packed.run_branches /
+branch_output (the library's models' `forward_branches`) put ``node.metadata[BRANCH_MARK] = m`` on each branch
+output's grad_fn. Parameters a loss reaches without passing a branch (a head after the fusion) get their gradient
+from the head pass directly.
 """
 from __future__ import annotations
 
