@@ -6,7 +6,8 @@ call (its final state at the sequence's length); a modality-specific LayerNorm (
 head (DSLinear) map each state to a per-modality prediction, and the predictions are fused by the mean over the
 modalities present. Pack-once (gmd_ext.ds.packed): the present pairs are gathered once in the PairPlan's order,
 everything after the input projections runs on the packed rows, and the predictions are fused or scattered
-once; `forward_branches` (training) runs the same network once per modality so each branch has its own graph. Absent modalities are never projected or encoded and receive no gradient.
+once; `forward_branches` (training) runs the same network once per modality so each branch has its own graph.
+Absent modalities are never projected or encoded and receive no gradient.
 """
 from __future__ import annotations
 
