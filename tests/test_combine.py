@@ -95,11 +95,16 @@ def test_combine_edge_shapes(device, backend, K, N):
 def test_combine_non_contiguous(device, backend, layout):
     K, N = 5, 1031
     base = _rows(2 * K, 2 * N + 1)
-    G = {"column_slice": base[:K, :N], "transposed": base[:K, :N].T.contiguous().T,
-         "step2": base[:K, : 2 * N : 2]}[layout]
-    c = torch.randn(2 * K, generator=_gen(2))[::2]  # non-contiguous coefficients too
-    shared = (torch.rand(2 * N, generator=_gen(3)) > 0.5)[::2]
-    out = _on(device, ops.combine, G, c, shared, 0.2, 1.0, backend)
+    view = {"column_slice": lambda b: b[:K, :N], "transposed": lambda b: b[:K, :N].T.contiguous().T,
+            "step2": lambda b: b[:K, : 2 * N : 2]}[layout]
+    c_full = torch.randn(2 * K, generator=_gen(2))
+    shared_full = torch.rand(2 * N, generator=_gen(3)) > 0.5
+    # Views taken on the device (moving a strided view would give the kernel a contiguous copy); non-contiguous
+    # coefficients and mask too.
+    G, c, shared = view(base), c_full[::2], shared_full[::2]
+    Gd, cd, shared_d = view(base.to(device)), c_full.to(device)[::2], shared_full.to(device)[::2]
+    assert not Gd.is_contiguous()
+    out = ops.combine(Gd, cd, shared_d, 0.2, 1.0, backend).cpu()
     expected = _on(device, ops.combine, G.contiguous(), c.contiguous(), shared.contiguous(), 0.2, 1.0, backend)
     torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
 
@@ -171,11 +176,12 @@ def test_combine_rows_edge_shapes(device, backend, K, R, N):
 @pytest.mark.parametrize("device,backend", CASES)
 def test_combine_rows_non_contiguous_and_nan(device, backend):
     base = _rows(8, 2 * 999 + 1)
-    G = base[1:5, : 2 * 999 : 2]
-    G[3, 10] = float("nan")
-    A = torch.randn(6, 8, generator=_gen(4)).T[:4].T  # [6, 4] view with strides (1, 8)
-    assert not G.is_contiguous() and not A.is_contiguous()
-    out = _on(device, ops.combine_rows, G, A, backend)
+    base[4, 20] = float("nan")  # G[3, 10] below
+    A_base = torch.randn(6, 8, generator=_gen(4))
+    G, A = base[1:5, : 2 * 999 : 2], A_base.T[:4].T  # A: a [6, 4] view with strides (1, 8)
+    Gd, Ad = base.to(device)[1:5, : 2 * 999 : 2], A_base.to(device).T[:4].T  # the same views on the device
+    assert not Gd.is_contiguous() and not Ad.is_contiguous()
+    out = ops.combine_rows(Gd, Ad, backend).cpu()
     ref = A.double() @ G.double()
     assert torch.isnan(out[:, 10]).all() and torch.isfinite(out[:, torch.arange(999) != 10]).all()
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5, equal_nan=True)

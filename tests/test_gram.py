@@ -71,15 +71,17 @@ def test_empty(device, backend, K):
 def test_non_contiguous(device, backend, dtype, layout):
     K, N = 5, 1031
     base = _rows(2 * K, 2 * N + 1, dtype)
-    G = {
-        "column_slice": base[:K, :N],  # row stride != N
-        "transposed": base[:K, :N].T.contiguous().T,  # column-major
-        "row_slice": base[::2, :N],  # every other row
-        "step2": base[:K, : 2 * N : 2],  # column stride 2
-        "expanded": base[0, :N].expand(K, N),  # row stride 0
+    view = {
+        "column_slice": lambda b: b[:K, :N],  # row stride != N
+        "transposed": lambda b: b[:K, :N].T.contiguous().T,  # column-major
+        "row_slice": lambda b: b[::2, :N],  # every other row
+        "step2": lambda b: b[:K, : 2 * N : 2],  # column stride 2
+        "expanded": lambda b: b[0, :N].expand(K, N),  # row stride 0
     }[layout]
-    assert not G.is_contiguous()
-    out = _on(device, ops.gram, G, backend)
+    # The view is taken on the device: moving a strided view would give the kernel a contiguous copy.
+    G, Gd = view(base), view(base.to(device))
+    assert not Gd.is_contiguous()
+    out = ops.gram(Gd, backend).cpu()
     expected = _on(device, ops.gram, G.contiguous(), backend)
     torch.testing.assert_close(out, expected, rtol=4 * N * EPS32, atol=0)
     if dtype == torch.float32:

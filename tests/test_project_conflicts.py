@@ -9,9 +9,13 @@ from gmd_ext import _backend, testing
 from gmd_ext.gmd.projection import make_perms
 from gmd_ext.ops.reference import pairwise_pcgrad
 
-BACKENDS = testing.backends_for("cpu")
+# devices x backends (gmd_ext.testing): every cell collected everywhere, absent devices and backends skipped with
+# the reason. Inputs are drawn on the CPU and moved, so every device sees the same values; orders stay host tensors
+# (project_conflicts copies them without a sync); results are compared on the CPU.
+CASES = testing.device_backends()
 # The triton interpreter executes every program in Python: keep its problem sizes small.
 SMALL_N = (0, 1, 17, 4099)
+NOT_INTERPRETED = [c for c in CASES if c.values != ("cpu", "triton")]
 
 
 def _grads(K, N, dtype=torch.float32, seed=0):
@@ -31,6 +35,7 @@ def _shared(N, seed=0):
 
 
 def _check_fp32(out, ref):
+    out = out.cpu()
     scale = ref.abs().max().item() if ref.numel() else 0.0
     torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-5 * max(scale, 1.0))
 
@@ -41,38 +46,41 @@ def test_cpp_backend_built_when_required():
         assert _backend.CPP_LOADED, _backend.CPP_REASON
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", CASES)
 @pytest.mark.parametrize("K", [1, 2, 3, 7, 15, 32])
 @pytest.mark.parametrize("N", SMALL_N)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_matches_official_loop(backend, K, N, reduction):
+def test_matches_official_loop(device, backend, K, N, reduction):
     G, perms, shared = _grads(K, N), _perms(K), _shared(N)
-    out = gmd_ext.project_conflicts(G, shared=shared, order=perms, reduction=reduction, backend=backend)
+    Gd = G.to(device)
+    out = gmd_ext.project_conflicts(Gd, shared=shared.to(device), order=perms, reduction=reduction, backend=backend)
+    assert out.device == Gd.device
     assert out.dtype == G.dtype and out.shape == ((K, N) if reduction == "none" else (N,))
     _check_fp32(out, pairwise_pcgrad(G, perms, shared, reduction))
 
 
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
+@pytest.mark.parametrize("device,backend", NOT_INTERPRETED)
 @pytest.mark.parametrize("K", [3, 15])
-def test_large_odd_n(backend, K):
+def test_large_odd_n(device, backend, K):
     N = 2**20 + 3
     G, perms, shared = _grads(K, N), _perms(K), _shared(N)
-    out = gmd_ext.project_conflicts(G, shared=shared, order=perms, backend=backend)
+    out = gmd_ext.project_conflicts(G.to(device), shared=shared.to(device), order=perms, backend=backend)
     _check_fp32(out, pairwise_pcgrad(G, perms, shared, "mean"))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", CASES)
 @pytest.mark.parametrize("order", ["sequential", "random"])
 @pytest.mark.parametrize("shared_kind", ["none", "mixed"])
-def test_order_modes(backend, order, shared_kind):
+def test_order_modes(device, backend, order, shared_kind):
     K, N = 7, 333
     G = _grads(K, N)
     shared = _shared(N) if shared_kind == "mixed" else None
+    Gd, shared_d = G.to(device), None if shared is None else shared.to(device)
     if order == "sequential":
         perms = torch.arange(K).repeat(K, 1)
-        out = gmd_ext.project_conflicts(G, shared=shared, order="sequential", backend=backend)
+        out = gmd_ext.project_conflicts(Gd, shared=shared_d, order="sequential", backend=backend)
     else:
-        out = gmd_ext.project_conflicts(G, shared=shared, order="random", backend=backend,
+        out = gmd_ext.project_conflicts(Gd, shared=shared_d, order="random", backend=backend,
                                         generator=torch.Generator().manual_seed(5))
         perms = make_perms("random", K, torch.Generator().manual_seed(5))  # the same draws
     _check_fp32(out, pairwise_pcgrad(G, perms, shared, "mean"))
@@ -89,36 +97,39 @@ def test_random_order_is_seeded_and_varies():
     assert all(sorted(row) == list(range(7)) for row in perms1.tolist())
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", CASES)
 @pytest.mark.parametrize("dtype", testing.low_precision)
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_low_precision_flash_attention_rule(backend, dtype, reduction):
+def test_low_precision_flash_attention_rule(device, backend, dtype, reduction):
     K, N = 7, 4099
     G, perms, shared = _grads(K, N, dtype), _perms(K), _shared(N)
-    out = gmd_ext.project_conflicts(G, shared=shared, order=perms, reduction=reduction, backend=backend)
+    out = gmd_ext.project_conflicts(G.to(device), shared=shared.to(device), order=perms, reduction=reduction,
+                                    backend=backend).cpu()
     assert out.dtype == dtype
     ref = pairwise_pcgrad(G, perms, shared, reduction)  # float64 on the same low-precision inputs
     baseline = pairwise_pcgrad(G, perms, shared, reduction, compute_dtype=dtype)  # plain torch, same precision
     testing.assert_close_rel(out, ref, baseline, what=f"{backend} {dtype}")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_non_contiguous_and_list_inputs(backend):
+@pytest.mark.parametrize("device,backend", CASES)
+def test_non_contiguous_and_list_inputs(device, backend):
     K, N = 5, 301
-    base = _grads(N, K).T  # [K, N] view with strides (1, K)
+    base_h = _grads(N, K)
+    base = base_h.to(device).T  # [K, N] view with strides (1, K), made on the device
     assert not base.is_contiguous()
     perms = _perms(K)
-    ref = pairwise_pcgrad(base, perms)
+    ref = pairwise_pcgrad(base_h.T, perms)
     _check_fp32(gmd_ext.project_conflicts(base, order=perms, backend=backend), ref)
-    every_other = _grads(K, 2 * N)[:, ::2]
+    wide = _grads(K, 2 * N)
+    every_other = wide.to(device)[:, ::2]
     _check_fp32(gmd_ext.project_conflicts(every_other, order=perms, backend=backend),
-                pairwise_pcgrad(every_other, perms))
+                pairwise_pcgrad(wide[:, ::2], perms))
     rows = list(base.unbind(0))
     _check_fp32(gmd_ext.project_conflicts(rows, order=perms, backend=backend), ref)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_special_rows(backend):
+@pytest.mark.parametrize("device,backend", CASES)
+def test_special_rows(device, backend):
     K, N = 6, 1000
     G = _grads(K, N)
     G[2] = 0.0  # a zero-norm objective is skipped, never divides by zero
@@ -126,46 +137,49 @@ def test_special_rows(backend):
     G[4] = 3.0 * G[1]  # parallel
     G[5] *= 1e6  # rows differing in scale by 1e6
     perms = _perms(K)
-    out, info = gmd_ext.project_conflicts(G, order=perms, backend=backend, return_info=True)
+    out, info = gmd_ext.project_conflicts(G.to(device), order=perms, backend=backend, return_info=True)
     assert torch.isfinite(out).all()
     _check_fp32(out, pairwise_pcgrad(G, perms))
     assert info.norms[2] == 0 and (info.cosines[2] == 0).all()
-    torch.testing.assert_close(info.cosines[0, 3], torch.tensor(-1.0), rtol=0, atol=1e-5)
-    torch.testing.assert_close(info.cosines[1, 4], torch.tensor(1.0), rtol=0, atol=1e-5)
+    cosines = info.cosines.cpu()
+    torch.testing.assert_close(cosines[0, 3], torch.tensor(-1.0), rtol=0, atol=1e-5)
+    torch.testing.assert_close(cosines[1, 4], torch.tensor(1.0), rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_info(backend):
+@pytest.mark.parametrize("device,backend", CASES)
+def test_info(device, backend):
     K, N = 7, 500
     G, perms = _grads(K, N), _perms(K)
-    merged, info = gmd_ext.project_conflicts(G, order=perms, reduction="mean", backend=backend, return_info=True)
+    merged, info = gmd_ext.project_conflicts(G.to(device), order=perms, reduction="mean", backend=backend,
+                                             return_info=True)
     G64 = G.double()
-    torch.testing.assert_close(info.gram.double(), G64 @ G64.T, rtol=1e-5, atol=1e-3)
-    torch.testing.assert_close(info.norms.double(), G64.norm(dim=1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(info.gram.double().cpu(), G64 @ G64.T, rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(info.norms.double().cpu(), G64.norm(dim=1), rtol=1e-5, atol=1e-5)
     cos = torch.nn.functional.cosine_similarity(G64[:, None], G64[None], dim=-1)
-    torch.testing.assert_close(info.cosines.double(), cos, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(info.cosines.double().cpu(), cos, rtol=1e-4, atol=1e-5)
     assert info.num_conflicts == int(((G64 @ G64.T) < 0).triu(1).sum())
     # projected = A @ G reproduces the official per-objective projected gradients
-    _check_fp32(info.coefficients @ G, pairwise_pcgrad(G, perms, reduction="none"))
+    _check_fp32(info.coefficients.cpu() @ G, pairwise_pcgrad(G, perms, reduction="none"))
     assert set(info.keys()) == {"gram", "coefficients", "cosines", "norms", "num_conflicts"}
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_gram_export(backend):
+@pytest.mark.parametrize("device,backend", CASES)
+def test_gram_export(device, backend):
     G = _grads(4, 777)
-    torch.testing.assert_close(gmd_ext.gram(G, backend=backend).double(), G.double() @ G.double().T,
+    Gd = G.to(device)
+    torch.testing.assert_close(gmd_ext.gram(Gd, backend=backend).double().cpu(), G.double() @ G.double().T,
                                rtol=1e-5, atol=1e-3)
-    torch.testing.assert_close(gmd_ext.gram(list(G), backend=backend), gmd_ext.gram(G, backend=backend))
+    torch.testing.assert_close(gmd_ext.gram(list(Gd), backend=backend), gmd_ext.gram(Gd, backend=backend))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_compile_fullgraph(backend):
+@pytest.mark.parametrize("device,backend", CASES)
+def test_compile_fullgraph(device, backend):
     K, N = 5, 257
     G, perms, shared = _grads(K, N), _perms(K), _shared(N)
     torch._dynamo.reset()
     fn = torch.compile(lambda G, p, s: gmd_ext.project_conflicts(G, shared=s, order=p, backend=backend),
                        fullgraph=True)
-    _check_fp32(fn(G, perms, shared), pairwise_pcgrad(G, perms, shared))
+    _check_fp32(fn(G.to(device), perms.to(device), shared.to(device)), pairwise_pcgrad(G, perms, shared))
 
 
 def test_backend_env_and_errors(monkeypatch):

@@ -13,6 +13,7 @@ import sys
 import pytest
 import torch
 
+from gmd_ext import testing
 from gmd_ext.ops import reference
 from gmd_ext.testing import assert_close_rel
 
@@ -23,18 +24,23 @@ from gmd_ext.triton import combine as tcombine, gram as tgram, pcgrad_coefficien
 
 ops = triton_ops()
 EPS32 = torch.finfo(torch.float32).eps
+# The device axis (gmd_ext.testing): CPU through the interpreter, each GPU compiled (run there with
+# TRITON_INTERPRET=0). Every device is collected everywhere and skipped where absent or not runnable. Inputs are
+# drawn on the CPU and moved (the same values on every device); results are compared on the CPU.
+DEVICES = [pytest.param(p.values[0], id=p.values[0], marks=p.marks)
+           for p in testing.device_backends(backends=("triton",))]
 
 
 def _assert_dot_bound(out, ref, abs_ref, n, what):
     """fp32 dot products of length n, elementwise: |err| <= n·eps·Σ|products| (twice the classical γ_n = n·u
     bound with u = eps/2, which leaves room for the final rounding to fp32)."""
-    err = (out.double() - ref).abs()
+    err = (out.double().cpu() - ref).abs()
     bound = n * EPS32 * abs_ref + 1e-30
     assert (err <= bound).all(), f"{what}: max error/bound {(err / bound).max().item():.3g} > 1"
 
 
-def _rows(K, N, dtype=torch.float32):
-    return torch.randn(K, N, dtype=torch.float64).to(dtype)
+def _rows(K, N, dtype=torch.float32, device="cpu"):
+    return torch.randn(K, N, dtype=torch.float64).to(dtype).to(device)
 
 
 # ---------------------------------------------------------------- gram
@@ -43,20 +49,23 @@ def _rows(K, N, dtype=torch.float32):
 # the upper tile pairs computed).
 @pytest.mark.parametrize("K,N", [(1, 1), (3, 511), (3, 513), (2, 9000), (15, 1000), (20, 129), (33, 200),
                                  (64, 130), (65, 70), (100, 40)])
-def test_gram_fp32_blocks(K, N):
-    G = _rows(K, N)
+@pytest.mark.parametrize("device", DEVICES)
+def test_gram_fp32_blocks(K, N, device):
+    G = _rows(K, N, device=device)
     out = ops.gram_triton(G)
-    G64 = G.double()
-    assert out.dtype == torch.float32 and out.shape == (K, K)
+    G64 = G.double().cpu()
+    assert out.dtype == torch.float32 and out.shape == (K, K) and out.device == G.device
     _assert_dot_bound(out, G64 @ G64.T, G64.abs() @ G64.abs().T, N, "gram")
     assert torch.equal(out, out.T), "gram must be exactly symmetric"
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("K,N", [(7, 1000), (33, 257)])
-def test_gram_low_precision(dtype, K, N):
-    G = _rows(K, N, dtype)
-    out = ops.gram_triton(G)
+@pytest.mark.parametrize("device", DEVICES)
+def test_gram_low_precision(dtype, K, N, device):
+    G = _rows(K, N, dtype, device)
+    out = ops.gram_triton(G).cpu()
+    G = G.cpu()
     G64 = G.double()
     # Products of 16-bit values are exact in fp32, so the fp32 dot-product bound holds as for fp32 inputs ...
     _assert_dot_bound(out, G64 @ G64.T, G64.abs() @ G64.abs().T, N, f"gram {dtype}")
@@ -65,23 +74,25 @@ def test_gram_low_precision(dtype, K, N):
 
 
 @pytest.mark.parametrize("layout", ["transposed", "sliced", "expanded"])
-def test_gram_strided(layout):
+@pytest.mark.parametrize("device", DEVICES)
+def test_gram_strided(layout, device):
     K, N = 6, 300
     if layout == "transposed":
-        G = torch.randn(N, K).T  # strides (1, K)
+        G = torch.randn(N, K, device=device).T  # strides (1, K)
     elif layout == "sliced":
-        G = torch.randn(K + 3, 2 * N)[1:K + 1, ::2]
+        G = torch.randn(K + 3, 2 * N, device=device)[1:K + 1, ::2]
     else:
-        G = torch.randn(1, N).expand(K, N)  # stride 0 over K
+        G = torch.randn(1, N, device=device).expand(K, N)  # stride 0 over K
     assert not G.is_contiguous()
-    G64 = G.double()
+    G64 = G.double().cpu()
     _assert_dot_bound(ops.gram_triton(G), G64 @ G64.T, G64.abs() @ G64.abs().T, N, layout)
 
 
-def test_gram_empty_and_deterministic():
-    assert torch.equal(ops.gram_triton(torch.randn(3, 0)), torch.zeros(3, 3))
-    assert ops.gram_triton(torch.randn(0, 5)).shape == (0, 0)
-    G = _rows(9, 3000)
+@pytest.mark.parametrize("device", DEVICES)
+def test_gram_empty_and_deterministic(device):
+    assert torch.equal(ops.gram_triton(torch.randn(3, 0, device=device)).cpu(), torch.zeros(3, 3))
+    assert ops.gram_triton(torch.randn(0, 5, device=device)).shape == (0, 0)
+    G = _rows(9, 3000, device=device)
     assert torch.equal(ops.gram_triton(G), ops.gram_triton(G))
 
 
@@ -97,24 +108,27 @@ def _conflicting_gram(K, N=40):
 
 
 @pytest.mark.parametrize("K,max_tile", [(1, None), (2, None), (5, None), (16, None), (33, None), (11, 32)])
-def test_pcgrad_coefficients_matches_reference(K, max_tile, monkeypatch):
+@pytest.mark.parametrize("device", DEVICES)
+def test_pcgrad_coefficients_matches_reference(K, max_tile, device, monkeypatch):
     if max_tile is not None:  # several programs of BLOCK_R rows, the last one partial (K = 11: 6 programs of 2 rows)
         monkeypatch.setattr(tpc, "MAX_TILE", max_tile)
         assert tpc.config(K)["BLOCK_R"] < K
     gram = _conflicting_gram(K)
     perms = torch.stack([torch.randperm(K) for _ in range(K)])
-    A = ops.pcgrad_coefficients_triton(gram, perms)
+    A = ops.pcgrad_coefficients_triton(gram.to(device), perms.to(device)).cpu()
     ref = reference.pcgrad_coefficients(gram, perms)
     # Same fp64 steps as the host reference, one rounding to fp32 at the end.
     torch.testing.assert_close(A, ref, rtol=2 * EPS32, atol=0)
 
 
-def test_pcgrad_coefficients_strided_and_skips():
+@pytest.mark.parametrize("device", DEVICES)
+def test_pcgrad_coefficients_strided_and_skips(device):
     K = 6
     gram = _conflicting_gram(K).T  # Γ is symmetric: the transpose is a strided view of the same matrix
     perms = torch.stack([torch.randperm(K) for _ in range(K)]).T
     assert not gram.is_contiguous() and not perms.is_contiguous()
-    A = ops.pcgrad_coefficients_triton(gram, perms)
+    # .T after the move: the device tensors are the strided views too
+    A = ops.pcgrad_coefficients_triton(gram.T.to(device).T, perms.T.to(device).T).cpu()
     torch.testing.assert_close(A, reference.pcgrad_coefficients(gram, perms), rtol=2 * EPS32, atol=0)
     assert (A[torch.arange(K) != 1, 1] == 0).all(), "the zero-norm objective must never be projected against"
     assert (A[1] == torch.eye(K)[1]).all(), "a zero gradient has no conflicts and stays itself"
@@ -131,69 +145,80 @@ def test_pcgrad_coefficients_rejects_out_of_range_order():
 # N around the 1024-column block, K around the 16-row block.
 @pytest.mark.parametrize("K,N", [(1, 1), (3, 1023), (3, 1025), (15, 1000), (16, 300), (17, 700), (33, 300)])
 @pytest.mark.parametrize("with_shared", [False, True])
-def test_combine_blocks(K, N, with_shared):
+@pytest.mark.parametrize("device", DEVICES)
+def test_combine_blocks(K, N, with_shared, device):
     G, c = _rows(K, N), torch.randn(K)
     shared = torch.rand(N) < 0.6 if with_shared else None
-    out = ops.combine_triton(G, c, shared, 1 / K, 1.0)
+    out = testing.call_on(device, ops.combine_triton, G, c, shared, 1 / K, 1.0)
     ref = reference.combine(G.double(), c.double(), shared, 1 / K, 1.0)
     abs_ref = reference.combine(G.double().abs(), c.double().abs(), shared, 1 / K, 1.0)
     _assert_dot_bound(out, ref, abs_ref, K + 1, "combine")  # K products, then the scale
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_combine_low_precision(dtype):
+@pytest.mark.parametrize("device", DEVICES)
+def test_combine_low_precision(dtype, device):
     K, N = 15, 1500
     G, c, shared = _rows(K, N, dtype), torch.randn(K), torch.rand(N) < 0.5
-    out = ops.combine_triton(G, c, shared, 1 / K, 1.0)
+    out = testing.call_on(device, ops.combine_triton, G, c, shared, 1 / K, 1.0)
     assert out.dtype == dtype
     ref = reference.combine(G.double(), c.double(), shared, 1 / K, 1.0)
     assert_close_rel(out, ref, reference.combine(G, c, shared, 1 / K, 1.0), what=f"combine {dtype}")
 
 
 @pytest.mark.parametrize("R,K,N", [(1, 1, 1), (3, 3, 257), (17, 15, 300), (40, 33, 70), (16, 16, 256)])
-def test_combine_rows_blocks(R, K, N):
+@pytest.mark.parametrize("device", DEVICES)
+def test_combine_rows_blocks(R, K, N, device):
     G, A = _rows(K, N), torch.randn(R, K)
-    out = ops.combine_rows_triton(G, A)
+    out = testing.call_on(device, ops.combine_rows_triton, G, A)
     assert out.shape == (R, N) and out.dtype == torch.float32
     _assert_dot_bound(out, A.double() @ G.double(), A.double().abs() @ G.double().abs(), K + 1, "combine_rows")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_combine_rows_low_precision(dtype):
+@pytest.mark.parametrize("device", DEVICES)
+def test_combine_rows_low_precision(dtype, device):
     G, A = _rows(15, 700, dtype), torch.randn(15, 15)
     ref = A.double() @ G.double()
-    assert_close_rel(ops.combine_rows_triton(G, A), ref, reference.combine_rows(G, A), what=f"combine_rows {dtype}")
+    assert_close_rel(testing.call_on(device, ops.combine_rows_triton, G, A), ref, reference.combine_rows(G, A), what=f"combine_rows {dtype}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_low_precision_outputs_round_to_nearest(dtype):
+@pytest.mark.parametrize("device", DEVICES)
+def test_low_precision_outputs_round_to_nearest(dtype, device):
     """16-bit outputs are the fp32 result rounded to nearest, not truncated (Triton 3.9's interpreter truncates
     fp32 -> bf16 casts, so the kernels round by hand): |out - exact| <= half a 16-bit spacing + the fp32 bound."""
     K, N = 15, 2000
     G, c, A = _rows(K, N, dtype), torch.randn(K), torch.randn(4, K)
     mantissa_bits = {torch.float16: 10, torch.bfloat16: 7}[dtype]
     for out, ref, abs_ref in (
-            (ops.combine_triton(G, c, None, 1.0, 1.0), c.double() @ G.double(), c.double().abs() @ G.double().abs()),
-            (ops.combine_rows_triton(G, A), A.double() @ G.double(), A.double().abs() @ G.double().abs())):
+            (testing.call_on(device, ops.combine_triton, G, c, None, 1.0, 1.0), c.double() @ G.double(),
+             c.double().abs() @ G.double().abs()),
+            (testing.call_on(device, ops.combine_rows_triton, G, A), A.double() @ G.double(),
+             A.double().abs() @ G.double().abs())):
         spacing = torch.exp2(torch.floor(torch.log2(ref.abs().clamp_min(1e-30))) - mantissa_bits)
         bound = 0.5 * spacing + (K + 1) * EPS32 * abs_ref
         assert ((out.double() - ref).abs() <= bound).all(), f"{dtype} output not rounded to nearest"
 
 
-def test_combine_strided_empty_deterministic():
+@pytest.mark.parametrize("device", DEVICES)
+def test_combine_strided_empty_deterministic(device):
     K, N = 5, 600
-    G = torch.randn(N, K).T
-    c, A, shared = torch.randn(2 * K)[::2], torch.randn(K, 2 * K)[:, ::2], (torch.rand(2 * N) < 0.5)[::2]
-    ref = reference.combine(G.double(), c.double(), shared, 0.5, 2.0)
+    G = torch.randn(N, K, device=device).T
+    c = torch.randn(2 * K, device=device)[::2]
+    A, shared = torch.randn(K, 2 * K, device=device)[:, ::2], (torch.rand(2 * N, device=device) < 0.5)[::2]
+    G64, c64, A64, shared_h = G.double().cpu(), c.double().cpu(), A.double().cpu(), shared.cpu()
+    ref = reference.combine(G64, c64, shared_h, 0.5, 2.0)
     out = ops.combine_triton(G, c, shared, 0.5, 2.0)
-    _assert_dot_bound(out, ref, reference.combine(G.double().abs(), c.double().abs(), shared, 0.5, 2.0), K + 1,
+    _assert_dot_bound(out, ref, reference.combine(G64.abs(), c64.abs(), shared_h, 0.5, 2.0), K + 1,
                       "combine strided")
     assert torch.equal(out, ops.combine_triton(G, c, shared, 0.5, 2.0))
     rows = ops.combine_rows_triton(G, A)
-    _assert_dot_bound(rows, A.double() @ G.double(), A.double().abs() @ G.double().abs(), K + 1, "rows strided")
+    _assert_dot_bound(rows, A64 @ G64, A64.abs() @ G64.abs(), K + 1, "rows strided")
     assert torch.equal(rows, ops.combine_rows_triton(G, A))
-    assert ops.combine_triton(torch.randn(3, 0), torch.randn(3), None, 1.0, 1.0).shape == (0,)
-    assert ops.combine_rows_triton(torch.randn(3, 0), torch.randn(2, 3)).shape == (2, 0)
+    assert ops.combine_triton(torch.randn(3, 0, device=device), torch.randn(3, device=device), None, 1.0,
+                              1.0).shape == (0,)
+    assert ops.combine_rows_triton(torch.randn(3, 0, device=device), torch.randn(2, 3, device=device)).shape == (2, 0)
 
 
 # ---------------------------------------------------------------- validation
@@ -231,46 +256,51 @@ def test_cpu_without_interpreter_is_refused(monkeypatch):
 
 
 # ---------------------------------------------------------------- registration: opcheck, torch.compile
-def _opcheck_cases():
+def _opcheck_cases(device):
     K, N = 5, 40
-    G = torch.randn(K, N)
-    perms = torch.stack([torch.randperm(K) for _ in range(K)])
+    G = torch.randn(K, N, device=device)
+    perms = torch.stack([torch.randperm(K) for _ in range(K)]).to(device)
+    vec = lambda *shape, **kw: torch.randn(*shape, device=device, **kw)  # noqa: E731
     return [
         (ops.gram_triton, (G,)),
         (ops.gram_triton, (G.T.contiguous().T.bfloat16().requires_grad_(),)),
         (ops.pcgrad_coefficients_triton, (G @ G.T, perms)),
-        (ops.combine_triton, (G, torch.randn(K), torch.rand(N) < 0.5, 0.2, 1.0)),
-        (ops.combine_triton, (G.half().requires_grad_(), torch.randn(K, requires_grad=True), None, 0.2, 1.0)),
-        (ops.combine_rows_triton, (G.requires_grad_(), torch.randn(3, K, requires_grad=True))),
+        (ops.combine_triton, (G, vec(K), torch.rand(N, device=device) < 0.5, 0.2, 1.0)),
+        (ops.combine_triton, (G.half().requires_grad_(), vec(K, requires_grad=True), None, 0.2, 1.0)),
+        (ops.combine_rows_triton, (G.requires_grad_(), vec(3, K, requires_grad=True))),
     ]
 
 
 @pytest.mark.parametrize("case", range(6))
-def test_opcheck(case):
-    op, args = _opcheck_cases()[case]
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(case, device):
+    op, args = _opcheck_cases(device)[case]
     torch.library.opcheck(op, args)
 
 
 @pytest.mark.filterwarnings("ignore:Input #. requires gradient and is not a double")
-def test_gradcheck():
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradcheck(device):
     """The autograd formulas (gram and combine_rows backward run on the Triton kernels too)."""
     # fp32 kernels, so a coarse finite-difference step and tolerance (the op-level tests check the values).
     tol = dict(eps=1e-2, atol=1e-2, rtol=1e-2)
-    G32 = torch.randn(2, 5, requires_grad=True)
-    c, A, shared = torch.randn(2, requires_grad=True), torch.randn(2, 2, requires_grad=True), torch.rand(5) < 0.5
+    G32 = torch.randn(2, 5, device=device, requires_grad=True)
+    c, A = torch.randn(2, device=device, requires_grad=True), torch.randn(2, 2, device=device, requires_grad=True)
+    shared = torch.rand(5, device=device) < 0.5
     assert torch.autograd.gradcheck(ops.gram_triton, (G32,), **tol)
     assert torch.autograd.gradcheck(lambda g, c: ops.combine_triton(g, c, shared, 0.5, 2.0), (G32, c), **tol)
     assert torch.autograd.gradcheck(ops.combine_rows_triton, (G32, A), **tol)
 
 
-def test_compile_fullgraph():
+@pytest.mark.parametrize("device", DEVICES)
+def test_compile_fullgraph(device):
     def step(G, perms, shared):
         A = ops.pcgrad_coefficients_triton(ops.gram_triton(G), perms)
         return ops.combine_triton(G, A.sum(0), shared, 1.0 / G.shape[0], 1.0), ops.combine_rows_triton(G, A)
 
     K, N = 4, 300
-    G, shared = torch.randn(K, N), torch.rand(N) < 0.5
-    perms = torch.stack([torch.randperm(K) for _ in range(K)])
+    G, shared = torch.randn(K, N, device=device), torch.rand(N, device=device) < 0.5
+    perms = torch.stack([torch.randperm(K) for _ in range(K)]).to(device)
     eager = step(G, perms, shared)
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(G, perms, shared)
     for e, c in zip(eager, compiled):

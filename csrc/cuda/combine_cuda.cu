@@ -21,41 +21,48 @@ namespace {
 
 constexpr int kRowsPerThread = 8;
 
+// out[n] = scale(n) * sum_k c[k] G[k, n] for one column, scalar loads with any strides: the VEC = 1 kernel's body
+// and the vector kernel's tail (the last N % VEC columns).
+template <typename T>
+__device__ __forceinline__ void combine_column(const T* __restrict__ G, int64_t K, int64_t s0, int64_t s1, int64_t n,
+                                               const float* __restrict__ c, const bool* __restrict__ shared,
+                                               float shared_scale, float other_scale, T* __restrict__ out) {
+  float acc = 0.f;
+#pragma unroll 4
+  for (int64_t k = 0; k < K; ++k) acc = fmaf(__ldg(c + k), static_cast<float>(G[k * s0 + n * s1]), acc);
+  out[n] = static_cast<T>(acc * (shared == nullptr || shared[n] ? shared_scale : other_scale));
+}
+
+// VEC > 1 (rows unit-stride and 16-byte aligned): whole packs only in the grid-stride loop, so its body has no
+// bounds branch; the last N % VEC columns go to CTA 0 afterwards. (A per-pack tail branch inside the unrolled K
+// loop made ptxas spill 8 bytes on sm_80 for the 16-bit packs.)
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kThreads) combine_kernel(const T* __restrict__ G, int64_t K, int64_t N, int64_t s0,
                                                            int64_t s1, const float* __restrict__ c,
                                                            const bool* __restrict__ shared, float shared_scale,
                                                            float other_scale, T* __restrict__ out) {
-  for (int64_t n0 = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * VEC; n0 < N;
+  const int64_t whole = N / VEC * VEC;
+  for (int64_t n0 = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * VEC; n0 < whole;
        n0 += static_cast<int64_t>(gridDim.x) * blockDim.x * VEC) {
-    float acc[VEC] = {};
-    const bool full = VEC > 1 && n0 + VEC <= N;
+    if constexpr (VEC == 1) {
+      combine_column<T>(G, K, s0, s1, n0, c, shared, shared_scale, other_scale, out);
+    } else {
+      float acc[VEC] = {};
 #pragma unroll 4
-    for (int64_t k = 0; k < K; ++k) {
-      const float ck = __ldg(c + k);
-      float x[VEC];
-      if (full) {
+      for (int64_t k = 0; k < K; ++k) {
+        const float ck = __ldg(c + k);
+        float x[VEC];
         load_pack<T, VEC>(G + k * s0 + n0, x);
-      } else {
 #pragma unroll
-        for (int v = 0; v < VEC; ++v) x[v] = n0 + v < N ? static_cast<float>(G[k * s0 + (n0 + v) * s1]) : 0.f;
+        for (int v = 0; v < VEC; ++v) acc[v] = fmaf(ck, x[v], acc[v]);
       }
 #pragma unroll
-      for (int v = 0; v < VEC; ++v) acc[v] = fmaf(ck, x[v], acc[v]);
-    }
-#pragma unroll
-    for (int v = 0; v < VEC; ++v) {
-      const bool sh = shared == nullptr || (n0 + v < N && shared[n0 + v]);
-      acc[v] *= sh ? shared_scale : other_scale;
-    }
-    if (full) {
+      for (int v = 0; v < VEC; ++v) acc[v] *= shared == nullptr || shared[n0 + v] ? shared_scale : other_scale;
       store_pack<T, VEC>(out + n0, acc);
-    } else {
-#pragma unroll
-      for (int v = 0; v < VEC; ++v)
-        if (n0 + v < N) out[n0 + v] = static_cast<T>(acc[v]);
     }
   }
+  if (VEC > 1 && blockIdx.x == 0 && whole + threadIdx.x < N)
+    combine_column<T>(G, K, s0, s1, whole + threadIdx.x, c, shared, shared_scale, other_scale, out);
 }
 
 template <typename T, int VEC>

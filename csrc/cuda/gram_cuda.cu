@@ -38,10 +38,16 @@ __device__ __forceinline__ void block_pair(int p, int nb, int& bi, int& bj) {
   bj = I + p;
 }
 
+// Columns [0, N) of G; with VEC > 1 the launcher passes N = a multiple of VEC (whole packs only: no per-element
+// bounds branch in the staging loop) and gram_finalize_kernel adds the last columns.
+// Min CTAs per SM (the register cap: 65536 / (256 * min)): 4 (64 registers) for fp32 packs, which fit there; 3
+// (85) otherwise, so that ptxas keeps acc64 in registers (left to itself on sm_80 it chose 64 registers for the
+// 16-bit packs and spilled two of the accumulators, 32 bytes, at every chunk).
 template <typename T, int VEC>
-__global__ void __launch_bounds__(kThreads) gram_partial_kernel(const T* __restrict__ G, int K, int64_t N, int64_t s0,
-                                                                int64_t s1, int64_t cols_per_slice, int chunk,
-                                                                int stride_s, double* __restrict__ partial) {
+__global__ void __launch_bounds__(kThreads, sizeof(T) == 4 && VEC > 1 ? 4 : 3) gram_partial_kernel(const T* __restrict__ G, int K, int64_t N,
+                                                                   int64_t s0, int64_t s1, int64_t cols_per_slice,
+                                                                   int chunk, int stride_s,
+                                                                   double* __restrict__ partial) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   float* s = reinterpret_cast<float*>(smem_raw);
   const int nb = (K + kBlockRows - 1) / kBlockRows;
@@ -75,26 +81,27 @@ __global__ void __launch_bounds__(kThreads) gram_partial_kernel(const T* __restr
   double acc64[kTile][kTile] = {};
   const int64_t c_begin = static_cast<int64_t>(blockIdx.x) * cols_per_slice;
   const int64_t c_end = min(N, c_begin + cols_per_slice);
-  const int vecs = chunk / VEC;
+  const int vecs_log2 = __ffs(chunk / VEC) - 1;  // chunk and VEC are powers of two
+  const int vecs_mask = (1 << vecs_log2) - 1;
   for (int64_t c0 = c_begin; c0 < c_end; c0 += chunk) {
     const int w = static_cast<int>(c_end - c0 < chunk ? c_end - c0 : chunk);
     __syncthreads();  // the previous chunk has been consumed
-    for (int e = threadIdx.x; e < staged * vecs; e += kThreads) {
-      const int r = e / vecs, q = (e % vecs) * VEC;
+    for (int e = threadIdx.x; e < (staged << vecs_log2); e += kThreads) {
+      const int r = e >> vecs_log2, q = (e & vecs_mask) * VEC;
       const bool in_i = r < pad_i;
       const int local = in_i ? r : r - pad_i;
-      const bool row_ok = local < (in_i ? rows_i : rows_j);
       const int64_t row = (in_i ? bi : bj) * static_cast<int64_t>(kBlockRows) + local;
       float v[VEC];
-      if (VEC > 1 && row_ok && q + VEC <= w) {
-        // Aligned (checked by the launcher): one 128-bit load of VEC consecutive elements.
-        const uint4 raw = *reinterpret_cast<const uint4*>(G + row * s0 + (c0 + q));
-        const T* t = reinterpret_cast<const T*>(&raw);
-#pragma unroll
-        for (int k = 0; k < VEC; ++k) v[k] = static_cast<float>(t[k]);
+      // w is a multiple of VEC: a pack is wholly inside the chunk or wholly past it.
+      if (local < (in_i ? rows_i : rows_j) && q < w) {
+        if constexpr (VEC > 1) {
+          load_pack<T, VEC>(G + row * s0 + (c0 + q), v);  // aligned (checked by the launcher): one 128-bit load
+        } else {
+          v[0] = static_cast<float>(G[row * s0 + (c0 + q) * s1]);
+        }
       } else {
 #pragma unroll
-        for (int k = 0; k < VEC; ++k) v[k] = row_ok && q + k < w ? static_cast<float>(G[row * s0 + (c0 + q + k) * s1]) : 0.f;
+        for (int k = 0; k < VEC; ++k) v[k] = 0.f;
       }
 #pragma unroll
       for (int k = 0; k < VEC; ++k) s[r * stride_s + q + k] = v[k];
@@ -154,14 +161,20 @@ __global__ void __launch_bounds__(kThreads) gram_partial_kernel(const T* __restr
   }
 }
 
-// One thread per upper entry (i <= j): sum over slices in fp64, in slice order, and write both entries.
-__global__ void gram_finalize_kernel(const double* __restrict__ partial, int slices, int K, float* __restrict__ out) {
+// One thread per upper entry (i <= j): sum over slices in fp64, in slice order, then the columns [tail, N) the
+// partial kernel left out (fewer than one pack, exact fp64 products), and write both entries.
+template <typename T>
+__global__ void gram_finalize_kernel(const double* __restrict__ partial, int slices, int K,
+                                     const T* __restrict__ G, int64_t s0, int64_t s1, int64_t tail, int64_t N,
+                                     float* __restrict__ out) {
   const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (idx >= static_cast<int64_t>(K) * K) return;
   const int i = static_cast<int>(idx / K), j = static_cast<int>(idx % K);
   if (j < i) return;
   double s = 0.0;
   for (int sl = 0; sl < slices; ++sl) s += partial[static_cast<int64_t>(sl) * K * K + idx];
+  for (int64_t n = tail; n < N; ++n)
+    s += static_cast<double>(static_cast<float>(G[i * s0 + n * s1])) * static_cast<float>(G[j * s0 + n * s1]);
   out[static_cast<int64_t>(i) * K + j] = static_cast<float>(s);
   out[static_cast<int64_t>(j) * K + i] = static_cast<float>(s);
 }
@@ -185,21 +198,22 @@ at::Tensor gram_cuda(const at::Tensor& G) {
   const int stride_s = chunk + 4;  // + 4 words: rows of one warp's tiles start in different banks, 16-byte aligned
   const size_t smem = std::max<size_t>(static_cast<size_t>(staged) * stride_s * sizeof(float),
                                        static_cast<size_t>(kThreads) * kTile * kTile * sizeof(double));
-  const int64_t chunks = (N + chunk - 1) / chunk;
-  const int64_t max_slices = std::max<int64_t>(1, kMaxPartialBytes / (K * K * 8));
-  const int64_t slices = std::min({std::max<int64_t>(1, kTargetCtas / pairs), chunks, max_slices, int64_t{65535}});
-  const int64_t cols_per_slice = (chunks + slices - 1) / slices * chunk;
-  const int64_t used = (N + cols_per_slice - 1) / cols_per_slice;
-  at::Tensor partial = at::empty({used, K, K}, G.options().dtype(at::kDouble));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const dim3 grid(static_cast<unsigned>(used), static_cast<unsigned>(pairs));
   dispatch_dtype(G.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     constexpr int kVec = 16 / sizeof(T);
-    const bool vec_ok = G.stride(1) == 1 && reinterpret_cast<uintptr_t>(G.const_data_ptr()) % 16 == 0 &&
+    const bool vec_ok = N >= kVec && G.stride(1) == 1 && reinterpret_cast<uintptr_t>(G.const_data_ptr()) % 16 == 0 &&
                         (G.stride(0) * static_cast<int64_t>(sizeof(T))) % 16 == 0;
+    const int64_t cols = vec_ok ? N / kVec * kVec : N;  // the partial kernel's columns; finalize adds [cols, N)
+    const int64_t chunks = (cols + chunk - 1) / chunk;
+    const int64_t max_slices = std::max<int64_t>(1, kMaxPartialBytes / (K * K * 8));
+    const int64_t slices = std::min({std::max<int64_t>(1, kTargetCtas / pairs), chunks, max_slices, int64_t{65535}});
+    const int64_t cols_per_slice = (chunks + slices - 1) / slices * chunk;
+    const int64_t used = (cols + cols_per_slice - 1) / cols_per_slice;
+    at::Tensor partial = at::empty({used, K, K}, G.options().dtype(at::kDouble));
+    const dim3 grid(static_cast<unsigned>(used), static_cast<unsigned>(pairs));
     const auto launch = [&](auto kernel) {
-      kernel<<<grid, kThreads, smem, stream>>>(G.const_data_ptr<T>(), static_cast<int>(K), N, G.stride(0),
+      kernel<<<grid, kThreads, smem, stream>>>(G.const_data_ptr<T>(), static_cast<int>(K), cols, G.stride(0),
                                                G.stride(1), cols_per_slice, chunk, stride_s,
                                                partial.data_ptr<double>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -209,11 +223,12 @@ at::Tensor gram_cuda(const at::Tensor& G) {
     } else {
       launch(gram_partial_kernel<T, 1>);
     }
+    const int64_t entries = K * K;
+    gram_finalize_kernel<T><<<static_cast<unsigned>((entries + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
+        partial.const_data_ptr<double>(), static_cast<int>(used), static_cast<int>(K), G.const_data_ptr<T>(),
+        G.stride(0), G.stride(1), cols, N, out.data_ptr<float>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  const int64_t entries = K * K;
-  gram_finalize_kernel<<<static_cast<unsigned>((entries + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
-      partial.const_data_ptr<double>(), static_cast<int>(used), static_cast<int>(K), out.data_ptr<float>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }
 

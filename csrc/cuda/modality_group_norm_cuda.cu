@@ -1,20 +1,25 @@
 // modality_group_norm on CUDA. Task t = (b * M + m) * G + g owns the n = C / G * L elements [t * n, (t + 1) * n) of
 // x [B, M, C, L]; row r = (b * M + m) * C + c owns the L elements of one channel. Absent pairs only write zeros.
 // Same statistics as csrc/cpu/modality_group_norm_cpu.cpp (centred, power-of-two scaled second pass: no fp32
-// overflow for large finite inputs), split so that every kernel fills the GPU whatever B * M * G is:
+// overflow for large finite inputs), split so that every kernel fills the GPU whatever B * M * G is. Every kernel
+// but the merges has one CTA per chunk of kChunk consecutive elements (chunk_of / for_each_pack: one work
+// decomposition, 16 elements per thread in registers, 128-bit loads and stores when the segment length keeps packs
+// aligned), so there is no grid-stride loop and no per-element index division:
 //
-//   forward:  stats   grid (tasks x chunks of kChunk elements): each CTA holds its chunk in registers (kElems per
-//                     thread, 128-bit loads when aligned), writes (count, mean, M2) in fp64;
+//   forward:  stats   one CTA per (task, chunk): the chunk stays in registers for both of its passes (sum, then
+//                     centred squares), writes (count, mean, M2) in fp64;
 //             merge   one thread per task merges its chunks in chunk order (Chan's formula, fp64): mean, rstd;
-//             apply   grid (rows x column splits): y = act(x * a + s) with a = rstd * w, s = b - mean * a per row,
-//                     128-bit loads and stores when L is a multiple of the pack.
-//   backward: sums    grid (rows x chunks): per chunk sum dz and sum dz * (x - mean), fp64 partials;
+//             apply   one CTA per (row, chunk): y = act(x * a + s) with a = rstd * w, s = b - mean * a per row.
+//   backward: sums    one CTA per (row, chunk): sum dz and sum dz * (x - mean), fp64 partials;
 //             merge   one thread per task: dbeta, dgamma partials [B, M, C] and the two means of the GroupNorm
 //                     backward per task;
-//             apply   grid (rows x column splits): dx.
+//             apply   one CTA per (row, chunk): dx.
+// DRAM traffic: the forward reads x once for the statistics and once for the apply and writes y once (3 passes of
+// x's bytes against the floor's 2: keeping x on chip between them needs a grid-wide barrier); the backward reads
+// x and dy twice each and writes dx. The apply kernels walk their chunks last to first, so their first reads hit
+// what the statistics kernel read last, still in L2 (all of x when it fits there: the deeper U-Net levels).
 // Chunk counts depend on the shape only, and every merge runs in a fixed order: results are bit-identical on any
-// GPU and deterministic (no atomics). x is read twice per pass (stats + apply) instead of once: a grid-wide
-// barrier would be needed to keep it on chip.
+// GPU and deterministic (no atomics).
 //
 // Resources (nvcc 13.0 -Xptxas -v, sm_90, without --use_fast_math; tests/test_gpu.py::test_cuda_resources), over
 // dtypes (fp64 included) and activations: stats 48-63 registers, apply 26-40, backward sums 40-90, backward apply
@@ -42,9 +47,8 @@ using cuda::kThreads;
 using cuda::load_pack;
 using cuda::store_pack;
 
-constexpr int kElems = 16;                     // elements per thread of a stats / sums chunk, held in registers
-constexpr int64_t kChunk = kThreads * kElems;  // 4096 elements per chunk
-constexpr int kApplyPacks = 4;                 // packs per thread per apply iteration (in flight together)
+constexpr int kElems = 16;                     // elements per thread of a chunk, held in registers
+constexpr int64_t kChunk = kThreads * kElems;  // 4096 elements: the unit of work of every CTA of every kernel
 
 using BlockReduce = cub::BlockReduce<double, kThreads>;
 
@@ -55,48 +59,85 @@ __device__ __forceinline__ void block_sum2(double& a, double& b, typename BlockR
   b = BlockReduce(tmp).Sum(b);
 }
 
-// The kElems elements of this thread in chunk [begin, begin + count) of p, as packs of VEC (zero past count).
-template <typename scalar_t, int VEC, typename acc_t>
-__device__ __forceinline__ void load_chunk(const scalar_t* p, int64_t begin, int64_t count64, acc_t (&v)[kElems]) {
-  const scalar_t* base = p + begin;
-  const int count = static_cast<int>(count64);  // <= kChunk
+// The one work decomposition of this file. Every kernel's CTA owns one chunk of kChunk consecutive elements of a
+// segment (a task for the forward statistics, a row for everything else); thread i owns the kElems / VEC packs
+// at offsets (j * kThreads + i) * VEC, j = 0 .. kElems / VEC - 1: a warp's packs are contiguous (coalesced 128-bit
+// accesses) and a thread's packs are independent loads, all issued before the first use. Segment lengths are
+// multiples of VEC (pack_width), so a pack is either wholly inside the chunk's `count` elements or wholly past it.
+template <int VEC, typename F>
+__device__ __forceinline__ void for_each_pack(int count, F&& f) {
 #pragma unroll
   for (int j = 0; j < kElems / VEC; ++j) {
     const int off = (j * kThreads + static_cast<int>(threadIdx.x)) * VEC;
-    acc_t pack[VEC];
-    if (VEC > 1 && off + VEC <= count) {
-      load_pack<scalar_t, VEC>(base + off, pack);
-    } else {
-#pragma unroll
-      for (int k = 0; k < VEC; ++k) pack[k] = off + k < count ? static_cast<acc_t>(base[off + k]) : acc_t(0);
-    }
-#pragma unroll
-    for (int k = 0; k < VEC; ++k) v[j * VEC + k] = pack[k];
+    f(j * VEC, off, off < count);
   }
 }
 
-template <int VEC>
-__device__ __forceinline__ bool in_chunk(int e, int64_t count) {
-  return ((e / VEC) * kThreads + static_cast<int>(threadIdx.x)) * VEC + e % VEC < count;
+// Which (segment, chunk) CTA blockIdx.x owns, of `segments` segments of `len` elements, and the chunk's extent.
+// reverse: the last chunk first. The apply kernels run in reverse after their statistics kernels ran forward, so
+// their first reads are the data those just read, still in L2 (all of it when x fits there).
+struct Chunk {
+  int64_t seg, begin;
+  int count;
+};
+__device__ __forceinline__ Chunk chunk_of(int64_t len, bool reverse) {
+  const int64_t chunks = (len + kChunk - 1) / kChunk;
+  const int64_t id = reverse ? static_cast<int64_t>(gridDim.x) - 1 - blockIdx.x : static_cast<int64_t>(blockIdx.x);
+  const int64_t seg = id / chunks, begin = (id % chunks) * kChunk;
+  return {seg, begin, static_cast<int>(min(kChunk, len - begin))};
+}
+
+// This thread's kElems elements of chunk ch of p (segment base), zero past the chunk's count.
+template <typename scalar_t, int VEC, typename acc_t>
+__device__ __forceinline__ void load_chunk(const scalar_t* p, const Chunk& ch, acc_t (&v)[kElems]) {
+  for_each_pack<VEC>(ch.count, [&](int e, int off, bool in) {
+    acc_t pack[VEC];
+    if (in) {
+      load_pack<scalar_t, VEC>(p + ch.begin + off, pack);
+    } else {
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) pack[k] = acc_t(0);
+    }
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) v[e + k] = pack[k];
+  });
+}
+
+template <typename scalar_t, int VEC, typename acc_t>
+__device__ __forceinline__ void store_chunk(scalar_t* p, const Chunk& ch, const acc_t (&v)[kElems]) {
+  for_each_pack<VEC>(ch.count, [&](int e, int off, bool in) {
+    if (!in) return;
+    acc_t pack[VEC];
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) pack[k] = v[e + k];
+    store_pack<scalar_t, VEC>(p + ch.begin + off, pack);
+  });
+}
+
+// Grid of the chunk decomposition: one CTA per chunk of every segment.
+unsigned chunk_grid(int64_t segments, int64_t len, const char* op, at::IntArrayRef sizes) {
+  const int64_t ctas = segments * ((len + kChunk - 1) / kChunk);
+  TORCH_CHECK_VALUE(ctas <= 2147483647LL, op, ": x is too large for the CUDA kernel (", sizes, ")");
+  return static_cast<unsigned>(ctas);
 }
 
 template <typename scalar_t, int VEC>
 __global__ void __launch_bounds__(kThreads) gn_stats_kernel(const scalar_t* __restrict__ x,
                                                             const bool* __restrict__ present, int64_t G, int64_t n,
-                                                            int64_t chunks, double* __restrict__ part) {
+                                                            double* __restrict__ part) {
   using acc_t = at::opmath_type<scalar_t>;
   __shared__ typename BlockReduce::TempStorage tmp;
   __shared__ acc_t centre, scale_s;
   __shared__ double scale_d;
-  const int64_t t = blockIdx.x / chunks, s = blockIdx.x % chunks;
-  double* out = part + (t * chunks + s) * 3;
-  if (!present[t / G]) {
+  const Chunk ch = chunk_of(n, false);
+  double* out = part + static_cast<int64_t>(blockIdx.x) * 3;  // [task, chunk] order: blockIdx.x
+  if (!present[ch.seg / G]) {
     if (threadIdx.x == 0) out[0] = out[1] = out[2] = 0.0;
     return;
   }
-  const int64_t begin = s * kChunk, count = min(kChunk, n - begin);
+  const int count = ch.count;
   acc_t v[kElems];
-  load_chunk<scalar_t, VEC>(x + t * n, begin, count, v);
+  load_chunk<scalar_t, VEC>(x + ch.seg * n, ch, v);
   acc_t sum = 0, sum_abs = 0;
 #pragma unroll
   for (int e = 0; e < kElems; ++e) {
@@ -113,12 +154,14 @@ __global__ void __launch_bounds__(kThreads) gn_stats_kernel(const scalar_t* __re
   __syncthreads();
   const acc_t c = centre, sc = scale_s;
   acc_t sd = 0, sd2 = 0;
+  for_each_pack<VEC>(count, [&](int e0, int, bool in) {
 #pragma unroll
-  for (int e = 0; e < kElems; ++e) {
-    const acc_t d = in_chunk<VEC>(e, count) ? (v[e] - c) * sc : acc_t(0);
-    sd += d;
-    sd2 += d * d;
-  }
+    for (int k = 0; k < VEC; ++k) {
+      const acc_t d = in ? (v[e0 + k] - c) * sc : acc_t(0);
+      sd += d;
+      sd2 += d * d;
+    }
+  });
   a = sd;
   b = sd2;
   __syncthreads();
@@ -160,6 +203,7 @@ __device__ __forceinline__ RowInfo row_info(int64_t r, int64_t M, int64_t C, int
   return {pair * G + c / (C / G), (pair % M) * C + c, pair};
 }
 
+// y = act(x * a + s) per row, a = rstd * w and s = b - mean * a; absent pairs write zeros without reading x.
 template <typename scalar_t, typename acc_t, Activation A, int VEC>
 __global__ void __launch_bounds__(kThreads) gn_apply_kernel(const scalar_t* __restrict__ x, const acc_t* __restrict__ w,
                                                             const acc_t* __restrict__ b,
@@ -167,32 +211,18 @@ __global__ void __launch_bounds__(kThreads) gn_apply_kernel(const scalar_t* __re
                                                             const acc_t* __restrict__ mean,
                                                             const acc_t* __restrict__ rstd, scalar_t* __restrict__ y,
                                                             int64_t M, int64_t C, int64_t G, int64_t L) {
-  const int64_t r = blockIdx.x;
-  const RowInfo ri = row_info(r, M, C, G);
+  const Chunk ch = chunk_of(L, true);
+  const RowInfo ri = row_info(ch.seg, M, C, G);
   const bool on = present[ri.pair];
-  const acc_t a = on ? rstd[ri.task] * w[ri.channel] : acc_t(0);
-  const acc_t s = on ? b[ri.channel] - mean[ri.task] * a : acc_t(0);
-  const scalar_t* xr = x + r * L;
-  scalar_t* yr = y + r * L;
-  const int64_t step = static_cast<int64_t>(gridDim.y) * kThreads * VEC * kApplyPacks;
-  for (int64_t l0 = (static_cast<int64_t>(blockIdx.y) * kThreads * kApplyPacks + threadIdx.x) * VEC; l0 < L;
-       l0 += step) {
+  acc_t v[kElems] = {};
+  if (on) {
+    const acc_t a = rstd[ri.task] * w[ri.channel];
+    const acc_t s = b[ri.channel] - mean[ri.task] * a;
+    load_chunk<scalar_t, VEC>(x + ch.seg * L, ch, v);
 #pragma unroll
-    for (int u = 0; u < kApplyPacks; ++u) {
-      const int64_t l = l0 + static_cast<int64_t>(u) * kThreads * VEC;
-      if (l >= L) break;
-      if (VEC > 1 && l + VEC <= L) {
-        acc_t v[VEC] = {};
-        if (on) load_pack<scalar_t, VEC>(xr + l, v);
-#pragma unroll
-        for (int k = 0; k < VEC; ++k) v[k] = on ? activate<A>(v[k] * a + s) : acc_t(0);
-        store_pack<scalar_t, VEC>(yr + l, v);
-      } else {
-        for (int k = 0; k < VEC && l + k < L; ++k)
-          yr[l + k] = on ? static_cast<scalar_t>(activate<A>(static_cast<acc_t>(xr[l + k]) * a + s)) : scalar_t(0);
-      }
-    }
+    for (int e = 0; e < kElems; ++e) v[e] = activate<A>(v[e] * a + s);
   }
+  store_chunk<scalar_t, VEC>(y + ch.seg * L, ch, v);
 }
 
 // Backward pass 1 per (row, chunk of L): sum dz and sum dz * (x - mean), dz = dy * act'(z).
@@ -204,21 +234,19 @@ __global__ void __launch_bounds__(kThreads) gn_bwd_sums_kernel(const scalar_t* _
                                                                const bool* __restrict__ present,
                                                                const acc_t* __restrict__ mean,
                                                                const acc_t* __restrict__ rstd, int64_t M, int64_t C,
-                                                               int64_t G, int64_t L, int64_t chunks,
-                                                               double* __restrict__ part) {
+                                                               int64_t G, int64_t L, double* __restrict__ part) {
   __shared__ typename BlockReduce::TempStorage tmp;
-  const int64_t r = blockIdx.x / chunks, s = blockIdx.x % chunks;
-  const RowInfo ri = row_info(r, M, C, G);
-  double* out = part + (r * chunks + s) * 2;
+  const Chunk ch = chunk_of(L, false);
+  const RowInfo ri = row_info(ch.seg, M, C, G);
+  double* out = part + static_cast<int64_t>(blockIdx.x) * 2;  // [row, chunk] order: blockIdx.x
   if (!present[ri.pair]) {
     if (threadIdx.x == 0) out[0] = out[1] = 0.0;
     return;
   }
   const acc_t mu = mean[ri.task], rs = rstd[ri.task], wc = w[ri.channel], bc = b[ri.channel];
-  const int64_t begin = s * kChunk, count = min(kChunk, L - begin);
   acc_t xv[kElems], gv[kElems];
-  load_chunk<scalar_t, VEC>(x + r * L, begin, count, xv);
-  load_chunk<scalar_t, VEC>(gy + r * L, begin, count, gv);
+  load_chunk<scalar_t, VEC>(x + ch.seg * L, ch, xv);
+  load_chunk<scalar_t, VEC>(gy + ch.seg * L, ch, gv);
   acc_t s1 = 0, s2 = 0;
 #pragma unroll
   for (int e = 0; e < kElems; ++e) {
@@ -278,51 +306,24 @@ __global__ void __launch_bounds__(kThreads) gn_bwd_apply_kernel(const scalar_t* 
                                                                 const acc_t* __restrict__ coef,
                                                                 scalar_t* __restrict__ dx, int64_t M, int64_t C,
                                                                 int64_t G, int64_t L) {
-  const int64_t r = blockIdx.x;
-  const RowInfo ri = row_info(r, M, C, G);
+  const Chunk ch = chunk_of(L, true);
+  const RowInfo ri = row_info(ch.seg, M, C, G);
   const bool on = present[ri.pair];
-  const acc_t mu = mean[ri.task], rs = rstd[ri.task], wc = w[ri.channel], bc = b[ri.channel];
-  const acc_t c1 = coef[2 * ri.task], c2 = coef[2 * ri.task + 1];
-  const scalar_t* xr = x + r * L;
-  const scalar_t* gr = gy + r * L;
-  scalar_t* dr = dx + r * L;
-  const auto grad = [&](acc_t xv, acc_t gv) {
-    const acc_t xhat = (xv - mu) * rs;
-    const acc_t dz = gv * activate_grad<A>(xhat * wc + bc);
-    return on ? rs * (dz * wc - c1 - xhat * c2) : acc_t(0);
-  };
-  const int64_t step = static_cast<int64_t>(gridDim.y) * kThreads * VEC * kApplyPacks;
-  for (int64_t l0 = (static_cast<int64_t>(blockIdx.y) * kThreads * kApplyPacks + threadIdx.x) * VEC; l0 < L;
-       l0 += step) {
+  acc_t xv[kElems] = {};
+  if (on) {
+    const acc_t mu = mean[ri.task], rs = rstd[ri.task], wc = w[ri.channel], bc = b[ri.channel];
+    const acc_t c1 = coef[2 * ri.task], c2 = coef[2 * ri.task + 1];
+    acc_t gv[kElems];
+    load_chunk<scalar_t, VEC>(x + ch.seg * L, ch, xv);
+    load_chunk<scalar_t, VEC>(gy + ch.seg * L, ch, gv);
 #pragma unroll
-    for (int u = 0; u < kApplyPacks; ++u) {
-      const int64_t l = l0 + static_cast<int64_t>(u) * kThreads * VEC;
-      if (l >= L) break;
-      if (VEC > 1 && l + VEC <= L) {
-        acc_t xv[VEC] = {}, gv[VEC] = {}, out[VEC];
-        if (on) {
-          load_pack<scalar_t, VEC>(xr + l, xv);
-          load_pack<scalar_t, VEC>(gr + l, gv);
-        }
-#pragma unroll
-        for (int k = 0; k < VEC; ++k) out[k] = grad(xv[k], gv[k]);
-        store_pack<scalar_t, VEC>(dr + l, out);
-      } else {
-        for (int k = 0; k < VEC && l + k < L; ++k)
-          dr[l + k] = static_cast<scalar_t>(on ? grad(static_cast<acc_t>(xr[l + k]), static_cast<acc_t>(gr[l + k]))
-                                               : acc_t(0));
-      }
+    for (int e = 0; e < kElems; ++e) {
+      const acc_t xhat = (xv[e] - mu) * rs;
+      const acc_t dz = gv[e] * activate_grad<A>(xhat * wc + bc);
+      xv[e] = rs * (dz * wc - c1 - xhat * c2);
     }
   }
-}
-
-// Column splits of an apply grid: enough CTAs for ~8 per SM on the largest GPUs whatever the row count (the
-// split does not change results: apply has no reduction).
-dim3 apply_grid(int64_t rows, int64_t L, int vec) {
-  const int64_t per_cta = static_cast<int64_t>(kThreads) * vec * kApplyPacks;
-  const int64_t want = std::max<int64_t>(1, 2048 / std::max<int64_t>(rows, 1));
-  return dim3(static_cast<unsigned>(rows),
-              static_cast<unsigned>(std::min<int64_t>({want, (L + per_cta - 1) / per_cta, 65535})));
+  store_chunk<scalar_t, VEC>(dx + ch.seg * L, ch, xv);
 }
 
 // The 16-byte pack width for scalar_t when `elems` (a row or task length) keeps packs aligned, else 1.
@@ -372,17 +373,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> modality_group_norm_fwd_cuda(cons
     return {y, mean, rstd};
   }
   const int64_t chunks = (n + kChunk - 1) / kChunk;
-  TORCH_CHECK_VALUE(tasks * chunks <= 2147483647LL && rows <= 2147483647LL, "modality_group_norm_fwd: x is too "
-                    "large for the CUDA kernel (", x.sizes(), ")");
+  const unsigned stats_ctas = chunk_grid(tasks, n, "modality_group_norm_fwd", x.sizes());
+  const unsigned apply_ctas = chunk_grid(rows, L, "modality_group_norm_fwd", x.sizes());
   auto part = at::empty({tasks, chunks, 3}, x.options().dtype(at::kDouble));
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "modality_group_norm_fwd_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     {
       dispatch_pack<scalar_t>(pack_width<scalar_t>(xc, n), [&](auto v) {
-        gn_stats_kernel<scalar_t, decltype(v)::value><<<tasks * chunks, kThreads, 0, stream>>>(
-            xc.const_data_ptr<scalar_t>(), pc.const_data_ptr<bool>(), num_groups, n, chunks,
-            part.mutable_data_ptr<double>());
+        gn_stats_kernel<scalar_t, decltype(v)::value><<<stats_ctas, kThreads, 0, stream>>>(
+            xc.const_data_ptr<scalar_t>(), pc.const_data_ptr<bool>(), num_groups, n, part.mutable_data_ptr<double>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
       gn_merge_kernel<acc_t><<<(tasks + kThreads - 1) / kThreads, kThreads, 0, stream>>>(
@@ -393,7 +393,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> modality_group_norm_fwd_cuda(cons
       dispatch_activation(act, [&](auto a) {
         dispatch_pack<scalar_t>(vec, [&](auto v) {
           gn_apply_kernel<scalar_t, acc_t, decltype(a)::value, decltype(v)::value>
-              <<<apply_grid(rows, L, v), kThreads, 0, stream>>>(
+              <<<apply_ctas, kThreads, 0, stream>>>(
                   xc.const_data_ptr<scalar_t>(), w.const_data_ptr<acc_t>(), b.const_data_ptr<acc_t>(),
                   pc.const_data_ptr<bool>(), mean.const_data_ptr<acc_t>(), rstd.const_data_ptr<acc_t>(),
                   y.mutable_data_ptr<scalar_t>(), M, C, num_groups, L);
@@ -425,8 +425,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> modality_group_norm_bwd_cuda(
   const int64_t tasks = mc.numel(), C = x.size(2), M = x.size(1), rows = dgamma.numel();
   if (tasks > 0 && L > 0) {
     const int64_t chunks = (L + kChunk - 1) / kChunk;
-    TORCH_CHECK_VALUE(rows * chunks <= 2147483647LL, "modality_group_norm_bwd: x is too large for the CUDA kernel (",
-                      x.sizes(), ")");
+    const unsigned ctas = chunk_grid(rows, L, "modality_group_norm_bwd", x.sizes());
     auto part = at::empty({rows, chunks, 2}, x.options().dtype(at::kDouble));
     auto coef = at::empty({tasks, 2}, x.options().dtype(acc));
     const auto stream = c10::cuda::getCurrentCUDAStream();
@@ -437,10 +436,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> modality_group_norm_bwd_cuda(
         dispatch_activation(act, [&](auto a) {
           dispatch_pack<scalar_t>(vec, [&](auto v) {
             gn_bwd_sums_kernel<scalar_t, acc_t, decltype(a)::value, decltype(v)::value>
-                <<<rows * chunks, kThreads, 0, stream>>>(
+                <<<ctas, kThreads, 0, stream>>>(
                     gc.const_data_ptr<scalar_t>(), xc.const_data_ptr<scalar_t>(), w.const_data_ptr<acc_t>(),
                     b.const_data_ptr<acc_t>(), pc.const_data_ptr<bool>(), mc.const_data_ptr<acc_t>(),
-                    rc.const_data_ptr<acc_t>(), M, C, num_groups, L, chunks, part.mutable_data_ptr<double>());
+                    rc.const_data_ptr<acc_t>(), M, C, num_groups, L, part.mutable_data_ptr<double>());
             C10_CUDA_KERNEL_LAUNCH_CHECK();
           });
         });
@@ -453,7 +452,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> modality_group_norm_bwd_cuda(
           dispatch_activation(act, [&](auto a) {
             dispatch_pack<scalar_t>(vec, [&](auto v) {
               gn_bwd_apply_kernel<scalar_t, acc_t, decltype(a)::value, decltype(v)::value>
-                  <<<apply_grid(rows, L, v), kThreads, 0, stream>>>(
+                  <<<ctas, kThreads, 0, stream>>>(
                       gc.const_data_ptr<scalar_t>(), xc.const_data_ptr<scalar_t>(), w.const_data_ptr<acc_t>(),
                       b.const_data_ptr<acc_t>(), pc.const_data_ptr<bool>(), mc.const_data_ptr<acc_t>(),
                       rc.const_data_ptr<acc_t>(), coef.const_data_ptr<acc_t>(), dx.mutable_data_ptr<scalar_t>(), M, C,
