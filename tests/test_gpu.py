@@ -276,6 +276,53 @@ def test_compile_fullgraph_project_conflicts(device, backend):
     torch.testing.assert_close(torch.compile(f, fullgraph=True)(G), f(G))
 
 
+@needs_cuda
+@pytest.mark.parametrize("device,backend", CUDA_BACKENDS)
+def test_compile_reduce_overhead_project_conflicts(device, backend):
+    """mode="reduce-overhead": Inductor captures the step in a CUDA graph; replays on new inputs in the same
+    buffers must give the eager results (a host sync or a captured host value would break this)."""
+    torch._dynamo.reset()
+    K, N = 7, 10_007
+    order = make_order(K, device).to(device)
+    shared = torch.rand(N, device=device) < 0.5
+
+    def f(G):
+        return project_conflicts(G, shared=shared, order=order, backend=backend, nonfinite="propagate")
+
+    compiled = torch.compile(f, mode="reduce-overhead", fullgraph=True)
+    for seed in range(4):  # the first calls record, the later ones replay
+        G = _fresh(K, N, torch.float32, device, seed)
+        got = compiled(G).clone()
+        torch.testing.assert_close(got, f(G), rtol=1e-5, atol=1e-6)
+
+
+@needs_cuda
+@pytest.mark.parametrize("device,backend", testing.device_backends(backends=("cpp", "torch"), devices=("cuda",)))
+def test_compile_fullgraph_ds_ops(device, backend):
+    """masked_conv -> modality_group_norm under torch.compile(fullgraph=True) with Inductor on CUDA: the plan's
+    host counts and device index are graph constants; forward and gradients equal eager."""
+    from gmd_ext import masked_conv, modality_group_norm
+    from gmd_ext.ops import PairPlan
+
+    torch._dynamo.reset()
+    B, M, Cin, Cout = 3, 4, 2, 4
+    present_h = testing.present_mask("random", B, M, torch.Generator().manual_seed(0))
+    plan = PairPlan(present_h, B, M, device)
+    present = present_h.to(device)
+    leaves = [torch.randn(*shape, device=device, requires_grad=True)
+              for shape in ((B, M, Cin, 6, 7, 5), (Cout, Cin, 3, 3, 3), (Cout,), (M, Cout), (M, Cout))]
+
+    def f(x, w, bias, gw, gb):
+        y = masked_conv(x, w, bias, plan, padding=1, backend=backend)
+        return modality_group_norm(y, gw, gb, present, num_groups=2, activation="relu", backend=backend)
+
+    out, ref = torch.compile(f, fullgraph=True)(*leaves), f(*leaves)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    g = torch.randn_like(ref)
+    for got, want in zip(torch.autograd.grad(out, leaves, g), torch.autograd.grad(ref, leaves, g)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
 @needs_two
 @pytest.mark.parametrize("backend", ["cpp", "triton"])
 def test_second_gpu_while_first_is_current(backend):
@@ -312,22 +359,24 @@ def test_project_conflicts_nonfinite_propagate(device):
 
 # ---------------------------------------------------------------- resources and SASS, without a GPU
 _MY_CU = ("gram_cuda.cu", "combine_cuda.cu", "pcgrad_coefficients_cuda.cu", "modality_group_norm_cuda.cu")
-# Kernels whose hot loop must use 128-bit global loads (their VEC > 1 instantiations: 16 / sizeof(T) elements).
+# Kernels whose hot loop must use 128-bit global loads (their VEC > 1 instantiations: 16 / sizeof(T) elements),
+# and those of them that must also store 128 bits at a time.
 _VEC_KERNELS = ("gram_partial_kernel", "combine_kernel", "gn_stats_kernel", "gn_apply_kernel", "gn_bwd_sums_kernel",
                 "gn_bwd_apply_kernel")
+_VEC_STORE_KERNELS = ("combine_kernel", "gn_apply_kernel", "gn_bwd_apply_kernel")
 
 
 def _kernels(obj, cuobjdump):
-    """{demangled kernel name: SASS text} of an object file."""
+    """[(demangled kernel name, SASS text)] of an object file, one entry per kernel and architecture."""
     import re
     import subprocess
 
     sass = subprocess.run([cuobjdump, "-sass", obj], capture_output=True, text=True, check=True).stdout
-    out = {}
+    out = []
     for chunk in re.split(r"\n\s*Function : ", sass)[1:]:
         mangled, body = chunk.split("\n", 1)
         name = subprocess.run(["c++filt"], input=mangled.strip(), capture_output=True, text=True).stdout.strip()
-        out[name] = body
+        out.append((name, body))
     return out
 
 
@@ -335,8 +384,9 @@ def _kernels(obj, cuobjdump):
                     reason="compiles every CUDA file with nvcc (minutes): set GMD_EXT_NVCC_CHECK=1")
 @pytest.mark.parametrize("source", _MY_CU)
 def test_cuda_resources(source, tmp_path):
-    """sm_90, the build's flags without --use_fast_math: no kernel spills or uses a stack frame, the vectorised
-    kernels issue 128-bit loads (LDG.E.128), and no fp32 arithmetic flushes subnormals (no FFMA/FMUL/FADD.FTZ)."""
+    """sm_80 and sm_90 (setup.py's default arch list), the build's flags without --use_fast_math: no kernel spills
+    or uses a stack frame, the vectorised kernels issue 128-bit loads (LDG.E.128) and the elementwise ones 128-bit
+    stores (STG.E.128), and no fp32 arithmetic flushes subnormals (no FFMA/FMUL/FADD.FTZ)."""
     import re
     import shutil
     import subprocess
@@ -348,21 +398,29 @@ def test_cuda_resources(source, tmp_path):
         pytest.skip("needs nvcc and Triton's cuobjdump")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     wrapper = tmp_path / "nvcc"
-    # .ci/compile_cuda.sh compiles every file into a temporary folder; the wrapper keeps this one's object.
-    wrapper.write_text(f'#!/bin/sh\ncase "$2" in *{source}) nvcc "$@" -Xptxas -v && cp "$4" {tmp_path}/k.o ;; '
-                       f'*) exit 0 ;; esac\n')
+    # .ci/compile_cuda.sh compiles every file into a temporary folder (and keeps nvcc's report there); the wrapper
+    # compiles only this source and keeps its object and ptxas report.
+    report = tmp_path / "ptxas.txt"
+    wrapper.write_text(f'#!/bin/sh\ncase "$2" in *{source}) nvcc "$@" -Xptxas -v > {report} 2>&1; rc=$?; '
+                       f'cat {report}; [ $rc = 0 ] && cp "$4" {tmp_path}/k.o ;; *) exit 0 ;; esac\n')
     wrapper.chmod(0o755)
     run = subprocess.run(["bash", os.path.join(root, ".ci", "compile_cuda.sh")], capture_output=True, text=True,
-                         env=dict(os.environ, NVCC=str(wrapper)), timeout=900)
-    assert run.returncode == 0, run.stderr[-3000:]
-    stacks = re.findall(r"(\d+) bytes stack frame, (\d+) bytes spill stores", run.stdout + run.stderr)
+                         env=dict(os.environ, NVCC=str(wrapper), GMD_EXT_CUDA_SOURCES=os.path.join(root, "csrc",
+                                                                                                   "cuda", source)),
+                         timeout=900)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    stacks = re.findall(r"(\d+) bytes stack frame, (\d+) bytes spill stores", report.read_text())
     assert stacks and all(s == ("0", "0") for s in stacks), f"stack/spills: {sorted(set(stacks))}"
-    for name, body in _kernels(str(tmp_path / "k.o"), cuobjdump).items():
+    kernels = _kernels(str(tmp_path / "k.o"), cuobjdump)
+    assert kernels, "no SASS read back"
+    for name, body in kernels:
         assert not re.search(r"\b(FFMA|FMUL|FADD)\.FTZ", body), f"{name}: flush-to-zero arithmetic"
         kernel = re.search(r"::(\w+)<", name)
         vec = re.search(r", (2|4|8)>\(", name)
         if kernel and kernel.group(1) in _VEC_KERNELS and vec:
             assert "LDG.E.128" in body, f"{name}: no 128-bit loads"
+            if kernel.group(1) in _VEC_STORE_KERNELS:
+                assert "STG.E.128" in body, f"{name}: no 128-bit stores"
 
 
 # ---------------------------------------------------------------- python -m gmd_ext.selftest

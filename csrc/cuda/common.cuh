@@ -37,12 +37,22 @@ __device__ __forceinline__ void load_pack(const T* p, U (&out)[VEC]) {
   for (int k = 0; k < VEC; ++k) out[k] = static_cast<U>(r.v[k]);
 }
 
+// The 16-byte store is written in PTX: left to the compiler, a Pack store whose elements come out of a branch (the
+// group-norm apply kernels: loaded-or-zero packs, then stored under the same bound) was split into 4 or 8 scalar
+// stores (seen with nvcc 13.0, sm_80 and sm_90). A generic pointer to global memory is a valid st.global address.
 template <typename T, int VEC, typename U>
 __device__ __forceinline__ void store_pack(T* p, const U (&in)[VEC]) {
   Pack<T, VEC> r;
 #pragma unroll
   for (int k = 0; k < VEC; ++k) r.v[k] = static_cast<T>(in[k]);
-  *reinterpret_cast<Pack<T, VEC>*>(p) = r;
+  if constexpr (sizeof(r) == 16) {
+    uint32_t w[4];
+    memcpy(w, &r, 16);
+    asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(w[0]), "r"(w[1]), "r"(w[2]), "r"(w[3])
+                 : "memory");
+  } else {
+    *reinterpret_cast<Pack<T, VEC>*>(p) = r;
+  }
 }
 
 // Whether rows of t (2-D, unit column stride) start on `bytes` boundaries, so packs of `bytes` never straddle.

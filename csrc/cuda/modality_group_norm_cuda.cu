@@ -81,10 +81,11 @@ struct Chunk {
   int count;
 };
 __device__ __forceinline__ Chunk chunk_of(int64_t len, bool reverse) {
-  const int64_t chunks = (len + kChunk - 1) / kChunk;
-  const int64_t id = reverse ? static_cast<int64_t>(gridDim.x) - 1 - blockIdx.x : static_cast<int64_t>(blockIdx.x);
-  const int64_t seg = id / chunks, begin = (id % chunks) * kChunk;
-  return {seg, begin, static_cast<int>(min(kChunk, len - begin))};
+  // 32-bit division: the grid has < 2^31 CTAs (chunk_grid), so the CTA index and the chunk count fit.
+  const unsigned chunks = static_cast<unsigned>((len + kChunk - 1) / kChunk);
+  const unsigned id = reverse ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
+  const int64_t begin = static_cast<int64_t>(id % chunks) * kChunk;
+  return {static_cast<int64_t>(id / chunks), begin, static_cast<int>(min(kChunk, len - begin))};
 }
 
 // This thread's kElems elements of chunk ch of p (segment base), zero past the chunk's count.
