@@ -3,7 +3,8 @@
     python bench/gpu_check.py                 # on the GPU machine, from the repository root (< 8 min)
     python bench/gpu_check.py --dry-run       # here, on a CPU: every step at tiny sizes (tests/test_gpu.py)
 
-Steps, each with its own time limit so the whole stays under 8 minutes:
+Steps, each with its own time limit, all within one budget (BUDGET_S, counted from the first start: the restart
+after the build keeps the clock) so the whole stays under 8 minutes:
   1. build    `pip install --no-build-isolation --no-deps -e .` for sm_90 only (TORCH_CUDA_ARCH_LIST=9.0), then the
               script restarts itself to import that install (skipped by --dry-run and --no-build);
   2. selftest `python -m gmd_ext.selftest` (every backend on every device against float64 references);
@@ -32,10 +33,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N_FULL = (3_250_000, 1 << 28)  # DSUNet3d's parameter count; a buffer several times any L2
 K_FULL = (4, 15, 64)
 MEMORY_BUDGET = 48 << 30  # bytes of operands per case; larger cases are listed as skipped (K = 64, N = 2^28 fp32)
+BUDGET_S = 465.0  # the whole run, build included: 8 minutes less 15 s for writing the results
+TABLE_RESERVE_S = 100.0  # kept for the bandwidth table: a step's limit never eats into it
+_T0_ENV = "GMD_EXT_GPU_CHECK_T0"  # wall-clock start, handed to the process that restarts after the build
+_BUILD_ENV = "GMD_EXT_GPU_CHECK_BUILD"  # the build step's "rc seconds", handed over the same way
 
 
 def _step(name: str, cmd: list[str], timeout: float, env: dict | None = None) -> dict:
     """Run one step as a subprocess; its output is streamed; returns {step, rc, seconds}."""
+    if timeout <= 0:
+        print(f"\n=== {name}: skipped, no time left in the budget", flush=True)
+        return {"step": name, "rc": "skipped: time budget", "seconds": 0.0}
     print(f"\n=== {name}: {' '.join(cmd)} (limit {timeout:.0f} s)", flush=True)
     t0 = time.perf_counter()
     try:
@@ -141,7 +149,7 @@ def bandwidth(device: str, Ks, Ns, dtypes, backends, deadline: float) -> list[di
                     continue
                 for backend in backends:
                     for op, fn, nbytes, check in _cases(K, N, dtype, device, backend):
-                        if time.perf_counter() > deadline:
+                        if time.time() > deadline:
                             rows.append({"op": op, "K": K, "N": N, "dtype": str(dtype), "backend": backend,
                                          "note": "skipped: time budget"})
                             continue
@@ -171,31 +179,43 @@ def main(argv=None) -> int:
     parser.add_argument("--no-build", action="store_true", help="skip step 1 (extension already built)")
     parser.add_argument("--out", default=None, help="folder for the CSV and markdown (default bench/results)")
     args = parser.parse_args(argv)
-    t_start = time.perf_counter()
+    t0 = float(os.environ.setdefault(_T0_ENV, repr(time.time())))  # set by the first start, kept by the restart
     dry = args.dry_run
+    slack = 4 if dry else 1  # a dry run shares a loaded CPU box: its limits only guard against hangs
+    budget = BUDGET_S * slack
+
+    def limit(want: float) -> float:
+        """A step's time limit: `want`, cut so that the bandwidth table keeps its reserve."""
+        return min(want * slack, t0 + budget - TABLE_RESERVE_S * slack - time.time())
+
     if dry and args.out is None:
         raise SystemExit("--dry-run needs --out (a smoke run never writes into bench/results)")
     out_dir = args.out or utils.RESULTS_DIR
     os.makedirs(out_dir, exist_ok=True)
     steps = []
+    if _BUILD_ENV in os.environ:  # restarted after the build: report it
+        rc, seconds = os.environ.pop(_BUILD_ENV).split()
+        steps.append({"step": "build", "rc": int(rc), "seconds": float(seconds)})
     py = sys.executable
     if not (dry or args.no_build):
         # An editable install of this checkout (the bench scripts import the installed package), then this script
         # again in a new process, which sees the install.
         steps.append(_step("build", [py, "-m", "pip", "install", "-q", "--no-build-isolation", "--no-deps", "-e",
-                                     ROOT], 300, {"TORCH_CUDA_ARCH_LIST": "9.0", "MAX_JOBS": str(os.cpu_count() or 4)}))
+                                     ROOT], limit(180), {"TORCH_CUDA_ARCH_LIST": "9.0",
+                                                         "MAX_JOBS": str(os.cpu_count() or 4)}))
         if steps[-1]["rc"] == 0:
+            os.environ[_BUILD_ENV] = f"{steps[-1]['rc']} {steps[-1]['seconds']}"
             os.execv(py, [py, os.path.abspath(__file__), *(argv if argv is not None else sys.argv[1:]), "--no-build"])
     interp = {"TRITON_INTERPRET": "1" if dry else "0", "PYTHONPATH": ROOT}
     selftest = [py, "-m", "gmd_ext.selftest"] + (["--device", "cpu", "--backend", "cpp", "--backend", "torch"]
                                                  if dry else [])
-    slack = 4 if dry else 1  # a dry run shares a loaded CPU box: its step limits only guard against hangs
-    steps.append(_step("selftest", selftest, 90 * slack, interp))
-    tests = [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", os.path.join("tests", "test_gpu.py")]
-    steps.append(_step("tests", tests + (["-k", "matrix"] if dry else []), 150 * slack, interp))
+    steps.append(_step("selftest", selftest, limit(60), interp))
+    # Not -x: one failing test must not hide the others; -rfE lists the failures at the end.
+    tests = [py, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider", os.path.join("tests", "test_gpu.py")]
+    steps.append(_step("tests", tests + (["-k", "matrix"] if dry else []), limit(240), interp))
     device = "cpu" if dry else "cuda"
     os.environ["TRITON_INTERPRET"] = interp["TRITON_INTERPRET"]
-    deadline = t_start + (60 if dry else 7.5 * 60)
+    deadline = min(t0 + budget, time.time() + (60 if dry else budget))
     print("\n=== bandwidth", flush=True)
     rows = bandwidth(device, (4,) if dry else K_FULL, (4099,) if dry else N_FULL,
                      (torch.float32, torch.bfloat16), ("cpp",) if dry else ("cpp", "triton"), deadline)
@@ -210,7 +230,7 @@ def main(argv=None) -> int:
           + utils.markdown_table(["step", "rc", "seconds"], [[s["step"], s["rc"], s["seconds"]] for s in steps])
           + "\n\n" + utils.markdown_table(header, [[r.get(h, "") for h in header] for r in rows]) + "\n")
     md_path = utils.write_text(os.path.join(out_dir, "gpu_check.md"), md)
-    print("\n" + md + f"\nwrote {csv_path} and {md_path} in {time.perf_counter() - t_start:.0f} s")
+    print("\n" + md + f"\nwrote {csv_path} and {md_path} in {time.time() - t0:.0f} s (budget {budget:.0f} s)")
     failed = [s for s in steps if s["rc"] != 0] + [r for r in rows if r.get("note", "").startswith("FAILED")]
     return 1 if failed else 0
 

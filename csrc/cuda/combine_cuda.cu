@@ -8,10 +8,11 @@
 // loaded element of G feeds 8 FMAs, with 4-element packs (8 rows x 4 columns of accumulators).
 // Every column is computed by one thread in a fixed order: the grid size does not change the result.
 //
-// Resources (nvcc 13.0 -Xptxas -v, sm_90, without --use_fast_math; tests/test_gpu.py::test_cuda_resources): combine
-// 40 registers (fp32 packs), 61 (16-bit packs), 32 (scalar); combine_rows 72 (packs), 48 (scalar); 0 bytes stack,
-// 0 spills at 256 threads. Grids: one wave of resident CTAs (cudaOccupancyMaxActiveBlocksPerMultiprocessor x SMs),
-// capped by the columns.
+// Resources (nvcc 13.0 -Xptxas -v, without --use_fast_math, measured by .ci/compile_cuda.sh; checked by
+// tests/test_gpu.py::test_cuda_resources), registers sm_80 / sm_90: combine 32 / 34 (fp32 packs), 40 / 40 (16-bit
+// packs), 31-32 / 32 (scalar); combine_rows 72 / 72 (packs), 59-61 / 48 (scalar); 0 bytes stack, 0 spills at 256
+// threads. Grids: one wave of resident CTAs (cudaOccupancyMaxActiveBlocksPerMultiprocessor x SMs), capped by the
+// columns.
 #include <torch/library.h>
 
 #include "common.cuh"
@@ -34,14 +35,18 @@ __device__ __forceinline__ void combine_column(const T* __restrict__ G, int64_t 
 }
 
 // VEC > 1 (rows unit-stride and 16-byte aligned): whole packs only in the grid-stride loop, so its body has no
-// bounds branch; the last N % VEC columns go to CTA 0 afterwards. (A per-pack tail branch inside the unrolled K
-// loop made ptxas spill 8 bytes on sm_80 for the 16-bit packs.)
+// bounds branch; CTA 0 computes the last N % VEC columns. (A per-pack tail branch inside the unrolled K loop made
+// ptxas spill 8 bytes on sm_80 for the 16-bit packs.)
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kThreads) combine_kernel(const T* __restrict__ G, int64_t K, int64_t N, int64_t s0,
                                                            int64_t s1, const float* __restrict__ c,
                                                            const bool* __restrict__ shared, float shared_scale,
                                                            float other_scale, T* __restrict__ out) {
   const int64_t whole = N / VEC * VEC;
+  // The tail first: its values are dead before the loop starts (at the end, ptxas kept one of them live across the
+  // loop and spilled it, 8 bytes on sm_90 for the bf16 packs).
+  if (VEC > 1 && blockIdx.x == 0 && whole + threadIdx.x < N)
+    combine_column<T>(G, K, s0, s1, whole + threadIdx.x, c, shared, shared_scale, other_scale, out);
   for (int64_t n0 = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * VEC; n0 < whole;
        n0 += static_cast<int64_t>(gridDim.x) * blockDim.x * VEC) {
     if constexpr (VEC == 1) {
@@ -61,8 +66,6 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(const T* __restrict__
       store_pack<T, VEC>(out + n0, acc);
     }
   }
-  if (VEC > 1 && blockIdx.x == 0 && whole + threadIdx.x < N)
-    combine_column<T>(G, K, s0, s1, whole + threadIdx.x, c, shared, shared_scale, other_scale, out);
 }
 
 template <typename T, int VEC>

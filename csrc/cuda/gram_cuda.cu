@@ -3,17 +3,21 @@
 // Rows are cut into blocks of 64; CTA (slice, block pair) stages a chunk of columns of both row blocks (one for
 // a diagonal pair) in shared memory and computes every 4 x 4 tile of the pair from it, so G is read from DRAM
 // once (K <= 64: one block pair, every CTA computes all of Gamma). Staging uses 128-bit loads when rows are
-// unit-stride and 16-byte aligned (gmd_ext.ops.padded_rows gives such buffers), scalar loads otherwise.
+// unit-stride and 16-byte aligned (gmd_ext.ops.padded_rows gives such buffers), scalar loads otherwise; the
+// 128-bit path stages whole packs only and the finalize kernel adds the last N % VEC columns.
 // Each thread accumulates at most one chunk (<= 1024 columns / threads per tile) in fp32, then folds into fp64,
 // so the fp32 error does not grow with N. Kernel 2 adds the fp64 partials over slices in slice order.
 //
-// The slice count is a function of (K, N) only, never of the device: the result is bit-identical on every GPU.
+// The slice count is a function of K, N and the load path (128-bit or scalar) only, never of the device: the result
+// is bit-identical on every GPU.
 //
-// Resources (nvcc 13.0 -Xptxas -v, sm_90, without --use_fast_math; checked by tests/test_gpu.py::test_cuda_resources):
-// gram_partial_kernel 64 registers (fp32, 128-bit path), 79 (fp16/bf16, 128-bit path), 80 (scalar path); finalize 32;
-// 0 bytes stack, 0 spills. 256 threads and <= 35 KiB dynamic shared memory: 3 CTAs per SM by registers. With 4 x 4
-// register tiles every FMA costs 0.5 shared-memory words, so K = 15 should be near the HBM floor and K = 64 shared-
-// memory bound (an estimate from these counts; not measured: no GPU was available).
+// Resources (nvcc 13.0 -Xptxas -v, without --use_fast_math, measured by .ci/compile_cuda.sh; checked by
+// tests/test_gpu.py::test_cuda_resources), registers sm_80 / sm_90: gram_partial_kernel 64 / 64 (fp32, 128-bit path,
+// __launch_bounds__(256, 4)), 77 / 72 (fp16/bf16, 128-bit path, (256, 3)), 80 / 80 (scalar path, (256, 3));
+// finalize 32-34 / 32; 0 bytes stack, 0 spills. With 256 threads and <= 35 KiB dynamic shared memory that is 4 CTAs
+// per SM (fp32 packs: registers and, on sm_80's 164 KiB, shared memory) or 3 (by registers). With 4 x 4 register
+// tiles every FMA costs 0.5 shared-memory words, so K = 15 should be near the HBM floor and K = 64 shared-memory
+// bound (an estimate from these counts; not measured: no GPU was available).
 #include <torch/library.h>
 
 #include "common.cuh"
