@@ -1,20 +1,27 @@
 """GMD without the [K, N] buffer: `GMD(..., memory="low")` (docs/design.md §1).
 
 The merged gradient is s ⊙ Σ_k c_k g_k with coefficients c that depend only on the Gramian Γ (and the order), and
-the per-element scale s only on which objectives use an element. So:
-1. one batched backward over the K losses (the K one-hot cotangents vmapped through one autograd call) whose
-   per-parameter hook receives parameter p's K gradients [K, |p|], adds their Gramian into Γ, and drops them
-   (the hook hands autograd a stride-0 zero in their place): at most K·max|p| per-objective gradient elements
-   exist at a time;
-2. the coefficients from Γ, as in the default mode;
-3. one ordinary backward of Σ_k c_k L_k, which leaves Σ_k c_k g_k in `.grad` (N elements), then the shared
-   elements' scale applied in place.
-Peak gradient memory N + K·max|p| instead of K·N + N, for one extra backward (and a batched backward that
-differentiates each objective's graph K times when the objectives do not share one graph).
+the per-element scale s only on which objectives use an element. So Γ is accumulated parameter by parameter while
+that parameter's K gradients exist, the coefficients follow from Γ as in the default mode, and one ordinary
+backward of Σ_k c_k L_k leaves Σ_k c_k g_k in `.grad` (N elements); the shared elements' scale is applied in place.
 
-The batched backward is the legacy vmap that `torch.autograd.grad(..., is_grads_batched=True)` runs; the hook
-unwraps its batched gradient with the private torch._remove_batch_dim at the current vmap level (checked on
-torch 2.13).
+Γ_ij^p needs g_i^p and g_j^p at the same time. Two ways to get them, picked by the shape of the graphs:
+
+- "batched" (the losses share autograd nodes, e.g. K heads on one trunk): one batched backward over the K losses
+  (K one-hot cotangents vmapped through one autograd call, the legacy vmap of `is_grads_batched=True`); the hook
+  on parameter p receives its K gradients [K, |p|], adds their Gramian into Γ and hands autograd a stride-0 zero
+  in their place. Per-objective gradients: K·max|p| at a time; but every activation cotangent of the shared
+  part is K wide.
+- "sliced" (every loss has its own graph, e.g. one forward per modality subset): there a batched backward is K
+  times the work and memory for nothing (graph k's cotangents are zero outside row k) and autograd holds every
+  shared parameter's [K, |p|] input buffer until the last graph reaches it, i.e. K·N. Instead the parameters are
+  cut into groups of at most max|p| + N/K elements (in the order a backward reaches them) and, per group, K
+  ordinary backwards `autograd.grad(L_k, group)` fill a [K, group] buffer whose per-parameter blocks give Γ.
+  Per-objective gradients: K·(max|p| + N/K) ≤ N + K·max|p| at a time, activation cotangents one wide, for
+  (groups)·K backwards, each cut short at the group (docs in README: measured cost).
+
+The hook of the batched way unwraps its batched gradient with the private torch._remove_batch_dim at the current
+vmap level (checked on torch 2.13).
 """
 from __future__ import annotations
 
@@ -25,7 +32,11 @@ import torch
 
 from gmd_ext import ops
 from gmd_ext.gmd import usage
-from gmd_ext.gmd.buffers import _reached
+
+#: "auto" (sliced when no two losses share an autograd node, else batched), "batched" or "sliced": a knob for the
+#: benchmark and the tests; both are exact.
+METHOD = "auto"
+_METHODS = ("auto", "batched", "sliced")
 
 
 def _vmap_level() -> int:
@@ -35,6 +46,30 @@ def _vmap_level() -> int:
     return level - 1
 
 
+def _walk(loss: torch.Tensor, target: dict):
+    """(inner nodes, leaf indices in the order a breadth-first walk from the loss meets them) of loss's graph."""
+    if loss.grad_fn is None:
+        i = target.get(id(loss))
+        return set(), ([i] if i is not None else [])
+    nodes, leaves, frontier, seen = set(), [], [loss.grad_fn], {loss.grad_fn}
+    while frontier:
+        nxt = []
+        for fn in frontier:
+            var = getattr(fn, "variable", None)  # AccumulateGrad nodes hold their leaf
+            if var is not None:
+                i = target.get(id(var))
+                if i is not None:
+                    leaves.append(i)
+                continue
+            nodes.add(fn)
+            for f, _ in fn.next_functions:
+                if f is not None and f not in seen:
+                    seen.add(f)
+                    nxt.append(f)
+        frontier = nxt
+    return nodes, leaves
+
+
 def gram(losses: list[torch.Tensor], params: list[torch.Tensor], backend=None, rules=None):
     """(Γ [K, K] float32, reach [K, P] bool, norms) of the losses' gradients over `params`, parameter by
     parameter.
@@ -42,8 +77,31 @@ def gram(losses: list[torch.Tensor], params: list[torch.Tensor], backend=None, r
     Γ_ij = Σ_p g_i^p · g_j^p, accumulated in float64 across parameters (each parameter's block by the gram op's
     fp32-within-block rule, as the default mode's blocks); reach[k, i]: the graph of losses[k] reaches params[i].
     rules: None, or per parameter its usage rule (gmd_ext.gmd.usage.spec); then norms[i] is parameter i's [K, s]
-    segment norms (gmd_ext.gmd.usage.slice_norms), zero for a parameter no objective reaches, else None.
+    segment norms (gmd_ext.gmd.usage.slice_norms), None for a parameter no objective reaches; without rules all
+    None. The graphs are kept (retain_graph) for the combine backward.
     """
+    if METHOD not in _METHODS:
+        raise ValueError(f"gmd_ext.gmd.lowmem.METHOD must be one of {_METHODS}, got {METHOD!r}")
+    K = len(losses)
+    target = {id(p): i for i, p in enumerate(params)}
+    reach = np.zeros((K, len(params)), dtype=np.bool_)
+    walks = [_walk(loss, target) for loss in losses]
+    shared = False
+    seen: set = set()
+    for k, (nodes, leaves) in enumerate(walks):
+        reach[k, leaves] = True
+        shared = shared or not seen.isdisjoint(nodes)
+        seen |= nodes
+    method = METHOD if METHOD != "auto" else ("batched" if shared else "sliced")
+    if method == "batched":
+        total, norms = _batched(losses, params, backend, rules)
+    else:
+        order = list(dict.fromkeys([i for _, leaves in walks for i in leaves]))  # first reached first
+        total, norms = _sliced(losses, params, backend, rules, reach, order)
+    return total.float(), reach, norms
+
+
+def _batched(losses, params, backend, rules):
     L = torch.stack([l.reshape(()) for l in losses])
     K = L.shape[0]
     total = torch.zeros((K, K), dtype=torch.float64, device=L.device)
@@ -64,11 +122,62 @@ def gram(losses: list[torch.Tensor], params: list[torch.Tensor], backend=None, r
     finally:
         for h in handles:
             h.remove()
-    target = {id(p): i for i, p in enumerate(params)}
-    reach = np.zeros((K, len(params)), dtype=np.bool_)
-    for k, loss in enumerate(losses):
-        reach[k, _reached(loss, target)] = True
-    return total.float(), reach, norms
+    return total, norms
+
+
+def _groups(params, order, K):
+    """Consecutive runs of `order` of at most max|p| + N/K elements each (one parameter may exceed it alone)."""
+    sizes = [params[i].numel() for i in order]
+    budget = max(sizes) + sum(sizes) // K
+    groups, cur, n = [], [], 0
+    for i, s in zip(order, sizes):
+        if cur and n + s > budget:
+            groups.append(cur)
+            cur, n = [], 0
+        cur.append(i)
+        n += s
+    if cur:
+        groups.append(cur)
+    return groups
+
+
+def _sliced(losses, params, backend, rules, reach, order):
+    K = len(losses)
+    device = losses[0].device
+    total = torch.zeros((K, K), dtype=torch.float64, device=device)
+    norms = [None] * len(params)
+    if not order:
+        return total, norms
+    groups = _groups(params, order, K)
+    dtype = torch.promote_types(params[order[0]].dtype, torch.float32)
+    # One [K, group] buffer for all groups; parameter p's block is K contiguous rows of |p| (a [K, |p|] matrix).
+    buf = torch.empty(K * max(sum(params[i].numel() for i in g) for g in groups), dtype=dtype, device=device)
+    for group in groups:
+        blocks, off = {}, 0
+        for i in group:
+            n = params[i].numel()
+            blocks[i] = buf[off:off + K * n].view(K, n)
+            off += K * n
+        for k, loss in enumerate(losses):
+            want = [i for i in group if reach[k, i]]
+            for i in group:
+                if not reach[k, i]:
+                    blocks[i][k].zero_()
+            if not want:
+                continue
+            grads = torch.autograd.grad(loss, [params[i] for i in want], retain_graph=True, allow_unused=True)
+            for i, g in zip(want, grads):
+                if g is None:
+                    blocks[i][k].zero_()
+                else:
+                    blocks[i][k].copy_(g.reshape(-1))
+            del grads
+        for i in group:
+            rows = blocks[i]
+            total.add_(ops.gram(rows, backend).to(total.device, torch.float64))
+            if rules is not None:
+                norms[i] = usage.slice_norms(rows.view(K, *params[i].shape), rules[i])
+    return total, norms
 
 
 def combine(losses: list[torch.Tensor], params: list[torch.Tensor], c: torch.Tensor, scales: list) -> None:
