@@ -30,16 +30,21 @@ import os
 import socket
 import statistics
 import time
+import weakref
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.weak import WeakIdKeyDictionary
 
 import utils
 
 from gmd_ext import GMD, DSUNet3d, sample_subsets
+from gmd_ext.gmd import lowmem
 
 PROVIDERS = ("ddp", "gmd_all_reduce", "gmd_rs", "gmd_fsdp")
 BATCH = 8
@@ -189,35 +194,138 @@ def distributed_rows(world, cases, steps, tmp):
     return torch.load(out)
 
 
-def lowmem_rows(width, size, Ks):
+class Live(TorchDispatchMode):
+    """Bytes of the storages created inside the window that are still alive, split into gradient memory and the
+    rest, with both peaks (own accounting; MemTracker puts everything of a window without module calls in one
+    category). A new storage counts as gradient memory when the op's output is shaped like a parameter's
+    gradient ([*p.shape], K stacked [K, *p.shape] / [K, |p|]) or is a flat / [K, ·] row buffer of at least
+    max|p| elements (the default mode's [K, N] rows and merged gradient, the sliced [K, group] buffer); everything
+    else (activation cotangents, batched cotangents, kernel temporaries) is "other". Inputs have >= 3 dims (conv)
+    or a batch size no parameter dimension has (MLP), so no activation cotangent takes a parameter's shape."""
+
+    def __init__(self, params, K):
+        super().__init__()
+        self.shapes = set()
+        for p in params:
+            self.shapes |= {tuple(p.shape), (K, *p.shape), (K, p.numel())}
+        self.big = max(p.numel() for p in params)
+        self.live = {"grad": 0, "other": 0}
+        self.peak = {"grad": 0, "other": 0, "total": 0}
+        self.seen = WeakIdKeyDictionary()
+
+    def _is_grad(self, t):
+        return tuple(t.shape) in self.shapes or (t.dim() <= 2 and t.numel() >= self.big)
+
+    def _free(self, kind, n):
+        self.live[kind] -= n
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        for t in pytree.tree_leaves((args, kwargs)):
+            if isinstance(t, torch.Tensor) and t.untyped_storage() not in self.seen:
+                self.seen[t.untyped_storage()] = None  # made before the window: not counted, nor its views
+        out = func(*args, **(kwargs or {}))
+        for t in pytree.tree_leaves(out):
+            if not isinstance(t, torch.Tensor):
+                continue
+            st = t.untyped_storage()
+            if st in self.seen:
+                continue
+            kind = "grad" if self._is_grad(t) else "other"
+            n = st.nbytes()
+            self.seen[st] = kind
+            self.live[kind] += n
+            weakref.finalize(st, self._free, kind, n)
+        self.peak["grad"] = max(self.peak["grad"], self.live["grad"])
+        self.peak["other"] = max(self.peak["other"], self.live["other"])
+        self.peak["total"] = max(self.peak["total"], self.live["grad"] + self.live["other"])
+        return out
+
+
+class Stack(nn.Module):
+    """Parameter-heavy MLP: `depth` square layers; forward(x, present) masks the input's M modality blocks.
+    heads=True: one forward, K one-output heads (objectives share the trunk's graph)."""
+
+    def __init__(self, width, depth, M=4, K=4, heads=False):
+        super().__init__()
+        self.M = M
+        self.trunk = nn.Sequential(*[m for _ in range(depth) for m in (nn.Linear(width, width), nn.Tanh())])
+        self.out = nn.ModuleList(nn.Linear(width, 1) for _ in range(K if heads else 1))
+
+    def forward(self, x, present=None):
+        if present is not None:
+            x = (x.view(x.shape[0], self.M, -1) * present.view(1, self.M, 1)).view(x.shape)
+        z = self.trunk(x)
+        return [h(z) for h in self.out]
+
+
+def _cases(quick):
+    """(name, make model, losses(model, K) -> dict of K losses) of the low-memory comparison."""
+    bce = nn.functional.binary_cross_entropy_with_logits
+    cases = []
+    for width in ((0.25,) if quick else (0.25, 0.5)):
+        size = 16
+        x = torch.randn(1, 4, size, size, size, generator=torch.Generator().manual_seed(1))
+        y = (torch.rand(1, 3, size, size, size, generator=torch.Generator().manual_seed(2)) > 0.5).float()
+
+        def unet_losses(model, K, x=x, y=y):
+            chosen = sample_subsets(model.modalities, K, torch.Generator().manual_seed(0))
+            return {s.name: bce(model(x, s.mask[None]), y) for s in chosen}
+        cases.append((f"DSUNet3d w{width} {size}^3, K subset forwards", lambda K, w=width: DSUNet3d(width=w),
+                      unet_losses))
+    width, depth, batch = (128, 3, 8) if quick else (512, 6, 16)
+    xs = torch.randn(batch, width, generator=torch.Generator().manual_seed(3))
+    ys = torch.randn(batch, 1, generator=torch.Generator().manual_seed(4))
+
+    def heads_losses(model, K):
+        return [((o - ys) ** 2).mean() for o in model(xs)]
+
+    def subset_losses_(model, K):
+        chosen = sample_subsets(["m0", "m1", "m2", "m3"], K, torch.Generator().manual_seed(0))
+        return [((model(xs, s.mask.float())[0] - ys) ** 2).mean() for s in chosen]
+    cases.append((f"MLP {depth}x{width}, batch {batch}, K heads on one forward",
+                  lambda K: Stack(width, depth, K=K, heads=True), heads_losses))
+    cases.append((f"MLP {depth}x{width}, batch {batch}, K subset forwards",
+                  lambda K: Stack(width, depth), subset_losses_))
+    return cases
+
+
+def lowmem_rows(quick):
+    """One GMD step per (model, K, memory mode), its live-memory peaks from the first backward to after step."""
     torch.set_num_threads(1)
     rows = []
-    bce = nn.functional.binary_cross_entropy_with_logits
-    x = torch.randn(1, 4, size, size, size)
-    y = (torch.rand(1, 3, size, size, size) > 0.5).float()
-    for K in Ks:
-        for memory in ("default", "low"):
-            torch.manual_seed(0)
-            model = DSUNet3d(width=width)
-            N = sum(p.numel() for p in model.parameters())
-            big = max(p.numel() for p in model.parameters())
-            chosen = sample_subsets(model.modalities, K, torch.Generator().manual_seed(0))
-
-            gmd = GMD(torch.optim.SGD(model.parameters(), lr=1e-3), seed=0, memory=memory)
-            # The forwards run outside the tracked window (the tracker refuses a module called K times in it):
-            # the window is the backward passes, projection and optimizer step.
-            losses = {s.name: bce(model(x, s.mask[None]), y) for s in chosen}
-
-            def step():
+    Ks = (4,) if quick else (4, 15)
+    for name, make, losses_of in _cases(quick):
+        for K in Ks:
+            if "subset" in name and K > 15:
+                continue
+            for memory, method in (("default", ""), ("low", "batched"), ("low", "sliced")):
+                torch.manual_seed(0)
+                model = make(K)
+                params = list(model.parameters())
+                N = sum(p.numel() for p in params)
+                big = max(p.numel() for p in params)
+                gmd = GMD(torch.optim.SGD(params, lr=1e-3), seed=0, memory=memory)
+                lowmem.METHOD = method or "auto"
+                losses = losses_of(model, K)  # the forwards run before the window (equal for every mode)
+                live = Live(params, K)
                 t0 = time.perf_counter()
-                gmd.backward(losses)
-                gmd.step()
-                return (time.perf_counter() - t0) * 1e3
-            peak, ms = peak_mib(step)
-            rows.append(dict(world=1, K=K, N=N, provider=f"DSUNet3d_memory_{memory}", values_sent=0, collectives=0,
-                             values_per_N=0.0, step_ms=ms, peak_mib=peak,
-                             note=f"width {width}, {size}^3, max|param| {big}, "
-                                  f"N·4 B = {N * 4 / 2 ** 20:.1f} MiB, K·N·4 B = {K * N * 4 / 2 ** 20:.1f} MiB"))
+                with live:
+                    gmd.backward(losses)
+                    gmd.step()
+                ms = (time.perf_counter() - t0) * 1e3
+                lowmem.METHOD = "auto"
+                mib = 2 ** 20
+                target = (1.2 * N + K * big) * 4 / mib
+                provider = f"memory_{memory}" + (f"_{method}" if method else "")
+                rows.append(dict(world=1, K=K, N=N, provider=provider, values_sent=0, collectives=0,
+                                 values_per_N=0.0, step_ms=ms, peak_mib=live.peak["total"] / mib,
+                                 grad_peak_mib=live.peak["grad"] / mib, other_peak_mib=live.peak["other"] / mib,
+                                 target_mib=target, model=name, max_param=big,
+                                 note=f"{name}; N·4 B = {N * 4 / mib:.2f} MiB, K·N·4 B = {K * N * 4 / mib:.2f} MiB, "
+                                      f"target 1.2·N + K·max|p| = {target:.2f} MiB"))
+                print(f"{name} K={K} {provider}: total {rows[-1]['peak_mib']:.2f} grad "
+                      f"{rows[-1]['grad_peak_mib']:.2f} other {rows[-1]['other_peak_mib']:.2f} MiB "
+                      f"(target {target:.2f}), {ms:.0f} ms", flush=True)
     return rows
 
 
@@ -226,7 +334,7 @@ def main():
     utils.add_output_args(ap, "distributed")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--worlds", default="2,4", help='comma-separated world sizes ("" skips the distributed part)')
-    ap.add_argument("--unet-width", type=float, default=0.25, help="DSUNet3d width of the low-memory comparison")
+    ap.add_argument("--lowmem", choices=("on", "off"), default="on", help="run the low-memory comparison")
     args = ap.parse_args()
     widths = (32, 128) if args.quick else (64, 256, 1024)
     Ks = (4, 15)
@@ -237,7 +345,8 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         for world in (int(w) for w in args.worlds.split(",") if w):
             rows += distributed_rows(world, cases, 2 if args.quick else args.steps, tmp)
-    rows += lowmem_rows(args.unet_width, 16, (4,) if args.quick else (4, 15))
+    low = lowmem_rows(args.quick) if args.lowmem == "on" else []
+    rows += low
     common = utils.common_fields("distributed")
     out = [{**common, "op": "gmd_step", "shape": f"W={r['world']},K={r['K']},N={r['N']}", "dtype": "float32",
             "median_ms": r["step_ms"], "q20_ms": "", "q80_ms": "", "backend": "gloo", **r} for r in rows]
@@ -247,11 +356,24 @@ def main():
     table = [[r["world"], r["K"], r["N"], r["provider"], r["values_sent"], r["collectives"],
               f"{r['values_per_N']:.2f}",
               f"{r['values_sent'] / ar[(r['world'], r['K'], r['N'])]:.3f}" if (r["world"], r["K"], r["N"]) in ar
-              else "", f"{r['step_ms']:.1f}", f"{r['peak_mib']:.2f}"] for r in rows]
-    md = (f"Machine: {common['machine']} (shared with other jobs, loaded), gloo on localhost, 1 torch thread per "
-          f"rank, batch {BATCH} per rank.\n\n"
-          + utils.markdown_table(["W", "K", "N", "provider", "values sent / rank / step", "collectives",
-                                  "values / N", "vs gmd_all_reduce", "step ms", "peak MiB"], table) + "\n")
+              else "", f"{r['step_ms']:.1f}", f"{r['peak_mib']:.2f}"] for r in rows if r not in low]
+    load = os.getloadavg()[0]
+    md = f"Machine: {common['machine']} (shared with other jobs, 1-min load {load:.1f} at the end), 1 torch thread.\n\n"
+    if table:
+        md += (f"gloo on localhost, batch {BATCH} per rank.\n\n"
+               + utils.markdown_table(["W", "K", "N", "provider", "values sent / rank / step", "collectives",
+                                       "values / N", "vs gmd_all_reduce", "step ms", "peak MiB"], table) + "\n\n")
+    if low:
+        mib = 2 ** 20
+        md += ("Low-memory mode: live memory from the first backward to after optimizer.step (the K forwards run "
+               "before; gradient = per-objective rows, stacked parameter gradients, .grad; other = activation "
+               "cotangents and temporaries).\n\n"
+               + utils.markdown_table(
+                   ["model", "K", "N", "mode", "peak MiB", "gradient peak MiB", "other peak MiB", "N·4 B MiB",
+                    "K·N·4 B MiB", "1.2·N + K·max|p| MiB", "step ms"],
+                   [[r["model"], r["K"], r["N"], r["provider"], f"{r['peak_mib']:.2f}", f"{r['grad_peak_mib']:.2f}",
+                     f"{r['other_peak_mib']:.2f}", f"{r['N'] * 4 / mib:.2f}", f"{r['K'] * r['N'] * 4 / mib:.2f}",
+                     f"{r['target_mib']:.2f}", f"{r['step_ms']:.0f}"] for r in low]) + "\n")
     # A run of the low-memory comparison alone keeps the distributed table.
     utils.write_text(os.path.splitext(path)[0] + ("" if args.worlds else "_lowmem") + ".md", md)
     print(md)

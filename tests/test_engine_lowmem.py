@@ -11,6 +11,7 @@ from torch import nn
 from gmd_ext import GMD
 from gmd_ext.apps.brats.model import DSUNet3d
 from gmd_ext.apps.mosi.model import DSSentimentNet
+from gmd_ext.gmd import lowmem
 from gmd_ext.gmd.subsets import sample_subsets, subsets
 
 TOL = dict(rtol=1e-4, atol=1e-6)
@@ -104,3 +105,53 @@ def test_low_memory_argument_checks():
     model = Heads()
     with pytest.raises(ValueError, match="memory must be one of"):
         GMD(torch.optim.SGD(model.parameters(), lr=0.1), memory="tiny")
+
+
+@pytest.mark.parametrize("method", ["batched", "sliced"])
+def test_low_memory_methods_equal_default(method, one_thread, monkeypatch):
+    """Both ways of getting the per-parameter K gradients (forced) give the default mode's step, on objectives
+    that share a trunk (auto: batched) and on the DS model's separate subset graphs (auto: sliced)."""
+    monkeypatch.setattr(lowmem, "METHOD", method)
+    for make in (heads_case, sentiment_case):
+        ref_merged, _, ref_info = run(make, "default", steps=1)
+        merged, _, info = run(make, "low", steps=1)
+        for r, m in zip(ref_merged[0], merged[0]):
+            assert (r is None) == (m is None)
+            if r is not None:
+                torch.testing.assert_close(m, r, **TOL)
+        torch.testing.assert_close(info.gram, ref_info.gram, rtol=1e-5, atol=1e-7)
+
+
+def test_low_memory_auto_picks_by_graph_sharing(monkeypatch):
+    """auto: batched where two losses share an autograd node, sliced where every loss has its own graph."""
+    picked = []
+    monkeypatch.setattr(lowmem, "_batched", lambda *a: picked.append("batched") or (torch.zeros(3, 3), [None] * 14))
+    monkeypatch.setattr(lowmem, "_sliced", lambda *a: picked.append("sliced") or (torch.zeros(3, 3), [None] * 14))
+    model = Heads()
+    params = list(model.parameters())
+    x, y = torch.randn(4, 6), torch.randn(4, 2)
+    lowmem.gram(model.losses(x, y, None), params)  # one trunk forward for the three heads
+    lowmem.gram([model.losses(x, y, None)[k] for k in range(3)], params)  # three forwards
+    assert picked == ["batched", "sliced"]
+
+
+def test_sliced_groups_bound_the_rows():
+    """Groups follow the given order, cover every parameter once and hold at most max|p| + (N - max|p|)/K
+    elements, so the [K, group] buffer plus one incoming gradient stay within N + K·max|p|."""
+    sizes = [5, 300, 40, 40, 1000, 7, 7, 600]
+    params = [torch.zeros(n) for n in sizes]
+    order = [7, 6, 5, 4, 3, 2, 1, 0]
+    for K in (1, 2, 4, 15):
+        groups = lowmem._groups(params, order, K)
+        assert [i for g in groups for i in g] == order
+        N, big = sum(sizes), max(sizes)
+        for g in groups:
+            assert K * sum(sizes[i] for i in g) + big <= N + K * big
+        assert len(groups) > 1 or K == 1
+
+
+def test_low_memory_method_knob_is_checked(monkeypatch):
+    monkeypatch.setattr(lowmem, "METHOD", "vmap")
+    model = Heads()
+    with pytest.raises(ValueError, match="METHOD must be one of"):
+        lowmem.gram(model.losses(torch.randn(4, 6), torch.randn(4, 2), None), list(model.parameters()))

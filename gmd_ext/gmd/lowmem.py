@@ -14,11 +14,12 @@ backward of Σ_k c_k L_k leaves Σ_k c_k g_k in `.grad` (N elements); the shared
   part is K wide.
 - "sliced" (every loss has its own graph, e.g. one forward per modality subset): there a batched backward is K
   times the work and memory for nothing (graph k's cotangents are zero outside row k) and autograd holds every
-  shared parameter's [K, |p|] input buffer until the last graph reaches it, i.e. K·N. Instead the parameters are
-  cut into groups of at most max|p| + N/K elements (in the order a backward reaches them) and, per group, K
-  ordinary backwards `autograd.grad(L_k, group)` fill a [K, group] buffer whose per-parameter blocks give Γ.
-  Per-objective gradients: K·(max|p| + N/K) ≤ N + K·max|p| at a time, activation cotangents one wide, for
-  (groups)·K backwards, each cut short at the group (docs in README: measured cost).
+  shared parameter's [K, |p|] input buffer until the last graph reaches it, i.e. K·N. Instead the parameters
+  are cut into groups of at most max|p| + (N − max|p|)/K elements (in the order a backward reaches them) and,
+  per group, K ordinary backwards `autograd.grad(L_k, group)` fill a [K, group] buffer (a hook copies each
+  gradient in as autograd makes it) whose per-parameter blocks give Γ. Per-objective gradients: at most
+  N + K·max|p| at a time (the buffer and the gradient being copied), activation cotangents one wide, for
+  (groups)·K backwards, each cut short at its group (bench/bench_distributed.py measures both ways).
 
 The hook of the batched way unwraps its batched gradient with the private torch._remove_batch_dim at the current
 vmap level (checked on torch 2.13).
@@ -101,6 +102,12 @@ def gram(losses: list[torch.Tensor], params: list[torch.Tensor], backend=None, r
     return total.float(), reach, norms
 
 
+def _norms(rows, rule):
+    """usage.slice_norms of [K, *shape] rows, one objective at a time: it squares its input (a temporary of its
+    size), so K·|p| would be live twice."""
+    return torch.cat([usage.slice_norms(rows[k:k + 1], rule) for k in range(rows.shape[0])])
+
+
 def _batched(losses, params, backend, rules):
     L = torch.stack([l.reshape(()) for l in losses])
     K = L.shape[0]
@@ -112,7 +119,7 @@ def _batched(losses, params, backend, rules):
         rows = torch._remove_batch_dim(g, level, K, 0)
         total.add_(ops.gram(rows.reshape(K, -1), backend).to(total.device, torch.float64))
         if rules is not None:
-            norms[i] = usage.slice_norms(rows, rules[i])
+            norms[i] = _norms(rows, rules[i])
         return torch._add_batch_dim(rows.new_zeros(()).expand(K, *g.shape), 0, level)
 
     handles = [p.register_hook(functools.partial(hook, i)) for i, p in enumerate(params)]
@@ -126,9 +133,10 @@ def _batched(losses, params, backend, rules):
 
 
 def _groups(params, order, K):
-    """Consecutive runs of `order` of at most max|p| + N/K elements each (one parameter may exceed it alone)."""
+    """Consecutive runs of `order` of at most max|p| + (N - max|p|)/K elements each."""
     sizes = [params[i].numel() for i in order]
-    budget = max(sizes) + sum(sizes) // K
+    # K·budget + the one gradient being copied in: at most N + K·max|p|.
+    budget = max(sizes) + (sum(sizes) - max(sizes)) // K
     groups, cur, n = [], [], 0
     for i, s in zip(order, sizes):
         if cur and n + s > budget:
@@ -139,6 +147,11 @@ def _groups(params, order, K):
     if cur:
         groups.append(cur)
     return groups
+
+
+def _into(row, g):
+    row.copy_(g.reshape(-1))
+    return g.new_zeros(()).expand(g.shape)
 
 
 def _sliced(losses, params, backend, rules, reach, order):
@@ -161,22 +174,22 @@ def _sliced(losses, params, backend, rules, reach, order):
         for k, loss in enumerate(losses):
             want = [i for i in group if reach[k, i]]
             for i in group:
-                if not reach[k, i]:
-                    blocks[i][k].zero_()
+                blocks[i][k].zero_()  # stays zero where loss k does not reach (or gets no gradient)
             if not want:
                 continue
-            grads = torch.autograd.grad(loss, [params[i] for i in want], retain_graph=True, allow_unused=True)
-            for i, g in zip(want, grads):
-                if g is None:
-                    blocks[i][k].zero_()
-                else:
-                    blocks[i][k].copy_(g.reshape(-1))
-            del grads
+            # Each gradient is copied into its block by a hook as autograd produces it and replaced by a stride-0
+            # zero, so no group-sized tuple of gradients is returned on top of the buffer.
+            handles = [params[i].register_hook(functools.partial(_into, blocks[i][k])) for i in want]
+            try:
+                torch.autograd.grad(loss, [params[i] for i in want], retain_graph=True, allow_unused=True)
+            finally:
+                for h in handles:
+                    h.remove()
         for i in group:
             rows = blocks[i]
             total.add_(ops.gram(rows, backend).to(total.device, torch.float64))
             if rules is not None:
-                norms[i] = usage.slice_norms(rows.view(K, *params[i].shape), rules[i])
+                norms[i] = _norms(rows.view(K, *params[i].shape), rules[i])
     return total, norms
 
 
