@@ -16,12 +16,19 @@ Forward activations are included and equal across providers, so differences betw
 gradient and communication memory. step_ms: median over --steps steps of rank 0 (providers interleaved, one
 barrier before each step).
 
-Low-memory mode: peak_mib of one GMD step on DSUNet3d (one process, K subset objectives) with memory="default"
-and memory="low", by the same tracker, over the backward passes, projection and optimizer step (the K subset
-forwards run before the window, so this is the gradient memory plus the backward's transient buffers).
+Low-memory mode (one process, 1 thread): one GMD step (backward + optimizer.step; the K forwards run before the
+window) per model, K and mode: memory="default", memory="low" with lowmem.METHOD forced to "batched" and to
+"sliced" (auto picks sliced when the losses have separate graphs, batched when they share nodes). Models:
+DSUNet3d width 0.25 and 0.5 at 16³ with K subset forwards (separate graphs) and with forward_branches +
+subset_losses (the K losses share the M branch graphs), and a parameter-heavy MLP (6 square
+layers of 512, batch 16) with K heads on one forward (shared graph) and with K subset forwards. Live memory by
+own accounting (class Live): peak_mib (all storages made in the window), grad_peak_mib (gradient-shaped:
+per-objective rows, stacked parameter gradients, .grad) and other_peak_mib (activation cotangents, temporaries),
+against N·4 B, K·N·4 B and the target 1.2·N + K·max|p| (×4 B).
 
     python bench/bench_distributed.py            # bench/results/distributed.csv + distributed.md
     python bench/bench_distributed.py --quick    # tiny sizes, rows to bench/scratch/distributed.csv
+    python bench/bench_distributed.py --worlds ""   # the low-memory part only (-> distributed_lowmem.md)
 """
 from __future__ import annotations
 
@@ -43,7 +50,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 import utils
 
-from gmd_ext import GMD, DSUNet3d, sample_subsets
+from gmd_ext import GMD, DSUNet3d, sample_subsets, subset_losses
 from gmd_ext.gmd import lowmem
 
 PROVIDERS = ("ddp", "gmd_all_reduce", "gmd_rs", "gmd_fsdp")
@@ -270,8 +277,13 @@ def _cases(quick):
         def unet_losses(model, K, x=x, y=y):
             chosen = sample_subsets(model.modalities, K, torch.Generator().manual_seed(0))
             return {s.name: bce(model(x, s.mask[None]), y) for s in chosen}
+        def branch_losses(model, K, x=x, y=y):
+            chosen = sample_subsets(model.modalities, K, torch.Generator().manual_seed(0))
+            return subset_losses(model.forward_branches(x), y, bce, chosen)
         cases.append((f"DSUNet3d w{width} {size}^3, K subset forwards", lambda K, w=width: DSUNet3d(width=w),
                       unet_losses))
+        cases.append((f"DSUNet3d w{width} {size}^3, branches + subset_losses (shared graph)",
+                      lambda K, w=width: DSUNet3d(width=w), branch_losses))
     width, depth, batch = (128, 3, 8) if quick else (512, 6, 16)
     xs = torch.randn(batch, width, generator=torch.Generator().manual_seed(3))
     ys = torch.randn(batch, 1, generator=torch.Generator().manual_seed(4))

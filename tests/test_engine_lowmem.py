@@ -123,7 +123,8 @@ def test_low_memory_methods_equal_default(method, one_thread, monkeypatch):
 
 
 def test_low_memory_auto_picks_by_graph_sharing(monkeypatch):
-    """auto: batched where two losses share an autograd node, sliced where every loss has its own graph."""
+    """auto: batched where the losses share an autograd node and use each parameter once, sliced where every
+    loss has its own graph or a parameter is used twice (its [K, |p|] input buffer would wait for both uses)."""
     picked = []
     monkeypatch.setattr(lowmem, "_batched", lambda *a: picked.append("batched") or (torch.zeros(3, 3), [None] * 14))
     monkeypatch.setattr(lowmem, "_sliced", lambda *a: picked.append("sliced") or (torch.zeros(3, 3), [None] * 14))
@@ -132,12 +133,16 @@ def test_low_memory_auto_picks_by_graph_sharing(monkeypatch):
     x, y = torch.randn(4, 6), torch.randn(4, 2)
     lowmem.gram(model.losses(x, y, None), params)  # one trunk forward for the three heads
     lowmem.gram([model.losses(x, y, None)[k] for k in range(3)], params)  # three forwards
-    assert picked == ["batched", "sliced"]
+    z = torch.tanh(model.trunk(x))
+    twice = [((h(z) - y) ** 2).mean() + (h(z.flip(0)) * y).mean() for h in model.heads]  # one forward, reuse
+    lowmem.gram(twice, params)
+    assert picked == ["batched", "sliced", "sliced"]
 
 
 def test_sliced_groups_bound_the_rows():
-    """Groups follow the given order, cover every parameter once and hold at most max|p| + (N - max|p|)/K
-    elements, so the [K, group] buffer plus one incoming gradient stay within N + K·max|p|."""
+    """Groups follow the given order, cover every parameter once and hold at most max(max|p|, (N + K·max|p|) /
+    (K + 2)) elements: the [K, group] buffer plus two more group-sized gradients stay within N + K·max|p| (or
+    the group is one parameter)."""
     sizes = [5, 300, 40, 40, 1000, 7, 7, 600]
     params = [torch.zeros(n) for n in sizes]
     order = [7, 6, 5, 4, 3, 2, 1, 0]
@@ -146,7 +151,7 @@ def test_sliced_groups_bound_the_rows():
         assert [i for g in groups for i in g] == order
         N, big = sum(sizes), max(sizes)
         for g in groups:
-            assert K * sum(sizes[i] for i in g) + big <= N + K * big
+            assert (K + 2) * sum(sizes[i] for i in g) <= N + K * big or len(g) == 1
         assert len(groups) > 1 or K == 1
 
 

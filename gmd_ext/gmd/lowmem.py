@@ -7,19 +7,20 @@ backward of Σ_k c_k L_k leaves Σ_k c_k g_k in `.grad` (N elements); the shared
 
 Γ_ij^p needs g_i^p and g_j^p at the same time. Two ways to get them, picked by the shape of the graphs:
 
-- "batched" (the losses share autograd nodes, e.g. K heads on one trunk): one batched backward over the K losses
-  (K one-hot cotangents vmapped through one autograd call, the legacy vmap of `is_grads_batched=True`); the hook
-  on parameter p receives its K gradients [K, |p|], adds their Gramian into Γ and hands autograd a stride-0 zero
-  in their place. Per-objective gradients: K·max|p| at a time; but every activation cotangent of the shared
-  part is K wide.
-- "sliced" (every loss has its own graph, e.g. one forward per modality subset): there a batched backward is K
-  times the work and memory for nothing (graph k's cotangents are zero outside row k) and autograd holds every
-  shared parameter's [K, |p|] input buffer until the last graph reaches it, i.e. K·N. Instead the parameters
-  are cut into groups of at most max|p| + (N − max|p|)/K elements (in the order a backward reaches them) and,
-  per group, K ordinary backwards `autograd.grad(L_k, group)` fill a [K, group] buffer (a hook copies each
-  gradient in as autograd makes it) whose per-parameter blocks give Γ. Per-objective gradients: at most
-  N + K·max|p| at a time (the buffer and the gradient being copied), activation cotangents one wide, for
-  (groups)·K backwards, each cut short at its group (bench/bench_distributed.py measures both ways).
+- "batched" (the losses share autograd nodes and each parameter is used once, e.g. K heads on one trunk): one
+  batched backward over the K losses (K one-hot cotangents vmapped through one autograd call, the legacy vmap
+  of `is_grads_batched=True`); the hook on parameter p receives its K gradients [K, |p|], adds their Gramian
+  into Γ and hands autograd a stride-0 zero in their place. Per-objective gradients: K·max|p| at a time; but
+  every activation cotangent of the shared part is K wide.
+- "sliced" (otherwise: one forward per modality subset, or branches that share parameters): there a batched
+  backward holds every reused parameter's [K, |p|] input buffer until its last use is differentiated, up to
+  K·N, and on separate graphs does K times the work for nothing (graph k's cotangents are zero outside row
+  k). Instead the parameters are cut into groups of at most max(max|p|, (N + K·max|p|)/(K + 2)) elements
+  (in the order a backward reaches them) and, per group, K ordinary backwards `autograd.grad(L_k, group)` fill
+  a [K, group] buffer (a hook copies each gradient in as autograd makes it) whose per-parameter blocks give Γ.
+  Per-objective gradients: about N + K·max|p| at a time (the buffer, one objective's gradients of the group
+  pending in autograd, the out-of-place accumulation of a reused parameter), activation cotangents one wide,
+  for (groups)·K backwards, each cut short at its group (bench/bench_distributed.py measures both ways).
 
 The hook of the batched way unwraps its batched gradient with the private torch._remove_batch_dim at the current
 vmap level (checked on torch 2.13).
@@ -47,8 +48,9 @@ def _vmap_level() -> int:
     return level - 1
 
 
-def _walk(loss: torch.Tensor, target: dict):
-    """(inner nodes, leaf indices in the order a breadth-first walk from the loss meets them) of loss's graph."""
+def _walk(loss: torch.Tensor, target: dict, users: dict):
+    """(inner nodes, leaf indices in the order a breadth-first walk from the loss meets them) of loss's graph;
+    adds to users[i] the nodes that take parameter i as an input."""
     if loss.grad_fn is None:
         i = target.get(id(loss))
         return set(), ([i] if i is not None else [])
@@ -64,7 +66,12 @@ def _walk(loss: torch.Tensor, target: dict):
                 continue
             nodes.add(fn)
             for f, _ in fn.next_functions:
-                if f is not None and f not in seen:
+                if f is None:
+                    continue
+                var = getattr(f, "variable", None)
+                if var is not None and id(var) in target:
+                    users.setdefault(target[id(var)], set()).add(fn)
+                if f not in seen:
                     seen.add(f)
                     nxt.append(f)
         frontier = nxt
@@ -86,14 +93,19 @@ def gram(losses: list[torch.Tensor], params: list[torch.Tensor], backend=None, r
     K = len(losses)
     target = {id(p): i for i, p in enumerate(params)}
     reach = np.zeros((K, len(params)), dtype=np.bool_)
-    walks = [_walk(loss, target) for loss in losses]
+    users: dict = {}
+    walks = [_walk(loss, target, users) for loss in losses]
     shared = False
     seen: set = set()
     for k, (nodes, leaves) in enumerate(walks):
         reach[k, leaves] = True
         shared = shared or not seen.isdisjoint(nodes)
         seen |= nodes
-    method = METHOD if METHOD != "auto" else ("batched" if shared else "sliced")
+    # Batched pays only on one shared graph that uses each parameter once: autograd keeps a parameter's
+    # [K, |p|] input buffer until its last use has been differentiated (for parameters reused across branches or
+    # forwards that is up to K·N alive at once), and separate graphs waste K-1 of the K rows.
+    once = all(len(u) == 1 for u in users.values())
+    method = METHOD if METHOD != "auto" else ("batched" if shared and once else "sliced")
     if method == "batched":
         total, norms = _batched(losses, params, backend, rules)
     else:
@@ -133,10 +145,12 @@ def _batched(losses, params, backend, rules):
 
 
 def _groups(params, order, K):
-    """Consecutive runs of `order` of at most max|p| + (N - max|p|)/K elements each."""
+    """Consecutive runs of `order` of at most max(max|p|, (N + K·max|p|)/(K + 2)) elements each."""
     sizes = [params[i].numel() for i in order]
-    # K·budget + the one gradient being copied in: at most N + K·max|p|.
-    budget = max(sizes) + (sum(sizes) - max(sizes)) // K
+    # The [K, group] buffer, one objective's gradients of the group (all pending in autograd's input buffers
+    # when the group's parameters are reused across branches) and autograd's out-of-place accumulation of a
+    # reused parameter's gradient: (K + 2)·budget <= N + K·max|p|, at least max|p|.
+    budget = max(max(sizes), (sum(sizes) + K * max(sizes)) // (K + 2))
     groups, cur, n = [], [], 0
     for i, s in zip(order, sizes):
         if cur and n + s > budget:
