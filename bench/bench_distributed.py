@@ -382,7 +382,7 @@ def main():
                "cotangents and temporaries).\n\n"
                + utils.markdown_table(
                    ["model", "K", "N", "mode", "peak MiB", "gradient peak MiB", "other peak MiB", "N·4 B MiB",
-                    "K·N·4 B MiB", "1.2·N + K·max|p| MiB", "step ms"],
+                    "K·N·4 B MiB", "1.2·N + K·max\\|p\\| MiB", "step ms"],
                    [[r["model"], r["K"], r["N"], r["provider"], f"{r['peak_mib']:.2f}", f"{r['grad_peak_mib']:.2f}",
                      f"{r['other_peak_mib']:.2f}", f"{r['N'] * 4 / mib:.2f}", f"{r['K'] * r['N'] * 4 / mib:.2f}",
                      f"{r['target_mib']:.2f}", f"{r['step_ms']:.0f}"] for r in low]) + "\n")
