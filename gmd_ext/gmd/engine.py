@@ -22,7 +22,7 @@ from gmd_ext.gmd import branches, fsdp, lowmem, usage as usage_
 from gmd_ext.gmd.subsets import Subset
 from gmd_ext.gmd.usage import Segments
 from gmd_ext.gmd.comm import make_comm
-from gmd_ext.gmd.projection import ProjectionInfo, coefficients, gram_sum, make_perms, project
+from gmd_ext.gmd.projection import ProjectionInfo, coefficients, gram_sum, make_perms, project, to_device
 
 _REDUCTIONS = ("mean", "sum")
 _ORDERS = ("random", "sequential")
@@ -37,13 +37,6 @@ def _delegated(name: str) -> property:
     """An attribute of the wrapped optimizer, read and written through (not a copy)."""
     return property(lambda self: getattr(self.optimizer, name), lambda self, v: setattr(self.optimizer, name, v),
                     doc=f"The wrapped optimizer's {name}.")
-
-
-def _to(t: torch.Tensor, device) -> torch.Tensor:
-    """A small CPU tensor on `device` without a host synchronisation (pinned source, non-blocking copy)."""
-    if torch.device(device).type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
 
 
 class StepInfo(ProjectionInfo):
@@ -147,16 +140,18 @@ class GMD(torch.optim.Optimizer):
             included; False: torchjd's PCGrad rule (j = i skipped). docs/semantics.md.
         usage: which objectives "use" an element, deciding mean (all do) or sum (some do not).
             "official" (default): as in the official per-branch architecture, decided per segment — a parameter
-            tensor, or one modality's slice of a parameter declared modality-specific (the DS layers declare
-            their per-modality parameters; gmd_ext.gmd.usage.declare_modality_dim) — from whether the
-            objective's gradient there is non-zero: modality m's specific elements are unused by subsets
-            without m however the forward batches, packs, stacks or indexes them. Free: the Gramian pass runs
-            segment by segment and its diagonals are the segments' norms (gmd_ext/gmd/usage.py).
-            "reach": per parameter tensor, by autograd graph reach (everything counts as used when one forward
-            is stacked or packed for every objective).
+            tensor, or one modality's slice of a parameter declared modality-specific — so modality m's specific
+            elements are unused by subsets without m however the forward batches, packs, stacks or indexes them.
+            Declared segments (the DS layers and models declare every parameter; gmd_ext.declare_modality_dim
+            and gmd_ext.ops.ds_ops.declare_modality / declare_shared for your own) follow the objectives'
+            subsets when the losses come from gmd_ext.subset_losses; the others are used where the objective's
+            gradient is non-zero, read from the Gramian pass, which runs segment by segment
+            (gmd_ext/gmd/usage.py, docs/semantics.md). "reach": per parameter tensor, by autograd graph reach
+            (everything counts as used when one forward is stacked or packed for every objective).
         specific: optional override for usage="official", a mapping parameter -> False (shared: every objective
-            uses it, whatever its gradient), True (used where its gradient is non-zero: the default) or an int
-            dim (its slices along dim belong one to each modality; must be its outermost dimension in memory).
+            uses it, whatever its gradient), True (used where its gradient is non-zero: the default for
+            undeclared parameters), an int dim (its slices along dim belong one to each modality; must be its
+            outermost dimension in memory) or ("modality", m) (all of it belongs to modality m).
         nonfinite: what a NaN/Inf loss or gradient does. "raise" (ValueError naming the objectives; .grad cleared),
             "skip" (grads cleared, info.skipped = True, `step()` does nothing), or "propagate" (no check, no host
             synchronisation: the merged gradient becomes NaN everywhere — what torch.amp.GradScaler needs, below).
@@ -471,9 +466,8 @@ class GMD(torch.optim.Optimizer):
             scales = [None if not r else (shared_scale if s else 1.0) for r, s in zip(reach.any(0), shared)]
         else:
             if member is not None:
-                usage_.check_membership(member, [Segments(params, range(len(params)), [p.numel() for p in params],
-                                                          0, self._specific)])
-                member = _to(member, gram.device)
+                usage_.check_membership(member, usage_.declared_modalities(params, dims))
+                member = to_device(member, gram.device)
             scales = [None if not r or n is None else usage_.slice_scales(p, d, n, shared_scale, member)
                       for p, d, n, r in zip(params, dims, norms, reach.any(0))]
         lowmem.combine(losses, params, c, scales)
@@ -595,7 +589,7 @@ class GMD(torch.optim.Optimizer):
         comm = self.comm
         if self._s.segments is None:  # usage="reach": per-tensor reach flags, one gram call per buffer
             return comm.reduce_gram(gram_sum(rows, self.backend)), comm.local_masks(self._shared_masks())
-        usage_.check_membership(member, self._s.segments)
+        usage_.check_membership(member, max(seg.num_modalities for seg in self._s.segments))
         parts = [seg.gram(r, self.backend, comm.start(r.shape[1]), member is not None)
                  for seg, r in zip(self._s.segments, rows)]
         dev = parts[0][0].device
@@ -604,22 +598,19 @@ class GMD(torch.optim.Optimizer):
         # Γ and the segments' squared norms in one tensor: one all-reduce where the rows are sharded.
         packed = comm.reduce_gram(torch.cat([gram0.flatten()] + [n.to(dev).flatten() for _, n in parts]))
         gram = packed[:K * K].view(K, K)
+        member = None if member is None else to_device(member, dev)
         masks, at = [], K * K
         for seg, r in zip(self._s.segments, rows):
             norms = packed[at:at + K * len(seg)].view(K, len(seg))
             at += K * len(seg)
-            on = None if member is None else _to(member, r.device)
+            on = None if member is None else member.to(r.device)
             masks.append(seg.shared_mask(norms.to(r.device), on, comm.start(r.shape[1]), r.shape[1]))
         return gram, masks
 
     def _perms(self, K, device):
         order = self.order
         if isinstance(order, str) and order == "random":
-            perms = make_perms("random", K, self._generator, "cpu")
-            if device.type == "cuda":
-                # Pinned source + non_blocking: the copy is queued on the stream, no host synchronisation.
-                return perms.pin_memory().to(device, non_blocking=True)
-            return perms.to(device)
+            return make_perms("random", K, self._generator, device)  # drawn on the host, copied without a sync
         if callable(order) and not isinstance(order, torch.Tensor):
             return make_perms(order(self._s.step), K, None, device)
         key = (K, str(device))
@@ -647,9 +638,7 @@ class GMD(torch.optim.Optimizer):
                 m = torch.repeat_interleave(torch.from_numpy(flags), torch.tensor(b.sizes, dtype=torch.int64))
                 if b.width > b.N:  # row padding: zero in every row, its scale is irrelevant
                     m = torch.cat([m, m.new_ones(b.width - b.N)])
-                if b.G.device.type == "cuda":
-                    m = m.pin_memory()  # so the non-blocking copy below does not synchronise
-                masks.append(m.to(b.G.device, non_blocking=True))
+                masks.append(to_device(m, b.G.device))
         self._mask_cache[key] = masks
         if len(self._mask_cache) > _MASK_CACHE_SIZE:
             self._mask_cache.popitem(last=False)

@@ -113,13 +113,13 @@ def check_shared(shared, N: int, device: torch.device) -> torch.Tensor | None:
     return shared
 
 
-def _to_device(perms: torch.Tensor, device) -> torch.Tensor:
-    """A host order onto `device` without a host synchronisation: a pinned source and a non-blocking copy queue
-    the transfer on the stream (a pageable copy blocks the host until it is done)."""
+def to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """A small host tensor (an order, a mask) onto `device` without a host synchronisation: a pinned source and a
+    non-blocking copy queue the transfer on the stream (a pageable copy blocks the host until it is done)."""
     device = torch.device(device)
-    if device.type == "cuda" and perms.device.type == "cpu":
-        return perms.pin_memory().to(device, non_blocking=True)
-    return perms.to(device)
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def make_perms(order, K: int, generator: torch.Generator | None = None, device="cpu") -> torch.Tensor:
@@ -128,7 +128,7 @@ def make_perms(order, K: int, generator: torch.Generator | None = None, device="
     except for a user tensor on a GPU (its values are validated on the host: pass a CPU tensor to avoid it)."""
     if isinstance(order, str):
         if order == "random":
-            return _to_device(torch.stack([torch.randperm(K, generator=generator) for _ in range(K)]), device)
+            return to_device(torch.stack([torch.randperm(K, generator=generator) for _ in range(K)]), device)
         if order == "sequential":
             return torch.arange(K, device=device).repeat(K, 1)
         raise ValueError(f'order must be "random", "sequential" or an int64 [K, K] tensor, got {order!r}')
@@ -146,7 +146,7 @@ def make_perms(order, K: int, generator: torch.Generator | None = None, device="
         i = int(bad.nonzero()[0])
         raise ValueError(f"order row {i} must be a permutation of 0..{K - 1} (each objective exactly once), "
                          f"got {order[i].tolist()}")
-    return _to_device(order, device)
+    return to_device(order, device)
 
 
 def pcgrad(gram_: torch.Tensor, perms: torch.Tensor, backend: str | None = None, include_self: bool = True):

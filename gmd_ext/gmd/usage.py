@@ -33,7 +33,7 @@ from gmd_ext import ops
 from gmd_ext.ops.ds_ops import MODALITY_ATTR, declare_modality, declare_modality_dim, declare_shared
 
 __all__ = ["USAGES", "declare_modality_dim", "declare_modality", "declare_shared", "spec", "check_specific",
-           "membership", "check_membership", "Segments", "slice_norms", "slice_scales"]
+           "membership", "declared_modalities", "check_membership", "Segments", "slice_norms", "slice_scales"]
 
 USAGES = ("official", "reach")
 # A rule: ("shared",) | ("detect",) | ("dim", d) | ("modality", m)
@@ -229,14 +229,16 @@ def _used(norms: torch.Tensor, modality: torch.Tensor, member: torch.Tensor | No
     return torch.where(modality >= 0, member[:, modality.clamp_min(0)], used)
 
 
-def check_membership(member: torch.Tensor | None, segments) -> None:
-    """The declared modality indices must exist in the objectives' subsets."""
-    if member is None:
-        return
-    M = max((s.num_modalities for s in segments), default=0)
-    if M > member.shape[1]:
-        raise ValueError(f"parameters are declared for modality index {M - 1}, but the objectives' subsets are "
-                         f"over {member.shape[1]} modalities")
+def declared_modalities(params, rules) -> int:
+    """How many modalities the parameters' rules name (1 + the largest modality index; 0 for none)."""
+    return max((m + 1 for p, r in zip(params, rules) for m in _parts(p, r, p.numel())[1]), default=0)
+
+
+def check_membership(member: torch.Tensor | None, num_modalities: int) -> None:
+    """The declared modality indices (`num_modalities` of them) must exist in the objectives' subsets."""
+    if member is not None and num_modalities > member.shape[1]:
+        raise ValueError(f"parameters are declared for modality index {num_modalities - 1}, but the objectives' "
+                         f"subsets are over {member.shape[1]} modalities")
 
 
 def slice_norms(rows: torch.Tensor, rule) -> torch.Tensor:
