@@ -65,9 +65,10 @@ def check_params(params) -> None:
 class RowState:
     """What the engine tracks about K per-objective gradient rows over `params` besides the rows themselves:
     `reach[k, i]` (objective k's graph reached parameter i) and the accumulation state. GMD.backward accumulates
-    until zero_grad: `keep` tells a fill to add into the rows (and OR the reach flags) instead of starting from
-    zero; `merged[i]` is the .grad the engine last set on parameter i; `foreign` records a backward pass outside
-    the engine's (a plain loss.backward())."""
+    until zero_grad: `keep` tells a fill to add into the rows instead of starting from zero (fills only set reach
+    flags: the engine clears them at the first call of a step, even where a rank restarts its rows);
+    `merged[i]` is the .grad the engine last set on parameter i; `foreign` records a backward pass outside the
+    engine's (a plain loss.backward())."""
 
     def __init__(self, params: list, K: int):
         self.params = params
@@ -139,8 +140,6 @@ class GradBuffers(RowState):
 
     def fill_sequential(self, losses, after_row: Callable[[int], None]) -> None:
         """One backward pass per objective into its row; `after_row(k)` runs right after row k is complete."""
-        if not self.keep:
-            self.reach[:] = False
         K = len(losses)
         try:
             for k, loss in enumerate(losses):
@@ -169,8 +168,6 @@ class GradBuffers(RowState):
             warnings.warn(f"gmd_ext.GMD: strategy='batched' is not supported by this model ({e}); falling back "
                           f"to strategy='sequential' for the rest of training", RuntimeWarning, stacklevel=3)
             return False
-        if not self.keep:
-            self.reach[:] = False
         target = {id(p): i for i, p in enumerate(self.params)}
         for k, loss in enumerate(losses):
             self.reach[k, _reached(loss, target)] = True

@@ -96,8 +96,6 @@ class ShardedGrads(RowState):
         super().__init__(params, K)
 
     def fill_sequential(self, losses, after_row) -> None:
-        if not self.keep:
-            self.reach[:] = False
         K = len(losses)
         for k, loss in enumerate(losses):
             for p in self.params:
