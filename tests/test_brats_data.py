@@ -87,11 +87,18 @@ def test_splits_seeded_and_saved(root, tmp_path):
     train = BraTSDataset(root, "train", crop_size=8, split_file=split_file)
     saved = json.loads(split_file.read_text())
     assert saved["train"] == train.cases
-    # An edited split file wins over the seed: a run is reproduced from its file.
-    saved["train"], saved["test"] = saved["test"], saved["train"]
-    split_file.write_text(json.dumps(saved))
-    assert BraTSDataset(root, "train", crop_size=8, split_file=split_file).cases == saved["train"]
     assert BraTSDataset(root, "train", crop_size=8, split_file=split_file, split_seed=0).cases == saved["train"]
+    # An edited split file (test cases moved into train) is refused naming the cases that moved.
+    edited = dict(saved, train=sorted(saved["train"] + saved["test"]), test=[])
+    split_file.write_text(json.dumps(edited))
+    with pytest.raises(BraTSDataError, match=r"splits\.json: split file does not match .* is in 'train', the seed "
+                                             r"and ratios put it in 'test'"):
+        BraTSDataset(root, "train", crop_size=8, split_file=split_file)
+    # A split file that does not record how it was made cannot be checked: refused.
+    split_file.write_text(json.dumps({k: saved[k] for k in ("train", "val", "test")}))
+    with pytest.raises(BraTSDataError, match=r"splits\.json: split file does not record its root, seed, ratios"):
+        BraTSDataset(root, "train", crop_size=8, split_file=split_file)
+    split_file.write_text(json.dumps(saved))
     # A split file made with another seed, ratios or root is refused, not silently reused.
     with pytest.raises(BraTSDataError, match=r"splits\.json: split file was made for seed 0; this dataset has seed 99"):
         BraTSDataset(root, "train", split_file=split_file, split_seed=99)
@@ -380,9 +387,11 @@ def test_split_file_validation(root, tmp_path):
     split_file.write_text('{"train": [')
     with pytest.raises(BraTSDataError, match=r"splits\.json: not readable JSON"):
         BraTSDataset(root, "train", split_file=split_file)
-    # A hand-written split (no root/seed/ratios recorded) is accepted once it passes the checks.
+    # A hand-written split (no root/seed/ratios recorded) cannot be checked against the data: refused.
     split_file.write_text(json.dumps({s: good[s] for s in ("train", "val", "test")}))
-    assert BraTSDataset(root, "train", split_file=split_file, split_seed=5).cases == good["train"]
+    with pytest.raises(BraTSDataError, match=r"splits\.json: split file does not record its root, seed, ratios"):
+        BraTSDataset(root, "train", split_file=split_file, split_seed=5)
+    bad(lambda d: d.update(seed=True), r"splits\.json: split file records root .*expected a path, an int")
 
 
 def test_rgb_and_complex_images_refused_and_skipped(tmp_path):

@@ -27,6 +27,7 @@ import json
 import logging
 import math
 import os
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,6 +63,12 @@ LAYOUTS = {"brats": "BraTS 2018-2021 (<case>_{flair,t1,t1ce,t2,seg}; HGG/LGG or 
 # Bound on the voxels of one file (512^3; a BraTS volume has 8.9 M, an MSD 4-D image 36 M elements): a header
 # claiming more is refused before any allocation.
 _MAX_ELEMENTS = 1 << 27
+# Bound on one case, checked from the headers before any voxel is read: the bytes its files decompress to, and the
+# float32 stack they are read into, must each stay within it. A BraTS 2018-2023 case decompresses to 80-360 MB
+# (int16 to float64 files), an MSD case to ~150 MB; a small gzip file can claim far more (a 5 MB float64 file
+# decompresses to 1 GiB), and every DataLoader worker holds its own case.
+MAX_CASE_BYTES = 1 << 30
+_CHUNK_BYTES = 4 << 20  # files are decompressed and converted in chunks of this size
 _MAX_JSON_BYTES = 64 << 20
 
 
@@ -147,7 +154,10 @@ def _msd_conventions(root: Path) -> tuple[tuple[str, ...], dict]:
             text = str(name).lower()
             brats = (0 if "background" in text else 1 if ("non-enhancing" in text or "necro" in text)
                      else 2 if ("edema" in text or "oedema" in text) else 4 if "enhancing" in text else None)
-            if brats is None or not str(value).isdigit():
+            if not re.fullmatch(r"[0-9]{1,3}", str(value)) or int(value) > 255:
+                raise BraTSDataError(f"{path}: label key {value!r:.40} is not a label value; keys must be the "
+                                     f"integers 0..255 written in ASCII digits (\"0\", \"1\", ...)")
+            if brats is None:
                 raise BraTSDataError(f"{path}: label {value!r:.40}: {name!r:.80} is not a BraTS class (background, "
                                      f"edema, non-enhancing tumour / necrosis, enhancing tumour)")
             labels[int(value)] = brats
@@ -287,15 +297,65 @@ def _read_header(path: Path, channels: int | None):
     return img, shape
 
 
-def _read_data(path: Path, img, shape) -> np.ndarray:
+def _stream(path: Path, img, count: int):
+    """Yield the first ``count`` voxel values of ``path`` in file order, chunk by chunk, scaled as nibabel scales
+    them (``raw * scl_slope + scl_inter``), so no more than one chunk of the file's own dtype is ever held."""
+    from nibabel.openers import ImageOpener
+
+    proxy = img.dataobj
+    dtype, slope, inter = proxy.dtype, float(proxy.slope), float(proxy.inter)
+    per_chunk = max(1, _CHUNK_BYTES // dtype.itemsize)
+    done = 0
     try:
-        data = np.asanyarray(img.dataobj)
+        with ImageOpener(str(path), "rb") as f:
+            f.seek(int(proxy.offset))
+            while done < count:
+                n = min(per_chunk, count - done)
+                buf = f.read(n * dtype.itemsize)
+                if len(buf) < n * dtype.itemsize:
+                    raise BraTSDataError(f"{path}: the file is truncated: the header claims {count} voxels, the data "
+                                         f"ends after {done + len(buf) // dtype.itemsize}")
+                raw = np.frombuffer(buf, dtype=dtype)
+                yield raw if (slope, inter) == (1.0, 0.0) else raw * slope + inter
+                done += n
+    except (BraTSDataError, GeneratorExit):
+        raise
     except MemoryError as e:
-        raise BraTSDataError(f"{path}: not enough memory to read the image data ({shape})") from e
-    except Exception as e:  # truncated gzip: EOFError / zlib.error / OSError; short raw file: ValueError
+        raise BraTSDataError(f"{path}: not enough memory to read the image data") from e
+    except Exception as e:  # truncated gzip: EOFError / zlib.error / OSError / BadGzipFile
         raise BraTSDataError(f"{path}: cannot read the image data, the file is truncated or corrupt "
                              f"({type(e).__name__}: {e})") from e
-    return data.reshape(shape)
+
+
+def _fill(path: Path, img, shape, targets: dict, convert=None) -> None:
+    """Stream ``path`` into ``targets``: channel (0 for a 3-D file) -> flat array of one volume in file order.
+    ``convert(chunk, channel)`` turns a chunk of file values into the target's values (default: a plain cast)."""
+    volume = math.prod(shape[:3])
+    pos = 0
+    for raw in _stream(path, img, (max(targets) + 1) * volume):
+        i = 0
+        while i < raw.size:
+            channel, offset = divmod(pos + i, volume)
+            take = min(raw.size - i, volume - offset)
+            if channel in targets:
+                piece = raw[i:i + take]
+                targets[channel][offset:offset + take] = piece if convert is None else convert(piece, channel)
+            i += take
+        pos += raw.size
+
+
+def _check_case_size(case: Case, headers: dict, n_channels: int) -> None:
+    """Refuse a case whose files decompress, or whose float32 stack grows, beyond :data:`MAX_CASE_BYTES`."""
+    sizes = {p: int(img.header["vox_offset"]) + math.prod(shape) * img.header.get_data_dtype().itemsize
+             for p, (img, shape) in headers.items()}
+    stack = n_channels * math.prod(next(iter(headers.values()))[1][:3]) * 4
+    if max(sum(sizes.values()), stack) > MAX_CASE_BYTES:
+        big = max(sizes, key=sizes.get)
+        raise BraTSDataError(f"{big}: case {case.name} is too large to read: its files decompress to "
+                             f"{sum(sizes.values()) / 2**20:.0f} MiB ({big.name}: {sizes[big] / 2**20:.0f} MiB) and "
+                             f"its {n_channels} modalities to a {stack / 2**20:.0f} MiB float32 stack; the bound per "
+                             f"case is {MAX_CASE_BYTES / 2**20:.0f} MiB of each "
+                             f"(gmd_ext.apps.brats.data.MAX_CASE_BYTES)")
 
 
 def _case_files(case: Case, modalities: Sequence[str], labelled: bool) -> tuple[list[tuple[Path, int | None]],
@@ -340,26 +400,43 @@ def load_case(case, modalities: Sequence[str] = MODALITIES, labelled: bool = Tru
     for p, (_, s) in headers.items():
         if s[:3] != headers[ref][1][:3]:
             raise BraTSDataError(f"{p}: shape {s[:3]} differs from {ref.name} with shape {headers[ref][1][:3]}")
+    _check_case_size(case, headers, len(files))
     if header_only:
         return None, None
-    volumes = {p: _read_data(p, *headers[p]) for p in distinct}
-    image = np.stack([(volumes[p] if c is None else volumes[p][..., c]).astype(np.float32, copy=False)
-                      for p, c in files])
-    for (p, c), vol in zip(files, image):
-        if not np.isfinite(vol).all():
-            raise BraTSDataError(f"{p}: image holds NaN or Inf values" + (f" (channel {c})" if c is not None else ""))
+    # Modalities are read one at a time, chunk by chunk, straight into the float32 stack: a case's peak is the
+    # stack and the labels plus one chunk, whatever the files' dtype. The arrays are allocated in the files' voxel
+    # order (x fastest) and returned transposed to [M, x, y, z].
+    X, Y, Z = headers[ref][1][:3]
+    stack = np.empty((len(files), Z, Y, X), dtype=np.float32)
+    targets: dict[Path, dict] = {}
+    for i, (p, c) in enumerate(files):
+        targets.setdefault(p, {})[0 if c is None else c] = stack[i].reshape(-1)
+    for p, channels in targets.items():
+        def finite(chunk, channel, p=p):
+            out = chunk.astype(np.float32)
+            if not np.isfinite(out).all():
+                where = f" (channel {channel})" if case.layout == "msd" else ""
+                raise BraTSDataError(f"{p}: image holds NaN or Inf values{where} (or values beyond float32)")
+            return out
+        _fill(p, *headers[p], channels, finite)
+    image = stack.transpose(0, 3, 2, 1)
     labels = None
     if seg is not None:
-        raw = _read_data(seg, *headers[seg])
         known = np.array(sorted(case.labels), dtype=np.float64)
-        ok = np.isin(raw, known)
-        if not ok.all():
-            bad = np.unique(raw[~ok])[:8].tolist()
-            raise BraTSDataError(f"{seg}: label values outside the {case.layout} labels {sorted(case.labels)}: {bad}")
         lut = np.zeros(max(case.labels) + 1, dtype=np.uint8)
         for value, brats in case.labels.items():
             lut[value] = brats
-        labels = lut[raw.astype(np.int64)]
+
+        def to_brats(chunk, _channel):
+            ok = np.isin(chunk, known)
+            if not ok.all():
+                bad = np.unique(chunk[~ok])[:8].tolist()
+                raise BraTSDataError(f"{seg}: label values outside the {case.layout} labels {sorted(case.labels)}: "
+                                     f"{bad}")
+            return lut[chunk.astype(np.int64)]
+        flat = np.empty((Z, Y, X), dtype=np.uint8)
+        _fill(seg, *headers[seg], {0: flat.reshape(-1)}, to_brats)
+        labels = flat.transpose(2, 1, 0)
     return image, labels
 
 
@@ -386,7 +463,7 @@ def preprocess(image: np.ndarray, labels: np.ndarray | None = None, names: Seque
     sl = tuple(slice(a, b) for a, b in bbox)
     image = image[(slice(None), *sl)]
     brain = brain[sl]
-    out = np.zeros_like(image)
+    out = np.zeros(image.shape, dtype=np.float32)
     for m in range(image.shape[0]):
         v = image[m][brain].astype(np.float64)
         std = v.std()
@@ -554,8 +631,19 @@ def _read_split_file(path: Path, names: list[str], root: str, seed, ratios) -> d
         if not isinstance(v, list) or not all(isinstance(c, str) for c in v):
             raise BraTSDataError(f"{path}: split file entry {s!r} must be a list of case names (strings)")
     made = {"root": data.get("root"), "seed": data.get("seed"), "ratios": data.get("ratios")}
+    absent = [k for k, v in made.items() if v is None]
+    if absent:
+        raise BraTSDataError(f"{path}: split file does not record its {', '.join(absent)}, so it cannot be checked "
+                             f"against this data; delete it to make a new split (written with root, seed and ratios)")
+    ratios_ok = (isinstance(made["ratios"], list) and len(made["ratios"]) == 3
+                 and all(isinstance(r, (int, float)) and not isinstance(r, bool) and math.isfinite(r) and r >= 0
+                         for r in made["ratios"]) and sum(made["ratios"]) > 0)
+    if not isinstance(made["root"], str) or not isinstance(made["seed"], int) or isinstance(made["seed"], bool) \
+            or not ratios_ok:
+        raise BraTSDataError(f"{path}: split file records root {made['root']!r:.200}, seed {made['seed']!r:.40}, "
+                             f"ratios {made['ratios']!r:.80}; expected a path, an int and three non-negative numbers")
     want = {"root": root, "seed": seed, "ratios": None if ratios is None else [float(r) for r in ratios]}
-    stale = [k for k in made if made[k] is not None and want[k] is not None and made[k] != want[k]]
+    stale = [k for k in made if want[k] is not None and made[k] != want[k]]
     if stale:
         raise BraTSDataError(f"{path}: split file was made for " + ", ".join(f"{k} {made[k]!r}" for k in stale)
                              + "; this dataset has " + ", ".join(f"{k} {want[k]!r}" for k in stale)
@@ -570,6 +658,18 @@ def _read_split_file(path: Path, names: list[str], root: str, seed, ratios) -> d
     missing = sorted(set(seen) - set(names))
     if missing:
         raise BraTSDataError(f"{path}: split lists cases not found under {root}: {missing[:5]}")
+    # The lists must be the split that the recorded seed and ratios make of this root's cases: an edited file
+    # (a test case moved into train) or a root that gained or lost cases is refused, not trained on.
+    expected = make_splits(names, made["seed"], made["ratios"])
+    where = {c: s for s in _SPLITS for c in expected[s]}
+    moved = [f"{c!r} is in {seen[c]!r}, the seed and ratios put it in {where[c]!r}"
+             for c in sorted(seen) if where[c] != seen[c]]
+    unlisted = sorted(set(names) - set(seen))
+    if moved or unlisted:
+        raise BraTSDataError(f"{path}: split file does not match the split its seed {made['seed']} and ratios "
+                             f"{made['ratios']} make of the {len(names)} cases under {root}: "
+                             + "; ".join(moved[:3] + ([f"cases not listed: {unlisted[:5]}"] if unlisted else []))
+                             + ". Delete it to make a new split")
     return {s: list(data[s]) for s in _SPLITS}
 
 
