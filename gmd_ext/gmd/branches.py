@@ -38,10 +38,12 @@ def _walk(root, target: dict, stop: bool):
 def fill(bufs, losses) -> bool:
     """Fill the rows and reach flags of `bufs` (gmd_ext.gmd.buffers.GradBuffers) for `losses`; False (nothing
     written) when no loss reaches a marked branch or the buffers hold fewer rows than objectives."""
-    if any(b.G.shape[0] != len(losses) for b in bufs.buffers) or any(l.grad_fn is None for l in losses):
+    if any(b.G.shape[0] != len(losses) for b in bufs.buffers) or \
+            any(l is not None and l.grad_fn is None for l in losses):
         return False
     target = {id(p): i for i, p in enumerate(bufs.params)}
-    heads = [_walk(l.grad_fn, target, stop=True) for l in losses]
+    # An objective without a graph (None) writes nothing: its row is zeroed with the unwritten slices below.
+    heads = [([], []) if l is None else _walk(l.grad_fn, target, stop=True) for l in losses]
     nodes = list(dict.fromkeys(n for found, _ in heads for n in found))
     if not nodes:
         return False
@@ -68,6 +70,8 @@ def fill(bufs, losses) -> bool:
     # 1. The head of every objective: cotangents at its branches' outputs, gradients of head-only parameters.
     cotangents: dict = {n: ([], []) for n in nodes}  # node -> (objectives, cotangents)
     for k, (loss, (found, head)) in enumerate(zip(losses, heads)):
+        if loss is None:
+            continue
         head = list(dict.fromkeys(head))
         inputs = [GradientEdge(n, 0) for n in found] + [bufs.params[i] for i in head]
         grads = torch.autograd.grad(loss, inputs, retain_graph=True, allow_unused=True)

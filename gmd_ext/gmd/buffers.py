@@ -139,26 +139,33 @@ class GradBuffers(RowState):
         return b.views[k % len(b.views)][j]
 
     def fill_sequential(self, losses, after_row: Callable[[int], None]) -> None:
-        """One backward pass per objective into its row; `after_row(k)` runs right after row k is complete."""
-        K = len(losses)
+        """One backward pass per objective into its row (None: a zero row); `after_row(k)` runs right after row k
+        is complete."""
+        last = last_graph(losses)
         try:
             for k, loss in enumerate(losses):
                 for b in self.buffers:
                     # Autograd adds into the row views; zeroing row k right before its pass keeps it cache-warm.
                     if not self.keep or b.G.shape[0] < self.K:  # a scratch row always starts from zero
                         b.G[k % b.G.shape[0]].zero_()
-                for i, p in enumerate(self.params):
-                    p.grad = self.view(k, i)
-                self._row = k
-                loss.backward(retain_graph=k < K - 1)
-                self._row = None
+                if loss is not None:
+                    for i, p in enumerate(self.params):
+                        p.grad = self.view(k, i)
+                    self._row = k
+                    loss.backward(retain_graph=k < last)
+                    self._row = None
                 after_row(k)
         finally:
             self._row = None
 
     def fill_batched(self, losses) -> bool:
         """All rows from one vmapped `torch.autograd.grad`; False (rows untouched) when the model cannot vmap."""
-        L = torch.stack([l.reshape(()) for l in losses])
+        L = stack_graphs(losses)
+        if L is None:  # no objective has a graph: every row is zero
+            if not self.keep:
+                for b in self.buffers:
+                    b.G.zero_()
+            return True
         K = L.shape[0]
         eye = torch.eye(K, dtype=L.dtype, device=L.device)
         try:
@@ -224,6 +231,19 @@ def _hook(ref, i):
     return hook
 
 
+def last_graph(losses) -> int:
+    """Index of the last loss with a graph (losses: tensors, or None for an objective without one); -1 if none."""
+    return max((k for k, l in enumerate(losses) if l is not None), default=-1)
+
+
+def stack_graphs(losses) -> torch.Tensor | None:
+    """[K] stack of the losses, a zero (no graph) for None; None when no loss has a graph."""
+    like = next((l for l in losses if l is not None), None)
+    if like is None:
+        return None
+    return torch.stack([like.new_zeros(()) if l is None else l.reshape(()) for l in losses])
+
+
 def walk_graph(root, target: dict, stop_mark: str | None = None):
     """(marked nodes, leaf indices) reached from the autograd node `root`: indices are values of `target` (keyed
     by id(param)); with `stop_mark`, the walk collects nodes whose metadata holds it and does not go past them."""
@@ -248,6 +268,8 @@ def walk_graph(root, target: dict, stop_mark: str | None = None):
 
 def _reached(loss: torch.Tensor, target: dict) -> list[int]:
     """Indices (values of `target`, keyed by id(param)) of the leaves the autograd graph of `loss` reaches."""
+    if loss is None:
+        return []
     if loss.grad_fn is None:
         i = target.get(id(loss))
         return [i] if i is not None else []

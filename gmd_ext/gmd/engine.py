@@ -376,14 +376,14 @@ class GMD(torch.optim.Optimizer):
             StepInfo (gram, coefficients, cosines, norms, num_conflicts, losses, names, skipped, ...) of the
             accumulated gradients.
         """
-        names, losses, subsets = self._check_losses(losses)
+        names, values, losses, subsets = self._check_losses(losses)
         K = len(losses)
         self._s.last_info = None
         member = usage_.membership(subsets) if self.usage == "official" else None
         if self.memory == "low":
-            return self._done(self._finish(names, None, *self._low_memory(losses, member)))
+            return self._done(self._finish(names, None, *self._low_memory(losses, values, member)))
         comm = self.comm
-        comm.check(K, losses[0].device)
+        comm.check(K, values[0].device)
         if self._s.bufs is not None and self._s.bufs.K != K and self._s.bufs.accumulating():
             raise ValueError(f"gmd_ext.GMD.backward: got {K} objectives, but this step has accumulated "
                              f"{self._s.bufs.K} since the last zero_grad(); every call of a step must pass the same "
@@ -421,7 +421,7 @@ class GMD(torch.optim.Optimizer):
         bufs.fresh = False
         rows = comm.local(bufs)
 
-        loss_tensor = torch.stack([l.detach().float().reshape(()) for l in losses])
+        loss_tensor = torch.stack([l.detach().float().reshape(()) for l in values])
         gram, masks = self._gram_and_masks(rows, member)
         merged, gram, A = project(rows, perms, masks, self.reduction, self.backend, scale=comm.scale,
                                   finite=torch.isfinite(loss_tensor).all(), include_self=self.include_self,
@@ -443,7 +443,7 @@ class GMD(torch.optim.Optimizer):
             self.monitor(info.step, info)
         return info
 
-    def _low_memory(self, losses, member):
+    def _low_memory(self, losses, values, member):
         """memory="low" (gmd_ext/gmd/lowmem.py): Γ parameter by parameter, then one backward of Σ c_k L_k;
         returns (gram, A, loss_tensor) with the merged gradient already in .grad."""
         params = [p for g in self.optimizer.param_groups for p in g["params"] if p.requires_grad]
@@ -455,7 +455,7 @@ class GMD(torch.optim.Optimizer):
         if self.usage == "official":
             dims = [usage_.spec(p, i, self._specific) for i, p in enumerate(params)]
         gram, reach, norms = lowmem.gram(losses, params, self.backend, dims)
-        loss_tensor = torch.stack([l.detach().float().reshape(()) for l in losses])
+        loss_tensor = torch.stack([l.detach().float().reshape(()) for l in values])
         K = len(losses)
         A, c = coefficients(gram, self._perms(K, gram.device), self.backend,
                             finite=torch.isfinite(loss_tensor).all().to(gram.device),
@@ -535,12 +535,13 @@ class GMD(torch.optim.Optimizer):
     # ------------------------------------------------------------------ validation
     @staticmethod
     def _check_losses(losses):
-        subsets = None
+        subsets, absent = None, frozenset()
         if isinstance(losses, Mapping):
             names = tuple(n.name if isinstance(n, Subset) else str(n) for n in losses)
             values = list(losses.values())
             # Which modalities each objective uses: from gmd_ext.subset_losses, or keys that are Subsets.
             subsets = getattr(losses, "subsets", None)
+            absent = getattr(losses, "absent", frozenset())
             if subsets is None and all(isinstance(n, Subset) for n in losses):
                 subsets = tuple(losses)
             if subsets is not None and len(subsets) != len(values):
@@ -562,10 +563,13 @@ class GMD(torch.optim.Optimizer):
                 raise ValueError(f"{what} must be a scalar (one element), got shape {tuple(loss.shape)}")
             if not loss.dtype.is_floating_point:
                 raise TypeError(f"{what} must be a floating-point tensor, got {loss.dtype}")
-            if not loss.requires_grad:
+            if not loss.requires_grad and not (names and names[k] in absent and loss.grad_fn is None):
                 raise ValueError(f"{what} does not require grad (computed under no_grad, detached, or from "
                                  f"parameters with requires_grad=False)")
-        return names, values, subsets
+        # An objective none of whose modalities is present (subset_losses' .absent) whose loss has no graph: a
+        # zero gradient row (None for the gradient sources), still counted in K.
+        graphs = [l if l.requires_grad else None for l in values]
+        return names, values, graphs, subsets
 
     # ------------------------------------------------------------------ projection policy
     def _prepare(self, K: int) -> GradBuffers:

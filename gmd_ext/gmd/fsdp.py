@@ -21,7 +21,7 @@ import warnings
 
 import torch
 
-from gmd_ext.gmd.buffers import Buffer, RowState, check_params
+from gmd_ext.gmd.buffers import Buffer, RowState, check_params, last_graph
 from gmd_ext.gmd.comm import Comm
 
 
@@ -96,11 +96,12 @@ class ShardedGrads(RowState):
         super().__init__(params, K)
 
     def fill_sequential(self, losses, after_row) -> None:
-        K = len(losses)
+        last = last_graph(losses)
         for k, loss in enumerate(losses):
             for p in self.params:
                 p.grad = None  # FSDP accumulates into an existing sharded .grad
-            loss.backward(retain_graph=k < K - 1)
+            if loss is not None:  # None: no graph, a zero row
+                loss.backward(retain_graph=k < last)
             for b in self.buffers:
                 for i, view in zip(b.index, b.views[k]):
                     g = self.params[i].grad

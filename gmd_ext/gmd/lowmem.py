@@ -34,6 +34,7 @@ import torch
 
 from gmd_ext import ops
 from gmd_ext.gmd import usage
+from gmd_ext.gmd.buffers import stack_graphs
 
 #: "auto" (sliced when no two losses share an autograd node, else batched), "batched" or "sliced": a knob for the
 #: benchmark and the tests; both are exact.
@@ -51,6 +52,8 @@ def _vmap_level() -> int:
 def _walk(loss: torch.Tensor, target: dict, users: dict):
     """(inner nodes, leaf indices in the order a breadth-first walk from the loss meets them) of loss's graph;
     adds to users[i] the nodes that take parameter i as an input."""
+    if loss is None:  # an objective without a graph
+        return set(), []
     if loss.grad_fn is None:
         i = target.get(id(loss))
         return set(), ([i] if i is not None else [])
@@ -121,7 +124,7 @@ def _norms(rows, rule):
 
 
 def _batched(losses, params, backend, rules):
-    L = torch.stack([l.reshape(()) for l in losses])
+    L = stack_graphs(losses)
     K = L.shape[0]
     total = torch.zeros((K, K), dtype=torch.float64, device=L.device)
     norms = [None] * len(params)
@@ -170,7 +173,7 @@ def _into(row, g):
 
 def _sliced(losses, params, backend, rules, reach, order):
     K = len(losses)
-    device = losses[0].device
+    device = next(l for l in losses if l is not None).device if order else params[0].device
     total = torch.zeros((K, K), dtype=torch.float64, device=device)
     norms = [None] * len(params)
     if not order:
@@ -212,7 +215,9 @@ def combine(losses: list[torch.Tensor], params: list[torch.Tensor], c: torch.Ten
     gradient: .grad stays None), a float, or a tensor of the parameter's shape."""
     for p in params:
         p.grad = None
-    L = torch.stack([l.reshape(()) for l in losses])
+    L = stack_graphs(losses)
+    if L is None:  # no objective has a graph: no gradient anywhere
+        return
     torch.autograd.backward(L, grad_tensors=c.to(L.device, L.dtype))
     with torch.no_grad():
         for p, s in zip(params, scales):

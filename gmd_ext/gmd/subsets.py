@@ -18,11 +18,14 @@ _MAX_MODALITIES = 20
 
 class SubsetLosses(dict):
     """{subset name: loss}, as `subset_losses` returns it; `.subsets` keeps the Subset objects (in the same
-    order) so GMD knows exactly which modalities each objective uses (gmd_ext/gmd/usage.py)."""
+    order) so GMD knows exactly which modalities each objective uses (gmd_ext/gmd/usage.py); `.absent` holds the
+    names of the objectives none of whose modalities is present in any row (their loss is a zero without a graph
+    when the absent branches were never computed: GMD gives them a zero gradient row, counted in K)."""
 
-    def __init__(self, items, subsets):
+    def __init__(self, items, subsets, absent=()):
         super().__init__(items)
         self.subsets = tuple(subsets)
+        self.absent = frozenset(absent)
 
 
 class Subset(tuple):
@@ -127,7 +130,7 @@ def subset_losses(branches, target: torch.Tensor, loss_fn: Callable, subsets: Se
         present: None (every modality present in every row) or bool [B, M].
     Returns:
         {subset.name: scalar loss} in the order of `subsets` (a dict subclass whose `.subsets` tells GMD.backward
-        exactly which modalities each objective uses).
+        exactly which modalities each objective uses, and `.absent` which objectives had none present).
     """
     if isinstance(branches, torch.Tensor):
         if branches.dim() < 2:
@@ -168,6 +171,7 @@ def subset_losses(branches, target: torch.Tensor, loss_fn: Callable, subsets: Se
             raise ValueError(f"present must be None or a bool tensor [B, M] = [{B}, {M}], got {got}")
         present = present.to(like.device)
     out = SubsetLosses((), subsets)
+    absent = set()
     for s in subsets:
         if present is None:
             fused = sum(branch(m) for m in s.indices) / len(s.indices)
@@ -186,4 +190,6 @@ def subset_losses(branches, target: torch.Tensor, loss_fn: Callable, subsets: Se
             out[s.name] = loss_fn(fused[rows], target[rows])
         else:
             out[s.name] = fused.sum() * 0.0
+            absent.add(s.name)
+    out.absent = frozenset(absent)
     return out
