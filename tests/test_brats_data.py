@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from gmd_ext.data import BraTSDataset
-from gmd_ext.apps.brats.data import BraTSDataError, find_cases, load_case, make_splits, preprocess
+from gmd_ext.apps.brats.data import BraTSDataError, case_spacing, find_cases, load_case, make_splits, preprocess
 
 MODS = ("flair", "t1", "t1ce", "t2")
 
@@ -291,7 +291,7 @@ def test_layouts_map_to_one_convention(tmp_path, layout, make, seed0, caplog):
     assert ds.layout == layout and f"layout '{layout}'" in caplog.text
     item = ds[0]
     assert item["image"].shape[0] == 4 and item["regions"].shape == (3, *item["image"].shape[1:])
-    assert item["bbox"].shape == (3, 2)
+    assert item["bbox"].shape == (3, 2) and item["spacing"].tolist() == [1.0, 1.0, 1.0]
     images, labels = _truth(seed0 + list(cases).index(item["case"]))
     sl = tuple(slice(a, b) for a, b in item["bbox"].tolist())
     np.testing.assert_array_equal(item["labels"].numpy(), labels[sl])
@@ -340,7 +340,7 @@ def test_transform_hook(root):
     ds = BraTSDataset(root, "train", transform=transform, crop_size=8)
     assert not ds.augment  # a transform replaces the built-in crop/flip unless augment=True is asked for
     item = ds[0]
-    assert item["image"].shape == (4, 4, 4, 4) and seen == [["bbox", "case", "image", "labels", "regions"]]
+    assert item["image"].shape == (4, 4, 4, 4) and seen == [["bbox", "case", "image", "labels", "regions", "spacing"]]
     assert BraTSDataset(root, "train", transform=transform, augment=True, crop_size=8)[0]["regions"].shape[1] == 8
     with pytest.raises(TypeError, match="transform must return the item dict"):
         BraTSDataset(root, "all", transform=lambda item: None)[0]
@@ -423,3 +423,13 @@ def test_constant_modality_caught_by_full_check(tmp_path):
         BraTSDataset(root, "all", check="full")
     with pytest.warns(UserWarning, match="Flat_t1ce"):
         assert BraTSDataset(root, "all", check="full", on_error="skip").cases == ["Good"]
+
+
+def test_spacing_from_the_header(tmp_path):
+    d = _case(tmp_path / "r", "Aniso")
+    for f in d.iterdir():
+        img = nib.load(str(f))
+        nib.save(nib.Nifti1Image(np.asarray(img.dataobj), np.diag([1.5, 2.0, 3.0, 1.0])), str(f))
+    assert case_spacing(d) == (1.5, 2.0, 3.0)
+    item = BraTSDataset(tmp_path / "r", "all")[0]
+    assert item["spacing"].dtype == torch.float64 and item["spacing"].tolist() == [1.5, 2.0, 3.0]

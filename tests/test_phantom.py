@@ -93,3 +93,12 @@ def test_argument_errors(tmp_path):
         phantom.make_cases(tmp_path, 1, size=8)
     with pytest.raises(ValueError, match="seed"):
         phantom.make_cases(tmp_path, 1, seed=-1)
+
+
+def test_non_empty_folder_refused_unless_overwrite(tmp_path):
+    (tmp_path / "mine.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match=r"make_cases: .* is not empty \(holds mine\.txt\); pass overwrite=True"):
+        phantom.make_cases(tmp_path, 1, size=16)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.txt"]
+    (d,) = phantom.make_cases(tmp_path, 1, size=16, overwrite=True)
+    assert (d / f"{d.name}_seg.nii.gz").is_file() and (tmp_path / "mine.txt").read_text() == "keep me"

@@ -41,7 +41,7 @@ from gmd_ext.apps.brats.constants import LABELS, MODALITIES
 from gmd_ext.apps.brats.metrics import labels_to_regions
 
 __all__ = ["MODALITIES", "LAYOUTS", "BraTSDataError", "BraTSDataset", "Case", "find_cases", "make_splits",
-           "load_case", "preprocess"]
+           "load_case", "preprocess", "case_spacing"]
 
 _SPLITS = ("train", "val", "test")
 _EXTS = (".nii.gz", ".nii")
@@ -440,6 +440,18 @@ def load_case(case, modalities: Sequence[str] = MODALITIES, labelled: bool = Tru
     return image, labels
 
 
+def case_spacing(case) -> tuple[float, float, float]:
+    """Voxel size in mm along the three image axes, from the NIfTI header of the case's first image file (every
+    file of a case shares the voxel grid; BraTS 2018-2023 and MSD volumes are 1 mm, the phantoms 3 mm)."""
+    case = _as_case(case)
+    path = next(f for f, _ in (v for v in case.images.values() if v is not None))
+    img, _ = _read_header(path, 4 if case.layout == "msd" else None)
+    zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
+    if not all(math.isfinite(z) and z > 0 for z in zooms):
+        raise BraTSDataError(f"{path}: voxel size {zooms} in the header is not three positive numbers (mm)")
+    return zooms
+
+
 def preprocess(image: np.ndarray, labels: np.ndarray | None = None, names: Sequence[str] | None = None):
     """Crop to the brain box and z-score each modality over the brain.
 
@@ -504,7 +516,8 @@ class BraTSDataset(torch.utils.data.Dataset):
 
     Items are dicts: ``image`` float32 ``[M, D, H, W]`` (channels in ``modalities`` order: flair, t1, t1ce, t2 by
     default, whatever the layout calls them), ``regions`` float32 ``[3, D, H, W]`` (WT, TC, ET), ``labels`` uint8
-    ``[D, H, W]`` (0/1/2/4), ``case`` str, ``bbox`` int64 ``[3, 2]`` (the brain box in the file's voxel grid; zeros
+    ``[D, H, W]`` (0/1/2/4), ``case`` str, ``spacing`` float64 ``[3]`` (voxel size in mm from the header, for
+    distances such as HD95), ``bbox`` int64 ``[3, 2]`` (the brain box in the file's voxel grid; zeros
     for training crops). Unlabelled items have no ``regions``/``labels``.
     """
 
@@ -595,7 +608,7 @@ class BraTSDataset(torch.utils.data.Dataset):
             return self._cache[index]
         case = self._cases[index]
         image, labels = load_case(case, self.modalities, self.labelled)
-        out = preprocess(image, labels, names=self._names(case))
+        out = (*preprocess(image, labels, names=self._names(case)), case_spacing(case))
         if self._cache is not None:
             self._cache[index] = out
         return out
@@ -603,13 +616,13 @@ class BraTSDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} cases")
-        image, labels, bbox = self._volume(index)
+        image, labels, bbox, spacing = self._volume(index)
         if self.augment:
             rng = np.random.default_rng(np.random.SeedSequence([self.seed, self.epoch, index]))
             image, labels = _random_crop_flip(image, labels, self.crop_size, rng)
             bbox = np.zeros((3, 2), dtype=np.int64)
         item = {"image": torch.from_numpy(np.ascontiguousarray(image)), "case": self.cases[index],
-                "bbox": torch.from_numpy(bbox)}
+                "bbox": torch.from_numpy(bbox), "spacing": torch.tensor(spacing, dtype=torch.float64)}
         if labels is not None:
             lab = torch.from_numpy(np.ascontiguousarray(labels))
             item["labels"] = lab

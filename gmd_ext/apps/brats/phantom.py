@@ -185,11 +185,13 @@ def _save_nifti(path: Path, data: np.ndarray, voxel_mm: float) -> None:
         f.write(gzip.compress(img.to_bytes(), compresslevel=6, mtime=0))
 
 
-def make_cases(out_dir: str | os.PathLike, n: int, size: int = 96, seed: int = 0) -> list[Path]:
+def make_cases(out_dir: str | os.PathLike, n: int, size: int = 96, seed: int = 0, *,
+               overwrite: bool = False) -> list[Path]:
     """Write ``n`` BraTS-layout phantom cases ``<out_dir>/<case>/<case>_{flair,t1,t1ce,t2,seg}.nii.gz``.
 
     Args:
-        out_dir: folder to write into (created); existing cases of the same name are overwritten.
+        out_dir: folder to write into (created). A folder that is not empty is refused (FileExistsError) unless
+            ``overwrite``, which replaces the phantom cases of the same names and leaves other files alone.
         n: number of cases (>= 1).
         size: edge of the cubic volume in voxels (>= 16); the MNI brain is fitted into it isotropically.
         seed: case ``i`` depends only on ``(seed, i)``; the same arguments give byte-identical volumes.
@@ -203,6 +205,11 @@ def make_cases(out_dir: str | os.PathLike, n: int, size: int = 96, seed: int = 0
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise ValueError(f"make_cases: seed must be a non-negative int, got {seed!r}")
     out = Path(out_dir)
+    held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if held and not overwrite:
+        raise FileExistsError(f"make_cases: {out} is not empty (holds {', '.join(held[:3])}"
+                              f"{', ...' if len(held) > 3 else ''}); pass overwrite=True (--overwrite) to replace "
+                              f"its phantom cases, or choose an empty or new folder")
     out.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(NOTICE_FILE, out / NOTICE_FILE.name)
     dirs = []
