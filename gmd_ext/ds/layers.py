@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gmd_ext.ops import ds_ops
+from gmd_ext.ops import ds_ops, reference
 from gmd_ext.ops.ds_ops import PairPlan, as_plan, check_present, declare_modality_dim, declare_shared
 
 _ACTIVATIONS = (None, "relu", "leaky_relu")
@@ -108,6 +108,53 @@ def _tuple(value, n: int, name: str) -> tuple[int, ...]:
     if len(value) != n or not all(isinstance(v, int) for v in value):
         raise ValueError(f"{name} must be an int or a tuple of {n} ints, got {value!r}")
     return value
+
+
+def group_norm_rows(rows: torch.Tensor, plan: PairPlan, weight: torch.Tensor, bias: torch.Tensor, num_groups: int,
+                    eps: float, *, activation: str | None = None, backend: str = "auto") -> torch.Tensor:
+    """GroupNorm of packed rows [P, C, *S] of `plan` (statistics per row), each row's affine taken from its
+    modality's row of weight, bias [M, C] -> [P, C, *S]. 1-3 spatial dims run the fused modality_group_norm kernel
+    on the rows viewed as one sample of P "modalities" (the affine gathered by plan.modality: differentiable, the
+    backward adds each row's part into its modality's row); other shapes run F.group_norm and the gathered affine.
+    """
+    if rows.shape[0] == 0:
+        return rows.new_zeros(rows.shape)
+    if not 3 <= rows.dim() <= 5:
+        y = F.group_norm(rows, num_groups, eps=eps)
+        view = (rows.shape[0], rows.shape[1]) + (1,) * (rows.dim() - 2)
+        y = torch.addcmul(bias.index_select(0, plan.modality).view(view), y,
+                          weight.index_select(0, plan.modality).view(view))
+        return reference._activate(y, activation)
+    if plan.branch is not None:
+        # One modality's rows: P samples of that one modality, its [1, C] affine as is (a gathered [P, C]
+        # affine costs an index_add per parameter in the backward, and P times that in a batched one).
+        m = plan.branch
+        return ds_ops.modality_group_norm(rows[:, None], weight.narrow(0, m, 1), bias.narrow(0, m, 1), None,
+                                          num_groups=num_groups, eps=eps, activation=activation,
+                                          backend=backend)[:, 0]
+    return ds_ops.modality_group_norm(rows[None], weight.index_select(0, plan.modality),
+                                      bias.index_select(0, plan.modality), None, num_groups=num_groups, eps=eps,
+                                      activation=activation, backend=backend)[0]
+
+
+def layer_norm_rows(rows: torch.Tensor, plan: PairPlan, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                    normalized_shape: tuple[int, ...], eps: float, *, rms: bool = False) -> torch.Tensor:
+    """LayerNorm (RMSNorm when `rms`) over the trailing `normalized_shape` dims of packed rows [P, ..., *ns] of
+    `plan`, each row's affine taken from its modality's row of weight, bias [M, *ns] (either may be None)."""
+    norm = F.rms_norm if rms else F.layer_norm
+    if plan.branch is not None:  # one modality's rows: its affine as is
+        m = plan.branch
+        w = None if weight is None else weight[m]
+        if rms:
+            return norm(rows, normalized_shape, w, eps)
+        return norm(rows, normalized_shape, w, None if bias is None else bias[m], eps)
+    y = norm(rows, normalized_shape, eps=eps)
+    view = (rows.shape[0],) + (1,) * (rows.dim() - 1 - len(normalized_shape)) + tuple(normalized_shape)
+    if weight is not None:
+        y = y * weight.index_select(0, plan.modality).view(view)
+    if bias is not None:
+        y = y + bias.index_select(0, plan.modality).view(view)
+    return y
 
 
 class _ModalityParams(nn.Module):
@@ -251,19 +298,8 @@ class DSGroupNorm(_ModalityParams):
         _check_rows(rows, plan, f"{self.num_channels}, *S")
         if rows.shape[1] != self.num_channels:
             raise ValueError(f"rows must be [P, {self.num_channels}, *S], got shape {tuple(rows.shape)}")
-        if rows.shape[0] == 0:
-            return rows.new_zeros(rows.shape)
-        if plan.branch is not None:
-            # One modality's rows: P samples of that one modality, its [1, C] affine as is (a gathered [P, C]
-            # affine costs an index_add per parameter in the backward, and P times that in a batched one).
-            m = plan.branch
-            return ds_ops.modality_group_norm(rows[:, None], self.weight.narrow(0, m, 1), self.bias.narrow(0, m, 1),
-                                              None, num_groups=self.num_groups, eps=self.eps,
-                                              activation=self.activation, backend=self.backend)[:, 0]
-        return ds_ops.modality_group_norm(rows[None], self.weight.index_select(0, plan.modality),
-                                          self.bias.index_select(0, plan.modality), None,
-                                          num_groups=self.num_groups, eps=self.eps, activation=self.activation,
-                                          backend=self.backend)[0]
+        return group_norm_rows(rows, plan, self.weight, self.bias, self.num_groups, self.eps,
+                               activation=self.activation, backend=self.backend)
 
     def extra_repr(self) -> str:
         return (f"{self.num_modalities}, {self.num_groups}, {self.num_channels}, eps={self.eps}, "
@@ -377,13 +413,7 @@ class DSLayerNorm(_ModalityParams):
         _check_rows(rows, plan, f"..., {self.normalized_shape}")
         if rows.shape[-1] != self.normalized_shape:
             raise ValueError(f"rows must be [P, ..., {self.normalized_shape}], got shape {tuple(rows.shape)}")
-        if plan.branch is not None:  # one modality's rows: its affine as is
-            m = plan.branch
-            return F.layer_norm(rows, (self.normalized_shape,), self.weight[m], self.bias[m], self.eps)
-        affine = (rows.shape[0],) + (1,) * (rows.dim() - 2) + (self.normalized_shape,)
-        return torch.addcmul(self.bias.index_select(0, plan.modality).view(affine),
-                             F.layer_norm(rows, (self.normalized_shape,), eps=self.eps),
-                             self.weight.index_select(0, plan.modality).view(affine))
+        return layer_norm_rows(rows, plan, self.weight, self.bias, (self.normalized_shape,), self.eps)
 
     def extra_repr(self) -> str:
         return f"{self.num_modalities}, {self.normalized_shape}, eps={self.eps}"
