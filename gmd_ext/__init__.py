@@ -11,7 +11,7 @@ Importing this package loads the compiled ops when they are built and never touc
 from gmd_ext import _backend, ops
 from gmd_ext.apps.brats import DSUNet3d
 from gmd_ext.apps.mosi import DSSentimentNet
-from gmd_ext.ds import DSConv, DSGroupNorm, DSLayerNorm, DSLinear, masked_mean
+from gmd_ext.ds import DSConv, DSGroupNorm, DSLayerNorm, DSLinear, dynamic_sharing, masked_mean
 from gmd_ext.gmd import GMD, gram, project_conflicts, sample_subsets, subset_losses, subsets
 from gmd_ext.gmd import monitor
 from gmd_ext.ops import masked_conv, modality_group_norm
@@ -24,5 +24,6 @@ __all__ = [
     "project_conflicts", "gram", "GMD", "subsets", "sample_subsets", "subset_losses", "declare_modality_dim",
     "monitor",
     "masked_conv", "modality_group_norm", "DSConv", "DSGroupNorm", "DSLinear", "DSLayerNorm", "masked_mean",
+    "dynamic_sharing",
     "DSUNet3d", "DSSentimentNet", "ops", "__version__",
 ]
