@@ -7,11 +7,18 @@ once against the torch that is running and caches the result in a folder of GMD_
 ~/.cache/gmd_ext) keyed by the sources, the torch build, the Python ABI and the build switches, so another torch
 gets its own build. `pip install --no-build-isolation .` (or `-e .`) builds ahead of time instead.
 
+The cache is trusted only when it is the user's own (`import gmd_ext` runs the library it finds there): the cache
+folder and every build folder in it must be owned by the user and not writable by group or others (new ones are
+created 0700), and a library is loaded only when its size and SHA-256 match the record its own build wrote beside
+it. Anything else is refused with a message naming the folder — never skipped for another folder, so what runs is
+always where the user said. Lock and temporary files are opened without following symbolic links.
+
 This module imports nothing from gmd_ext (setup.py loads it by path and the on-demand build runs it as a script in
 a subprocess) and imports torch only inside functions.
 """
 from __future__ import annotations
 
+import errno
 import glob
 import hashlib
 import json
@@ -19,6 +26,7 @@ import os
 import platform
 import re
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -123,11 +131,34 @@ def build_record(ext) -> dict:
 
 
 def _write_json(path: str, data: dict) -> None:
-    # tmp + os.replace, as gmd_ext.io.atomic_write does; that module cannot be imported here (see the docstring).
+    # tmp (mkstemp: O_EXCL, never follows a planted name) + os.replace, as gmd_ext.io.atomic_write does; that
+    # module cannot be imported here (see the docstring). Readable as a plain open() would make it.
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)
     with os.fdopen(fd, "w") as f:
         json.dump(data, f, indent=1)
     os.replace(tmp, path)
+
+
+def _sha256_of_fd(fd: int) -> str:
+    h = hashlib.sha256()
+    while chunk := os.read(fd, 1 << 20):
+        h.update(chunk)
+    return h.hexdigest()
+
+
+def write_build_record(library: str, record: dict) -> None:
+    """Write `record` plus the built library's file name, size and SHA-256 as the build record next to it
+    (checked before an on-demand build is loaded: cached_library)."""
+    fd = os.open(library, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        size, sha256 = os.fstat(fd).st_size, _sha256_of_fd(fd)
+    finally:
+        os.close(fd)
+    _write_json(os.path.join(os.path.dirname(library), BUILD_INFO_FILE),
+                {**record, "library": os.path.basename(library), "size": size, "sha256": sha256})
 
 
 def build_ext_class():
@@ -139,13 +170,16 @@ def build_ext_class():
         def run(self):
             super().run()
             for ext in self.extensions:
-                out_dir = os.path.dirname(self.get_ext_fullpath(ext.name))
-                _write_json(os.path.join(out_dir, BUILD_INFO_FILE), build_record(ext))
+                write_build_record(self.get_ext_fullpath(ext.name), build_record(ext))
 
     return BuildExt
 
 
 # ---- on-demand build of an installed package ------------------------------------------------------------------
+
+class CacheError(RuntimeError):
+    """The kernel cache cannot be trusted or used: the message names the file or folder and the fix."""
+
 
 def cache_root() -> str:
     if os.environ.get("GMD_EXT_CACHE_DIR"):
@@ -173,29 +207,159 @@ def cache_key(src_dir: str) -> str:
 
 
 def library_in(folder: str) -> str | None:
-    """The built gmd_ext._C library in folder/gmd_ext/, if any."""
+    """The built gmd_ext._C library in folder/gmd_ext/, if any (unchecked: see cached_library)."""
     found = sorted(glob.glob(os.path.join(folder, "gmd_ext", "_C.*so")))
     return found[0] if found else None
 
 
+def _untrusted(st: os.stat_result) -> str | None:
+    """Why a file or folder with this status is not the user's own, or None."""
+    why = []
+    if st.st_uid != os.geteuid():
+        why.append(f"owned by uid {st.st_uid}, not by you (uid {os.geteuid()})")
+    if st.st_mode & 0o022:
+        who = " and ".join(w for bit, w in ((0o020, "group"), (0o002, "others")) if st.st_mode & bit)
+        why.append(f"writable by {who} (mode {stat.S_IMODE(st.st_mode):o})")
+    return " and ".join(why) or None
+
+
+_FIX = ("set GMD_EXT_CACHE_DIR to a folder only you can write (it is created 0700), or delete this one if it is "
+        "yours; a shared cache is never trusted")
+
+
+def _check_private_dir(path: str, what: str, *, follow: bool) -> None:
+    """path must be a folder owned by the user and not group/world writable: anyone who can write it can plant a
+    library that `import gmd_ext` runs. follow: the cache root may be a symbolic link (to a private folder); the
+    build folders inside it may not."""
+    try:
+        st = os.stat(path) if follow else os.lstat(path)
+    except OSError as e:
+        raise CacheError(f"gmd_ext: cannot inspect the kernel {what} {path} ({e})") from e
+    if not stat.S_ISDIR(st.st_mode):
+        raise CacheError(f"gmd_ext: the kernel {what} {path} is not a folder (a symbolic link or a file was put in its "
+                         f"place), so nothing in it is loaded; {_FIX}")
+    why = _untrusted(st)
+    if why:
+        raise CacheError(f"gmd_ext: the kernel {what} {path} is {why}: another user could plant a library in it that "
+                         f"`import gmd_ext` would run, so it is not used; {_FIX}")
+
+
+def _private_root(root: str) -> None:
+    """Create the cache root 0700 if it is missing (its parents as usual); check it either way."""
+    os.makedirs(os.path.dirname(root), exist_ok=True)
+    try:
+        os.mkdir(root, 0o700)
+    except FileExistsError:
+        pass
+    _check_private_dir(root, "cache folder", follow=True)
+
+
+def _open_lock(path: str) -> int:
+    """Open (create 0600) a lock file without following a symbolic link and without truncating: a planted link
+    must neither redirect nor clobber its target. Returns the descriptor."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        what = "is a symbolic link, which is never followed" if e.errno == errno.ELOOP else f"cannot be opened ({e})"
+        raise CacheError(f"gmd_ext: the kernel build lock {path} {what}; delete it to build or load the kernels") from e
+    st = os.fstat(fd)
+    why = "not a regular file" if not stat.S_ISREG(st.st_mode) else _untrusted(st)
+    if why:
+        os.close(fd)
+        raise CacheError(f"gmd_ext: the kernel build lock {path} is {why}; delete it to build or load the kernels")
+    return fd
+
+
+def cached_library(folder: str) -> str | None:
+    """The library of the cached build in `folder` (a build folder, checked to be the user's own), or None when
+    it holds none (an interrupted copy). Loaded only when it is the library its build recorded: a regular file of
+    the user's whose size and SHA-256 match the record beside it. Checked before it is loaded, as a truncated
+    library is mapped past its end and kills the process with SIGBUS. Raises CacheError otherwise."""
+    lib = library_in(folder)
+    if lib is None:
+        return None
+    fix = f"delete its folder to rebuild: rm -r {folder}"
+    try:
+        fd = os.open(os.path.join(folder, "gmd_ext", BUILD_INFO_FILE), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        with os.fdopen(fd) as f:
+            record = json.load(f)
+        want = (str(record["library"]), int(record["size"]), str(record["sha256"]))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CacheError(f"gmd_ext: the cached gmd_ext._C ({lib}) has no valid build record "
+                         f"({type(e).__name__}: {e}), so it is not loaded; {fix}") from e
+    try:
+        fd = os.open(lib, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as e:
+        raise CacheError(f"gmd_ext: the cached gmd_ext._C ({lib}) cannot be opened ({e}); {fix}") from e
+    try:
+        st = os.fstat(fd)
+        why = "not a regular file" if not stat.S_ISREG(st.st_mode) else _untrusted(st)
+        if why is None and os.path.basename(lib) != want[0]:
+            why = f"not the library its build recorded ({want[0]})"
+        if why is None and st.st_size != want[1]:
+            why = f"{st.st_size} bytes where its build recorded {want[1]} (truncated or replaced)"
+        if why is None and _sha256_of_fd(fd) != want[2]:
+            why = "of another SHA-256 than its build recorded (modified or replaced)"
+    finally:
+        os.close(fd)
+    if why:
+        raise CacheError(f"gmd_ext: the cached gmd_ext._C ({lib}) is {why}, so it is not loaded; {fix}")
+    return lib
+
+
+# A build's work folder: .<key>.<pid>.<random> (.<key>-<random> in earlier versions), removed when the build
+# ends.
+_WORK_FOLDER = re.compile(r"^\.(torch-.+-[0-9a-f]{16})[.-]")
+
+
+def _remove_abandoned_work(root: str, key: str) -> None:
+    """Delete the work folders of builds that were killed (the process died before its `finally`). A build holds
+    its key's lock for as long as its work folder exists, so a work folder whose key lock is free is abandoned —
+    exact, unlike a pid check, on a cache shared by several machines of the user. The caller holds `key`'s."""
+    import fcntl
+
+    for entry in os.scandir(root):
+        m = _WORK_FOLDER.match(entry.name)
+        if m is None or not entry.is_dir(follow_symlinks=False):
+            continue
+        if m.group(1) != key:
+            try:
+                fd = _open_lock(os.path.join(root, f"{m.group(1)}.lock"))
+            except CacheError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue  # that build is running
+            finally:
+                os.close(fd)  # (closing releases the lock: it is taken only to test it)
+        shutil.rmtree(entry.path, ignore_errors=True)
+
+
 def build_cached(src_dir: str, log=None) -> str:
-    """Path of gmd_ext._C built from src_dir against the running torch: the cached build, or a new one (a few
-    minutes once; progress goes to `log`, default stderr). Concurrent processes wait for the one that builds.
-    Raises RuntimeError naming the build log when the build fails, now or in an earlier attempt."""
+    """Path of gmd_ext._C built from src_dir against the running torch: the cached build (checked: cache
+    folder, build folder and library all the user's own, the library the one its build recorded), or a new one
+    (a few minutes once; progress goes to `log`, default stderr). Concurrent processes wait for the one that
+    builds. Raises CacheError naming what is refused, or RuntimeError naming the build log when the build fails,
+    now or in an earlier attempt."""
     import fcntl
 
     log = log or sys.stderr
     root = cache_root()
     key = cache_key(src_dir)
     final = os.path.join(root, key)
-    os.makedirs(root, exist_ok=True)
-    with open(os.path.join(root, f"{key}.lock"), "w") as lock:
+    _private_root(root)
+    lock = _open_lock(os.path.join(root, f"{key}.lock"))
+    try:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released by the OS if this process dies
-        lib = library_in(final)
-        if lib:
-            return lib
+        _remove_abandoned_work(root, key)
+        if os.path.lexists(final):
+            _check_private_dir(final, "build folder", follow=False)
+            lib = cached_library(final)
+            if lib:
+                return lib
         failed_log = os.path.join(root, f"{key}.failed.log")
-        if os.path.exists(failed_log):
+        if os.path.lexists(failed_log):
             raise RuntimeError(f"building the C++ kernels failed in an earlier attempt (log: {failed_log}); "
                                f"delete that log to retry")
         import torch
@@ -203,22 +367,26 @@ def build_cached(src_dir: str, log=None) -> str:
         print(f"gmd_ext: compiling the C++ kernels against torch {torch.__version__} (once, a few minutes; later "
               f"imports load the cached build from {final})", file=log, flush=True)
         t0 = time.perf_counter()
-        work = tempfile.mkdtemp(prefix=f".{key}-", dir=root)
+        work = tempfile.mkdtemp(prefix=f".{key}.{os.getpid()}.", dir=root)  # 0700
         try:
             rc, log_path = _run_build(src_dir, work, t0, log)
-            lib = library_in(os.path.join(work, "lib"))
-            if rc != 0 or lib is None:
+            built = os.path.join(work, "lib")
+            if rc != 0 or library_in(built) is None:
                 os.replace(log_path, failed_log)
                 with open(failed_log) as f:
                     tail = "".join(f.readlines()[-15:])
                 raise RuntimeError(f"building the C++ kernels failed (exit code {rc}; log: {failed_log}):\n{tail}")
-            os.replace(log_path, os.path.join(work, "lib", "build.log"))
+            os.replace(log_path, os.path.join(built, "build.log"))
+            os.chmod(built, 0o700)
+            cached_library(built)  # the record was written by this build: a mismatch is a broken build
             shutil.rmtree(final, ignore_errors=True)  # a folder without a library is an interrupted copy
-            os.replace(os.path.join(work, "lib"), final)
+            os.replace(built, final)
         finally:
             shutil.rmtree(work, ignore_errors=True)
         print(f"gmd_ext: C++ kernels built in {time.perf_counter() - t0:.0f} s", file=log, flush=True)
-        return library_in(final)
+        return cached_library(final)
+    finally:
+        os.close(lock)
 
 
 def _run_build(src_dir: str, work: str, t0: float, log) -> tuple[int, str]:
@@ -226,7 +394,7 @@ def _run_build(src_dir: str, work: str, t0: float, log) -> tuple[int, str]:
     progress line per compiled source. Returns (exit code, path of the full log)."""
     log_path = os.path.join(work, "build.log")
     script = "import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
-    with open(log_path, "w") as out:
+    with open(log_path, "x") as out:  # in the fresh private work folder: a new file, never a planted one
         proc = subprocess.Popen([sys.executable, "-c", script, __file__, src_dir, os.path.join(work, "lib"),
                                  os.path.join(work, "tmp")], cwd=work, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True)

@@ -15,23 +15,39 @@ from gmd_ext import _backend
 from gmd_ext.ops import reference
 
 
+def one_device(op: str, **tensors: Optional[torch.Tensor]) -> None:
+    """Every fake starts here: its tensor arguments must share one device. The dispatcher runs an op's fake (its
+    Meta kernel) as soon as ONE argument is on `meta`, so a direct `torch.ops.gmd_ext.<op>` call with the others on
+    the CPU would otherwise get the fake's output allocated like them and never written (masked_conv of zeros
+    returned values up to 3.5e37). Under torch.compile all fake tensors share the traced device and this passes."""
+    devices = {name: t.device for name, t in tensors.items() if t is not None}
+    if len(set(devices.values())) > 1:
+        raise ValueError(f"gmd_ext::{op}: all tensor arguments must be on one device, got "
+                         + ", ".join(f"{name} on {d}" for name, d in devices.items())
+                         + " (a meta argument among real ones gives no result to compute)")
+
+
 def _register_cpp_projection():
     """Fakes and autograd of the compiled projection ops."""
 
     @torch.library.register_fake("gmd_ext::gram")
     def _(G):
+        one_device("gram", G=G)
         return G.new_empty((G.shape[0], G.shape[0]), dtype=torch.float32)
 
     @torch.library.register_fake("gmd_ext::pcgrad_coefficients")
     def _(gram, perms):
+        one_device("pcgrad_coefficients", gram=gram, perms=perms)
         return torch.empty_like(gram, dtype=torch.float32)
 
     @torch.library.register_fake("gmd_ext::combine")
     def _(G, c, shared, shared_scale, other_scale):
+        one_device("combine", G=G, c=c, shared=shared)
         return G.new_empty((G.shape[1],))
 
     @torch.library.register_fake("gmd_ext::combine_rows")
     def _(G, A):
+        one_device("combine_rows", G=G, A=A)
         return G.new_empty((A.shape[0], G.shape[1]))
 
     _register_projection_autograd("")
@@ -90,10 +106,12 @@ def _register_cpp_ds():
 
     @torch.library.register_fake(lib + "pack_pairs")
     def _(x, index):
+        one_device("pack_pairs", x=x, index=index)
         return x.new_empty((index.shape[0], *x.shape[1:]))
 
     @torch.library.register_fake(lib + "scatter_pairs")
     def _(y, index, num_pairs):
+        one_device("scatter_pairs", y=y, index=index)
         return y.new_empty((num_pairs, *y.shape[1:]))
 
     # pack and scatter are each other's adjoint for distinct indices.
@@ -119,11 +137,13 @@ def _register_cpp_ds():
 
     @torch.library.register_fake(lib + "masked_conv")
     def _(x, weight, bias, index, counts, stride, padding, dilation):
+        one_device("masked_conv", x=x, weight=weight, bias=bias, index=index)
         per_modality = weight.dim() == x.dim()
         return x.new_empty(reference._conv_out_shape(x, weight, per_modality, stride, padding, dilation))
 
     @torch.library.register_fake(lib + "masked_conv_backward")
     def _(grad_y, x, weight, bias, index, counts, stride, padding, dilation, output_mask):
+        one_device("masked_conv_backward", grad_y=grad_y, x=x, weight=weight, bias=bias, index=index)
         return (x.new_empty(x.shape) if output_mask[0] else None,
                 weight.new_empty(weight.shape) if output_mask[1] else None,
                 bias.new_empty(bias.shape) if output_mask[2] and bias is not None else None)
@@ -143,10 +163,13 @@ def _register_cpp_ds():
 
     @torch.library.register_fake(lib + "modality_group_norm_fwd")
     def _(x, weight, bias, present, num_groups, eps, activation):
+        one_device("modality_group_norm_fwd", x=x, weight=weight, bias=bias, present=present)
         return _group_norm_fake(x, num_groups)
 
     @torch.library.register_fake(lib + "modality_group_norm_bwd")
     def _(grad_y, x, weight, bias, present, mean, rstd, num_groups, activation, output_mask):
+        one_device("modality_group_norm_bwd", grad_y=grad_y, x=x, weight=weight, bias=bias, present=present,
+                   mean=mean, rstd=rstd)
         return (x.new_empty(x.shape) if output_mask[0] else None,
                 weight.new_empty(weight.shape) if output_mask[1] else None,
                 bias.new_empty(bias.shape) if output_mask[2] else None)
@@ -194,6 +217,7 @@ def _register_conv_rows():
 
     @conv_rows_backward.register_fake
     def _(grad, x, weight, stride, padding, dilation, need_input):
+        one_device("conv_rows_backward", grad=grad, x=x, weight=weight)
         return (x.new_empty(x.shape) if need_input else x.new_empty(0), weight.new_empty(weight.shape),
                 grad.new_empty(grad.shape[1:2]))
 
@@ -315,6 +339,7 @@ def _register_triton():
 
     @gram_triton.register_fake
     def _(G):
+        one_device("gram_triton", G=G)
         tk.gram.check(G)
         return G.new_empty((G.shape[0], G.shape[0]), dtype=torch.float32)
 
@@ -325,6 +350,7 @@ def _register_triton():
 
     @pcgrad_coefficients_triton.register_fake
     def _(gram, perms):
+        one_device("pcgrad_coefficients_triton", gram=gram, perms=perms)
         tk.pcgrad_coefficients.check(gram, perms)
         return torch.empty_like(gram, dtype=torch.float32, memory_format=torch.contiguous_format)
 
@@ -336,6 +362,7 @@ def _register_triton():
 
     @combine_triton.register_fake
     def _(G, c, shared, shared_scale, other_scale):
+        one_device("combine_triton", G=G, c=c, shared=shared)
         tk.combine.check_combine(G, c, shared)
         return G.new_empty((G.shape[1],))
 
@@ -346,6 +373,7 @@ def _register_triton():
 
     @combine_rows_triton.register_fake
     def _(G, A):
+        one_device("combine_rows_triton", G=G, A=A)
         tk.combine.check_combine_rows(G, A)
         return G.new_empty((A.shape[0], G.shape[1]))
 
@@ -362,6 +390,7 @@ def _register_triton():
 
     @modality_group_norm_fwd_triton.register_fake
     def _(x, weight, bias, present, num_groups, eps, activation):
+        one_device("modality_group_norm_fwd_triton", x=x, weight=weight, bias=bias, present=present)
         gn.check("modality_group_norm_fwd_triton", x, weight, bias, present, num_groups, activation)
         return _group_norm_fake(x, num_groups)
 
@@ -376,6 +405,8 @@ def _register_triton():
 
     @modality_group_norm_bwd_triton.register_fake
     def _(grad_y, x, weight, bias, present, mean, rstd, num_groups, activation):
+        one_device("modality_group_norm_bwd_triton", grad_y=grad_y, x=x, weight=weight, bias=bias,
+                   present=present, mean=mean, rstd=rstd)
         return x.new_empty(x.shape), weight.new_empty(weight.shape), bias.new_empty(bias.shape)
 
     def _gn_backward(ctx, grad_y, grad_mean, grad_rstd):

@@ -20,6 +20,9 @@ synchronises with the host and `torch.compile(fullgraph=True)` traces them, eage
 """
 from __future__ import annotations
 
+import math
+import os
+
 import torch
 
 from gmd_ext import _backend
@@ -72,7 +75,30 @@ def _check_x(x, name="x") -> int:
                          f"got shape {tuple(x.shape)}")
     if x.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"{name} must be float32, float16, bfloat16 or float64, got {x.dtype}")
+    if x.shape[1] == 0:
+        raise ValueError(f"{name} must have at least one modality (M = {name}.shape[1] >= 1), got shape "
+                         f"{tuple(x.shape)}")
     return x.dim() - 3
+
+
+# Physical memory of this host, read once: an output that cannot fit in it is refused by size before it is
+# allocated (an allocator error names neither the argument nor the op).
+_HOST_BYTES = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else None
+
+
+def _check_output_bytes(op: str, shape, dtype: torch.dtype, device: torch.device, cause: str) -> None:
+    """Refuse an output that can never be allocated on `device` (more bytes than the host's physical memory, or
+    the GPU's), naming its shape, its size in bytes and the arguments (`cause`) that make it that large."""
+    if device.type == "cuda" and not torch.compiler.is_compiling():
+        limit, where = torch.cuda.get_device_properties(device).total_memory, f"the memory of {device}"
+    elif device.type == "cpu" and _HOST_BYTES:
+        limit, where = _HOST_BYTES, "this machine's physical memory"
+    else:
+        return
+    size = math.prod(shape) * dtype.itemsize
+    if size > limit:
+        raise ValueError(f"{op}: the output {list(shape)} would take {size} bytes ({size / 2**30:.3g} GiB), more "
+                         f"than {where} ({limit} bytes); {cause}")
 
 
 def check_present(present, batch: int, num_modalities: int, device, *, allow_empty_rows: bool = False,
@@ -258,6 +284,10 @@ def _conv_args(x, weight, bias, stride, padding, dilation):
         if s + 2 * p - d * (kk - 1) - 1 < 0:
             raise ValueError(f"spatial dim {i}: input size {s} with padding {p} is smaller than the dilated kernel "
                              f"{d * (kk - 1) + 1}")
+    out = _conv_out_shape(x, weight, per_modality, stride, padding, dilation)
+    _check_output_bytes("masked_conv", out, x.dtype, x.device,
+                        f"padding={padding} with x's spatial size {tuple(x.shape[3:])}, kernel {tuple(k)}, "
+                        f"stride={stride} and dilation={dilation} make it that large")
     return per_modality, stride, padding, dilation
 
 
