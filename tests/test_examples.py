@@ -17,7 +17,7 @@ import gmd_ext
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples" / "python"
-SCRIPTS = ["own_model", "amp", "accumulation", "ddp", "lightning_manual"]
+SCRIPTS = ["own_model", "amp", "accumulation", "ddp", "lightning_manual", "lightning_auto"]
 needs_lightning = pytest.mark.skipif(importlib.util.find_spec("lightning") is None,
                                      reason="lightning is not installed (it is in the [test] extra)")
 
@@ -49,6 +49,15 @@ def test_example(script):
 def test_lightning_manual(precision):
     line = run("lightning_manual", "--precision", precision)
     assert precision in line  # the script reports which precision actually ran
+
+
+@needs_lightning
+@pytest.mark.parametrize("precision", ["16-mixed", "32-true"])
+def test_lightning_auto(precision):
+    line = run("lightning_auto", "--precision", precision)
+    assert precision in line
+    if precision == "32-true":
+        assert "== the plain loop" in line  # fp32: the Lightning run equals the plain GMD loop bit for bit
 
 
 def test_every_example_is_tested_and_listed():

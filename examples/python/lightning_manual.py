@@ -4,9 +4,15 @@ What it shows:
 - `configure_optimizers` returns the GMD engine itself (it is a torch.optim.Optimizer wrapping Adam) with a StepLR
   scheduler built on it; Lightning counts its steps (`trainer.global_step`) and saves its state (step, order RNG,
   Adam's state) in the checkpoint like any optimizer's.
-- `training_step` (automatic_optimization = False): `self.gmd.zero_grad()`, `self.gmd.backward(losses)` with the
-  losses scaled by the precision plugin's GradScaler under 16-mixed, then `self.optimizers().step()`, which goes
-  through the precision plugin: unscale, `on_before_optimizer_step` (where we clip), `scaler.step(gmd)`, update.
+- `training_step` (automatic_optimization = False): `self.gmd.zero_grad()`,
+  `gmd_ext.lightning.manual_backward(self, self.gmd, losses)` (GMD's backward with every loss scaled by the
+  precision plugin's GradScaler under 16-mixed, as `self.manual_backward` scales one loss), then
+  `self.optimizers().step()`, which goes through the precision plugin: unscale, `on_before_optimizer_step` (where
+  we clip), `scaler.step(gmd)`, update.
+- The dominance indicators go to the Trainer's logger through the `gmd_ext.lightning.DominanceLogger` callback
+  (here an in-memory logger; the script checks one row per step).
+- Automatic optimisation (Trainer(gradient_clip_val=..., accumulate_grad_batches=...), no glue at all):
+  examples/python/lightning_auto.py.
 - Clipping: `self.clip_gradients(...)` in `on_before_optimizer_step`, because under 16-mixed that hook is the first
   point where the gradients are unscaled; clipping in `training_step` before `opt.step()` would clip the *scaled*
   gradients.
@@ -32,10 +38,12 @@ import torch.nn.functional as F
 from torch import nn
 
 import lightning.pytorch as pl
+from lightning.pytorch.loggers import Logger
 from lightning.pytorch.plugins.precision import MixedPrecision
 
 import gmd_ext
 from gmd_ext import GMD
+from gmd_ext.lightning import DominanceLogger, manual_backward
 
 MODALITIES = ("audio", "text", "video")
 DIMS = (12, 16, 8)
@@ -66,7 +74,8 @@ class GMDModule(pl.LightningModule):
     def configure_optimizers(self):
         # Keep a reference to the engine: call its GMD methods (zero_grad, backward) on it, not on
         # self.optimizers(), which is Lightning's wrapper and only routes .step() through the precision plugin.
-        self.gmd = GMD(torch.optim.Adam(self.parameters(), lr=self.lr), seed=0)
+        # nonfinite="propagate": under 16-mixed an overflow must reach the GradScaler (which skips the step).
+        self.gmd = GMD(torch.optim.Adam(self.parameters(), lr=self.lr), seed=0, nonfinite="propagate")
         scheduler = torch.optim.lr_scheduler.StepLR(self.gmd, step_size=1, gamma=0.8)  # stepped once per epoch
         return {"optimizer": self.gmd, "lr_scheduler": scheduler}
 
@@ -79,13 +88,9 @@ class GMDModule(pl.LightningModule):
         *xs, present, y = batch
         self.gmd.zero_grad()
         losses = gmd_ext.subset_losses(self.net(xs), y, F.cross_entropy, self.objectives, present=present)
-        # 16-mixed: scale every objective's loss with the precision plugin's GradScaler (what manual_backward
-        # does for one loss); bf16-mixed / 32-true have no scaler.
-        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
-        info = self.gmd.backward({n: scaler.scale(l) if scaler is not None else l for n, l in losses.items()})
+        manual_backward(self, self.gmd, losses)   # scaled by the GradScaler under 16-mixed
         self.optimizers().step()    # unscale -> on_before_optimizer_step (clip) -> scaler.step(gmd) -> update
         self.history.append(float(losses["+".join(MODALITIES)].detach()))
-        self.log("conflicts", float(info.num_conflicts), prog_bar=True)
 
     def on_before_optimizer_step(self, optimizer):
         self.norms.append(self.grad_norm())
@@ -97,6 +102,21 @@ class GMDModule(pl.LightningModule):
 
     def on_train_epoch_end(self):
         self.lr_schedulers().step()
+
+
+class MemoryLogger(Logger):
+    """Keeps what Lightning logs (a real run would use TensorBoardLogger / CSVLogger the same way)."""
+    name, version = "memory", 0
+
+    def __init__(self):
+        super().__init__()
+        self.rows = []
+
+    def log_metrics(self, metrics, step=None):
+        self.rows.append(dict(metrics))
+
+    def log_hyperparams(self, *args, **kwargs):
+        pass
 
 
 def dataset():
@@ -120,9 +140,9 @@ def fit(epochs, precision, ckpt_path=None):
         amp = {"plugins": [MixedPrecision("16-mixed", "cpu")]}   # float16 autocast + GradScaler("cpu")
     else:
         amp = {"precision": precision}
-    trainer = pl.Trainer(accelerator="gpu" if cuda else "cpu", devices=1, max_epochs=epochs, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         **amp)
+    trainer = pl.Trainer(accelerator="gpu" if cuda else "cpu", devices=1, max_epochs=epochs, logger=MemoryLogger(),
+                         log_every_n_steps=1, callbacks=[DominanceLogger()], enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, **amp)
     # shuffle=False: the resumed run must see the same batches as the uninterrupted one.
     loader = torch.utils.data.DataLoader(dataset(), batch_size=BATCH, shuffle=False)
     trainer.fit(module, loader, ckpt_path=ckpt_path)
@@ -176,6 +196,9 @@ def main():
     finite = [(n, m) for n, m in zip(a.norms, a.clipped_norms) if n == n and n != float("inf")]  # skipped steps
     assert max(n for n, _ in finite) < 100 and max(m for _, m in finite) <= a.clip * (1 + 1e-4), finite
     assert abs(lr - a.lr * 0.8 ** (2 * half)) < 1e-12, lr                    # StepLR drove GMD's param_groups
+    logged = [r for r in trainer_a.logger.rows if "gmd/num_conflicts" in r]
+    # the dominance indicators of every step, except those whose scaled gradients overflowed (skipped steps)
+    assert len(logged) == len(finite), (len(logged), len(finite))
     assert same(c.restored_state, saved["optimizer_states"][0]), "GMD state changed through the checkpoint"
     assert same(c.restored_state, b.gmd.state_dict()), "the checkpoint does not hold the GMD state at the save"
     for p, q in zip(a.parameters(), c.parameters()):
