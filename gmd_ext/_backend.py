@@ -93,7 +93,7 @@ def _load_extension() -> tuple[bool, str | None, dict | None, str | None]:
                        "`pip install --no-build-isolation --force-reinstall --no-deps <gmd-ext source>`"), record, None
     try:
         path = _build.build_cached(str(_SOURCES))
-    except RuntimeError as e:  # the build's own message names the log
+    except (RuntimeError, OSError) as e:  # the message names the build log, or the cache file refused (_build)
         return False, str(e), None, None
     try:
         _import_library(path)

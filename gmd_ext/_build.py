@@ -246,11 +246,16 @@ def _check_private_dir(path: str, what: str, *, follow: bool) -> None:
 
 def _private_root(root: str) -> None:
     """Create the cache root 0700 if it is missing (its parents as usual); check it either way."""
-    os.makedirs(os.path.dirname(root), exist_ok=True)
     try:
-        os.mkdir(root, 0o700)
-    except FileExistsError:
-        pass
+        if not os.path.lexists(root):
+            os.makedirs(os.path.dirname(root), exist_ok=True)
+            try:
+                os.mkdir(root, 0o700)
+            except FileExistsError:
+                pass  # made by a concurrent import: checked below like any other
+    except OSError as e:
+        raise CacheError(f"gmd_ext: cannot create the kernel cache folder {root} ({e}); set GMD_EXT_CACHE_DIR to a "
+                         f"folder you can write") from e
     _check_private_dir(root, "cache folder", follow=True)
 
 

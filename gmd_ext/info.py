@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-from gmd_ext import _backend
+from gmd_ext import _backend, _build
 
 
 def report() -> dict:
@@ -24,6 +24,8 @@ def report() -> dict:
         "package": str(_backend.PACKAGE_DIR),
         "kernels": ({"loaded": True, "library": _backend.LIBRARY} if _backend.CPP_LOADED else
                     {"loaded": False, "reason": _backend.CPP_REASON}),
+        # Where an installed package builds its kernels on demand (GMD_EXT_CACHE_DIR); trusted only when private.
+        "kernel_cache": _build.cache_root(),
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
         "python": platform.python_version(),

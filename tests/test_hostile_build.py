@@ -178,6 +178,13 @@ def test_shared_cache_root_is_refused(cache, mode):
     assert cache.builds == 0 and not cache.lock.exists()
 
 
+def test_cache_root_that_cannot_be_created_is_named(cache, tmp_path, monkeypatch):
+    (tmp_path / "a_file").write_text("")
+    monkeypatch.setenv("GMD_EXT_CACHE_DIR", str(tmp_path / "a_file" / "cache"))
+    msg = _refused(cache, tmp_path / "a_file" / "cache")
+    assert "cannot create" in msg and cache.builds == 0
+
+
 def test_foreign_cache_root_is_refused(cache, monkeypatch):
     if os.geteuid() == 0:
         cache.root.mkdir(mode=0o700)

@@ -33,6 +33,7 @@ def test_info_reports_backends():
     report = json.loads(r.stdout)
     assert report["backends"]["torch/cpu"] == "available"
     assert set(report["backends"]) >= {"cpp/cpu", "triton/cpu", "torch/cpu"}
+    assert os.path.isabs(report["kernel_cache"])
 
 
 def test_missing_build_is_reported_clearly():
