@@ -376,7 +376,8 @@ def build_cached(src_dir: str, log=None) -> str:
         try:
             rc, log_path = _run_build(src_dir, work, t0, log)
             built = os.path.join(work, "lib")
-            if rc != 0 or library_in(built) is None:
+            lib = library_in(built) if rc == 0 else None
+            if lib is None:
                 os.replace(log_path, failed_log)
                 with open(failed_log) as f:
                     tail = "".join(f.readlines()[-15:])
@@ -385,11 +386,11 @@ def build_cached(src_dir: str, log=None) -> str:
             os.chmod(built, 0o700)
             cached_library(built)  # the record was written by this build: a mismatch is a broken build
             shutil.rmtree(final, ignore_errors=True)  # a folder without a library is an interrupted copy
-            os.replace(built, final)
+            os.replace(built, final)  # (within the private cache folder: what was checked is what moves)
         finally:
             shutil.rmtree(work, ignore_errors=True)
         print(f"gmd_ext: C++ kernels built in {time.perf_counter() - t0:.0f} s", file=log, flush=True)
-        return cached_library(final)
+        return os.path.join(final, os.path.relpath(lib, built))
     finally:
         os.close(lock)
 
