@@ -182,6 +182,7 @@ class CacheError(RuntimeError):
 
 
 def cache_root() -> str:
+    """The kernel cache folder: GMD_EXT_CACHE_DIR, else $XDG_CACHE_HOME/gmd_ext, else ~/.cache/gmd_ext."""
     if os.environ.get("GMD_EXT_CACHE_DIR"):
         return os.path.abspath(os.environ["GMD_EXT_CACHE_DIR"])
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
@@ -223,8 +224,9 @@ def _untrusted(st: os.stat_result) -> str | None:
     return " and ".join(why) or None
 
 
-_FIX = ("set GMD_EXT_CACHE_DIR to a folder only you can write (it is created 0700), or delete this one if it is "
-        "yours; a shared cache is never trusted")
+# Not "chmod 700": a folder others could write may already hold a planted library with a matching record.
+_FIX = ("delete it if it is yours (the next import rebuilds into a new private folder), or set GMD_EXT_CACHE_DIR to "
+        "a folder only you can write (it is created 0700); a shared cache is never trusted")
 
 
 def _check_private_dir(path: str, what: str, *, follow: bool) -> None:
