@@ -17,7 +17,7 @@ gradient and communication memory. step_ms: median over --steps steps of rank 0 
 barrier before each step).
 
 Low-memory mode (one process, 1 thread): one GMD step (backward + optimizer.step; the K forwards run before the
-window) per model, K and mode: memory="default", memory="low" with lowmem.METHOD forced to "batched" and to
+window) per model, K and mode: memory="default", memory="low" with LowMemory(method=...) set to "batched" and to
 "sliced" (auto picks sliced when the losses have separate graphs, batched when they share nodes). Models:
 DSUNet3d width 0.25 and 0.5 at 16³ with K subset forwards (separate graphs) and with forward_branches +
 subset_losses (the K losses share the M branch graphs), and a parameter-heavy MLP (6 square
@@ -51,7 +51,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 import utils
 
 from gmd_ext import GMD, DSUNet3d, sample_subsets, subset_losses
-from gmd_ext.gmd import lowmem
+from gmd_ext.gmd.sources import LowMemory
 
 PROVIDERS = ("ddp", "gmd_all_reduce", "gmd_rs", "gmd_fsdp")
 BATCH = 8
@@ -316,8 +316,8 @@ def lowmem_rows(quick):
                 params = list(model.parameters())
                 N = sum(p.numel() for p in params)
                 big = max(p.numel() for p in params)
-                gmd = GMD(torch.optim.SGD(params, lr=1e-3), seed=0, memory=memory)
-                lowmem.METHOD = method or "auto"
+                kw = dict(source=LowMemory(method=method)) if memory == "low" else {}
+                gmd = GMD(torch.optim.SGD(params, lr=1e-3), seed=0, **kw)
                 losses = losses_of(model, K)  # the forwards run before the window (equal for every mode)
                 live = Live(params, K)
                 t0 = time.perf_counter()
@@ -325,7 +325,6 @@ def lowmem_rows(quick):
                     gmd.backward(losses)
                     gmd.step()
                 ms = (time.perf_counter() - t0) * 1e3
-                lowmem.METHOD = "auto"
                 mib = 2 ** 20
                 target = (1.2 * N + K * big) * 4 / mib
                 provider = f"memory_{memory}" + (f"_{method}" if method else "")

@@ -12,6 +12,7 @@ from gmd_ext import GMD
 from gmd_ext.apps.brats.model import DSUNet3d
 from gmd_ext.apps.mosi.model import DSSentimentNet
 from gmd_ext.gmd import lowmem
+from gmd_ext.gmd.sources import LowMemory
 from gmd_ext.gmd.subsets import sample_subsets, subsets
 
 TOL = dict(rtol=1e-4, atol=1e-6)
@@ -60,10 +61,11 @@ def sentiment_case():
     return model, losses
 
 
-def run(make, memory, steps=2):
+def run(make, memory, steps=2, method=None):
     torch.manual_seed(0)
     model, losses_of = make()
-    gmd = GMD(torch.optim.SGD(model.parameters(), lr=0.05), seed=7, memory=memory)
+    kw = dict(memory=memory) if method is None else dict(source=LowMemory(method=method))
+    gmd = GMD(torch.optim.SGD(model.parameters(), lr=0.05), seed=7, **kw)
     g = torch.Generator().manual_seed(3)
     merged = []
     for _ in range(steps):
@@ -108,13 +110,12 @@ def test_low_memory_argument_checks():
 
 
 @pytest.mark.parametrize("method", ["batched", "sliced"])
-def test_low_memory_methods_equal_default(method, one_thread, monkeypatch):
-    """Both ways of getting the per-parameter K gradients (forced) give the default mode's step, on objectives
-    that share a trunk (auto: batched) and on the DS model's separate subset graphs (auto: sliced)."""
-    monkeypatch.setattr(lowmem, "METHOD", method)
+def test_low_memory_methods_equal_default(method, one_thread):
+    """Both ways of getting the per-parameter K gradients (LowMemory(method=...)) give the default mode's step,
+    on objectives that share a trunk (auto: batched) and on the DS model's separate subset graphs (auto: sliced)."""
     for make in (heads_case, sentiment_case):
         ref_merged, _, ref_info = run(make, "default", steps=1)
-        merged, _, info = run(make, "low", steps=1)
+        merged, _, info = run(make, "low", steps=1, method=method)
         for r, m in zip(ref_merged[0], merged[0]):
             assert (r is None) == (m is None)
             if r is not None:
@@ -155,8 +156,12 @@ def test_sliced_groups_bound_the_rows():
         assert len(groups) > 1 or K == 1
 
 
-def test_low_memory_method_knob_is_checked(monkeypatch):
-    monkeypatch.setattr(lowmem, "METHOD", "vmap")
+def test_low_memory_method_is_checked():
+    with pytest.raises(ValueError, match="method must be one of"):
+        LowMemory(method="vmap")
     model = Heads()
-    with pytest.raises(ValueError, match="METHOD must be one of"):
-        lowmem.gram(model.losses(torch.randn(4, 6), torch.randn(4, 2), None), list(model.parameters()))
+    with pytest.raises(ValueError, match="method must be one of"):
+        lowmem.gram(model.losses(torch.randn(4, 6), torch.randn(4, 2), None), list(model.parameters()),
+                    method="vmap")
+    with pytest.raises(ValueError, match="either source= or strategy= / memory="):
+        GMD(torch.optim.SGD(model.parameters(), lr=0.1), source=LowMemory(), memory="low")

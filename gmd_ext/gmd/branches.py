@@ -26,13 +26,20 @@ import numpy as np
 import torch
 from torch.autograd.graph import GradientEdge
 
-from gmd_ext.gmd.buffers import walk_graph
+from gmd_ext.gmd.buffers import walk_graph, walk_loss
 from gmd_ext.ops.ds_ops import BRANCH_MARK
 
 
 def _walk(root, target: dict, stop: bool):
     """(branch nodes, parameter indices) reached from `root`: stops at marked branch nodes when stop."""
-    return walk_graph(root, target, BRANCH_MARK if stop else None)
+    marked, _, leaves = walk_graph(root, target, BRANCH_MARK if stop else None)
+    return marked, leaves
+
+
+def reaches_branches(losses, params) -> bool:
+    """Whether some loss's graph reaches a marked branch output (the walk stops there: the heads only)."""
+    target = {id(p): i for i, p in enumerate(params)}
+    return any(walk_loss(l, target, BRANCH_MARK)[0] for l in losses)
 
 
 def fill(bufs, losses) -> bool:

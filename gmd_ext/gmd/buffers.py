@@ -244,33 +244,53 @@ def stack_graphs(losses) -> torch.Tensor | None:
     return torch.stack([like.new_zeros(()) if l is None else l.reshape(()) for l in losses])
 
 
-def walk_graph(root, target: dict, stop_mark: str | None = None):
-    """(marked nodes, leaf indices) reached from the autograd node `root`: indices are values of `target` (keyed
-    by id(param)); with `stop_mark`, the walk collects nodes whose metadata holds it and does not go past them."""
-    nodes, params, stack, seen = [], [], [root], set()
-    while stack:
-        fn = stack.pop()
-        if fn is None or fn in seen:
-            continue
-        seen.add(fn)
-        if stop_mark is not None and stop_mark in fn.metadata:
-            nodes.append(fn)
-            continue
-        var = getattr(fn, "variable", None)  # AccumulateGrad nodes hold their leaf
-        if var is not None:
-            i = target.get(id(var))
-            if i is not None:
-                params.append(i)
-            continue
-        stack.extend(f for f, _ in fn.next_functions)
-    return nodes, params
+def walk_graph(root, target: dict, stop_mark: str | None = None, users: dict | None = None):
+    """The one walk of an autograd graph, breadth-first from the node `root` (None: an empty graph).
+
+    Returns (marked, inner, leaves): the nodes whose metadata holds `stop_mark` (collected, not walked past), the
+    set of the other non-leaf nodes, and the indices (values of `target`, keyed by id(param)) of the parameters
+    whose AccumulateGrad nodes it meets, in breadth-first order. `users`, when given, gets users[i] |= the nodes
+    that take parameter i as an input."""
+    marked, inner, leaves = [], set(), []
+    frontier, seen = ([root], {root}) if root is not None else ([], set())
+    while frontier:
+        nxt = []
+        for fn in frontier:
+            var = getattr(fn, "variable", None)  # AccumulateGrad nodes hold their leaf
+            if var is not None:
+                i = target.get(id(var))
+                if i is not None:
+                    leaves.append(i)
+                continue
+            if stop_mark is not None and stop_mark in fn.metadata:
+                marked.append(fn)
+                continue
+            inner.add(fn)
+            for f, _ in fn.next_functions:
+                if f is None:
+                    continue
+                if users is not None:
+                    var = getattr(f, "variable", None)
+                    if var is not None and id(var) in target:
+                        users.setdefault(target[id(var)], set()).add(fn)
+                if f not in seen:
+                    seen.add(f)
+                    nxt.append(f)
+        frontier = nxt
+    return marked, inner, leaves
 
 
-def _reached(loss: torch.Tensor, target: dict) -> list[int]:
-    """Indices (values of `target`, keyed by id(param)) of the leaves the autograd graph of `loss` reaches."""
+def walk_loss(loss, target: dict, stop_mark: str | None = None, users: dict | None = None):
+    """walk_graph from a loss: None (an objective without a graph) walks nothing; a loss that is itself a
+    parameter reaches it."""
     if loss is None:
-        return []
+        return [], set(), []
     if loss.grad_fn is None:
         i = target.get(id(loss))
-        return [i] if i is not None else []
-    return walk_graph(loss.grad_fn, target)[1]
+        return [], set(), ([i] if i is not None else [])
+    return walk_graph(loss.grad_fn, target, stop_mark, users)
+
+
+def _reached(loss, target: dict) -> list[int]:
+    """Indices (values of `target`, keyed by id(param)) of the leaves the autograd graph of `loss` reaches."""
+    return walk_loss(loss, target)[2]

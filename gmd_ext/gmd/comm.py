@@ -52,15 +52,19 @@ def make_comm(ddp_module=None, process_group=None, communication: str = "auto", 
     COMMUNICATIONS over a process group ("auto": "reduce_scatter" from REDUCE_SCATTER_MIN_NUMEL on)."""
     if communication not in COMMUNICATIONS:
         raise ValueError(f"communication must be one of {COMMUNICATIONS}, got {communication!r}")
+    if ddp_module is None and process_group is None:
+        return Local()
     if communication == "auto":
         communication = "reduce_scatter" if numel >= REDUCE_SCATTER_MIN_NUMEL else "all_reduce"
-    cls = ReduceScatterComm if communication == "reduce_scatter" else Comm
-    return cls(ddp_module, process_group)
+    cls = ReduceScatter if communication == "reduce_scatter" else AllReduce
+    return cls(ddp_module=ddp_module, process_group=process_group)
 
 
 class Comm:
     """Sum all-reduce of every gradient row over `ddp_module`'s process group, or over `process_group`, or nothing
-    (single process: both None)."""
+    (single process: both None). The base of the public communicators below."""
+
+    kind = "all_reduce"
 
     def __init__(self, ddp_module=None, process_group=None):
         if ddp_module is not None and process_group is not None:
@@ -74,6 +78,9 @@ class Comm:
             # DDP decides at forward time whether the next backward all-reduces: keep it off for good.
             ddp_module.require_backward_grad_sync = False
         self._works: list = []
+
+    def bind(self, params) -> None:
+        """Called once with the engine's trainable parameters."""
 
     @property
     def world_size(self) -> int:
@@ -109,10 +116,10 @@ class Comm:
                                f"{hi}; this rank, {self.rank}, has K = {K}); every rank must pass the same K losses "
                                f"each step (sample subsets with identically seeded generators)")
 
-    def buffers(self, params, K: int, batched: bool):
-        return GradBuffers(params, K, self.rows(K, batched), self.width)
+    def buffers(self, params, K: int, full_rows: bool):
+        return GradBuffers(params, K, self.rows(K, full_rows), self.width)
 
-    def rows(self, K: int, batched: bool) -> int:
+    def rows(self, K: int, full_rows: bool) -> int:
         return K
 
     def width(self, N: int) -> int:
@@ -191,6 +198,8 @@ class ReduceScatterComm(Comm):
     """Row k reduce-scattered right after backward k; the Gramian of the shards all-reduced; the merged shard
     all-gathered (module docstring). Single process: the plain path (nothing to scatter)."""
 
+    kind = "reduce_scatter"
+
     def __init__(self, ddp_module=None, process_group=None):
         super().__init__(ddp_module, process_group)
         self._shards: list[torch.Tensor] = []
@@ -202,9 +211,10 @@ class ReduceScatterComm(Comm):
     def sharded(self) -> bool:
         return self.world_size > 1
 
-    def rows(self, K: int, batched: bool) -> int:
-        # Batched backward fills every row at once; sequential reuses one scratch row.
-        return K if batched or not self.sharded else 1
+    def rows(self, K: int, full_rows: bool) -> int:
+        # A source that completes rows only at the end (batched, branches) fills every row; sequential reuses one
+        # scratch row, reduce-scattered right after its pass.
+        return K if full_rows or not self.sharded else 1
 
     def width(self, N: int) -> int:
         # W equal shards, each a multiple of 64 elements (aligned rows in the [K, S] shard buffer too).
@@ -293,3 +303,48 @@ class ReduceScatterComm(Comm):
                 row, part.contiguous(), group=self.group))
             out.append(row[:n])
         return out
+
+
+def _group_args(cls, ddp_module, process_group):
+    if ddp_module is None and process_group is None:
+        raise ValueError(f"{cls}() needs ddp_module= (the DistributedDataParallel model) or process_group= "
+                         f"(torch.distributed.group.WORLD for the default group); use Local() in one process")
+
+
+class Local(Comm):
+    """One process: nothing to communicate."""
+
+    kind = "local"
+
+    def __init__(self):
+        super().__init__()
+
+    def __repr__(self) -> str:
+        return "Local()"
+
+
+class AllReduce(Comm):
+    """Every gradient row all-reduced right after its backward pass (module docstring): 2·K·N values sent per
+    rank, the full [K, N] rows on every rank. ddp_module: the DistributedDataParallel model (kept in no-sync mode;
+    construct GMD before its first forward) or process_group: the group (e.g. torch.distributed.group.WORLD)."""
+
+    def __init__(self, *, ddp_module=None, process_group=None):
+        _group_args("AllReduce", ddp_module, process_group)
+        super().__init__(ddp_module, process_group)
+
+    def __repr__(self) -> str:
+        return f"AllReduce(world_size={self.world_size})"
+
+
+class ReduceScatter(ReduceScatterComm):
+    """Row k reduce-scattered after its backward pass, shard Gramians all-reduced, the merged shard all-gathered
+    (module docstring): (K + 1)·N values sent per rank; gradient memory N + K·N/W under a source that fills one
+    row at a time (sequential), K·N + K·N/W under one that completes every row at the end (batched, branches).
+    Arguments as AllReduce."""
+
+    def __init__(self, *, ddp_module=None, process_group=None):
+        _group_args("ReduceScatter", ddp_module, process_group)
+        super().__init__(ddp_module, process_group)
+
+    def __repr__(self) -> str:
+        return f"ReduceScatter(world_size={self.world_size})"

@@ -17,8 +17,6 @@ defines the group).
 """
 from __future__ import annotations
 
-import warnings
-
 import torch
 
 from gmd_ext.gmd.buffers import Buffer, RowState, check_params, last_graph
@@ -39,10 +37,19 @@ def is_sharded(params) -> bool:
     return DTensor is not None and any(isinstance(p, DTensor) for p in params)
 
 
-class FSDPComm(Comm):
-    """FSDP reduce-scatters each objective's gradient itself; the engine sums the shard Gramians over the mesh."""
+class FSDP2(Comm):
+    """The communicator of an FSDP2 (fully_shard) model: FSDP reduce-scatters each objective's gradient itself; the
+    engine sums the shard Gramians over the mesh's group (bound to the parameters' mesh by the engine)."""
 
-    def __init__(self, params):
+    kind = "fsdp2"
+
+    def __init__(self):
+        super().__init__()
+
+    def __repr__(self) -> str:
+        return f"FSDP2(world_size={self.world_size})"
+
+    def bind(self, params) -> None:
         DTensor = _dtensor_type()
         if not all(isinstance(p, DTensor) for p in params):
             raise TypeError("GMD on an FSDP2 model: every trainable parameter of the optimizer must be sharded by "
@@ -54,14 +61,13 @@ class FSDPComm(Comm):
         if mesh.ndim != 1:
             raise ValueError(f"GMD on an FSDP2 model supports a 1-D device mesh (fully sharded), got a "
                              f"{mesh.ndim}-D mesh (HSDP)")
-        super().__init__()
         self.group = mesh.get_group()
 
     @property
     def scale(self) -> float:
         return 1.0  # FSDP's reduce-scatter already averages over the ranks
 
-    def buffers(self, params, K: int, batched: bool):
+    def buffers(self, params, K: int, full_rows: bool):
         return ShardedGrads(params, K)
 
     def keep_rows(self, accumulating: bool) -> bool:
@@ -117,11 +123,6 @@ class ShardedGrads(RowState):
             for p in self.params:
                 p.grad = None
             after_row(k)
-
-    def fill_batched(self, losses) -> bool:
-        warnings.warn("gmd_ext.GMD: strategy='batched' is not supported on FSDP2 models (FSDP's backward hooks do "
-                      "not run under vmap); falling back to strategy='sequential'", RuntimeWarning, stacklevel=3)
-        return False
 
     def set_grads(self, merged) -> None:
         """The merged shard of every reached parameter as its sharded DTensor `.grad`."""

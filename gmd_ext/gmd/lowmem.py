@@ -34,12 +34,10 @@ import torch
 
 from gmd_ext import ops
 from gmd_ext.gmd import usage
-from gmd_ext.gmd.buffers import stack_graphs
+from gmd_ext.gmd.buffers import stack_graphs, walk_loss
 
-#: "auto" (sliced when no two losses share an autograd node, else batched), "batched" or "sliced": a knob for the
-#: benchmark and the tests; both are exact.
-METHOD = "auto"
-_METHODS = ("auto", "batched", "sliced")
+#: "auto" (sliced when no two losses share an autograd node, else batched), "batched" or "sliced"; both are exact.
+METHODS = ("auto", "batched", "sliced")
 
 
 def _vmap_level() -> int:
@@ -49,39 +47,7 @@ def _vmap_level() -> int:
     return level - 1
 
 
-def _walk(loss: torch.Tensor, target: dict, users: dict):
-    """(inner nodes, leaf indices in the order a breadth-first walk from the loss meets them) of loss's graph;
-    adds to users[i] the nodes that take parameter i as an input."""
-    if loss is None:  # an objective without a graph
-        return set(), []
-    if loss.grad_fn is None:
-        i = target.get(id(loss))
-        return set(), ([i] if i is not None else [])
-    nodes, leaves, frontier, seen = set(), [], [loss.grad_fn], {loss.grad_fn}
-    while frontier:
-        nxt = []
-        for fn in frontier:
-            var = getattr(fn, "variable", None)  # AccumulateGrad nodes hold their leaf
-            if var is not None:
-                i = target.get(id(var))
-                if i is not None:
-                    leaves.append(i)
-                continue
-            nodes.add(fn)
-            for f, _ in fn.next_functions:
-                if f is None:
-                    continue
-                var = getattr(f, "variable", None)
-                if var is not None and id(var) in target:
-                    users.setdefault(target[id(var)], set()).add(fn)
-                if f not in seen:
-                    seen.add(f)
-                    nxt.append(f)
-        frontier = nxt
-    return nodes, leaves
-
-
-def gram(losses: list[torch.Tensor], params: list[torch.Tensor], backend=None, rules=None):
+def gram(losses: list, params: list[torch.Tensor], backend=None, rules=None, method: str = "auto"):
     """(Γ [K, K] float32, reach [K, P] bool, norms) of the losses' gradients over `params`, parameter by
     parameter.
 
@@ -89,15 +55,15 @@ def gram(losses: list[torch.Tensor], params: list[torch.Tensor], backend=None, r
     fp32-within-block rule, as the default mode's blocks); reach[k, i]: the graph of losses[k] reaches params[i].
     rules: None, or per parameter its usage rule (gmd_ext.gmd.usage.spec); then norms[i] is parameter i's [K, s]
     segment norms (gmd_ext.gmd.usage.slice_norms), None for a parameter no objective reaches; without rules all
-    None. The graphs are kept (retain_graph) for the combine backward.
+    None. method: one of METHODS (module docstring). The graphs are kept (retain_graph) for the combine backward.
     """
-    if METHOD not in _METHODS:
-        raise ValueError(f"gmd_ext.gmd.lowmem.METHOD must be one of {_METHODS}, got {METHOD!r}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     K = len(losses)
     target = {id(p): i for i, p in enumerate(params)}
     reach = np.zeros((K, len(params)), dtype=np.bool_)
     users: dict = {}
-    walks = [_walk(loss, target, users) for loss in losses]
+    walks = [walk_loss(loss, target, users=users)[1:] for loss in losses]
     shared = False
     seen: set = set()
     for k, (nodes, leaves) in enumerate(walks):
@@ -108,8 +74,9 @@ def gram(losses: list[torch.Tensor], params: list[torch.Tensor], backend=None, r
     # [K, |p|] input buffer until its last use has been differentiated (for parameters reused across branches or
     # forwards that is up to K·N alive at once), and separate graphs waste K-1 of the K rows.
     once = all(len(u) == 1 for u in users.values())
-    method = METHOD if METHOD != "auto" else ("batched" if shared and once else "sliced")
-    if method == "batched":
+    if method == "auto":
+        method = "batched" if shared and once else "sliced"
+    if method == "batched" and any(l is not None for l in losses):
         total, norms = _batched(losses, params, backend, rules)
     else:
         order = list(dict.fromkeys([i for _, leaves in walks for i in leaves]))  # first reached first

@@ -212,13 +212,18 @@ def project(G, perms: torch.Tensor, shared, reduction: str, backend: str | None 
         A = pcgrad(gram_, perms, backend, include_self)
         return ops.combine_rows(G, A, backend), gram_, A
     A, c = coefficients(gram_, perms, backend, scale=scale, finite=finite, include_self=include_self)
-    shared_scale = 1.0 / A.shape[0] if reduction == "mean" else 1.0
-    merged = [ops.combine(g, c.to(g.device), m, shared_scale, 1.0, backend) for g, m in zip(Gs, masks)]
+    merged = combine(Gs, c, masks, 1.0 / A.shape[0] if reduction == "mean" else 1.0, backend)
     return (merged if many else merged[0]), gram_, A
 
 
+def combine(Gs: list, c: torch.Tensor, masks: list, shared_scale: float, backend: str | None = None) -> list:
+    """Pass 2: per [K, N_b] buffer, merged = s ⊙ (cᵀ G) with s = shared_scale where its mask is True (every
+    element when the mask is None), 1 elsewhere."""
+    return [ops.combine(g, c.to(g.device), m, shared_scale, 1.0, backend) for g, m in zip(Gs, masks)]
+
+
 def project_conflicts(grads, *, shared=None, order="random", generator=None, reduction="mean", backend="auto",
-                      return_info=False, nonfinite="raise", include_self: bool = True):
+                      return_info=False, nonfinite="raise", include_self: bool = True, aggregator=None):
     """Project conflicting per-objective gradients and merge them, with the official GMD semantics.
 
     For each objective i, in the order given by row i of `order`, the running g_i' is projected against each
@@ -239,6 +244,10 @@ def project_conflicts(grads, *, shared=None, order="random", generator=None, red
         include_self: True (official GMD and LibMTL): g_i is projected against every original gradient, its own
             included (it matters once earlier projections turned g_i' against g_i); False: torchjd's PCGrad
             rule, j = i skipped. docs/semantics.md compares the implementations.
+        aggregator: None (the projection above), a gmd_ext.gmd.GMDProjection (its order, include_self and
+            reduction instead of these arguments), or any Gramian weighting — a torchjd
+            GramianWeightedAggregator (UPGrad(), MGDA(), ...) or a callable Γ [K, K] -> w [K] — giving wᵀ G (the
+            engine's aggregator applied to a matrix; `shared` and `reduction` do not apply to a weighting).
 
     Autograd: the projection coefficients A are treated as constants (they come from data-dependent branches:
     which pairs conflict), so for a `grads` that requires grad the result is differentiable as s ⊙ (cᵀ G) with
@@ -254,10 +263,13 @@ def project_conflicts(grads, *, shared=None, order="random", generator=None, red
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
     K, N = G.shape
     shared = check_shared(shared, N, G.device)
-    perms = make_perms(order, K, generator, G.device)
     if not isinstance(include_self, bool):
         raise TypeError(f"include_self must be a bool, got {type(include_self).__name__}")
-    merged, gram_, A = project(G, perms, shared, reduction, backend, include_self=include_self)
+    if aggregator is None:
+        perms = make_perms(order, K, generator, G.device)
+        merged, gram_, A = project(G, perms, shared, reduction, backend, include_self=include_self)
+    else:
+        merged, gram_, A = _aggregate(G, aggregator, shared, reduction, backend, generator)
     # Γ is non-finite exactly when a gradient holds NaN/Inf (or the dot products overflow): a free check.
     if nonfinite == "raise" and not torch.compiler.is_compiling() and not bool(torch.isfinite(gram_).all()):
         bad = (~torch.isfinite(gram_.diagonal())).nonzero().flatten().tolist()
@@ -266,6 +278,26 @@ def project_conflicts(grads, *, shared=None, order="random", generator=None, red
     if not return_info:
         return merged
     return merged, ProjectionInfo(gram_, A)
+
+
+def _aggregate(G, aggregator, shared, reduction, backend, generator):
+    """project_conflicts with an aggregator object: (merged, Γ, A)."""
+    from gmd_ext.gmd.aggregators import GMDProjection, as_aggregator
+
+    agg = as_aggregator(aggregator, backend)
+    gram_ = ops.gram(G.detach(), agg.backend)
+    if isinstance(agg, GMDProjection):
+        if generator is not None:
+            agg.generator = generator
+        elif agg.seed is not None:
+            agg.generator.manual_seed(agg.seed)
+        perms = agg.begin_step(G.shape[0], G.device, 0)
+        return project(G, perms, shared, agg.reduction, agg.backend, include_self=agg.include_self, gram=gram_)
+    if shared is not None or reduction == "none":
+        raise ValueError("shared= and reduction='none' are arguments of the official GMD projection; a Gramian "
+                         "weighting aggregator gives wᵀ G")
+    A, c = agg.coefficients(gram_)
+    return combine([G], c, [None], 1.0, agg.backend)[0], gram_, A
 
 
 def gram(grads, backend="auto") -> torch.Tensor:
