@@ -240,8 +240,8 @@ def _converted(layer: nn.Module, name: str, M: int) -> ModalityNorm | nn.Module 
                         "it does not know (BatchNorm*, SyncBatchNorm, InstanceNorm*, GroupNorm, LayerNorm, RMSNorm "
                         "and subclasses that keep their forward are converted)")
     own = list(layer.parameters(recurse=False)) + [b for b in layer.buffers(recurse=False) if b is not None]
-    if "Norm" in kind and own and not isinstance(layer, ModalityNorm):
-        coupled = "batch-coupled " if "Batch" in kind else ""
+    if "norm" in kind.lower() and own and not isinstance(layer, ModalityNorm):
+        coupled = "batch-coupled " if "batch" in kind.lower() else ""
         raise TypeError(f"dynamic_sharing: cannot convert {coupled}layer {name!r} ({kind}): a normalisation layer "
                         "of a type it does not know (only torch's BatchNorm* / SyncBatchNorm couple samples and "
                         "are converted per modality; InstanceNorm*, GroupNorm, LayerNorm, RMSNorm are too)")
