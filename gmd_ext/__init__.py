@@ -13,7 +13,7 @@ from gmd_ext.apps.brats import DSUNet3d
 from gmd_ext.apps.mosi import DSSentimentNet
 from gmd_ext.ds import DSConv, DSGroupNorm, DSLayerNorm, DSLinear, dynamic_sharing, masked_mean
 from gmd_ext.gmd import GMD, gram, project_conflicts, sample_subsets, subset_losses, subsets
-from gmd_ext.gmd import monitor
+from gmd_ext import monitor  # gmd_ext/monitor.py: the public path of gmd_ext.gmd.monitor
 from gmd_ext.ops import masked_conv, modality_group_norm
 from gmd_ext.ops.ds_ops import declare_modality_dim
 
