@@ -47,10 +47,13 @@ FUSIONS = ("mean",)
 _PLAN: contextvars.ContextVar[PairPlan | None] = contextvars.ContextVar("gmd_ext.ds.plan", default=None)
 
 
-def declare(param: torch.Tensor, rule: tuple) -> None:
-    """Declare which modalities use `param` to GMD's official reduction: ("dim", 0) — slice m belongs to
-    modality m; ("modality", m) — all of it to modality m; ("shared",) — every modality. The one home of this
-    module's declarations (through the public helpers of gmd_ext.ops.ds_ops)."""
+def declare(module: nn.Module, name: str, rule: tuple) -> None:
+    """Declare which modalities use parameter `name` of `module` (its own, not a submodule's) to GMD's official
+    reduction: ("dim", 0) — slice m belongs to modality m; ("modality", m) — all of it to modality m; ("shared",)
+    — every modality. The one home of this module's declarations (through the public helpers of
+    gmd_ext.ops.ds_ops), called with the owning module so that a declaration kept by module and name needs no
+    change elsewhere."""
+    param = module._parameters[name]
     if rule[0] == "dim":
         ds_ops.declare_modality_dim(param, rule[1])
     elif rule[0] == "modality":
@@ -111,8 +114,9 @@ class ModalityNorm(nn.Module):
         self._declare()
 
     def _declare(self) -> None:
-        for p in self.parameters(recurse=False):
-            declare(p, ("dim", 0))
+        for n, p in self._parameters.items():
+            if p is not None:
+                declare(self, n, ("dim", 0))
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -326,18 +330,19 @@ class DynamicSharing(nn.Module):
     def _declare(self) -> None:
         """Every parameter declared for GMD's official reduction: norm rows per modality, stems per modality,
         the rest shared."""
-        specific = set()
         for mod in self.net.modules():
             if isinstance(mod, ModalityNorm):
                 mod._declare()
-                specific.update(id(p) for p in mod.parameters(recurse=False))
-        for p in self.net.parameters():
-            if id(p) not in specific:
-                declare(p, ("shared",))
+            else:
+                for n, p in mod._parameters.items():
+                    if p is not None:
+                        declare(mod, n, ("shared",))
         if self.stems is not None:
             for m, stem in enumerate(self.stems):
-                for p in stem.parameters():
-                    declare(p, ("modality", m))
+                for mod in stem.modules():
+                    for n, p in mod._parameters.items():
+                        if p is not None:
+                            declare(mod, n, ("modality", m))
 
     def __setstate__(self, state):
         super().__setstate__(state)
