@@ -232,6 +232,51 @@ def test_dsunet3d_validation():
         model(x, PairPlan(PRESENT[:1], 1, 4, "cpu"))
 
 
+def test_dsunet3d_is_the_conversion_of_the_plain_unet(unet):
+    """One definition of DS: gmd_ext.dynamic_sharing(UNet3d) with DSUNet3d's parameters computes what DSUNet3d
+    computes (fused and per-branch outputs, and every parameter's gradient, under the same names)."""
+    from gmd_ext.apps.brats import UNet3d
+
+    converted = gmd_ext.dynamic_sharing(UNet3d(width=0.25), unet.modalities)
+    assert converted.net.load_state_dict(unet.state_dict()).missing_keys == []
+    assert {n: p.shape for n, p in converted.net.named_parameters()} == \
+        {n: p.shape for n, p in unet.named_parameters()}
+    torch.manual_seed(1)
+    x = torch.randn(2, 4, 16, 16, 16)
+    target = (torch.rand(2, 3, 16, 16, 16) > 0.7).float()
+    grads = []
+    for model in (unet, converted):
+        fused = model(x, PRESENT)
+        branches = model.forward_branches(x, PRESENT)
+        loss = F.binary_cross_entropy_with_logits(fused, target) + sum(b.square().mean() for b in branches)
+        grads.append((fused, branches, torch.autograd.grad(loss, list(model.parameters()))))
+    (f1, b1, g1), (f2, b2, g2) = grads
+    assert torch.allclose(f1, f2, atol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(b1, b2))
+    assert all(torch.allclose(a, b, atol=1e-5, rtol=1e-4) for a, b in zip(g1, g2))
+    for m in range(4):
+        assert torch.allclose(converted.forward_modality(x[:, m:m + 1], m), unet.forward_modality(x[:, m], m),
+                              atol=1e-5)
+
+
+def test_build_model_from_config():
+    from gmd_ext.apps.brats import build_model
+    from gmd_ext.ds import DynamicSharing
+
+    assert isinstance(build_model(None, width=0.25), DSUNet3d)
+    pytest.importorskip("monai")
+    model = build_model({"name": "monai.networks.nets.SegResNet", "kwargs": {"init_filters": 8}})
+    assert isinstance(model, DynamicSharing) and model.modalities == ("flair", "t1", "t1ce", "t2")
+    assert model.net.convInit.conv.in_channels == 1
+    assert model(torch.randn(1, 4, 16, 16, 16), torch.tensor([[True, False, True, False]])).shape == (1, 3, 16, 16, 16)
+    with pytest.raises(ValueError, match="cannot import 'monai.networks.nets.NoSuchNet'"):
+        build_model({"name": "monai.networks.nets.NoSuchNet"})
+    with pytest.raises(ValueError, match=r"kwargs\['in_channels'\] must be 1"):
+        build_model({"name": "monai.networks.nets.SegResNet", "kwargs": {"in_channels": 4}})
+    with pytest.raises(ValueError, match="config key 'model' must be null"):
+        build_model({"name": "SegResNet", "args": []})
+
+
 # ---------------------------------------------------------------- DSSentimentNet
 DIMS = (12, 5, 7)
 

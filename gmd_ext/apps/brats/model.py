@@ -14,14 +14,28 @@ M per-modality outputs as a tuple.
 
 Parameter counts (measured by tests/test_models.py): width 0.5 -> 3,245,235 (official: 3.25 M); four separate
 U-Nets of the same width -> 12,954,444 (official: 12.95 M).
+
+One definition of DS: `UNet3d` is the same architecture as a plain one-modality network (nn.Conv3d, nn.GroupNorm,
+ReLU) with DSUNet3d's module names, and `gmd_ext.dynamic_sharing(UNet3d(...))` — the DS rule applied to it — is
+DSUNet3d: a DSUNet3d state dict loads into the conversion's `.net` as it is, and tests/test_models.py checks that
+both compute the same outputs and gradients. DSUNet3d is the hand-fused execution of that conversion (GroupNorm and
+ReLU in one kernel, the branch convolution with its batched backward), kept for speed (bench/bench_ds.py).
+
+`build_model(spec, ...)` builds the recipe's model: DSUNet3d, or any one-modality network named by a config
+(e.g. MONAI's SegResNet) converted by `gmd_ext.dynamic_sharing`.
 """
 from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from gmd_ext.apps.brats.constants import MODALITIES as BRATS_MODALITIES
+from gmd_ext.ds.convert import DynamicSharing, dynamic_sharing
 from gmd_ext.ds.layers import DSConv, DSGroupNorm
 from gmd_ext.ds.packed import fuse, run_branches, run_packed
 from gmd_ext.ops.ds_ops import PairPlan, as_plan, scatter
@@ -179,3 +193,105 @@ class DSUNet3d(nn.Module):
             skip = skips.pop()
             h = up.packed(torch.cat([skip, _pad_to(_up(h), skip)], dim=1), plan)
         return self.outc.packed(h, plan)
+
+
+class _PlainDoubleConv(nn.Module):
+    """(3×3×3 conv -> GroupNorm -> ReLU) × 2 of one modality: _DoubleConv's layers under the same names."""
+
+    def __init__(self, cin: int, cout: int, num_groups: int, mid: int | None = None):
+        super().__init__()
+        mid = mid or cout
+        self.conv1 = nn.Conv3d(cin, mid, 3, padding=1)
+        self.norm1 = nn.GroupNorm(num_groups, mid)
+        self.conv2 = nn.Conv3d(mid, cout, 3, padding=1)
+        self.norm2 = nn.GroupNorm(num_groups, cout)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.norm1(self.conv1(h)))
+        return F.relu(self.norm2(self.conv2(h)))
+
+
+class UNet3d(nn.Module):
+    """DSUNet3d's architecture as a plain one-modality 3D U-Net: x [B, 1, D, H, W] -> logits [B, num_classes,
+    D, H, W]. Its module names are DSUNet3d's, so `gmd_ext.dynamic_sharing(UNet3d(...), modalities).net` takes a
+    DSUNet3d state dict as it is (and computes what DSUNet3d computes)."""
+
+    def __init__(self, num_classes: int = 3, width: float = 0.5, *, num_groups: int = 8):
+        super().__init__()
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        ch = [int(c * width) for c in _BASE_CHANNELS]
+        for c in ch[:-1] + [ch[-1] // 2]:
+            if c < num_groups or c % num_groups:
+                raise ValueError(f"width={width} gives channels {ch}; each (and {ch[-1] // 2} at the bottleneck) "
+                                 f"must be a positive multiple of num_groups={num_groups}")
+        self.num_classes, self.width, self.channels = num_classes, width, tuple(ch)
+
+        def block(cin, cout, mid=None):
+            return _PlainDoubleConv(cin, cout, num_groups, mid)
+
+        self.inc = block(1, ch[0])
+        self.downs = nn.ModuleList([block(ch[0], ch[1]), block(ch[1], ch[2]), block(ch[2], ch[3]),
+                                    block(ch[3], ch[4] // 2)])
+        self.ups = nn.ModuleList([block(ch[4], ch[3] // 2, ch[4] // 2), block(ch[3], ch[2] // 2, ch[3] // 2),
+                                  block(ch[2], ch[1] // 2, ch[2] // 2), block(ch[1], ch[0], ch[1] // 2)])
+        self.outc = nn.Conv3d(ch[0], num_classes, 1)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        h = self.inc(h)
+        skips = [h]
+        for down in self.downs:
+            h = down(_down(h))
+            skips.append(h)
+        skips.pop()
+        for up in self.ups:
+            skip = skips.pop()
+            h = up(torch.cat([skip, _pad_to(_up(h), skip)], dim=1))
+        return self.outc(h)
+
+
+def build_model(spec: Mapping | None, modalities: Sequence[str] = BRATS_MODALITIES, num_classes: int = 3, *,
+                width: float = 0.5, backend: str = "auto") -> DSUNet3d | DynamicSharing:
+    """The BraTS recipe's model from its config key ``model``.
+
+    spec None: DSUNet3d(modalities, num_classes, width, backend=backend). spec {"name": "package.module.Class",
+    "kwargs": {...}} (e.g. "monai.networks.nets.SegResNet"): that network built for ONE modality's input — its
+    ``in_channels`` (or ``n_input_channels``) is set to 1, ``out_channels`` (or ``num_classes``) to num_classes and
+    ``spatial_dims`` to 3 where the constructor takes them and kwargs do not — converted by
+    ``gmd_ext.dynamic_sharing(net, modalities)``. It must map [B, 1, D, H, W] to logits [B, num_classes, D, H, W].
+    Raises ValueError naming the config key for a malformed spec, a name that does not import, or kwargs that
+    contradict one modality's input.
+    """
+    if spec is None:
+        return DSUNet3d(modalities, num_classes, width, backend=backend)
+    if not isinstance(spec, Mapping) or not isinstance(spec.get("name"), str) or "." not in spec["name"] \
+            or set(spec) - {"name", "kwargs"} or not isinstance(spec.get("kwargs", {}), Mapping):
+        raise ValueError('config key \'model\' must be null (DSUNet3d) or {"name": "package.module.Class", '
+                         f'"kwargs": {{...}}}}, got {spec!r:.200}')
+    module_name, _, cls_name = spec["name"].rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), cls_name)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"config key 'model': cannot import {spec['name']!r} ({e})") from e
+    if not (inspect.isclass(cls) and issubclass(cls, nn.Module)) and not callable(cls):
+        raise ValueError(f"config key 'model': {spec['name']!r} is not a torch.nn.Module class or factory")
+    kwargs = dict(spec.get("kwargs", {}))
+    try:
+        accepted = inspect.signature(cls).parameters
+    except (TypeError, ValueError):
+        accepted = {}
+    for names, value in ((("in_channels", "n_input_channels"), 1), (("out_channels", "num_classes"), num_classes),
+                         (("spatial_dims",), 3)):
+        name = next((n for n in names if n in accepted), None)
+        if name is None:
+            continue
+        if name not in kwargs:
+            kwargs[name] = value
+        elif kwargs[name] != value:
+            raise ValueError(f"config key 'model': kwargs[{name!r}] must be {value} (the network takes ONE "
+                             f"modality's 3D volume and gives the {num_classes} region logits), got {kwargs[name]!r}")
+    net = cls(**kwargs)
+    if not isinstance(net, nn.Module):
+        raise ValueError(f"config key 'model': {spec['name']}(**kwargs) gave a {type(net).__name__}, not a "
+                         "torch.nn.Module")
+    return dynamic_sharing(net, modalities)
