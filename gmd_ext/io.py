@@ -137,7 +137,8 @@ def _remove_stale_temporaries(path: Path, suffix: str) -> None:
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "wb", suffix: str = ".tmp"):
     """Open a temporary file beside `path` for writing; on success it replaces `path` (os.replace), on any error
-    it is removed, so readers see the old file or the complete new one, never a partial write.
+    it is removed, so readers see the old file or the complete new one, never a partial write. An OSError of the
+    write (a full disk, a quota) names ``path``.
     The parent folder is created. mode: "wb" or "w" (UTF-8). The file gets the permissions a plain ``open``
     would give it (0666 minus the umask), and temporaries of `path` left by killed writers are removed first."""
     path = Path(path)
@@ -149,9 +150,12 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", suffix: str = ".tmp"
         with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
             yield f
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(e, OSError) and e.errno is not None and e.filename in (None, tmp):
+            # A full disk (ENOSPC), a file-size limit (EFBIG) or a quota surfaces in write() without a file name.
+            raise type(e)(e.errno, f"{e.strerror} while writing {path}", str(path)) from e
         raise
 
 
@@ -162,12 +166,21 @@ def save_checkpoint(path: str | os.PathLike, **state: Any) -> Path:
 
     Raises:
         ValueError: no state was given.
+        OSError: the file cannot be written (a full disk, a quota); the message names ``path``.
     """
     if not state:
         raise ValueError("save_checkpoint: nothing to save; pass the state as keyword arguments, e.g. model=...")
     path = Path(path)
     with atomic_write(path, "wb") as f:
-        torch.save(state, f)
+        try:
+            torch.save(state, f)
+        except RuntimeError as e:
+            # torch's zip writer reports a failed write() (full disk, quota, file-size limit) as a RuntimeError
+            # ("unexpected pos ...") that names neither the file nor the cause.
+            if not re.search(r"unexpected pos|failed writing|write failed", str(e)):
+                raise
+            raise OSError(f"save_checkpoint: writing {path} failed ({e}); is the disk full, or a quota or file-size "
+                          f"limit reached?") from e
         f.flush()
         os.fsync(f.fileno())
     return path

@@ -28,6 +28,7 @@ import json
 import math
 import os
 import platform
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -36,10 +37,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import recipe
-from gmd_ext import DSSentimentNet, subsets
-from gmd_ext.apps.mosi.constants import MODALITIES
-from gmd_ext.data import load_mmsa, synthetic_mosi
+if str(Path(__file__).resolve().parent) not in sys.path:
+    # `python -P` (and PYTHONSAFEPATH) leaves the script's folder off sys.path; the skeleton recipe.py lives there.
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+import recipe  # noqa: E402
+from gmd_ext import DSSentimentNet, subsets  # noqa: E402
+from gmd_ext.apps.mosi.constants import MODALITIES  # noqa: E402
+from gmd_ext.data import load_mmsa, synthetic_mosi  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_CONFIGS = [HERE / "configs" / "mosi_gmd.json", HERE / "configs" / "mosi_joint.json"]
@@ -50,17 +54,21 @@ DATASETS = {
     "mosei": {"dims": (768, 74, 35), "n": (16326, 1871, 4659)},
 }
 
-DEFAULTS = {
-    **recipe.SHARED_DEFAULTS,
-    "epochs": 10,
-    "batch_size": 32,
-    "lr": 1e-3,
-    "weight_decay": 0.0,
-    "hidden": 64,
-    "num_layers": 1,
-    "dropout": 0.1,
-    "eval_batch_size": 256,
+Key = recipe.Key
+SCHEMA = {
+    **recipe.SHARED_SCHEMA,
+    "subsets_per_step": Key(0, "0: all 7 modality subsets every step; k in 1..7: k sampled (the full set always in)",
+                            low=0, high=7),
+    "epochs": Key(10, "training epochs", low=1, high=100_000),
+    "batch_size": Key(32, "samples per step", low=1, high=65_536),
+    "lr": Key(1e-3, "Adam learning rate", above=0.0, high=10.0),
+    "weight_decay": Key(0.0, "Adam weight decay", low=0.0, high=1.0),
+    "hidden": Key(64, "DSSentimentNet hidden size", low=1, high=4096),
+    "num_layers": Key(1, "GRU layers per modality", low=1, high=16),
+    "dropout": Key(0.1, "dropout probability", low=0.0, below=1.0),
+    "eval_batch_size": Key(256, "samples per forward at evaluation", low=1, high=65_536),
 }
+DEFAULTS = recipe.defaults(SCHEMA)
 
 # What --out may hold from this recipe (--overwrite removes these, and only these; the synthetic data stays).
 OUTPUTS = ("metrics.json", "report.md", "metrics.png", "comparison.md",
@@ -68,6 +76,9 @@ OUTPUTS = ("metrics.json", "report.md", "metrics.png", "comparison.md",
 # Metrics of the paired comparison, vectorised over bootstrap resamples (definitions as in
 # gmd_ext.apps.mosi.metrics: Has0 counts truth >= 0 as positive, Non0 drops truth == 0).
 PAIRED = {"Has0_acc_2": True, "Non0_acc_2": True, "MAE": False, "Corr": True}  # name -> higher is better
+
+
+BENCHMARKS = {"mosi": "CMU-MOSI", "mosei": "CMU-MOSEI"}
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -83,7 +94,7 @@ def _to_tensors(split: dict) -> dict:
 
 
 def load_data(args) -> tuple[dict, str, str]:
-    """Returns ({split: tensors}, description of the data source, data kind "synthetic" | "real")."""
+    """Returns ({split: tensors}, description of the data source, data kind: "synthetic" or the benchmark)."""
     if args.synthetic:
         spec = DATASETS[args.dataset]
         n = tuple(args.synthetic_n) if args.synthetic_n else spec["n"]
@@ -109,7 +120,7 @@ def load_data(args) -> tuple[dict, str, str]:
         warnings.warn(f"{path}: dims {dims} / split sizes {sizes} differ from {args.dataset.upper()}'s "
                       f"{spec['dims']} / {spec['n']}; is --dataset right?", stacklevel=2)
     return ({s: _to_tensors(raw[s]) for s in ("train", "valid", "test")}, source,
-            "synthetic" if args.synthetic else "real")
+            "synthetic" if args.synthetic else BENCHMARKS[args.dataset])
 
 
 def _batch(data: dict, idx: torch.Tensor, device) -> tuple[dict, dict, torch.Tensor]:
@@ -150,7 +161,7 @@ def predict_subsets(model, data: dict, batch_size: int, device) -> dict[str, tor
 
 
 def train_one(cfg: dict, data: dict, seed: int, run_dir: Path, device, *, resume: bool,
-              stop_after: int | None = None, progress: bool = True) -> dict | None:
+              stop_after: int | None = None, progress: bool = True, data_label: str = "") -> dict | None:
     """Train one (config, seed); returns its result dict, or None when stopped early by ``stop_after``."""
     from gmd_ext.metrics import sentiment_metrics
 
@@ -185,7 +196,9 @@ def train_one(cfg: dict, data: dict, seed: int, run_dir: Path, device, *, resume
     out = recipe.fit(run_dir, cfg, seed, build_model=build, steps_per_epoch=math.ceil(n / cfg["batch_size"]),
                      batches=batches, forward=forward, loss_fn=F.l1_loss, validate=validate, mode="min",
                      resume=resume, stop_after_epochs=stop_after, progress=progress,
-                     label=f"{run_dir.parent.name} seed {seed}")
+                     label=f"{run_dir.parent.name} seed {seed}",
+                     figure_title=f"{run_dir.parent.name} seed {seed}: modality dominance during training"
+                                  + (f" ({data_label})" if data_label else ""))
     if not out["finished"]:
         return None
     model = out["model"]
@@ -265,7 +278,7 @@ def write_report(out: Path, summary: dict) -> None:
     from gmd_ext.apps.mosi.metrics import METRIC_NAMES
 
     runs = summary["runs"]
-    benchmark = "CMU-MOSI" if summary["dataset"] == "mosi" else "CMU-MOSEI"
+    benchmark = BENCHMARKS[summary["dataset"]]
     lines = [f"# {summary['dataset'].upper()}: DSSentimentNet per modality combination (test split)", "",
              f"- {recipe.data_note(summary['kind'], benchmark)}",
              f"- data: {summary['source']}",
@@ -314,14 +327,16 @@ def write_plot(out: Path, summary: dict) -> None:
     keys = ("Non0_acc_2", "Non0_F1_score", "MAE", "Corr")
     errors = {n: r["std"] for n, r in runs.items()} if len(summary["seeds"]) > 1 else None
     recipe.plot_per_combination(out / "metrics.png", {n: r["mean"] for n, r in runs.items()}, keys,
-                                title=f"{summary['dataset'].upper()} test metrics per modality combination"
+                                title=f"{summary['dataset'].upper()} test metrics per modality combination "
+                                      f"({recipe.data_label(summary['kind'], BENCHMARKS[summary['dataset']])})"
                                       + (" (bars: std over seeds)" if errors else ""), errors=errors)
 
 
 # ----------------------------------------------------------------------------------------------- main
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter,
+                                epilog=recipe.keys_help(SCHEMA))
     p.add_argument("--dataset", choices=sorted(DATASETS), default="mosi")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--data", help="MMSA feature file (aligned_50.pkl / unaligned_50.pkl, or the same as .npz)")
@@ -341,44 +356,75 @@ def parse_args(argv=None):
     p.add_argument("--nonfinite", choices=("zero", "raise"), default="zero",
                    help="NaN/Inf features: replace with 0 and warn (MMSA's own loader zeroes -inf audio), or fail")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
-    p.add_argument("--threads", type=int, default=0,
-                   help="torch CPU threads (0: torch's default). The GRU steps are tiny: on a loaded 2-core box one "
-                        "thread ran a GMD step 12x faster than two (0.16 s vs 2.0 s, hidden 8, batch 16)")
+    p.add_argument("--threads", type=int, default=recipe.DEFAULT_THREADS,
+                   help=recipe.THREADS_HELP + ". The GRU steps are tiny: on a loaded 2-core box one thread ran a GMD "
+                        "step 12x faster than two (0.16 s vs 2.0 s, hidden 8, batch 16)")
     # Overrides apply to every config alike, so a GMD/joint pair stays a one-switch comparison.
     p.add_argument("--subsets-per-step", "--subsets", type=int, dest="subsets_per_step",
                    help="0: all 7 subsets every step; k in 1..7: k sampled per step")
     for key in ("epochs", "batch_size", "hidden"):
         p.add_argument(f"--{key.replace('_', '-')}", type=int, dest=key)
     p.add_argument("--lr", type=float)
+    p.add_argument("--set", nargs="*", metavar="KEY=VALUE", default=[],
+                   help="override config keys in every config (JSON values; keys below)")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved and validated configs (defaults <- --config <- options) as JSON and exit")
     p.add_argument("--stop-after-epochs", type=int, help=argparse.SUPPRESS)  # simulates an interruption (tests)
     return p.parse_args(argv)
 
 
 def main(argv=None) -> dict | None:
     """Run the recipe (``argv`` as on the command line); returns the summary written to metrics.json, or None
-    when ``--stop-after-epochs`` interrupted it."""
+    when ``--stop-after-epochs`` interrupted it (or ``--print-config`` asked for the configs only)."""
     args = parse_args(argv)
+    configs = _configs(args)
+    if args.print_config:
+        print(json.dumps(configs, indent=2))
+        return None
     recipe.require_extras("mosi")
     note = recipe.kernel_note()
     if note:
         print(note, flush=True)
-    with recipe.threads(args.threads):
-        return _run(args)
+    with recipe.threads(args.threads), recipe.run_lock(args.out):
+        return _run(args, configs)
 
 
-def _run(args) -> dict | None:
-    overrides = {k: getattr(args, k) for k in ("epochs", "batch_size", "subsets_per_step", "hidden", "lr")}
+def _parse_set(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def _configs(args) -> dict[str, dict]:
+    """The configs of this invocation, resolved and validated at start-up: {config name: config}."""
+    for seed in args.seeds:
+        if not 0 <= seed < 2 ** 32:
+            raise ValueError(f"--seeds must be integers in [0, 2**32 - 1], got {seed}")
+    overrides = {**_parse_set(args.set),
+                 **{k: getattr(args, k) for k in ("epochs", "batch_size", "subsets_per_step", "hidden", "lr")}}
     configs = {}
     for path in args.config:
         cfg = recipe.load_config(path, DEFAULTS, overrides)
         try:
-            recipe.check_config(cfg, len(MODALITIES))
+            recipe.check_config(cfg, SCHEMA, len(MODALITIES))
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from e
         if path.stem in configs:
             raise ValueError(f"--config: two configs share the name {path.stem!r}")
         recipe.inside(args.out, path.stem)  # a config's name becomes a folder of --out
         configs[path.stem] = cfg
+    recipe.pick_device(args.device)
+    return configs
+
+
+def _run(args, configs: dict[str, dict]) -> dict | None:
     manifest = {"dataset": args.dataset, "data": args.data, "synthetic": args.synthetic,
                 "synthetic_n": args.synthetic_n, "synthetic_dims": args.synthetic_dims, "unaligned": args.unaligned,
                 "nonfinite": args.nonfinite, "configs": configs, "seeds": args.seeds}
@@ -392,7 +438,8 @@ def _run(args) -> dict | None:
         results = []
         for seed in args.seeds:
             r = train_one(cfg, data, seed, recipe.inside(args.out, name, f"seed{seed}"), device, resume=args.resume,
-                          stop_after=args.stop_after_epochs, progress=not args.no_progress)
+                          stop_after=args.stop_after_epochs, progress=not args.no_progress,
+                          data_label=recipe.data_label(kind, BENCHMARKS[args.dataset]))
             stopped |= r is None
             results.append(r)
         if not stopped:
@@ -404,7 +451,8 @@ def _run(args) -> dict | None:
     machine = (torch.cuda.get_device_name(device) if device.type == "cuda"
                else f"{os.cpu_count()}-core {platform.machine()} CPU")
     summary = {"dataset": args.dataset, "source": source, "kind": kind, "seeds": args.seeds, "device": str(device),
-               "machine": f"{machine}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
+               "machine": f"{machine}, {recipe.plural(torch.get_num_threads(), 'torch thread')}, "
+                          f"torch {torch.__version__}",
                "runs": runs}
     modes = {name: run["config"]["gmd"] for name, run in runs.items()}
     if sorted(modes.values()) == [False, True]:
@@ -413,7 +461,7 @@ def _run(args) -> dict | None:
         text = recipe.comparison_markdown(rows, n=len(data["test"]["y"]), unit="test samples",
                                           detail=f"; differences averaged over seeds {args.seeds}")
         summary["comparison"] = text.strip().splitlines()[-1]
-        benchmark = "CMU-MOSI" if args.dataset == "mosi" else "CMU-MOSEI"
+        benchmark = BENCHMARKS[args.dataset]
         recipe.write_text(args.out / "comparison.md",
                           f"# {args.dataset.upper()}: GMD vs joint training per modality combination (test split)\n\n"
                           f"- {recipe.data_note(kind, benchmark)}\n- data: {source}\n- seeds: {args.seeds}\n\n"
@@ -428,4 +476,4 @@ def _run(args) -> dict | None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(recipe.cli_errors(Path(sys.argv[0]).name, main))

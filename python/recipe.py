@@ -3,14 +3,19 @@
 What lives here, once for both recipes:
   environment   `require_extras` (optional dependencies, checked at start-up), `kernel_note` (compiled kernels),
                 `threads` (torch CPU threads)
-  configs       `SHARED_DEFAULTS` (the knobs both recipes have, one name each) and `load_config`
+  configs       `Key` / `SHARED_SCHEMA` (the knobs both recipes have, one name each, with their ranges: one schema
+                drives validation at start-up, the key list of --help and --print-config), `load_config`,
+                `check_config`
+  errors        `cli_errors` (a user's mistake is one line on stderr, exit status 2, no traceback)
   objectives    `choose_subsets` (all 2^M - 1 modality subsets, or k sampled), `subset_losses`
   the step      `Step`: GMD (``gmd: true``) or joint training (``gmd: false``) on the same subset losses
-  runs          `prepare_folder` (a folder is never silently overwritten), `inside` (paths never leave --out),
+  runs          `run_lock` (one run per folder), `prepare_folder` (a folder is never silently overwritten),
+                `inside` (paths never leave --out),
                 `fit` (the epoch loop: atomic checkpoints, exact resume that verifies config and seed, best-on-
                 validation selection, a dominance monitor whose CSV stays consistent across resumes)
-  reports       `bootstrap_interval`, `comparison_markdown` (paired GMD - joint differences), `plot_per_combination`,
-                `dominance_markdown`, `data_note`
+  reports       `bootstrap_interval` (scipy.stats.bootstrap, BCa), `comparison_markdown` (paired GMD - joint
+                differences, flagged low-powered under 10 units), `plot_per_combination`, `dominance_markdown`,
+                `data_note` / `data_label` (the data's provenance, in every report and figure), `plural`
 
 The model interface a recipe relies on (DSUNet3d and DSSentimentNet have it; a user's own model needs the same):
   ``model.modalities``                 the M modality names, in the order of the branch axis
@@ -22,7 +27,8 @@ The model interface a recipe relies on (DSUNet3d and DSSentimentNet have it; a u
   a recipe's ``loss_fn(fused, target)``  the task loss of a fused prediction (scalar)
 brats.py also uses ``model.num_classes`` (output channels of a branch).
 
-A recipe run as ``python python/<recipe>.py`` has this folder on ``sys.path``; gmd_ext is the installed package.
+A recipe run as ``python python/<recipe>.py`` (or ``python -P``: the recipes put their folder on ``sys.path``)
+imports this file; gmd_ext is the installed package.
 """
 from __future__ import annotations
 
@@ -35,8 +41,11 @@ import math
 import os
 import random
 import re
+import sys
 import time
+import warnings
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,33 +55,127 @@ import torch
 from gmd_ext import GMD, sample_subsets, subset_losses, subsets  # noqa: F401  (subset_losses: the recipes' objectives)
 from gmd_ext import _backend
 from gmd_ext.gmd.monitor import DominanceMonitor
+from gmd_ext.gmd.monitor import plot_csv as plot_monitor_csv
 from gmd_ext.io import atomic_write, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 
-# The knobs both recipes have, under one name each. A recipe's DEFAULTS extend these.
-SHARED_DEFAULTS = {
-    "gmd": True,               # THE switch of a paired comparison: GMD-merged gradients or joint training
-    "gmd_reduction": "mean",   # GMD: mean over objectives on shared elements, sum on modality-specific ones
-    "gmd_order": "random",     # GMD projection order: random (the paper) | sequential
-    "gmd_usage": "official",   # which elements count as shared: official (per-branch rule) | reach (older rule)
+
+@dataclass(frozen=True)
+class Key:
+    """One config key: its default, what it means, and the values it takes.
+
+    A recipe's SCHEMA (name -> Key) is the one description of its config: `check_config` validates against it at
+    start-up (ValueError naming the key, the allowed values and what was given), `keys_help` lists it in
+    ``--help`` and ``--print-config`` prints the resolved values. The type is the default's (an int is accepted
+    for a float); floats must be finite. ``low``/``high`` are inclusive bounds, ``above``/``below`` exclusive ones;
+    for a list they, and ``choices``, apply to every element. Bounds that memory or time follow from (widths,
+    crops, batch sizes) are set so that a typo fails at start-up instead of exhausting the machine.
+    """
+    default: Any
+    help: str
+    choices: tuple = ()
+    low: float | None = None
+    high: float | None = None
+    above: float | None = None
+    below: float | None = None
+    length: int | None = None   # lists: exact number of elements
+    unique: bool = False        # lists: elements distinct
+    pattern: str | None = None  # strings: a regular expression the whole value must match
+
+    def describe(self) -> str:
+        """The type and range in words, e.g. ``float in (0, 10]``."""
+        d = self.default
+        kind = ("bool" if isinstance(d, bool) else "int" if isinstance(d, int) else "float" if isinstance(d, float)
+                else "list" if isinstance(d, list) else "str")
+        if self.choices and kind == "str":
+            return "one of " + "|".join(self.choices)
+        if self.choices:
+            rule = "one of " + "|".join(map(str, self.choices))
+        elif kind in ("int", "float") or (kind == "list" and not isinstance(d[0], str)):
+            lo = f"[{_num(self.low)}" if self.low is not None else f"({_num(self.above)}" if self.above is not None \
+                else "(-inf"
+            hi = f"{_num(self.high)}]" if self.high is not None else f"{_num(self.below)})" if self.below is not None \
+                else "inf)"
+            rule = f"in {lo}, {hi}"
+        elif self.pattern:
+            rule = f"matching {self.pattern}"
+        else:
+            rule = "non-empty" if kind == "str" else ""
+        if kind == "list":
+            item = "float" if isinstance(d[0], float) else "int" if isinstance(d[0], int) else "str"
+            size = f"{self.length} " if self.length else "non-empty list of "
+            return (f"list of {size}{'distinct ' if self.unique else ''}{item}s, each {rule}" if self.length
+                    else f"{size}{'distinct ' if self.unique else ''}{item}s, each {rule}")
+        return f"{kind} {rule}".strip()
+
+    def validate(self, name: str, value: Any) -> None:
+        """Raise ValueError naming ``name`` when ``value`` (already of the key's type) is outside the key's range."""
+        items = value if isinstance(value, list) else [value]
+        ok = not isinstance(value, list) or (len(value) > 0 and (self.length is None or len(value) == self.length)
+                                              and (not self.unique or len(set(map(str, value))) == len(value)))
+        for v in items:
+            if isinstance(v, bool):
+                continue
+            if self.choices:
+                ok &= v in self.choices
+            elif isinstance(v, (int, float)):
+                ok &= (math.isfinite(v) and (self.low is None or v >= self.low)
+                       and (self.high is None or v <= self.high) and (self.above is None or v > self.above)
+                       and (self.below is None or v < self.below))
+            elif isinstance(v, str):
+                ok &= bool(v) and (self.pattern is None or re.fullmatch(self.pattern, v) is not None)
+        if not ok:
+            raise ValueError(f"config key {name!r} must be {self.describe()}, got {value!r}")
+
+
+def _num(x: float) -> str:
+    return f"{x:g}" if isinstance(x, float) else f"{x:_}" if abs(x) >= 10_000 else str(x)
+
+
+def defaults(schema: dict[str, Key]) -> dict:
+    """``{name: default}`` of a schema (the form configs, checkpoints and config.json store)."""
+    return {k: (list(v.default) if isinstance(v.default, list) else v.default) for k, v in schema.items()}
+
+
+def keys_help(schema: dict[str, Key]) -> str:
+    """The config keys of a schema as help text: one line per key with its type, range and default."""
+    width = max(map(len, schema))
+    lines = ["config keys (--config FILE and --set KEY=VALUE; JSON values, e.g. --set lr=0.001 "
+             "modalities='[\"flair\",\"t1\"]'):"]
+    for name, key in schema.items():
+        lines.append(f"  {name:<{width}}  {key.describe()}; default {json.dumps(key.default)}. {key.help}")
+    return "\n".join(lines)
+
+
+# The knobs both recipes have, under one name each. A recipe's SCHEMA extends these.
+SHARED_SCHEMA = {
+    "gmd": Key(True, "THE switch of a paired comparison: GMD-merged gradients (true) or joint training (false)"),
+    "gmd_reduction": Key("mean", "GMD: mean over objectives on shared elements, sum on modality-specific ones",
+                         choices=("mean", "sum")),
+    "gmd_order": Key("random", "GMD projection order (random: the paper)", choices=("random", "sequential")),
+    "gmd_usage": Key("official", "which elements count as shared: the per-branch rule or the older reach rule",
+                     choices=("official", "reach")),
     # Joint training backpropagates the mean of the subset losses: on parameters every subset uses, that is the
     # mean of the per-subset gradients, the scale GMD's "mean" reduction gives them. "sum" is K times that (with
     # Adam only the relative weight of weight_decay and eps changes).
-    "joint_reduction": "mean",
-    "subsets_per_step": 0,     # 0: all 2^M - 1 modality subsets every step; k: k sampled (the full set always in)
-    "epochs": 10,
-    "batch_size": 32,
-    "lr": 1e-3,
-    "weight_decay": 0.0,
-    "lr_schedule": "constant",  # poly | cosine | constant, stepped every optimizer step
-    "warmup_steps": 0,
-    "val_every": 1,            # epochs between validations (checkpoint selection)
-    "monitor": True,           # GMD runs: dominance monitor CSV (monitor.csv) + plot (dominance.png)
+    "joint_reduction": Key("mean", "joint training: mean or sum of the subset losses", choices=("mean", "sum")),
+    "subsets_per_step": Key(0, "0: all 2^M - 1 modality subsets every step; k: k sampled (the full set always in)",
+                            low=0, high=2 ** 8 - 1),
+    "epochs": Key(10, "training epochs", low=1, high=100_000),
+    "batch_size": Key(32, "samples per step", low=1, high=65_536),
+    "lr": Key(1e-3, "Adam learning rate", above=0.0, high=10.0),
+    "weight_decay": Key(0.0, "Adam weight decay", low=0.0, high=1.0),
+    "lr_schedule": Key("constant", "stepped every optimizer step", choices=("poly", "cosine", "constant")),
+    "warmup_steps": Key(0, "linear warm-up steps (fewer than the run's steps)", low=0, high=10 ** 9),
+    "val_every": Key(1, "epochs between validations (checkpoint selection)", low=1, high=100_000),
+    "monitor": Key(True, "GMD runs: dominance monitor CSV (monitor.csv) + plot (dominance.png)"),
 }
+SHARED_DEFAULTS = defaults(SHARED_SCHEMA)
 
 # Files `fit` writes into a run folder (what --overwrite replaces).
 RUN_OUTPUTS = ("last.pt", "best.pt", "history.json", "monitor.csv", "dominance.png")
 
-EXTRAS = {"brats": ("nibabel", "nilearn", "tqdm", "matplotlib"), "mosi": ("sklearn", "tqdm", "matplotlib")}
+EXTRAS = {"brats": ("nibabel", "nilearn", "tqdm", "matplotlib", "scipy"),
+          "mosi": ("sklearn", "tqdm", "matplotlib", "scipy")}
 _PIP_NAMES = {"sklearn": "scikit-learn"}
 
 
@@ -83,13 +186,22 @@ def require_extras(extra: str) -> None:
     Run at start-up, so a missing plotting library is reported before training, not after it.
 
     Raises:
-        SystemExit: with the missing packages and ``pip install "gmd-ext[<extra>]"``.
+        SystemExit: with the missing packages and ``pip install ".[<extra>]"`` (run in the checkout).
     """
     missing = [m for m in EXTRAS[extra] if importlib.util.find_spec(m) is None]
     if missing:
         names = ", ".join(_PIP_NAMES.get(m, m) for m in missing)
-        raise SystemExit(f"this recipe needs {names} (not installed); install the recipe's extra: "
-                         f'pip install "gmd-ext[{extra}]"')
+        raise SystemExit(f"this recipe needs {names} (not installed); install the recipe's extra from the "
+                         f'checkout: pip install ".[{extra}]"')
+
+
+def require_module(module: str, purpose: str) -> None:
+    """Raise ImportError naming ``module`` and its pip command when it is not importable (checked before work
+    that would need it at its end, e.g. the plot after training)."""
+    if importlib.util.find_spec(module) is None:
+        raise ImportError(f"{purpose} needs {_PIP_NAMES.get(module, module)}, which is not installed: pip install "
+                          f"{_PIP_NAMES.get(module, module)} (or the recipe's extra from the checkout: pip install "
+                          f'".[brats]" / ".[mosi]")')
 
 
 def kernel_note() -> str | None:
@@ -98,6 +210,14 @@ def kernel_note() -> str | None:
         return None
     return (f"note: gmd_ext's compiled C++ kernels are not loaded, so this run uses the slower Triton / pure-torch "
             f"paths. Reason and fix: {_backend.CPP_REASON}")
+
+
+# One torch thread by default: on a 2-core box shared with one other torch job, two threads per process
+# oversubscribe the cores and a demo step ran ~70x slower; one thread costs 1.7x on the idle box (THREADS_HELP).
+DEFAULT_THREADS = 1
+THREADS_HELP = ("torch CPU threads (default 1; 0: torch's default, one per core). On a 2-core box: a demo step "
+                "(DSUNet3d width 0.25, crop 32, batch 2) took 0.40 s with 2 threads and 0.67 s with 1 when idle, "
+                "but with 2 threads beside another torch job it slowed ~70x; pass 0 (or N) on a machine of your own")
 
 
 @contextlib.contextmanager
@@ -171,9 +291,9 @@ def prepare_folder(folder: str | os.PathLike, manifest_name: str, manifest: dict
     path = folder / manifest_name
     if resume and overwrite:
         raise ValueError("--resume and --overwrite exclude each other")
-    held = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    held = sorted(p.name for p in folder.iterdir() if p.name != LOCK_NAME) if folder.is_dir() else []
     if resume and path.is_file():
-        saved = json.loads(path.read_text(encoding="utf-8"))
+        saved = read_json(path, "the run's settings")
         if saved != manifest:
             raise ValueError(f"--resume: the settings differ from {path} in {_diff_keys(saved, manifest)}; resume "
                              f"with the same settings, or start a new run in another --out")
@@ -189,6 +309,86 @@ def prepare_folder(folder: str | os.PathLike, manifest_name: str, manifest: dict
                     p.unlink()
     write_json(path, manifest)
     return folder
+
+
+def read_json(path: Path, what: str) -> dict:
+    """A JSON object from ``path``; a damaged file is a ValueError naming it (and ``what`` it holds)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise ValueError(f"{path} ({what}) is damaged: {type(e).__name__}: {e}; restore it or start the run again "
+                         f"in another --out") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} ({what}) is damaged: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+class RunInUseError(RuntimeError):
+    """Another live process holds the run folder's lock."""
+
+
+# What a recipe's command line reports as one line (no traceback): the user's input or files are at fault.
+USER_ERRORS = (ValueError, FileExistsError, FileNotFoundError, RunInUseError, ImportError)
+
+
+def cli_errors(prog: str, run: Callable[[], Any]) -> int:
+    """Run a recipe command; a ``USER_ERRORS`` exception becomes ``<prog>: error: <message>`` on stderr and exit
+    status 2, like argparse's own errors (set GMD_EXT_TRACEBACK=1 to see the traceback)."""
+    try:
+        run()
+    except USER_ERRORS as e:
+        if os.environ.get("GMD_EXT_TRACEBACK"):
+            raise
+        print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
+LOCK_NAME = ".run.lock"
+_HELD_LOCKS: dict[str, list] = {}  # folder -> [fd, depth]: the run's own nested calls (train -> eval) re-enter
+
+
+@contextlib.contextmanager
+def run_lock(folder: str | os.PathLike):
+    """Hold the exclusive lock of a run folder for the duration of the block: one run per folder.
+
+    An ``fcntl.flock`` on ``folder/.run.lock`` (created; it records the holder's pid). The kernel drops the lock
+    when its process dies, so a lock left by a killed run never blocks; re-entrant within a process.
+
+    Raises:
+        RunInUseError: another live process holds the folder; the message names the folder and that pid.
+    """
+    import fcntl
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    key = str(folder.resolve())
+    if key in _HELD_LOCKS:
+        _HELD_LOCKS[key][1] += 1
+        try:
+            yield
+        finally:
+            _HELD_LOCKS[key][1] -= 1
+        return
+    fd = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+        os.close(fd)
+        raise RunInUseError(f"{folder} is in use by another run (pid {holder} holds {folder / LOCK_NAME}); wait for "
+                           f"it to finish, or choose another --out") from None
+    except BaseException:
+        os.close(fd)
+        raise
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _HELD_LOCKS[key] = [fd, 1]
+    try:
+        yield
+    finally:
+        del _HELD_LOCKS[key]
+        os.close(fd)  # closing the descriptor releases the lock
 
 
 def _diff_keys(a: dict, b: dict) -> list[str]:
@@ -234,6 +434,11 @@ def load_config(path: str | os.PathLike | None, defaults: dict, overrides: dict 
 def _check_type(source: str, key: str, value: Any, default: Any) -> Any:
     if default is None or value is None:
         return value
+    if isinstance(default, (list, tuple)):
+        ok = isinstance(value, (list, tuple))
+        if ok and default:
+            value = [_check_type(source, key, v, default[0]) for v in value]
+        return list(value) if ok else _wrong_type(source, key, value, "list")
     if isinstance(default, bool):
         ok = isinstance(value, bool)
     elif isinstance(default, float):
@@ -241,33 +446,32 @@ def _check_type(source: str, key: str, value: Any, default: Any) -> Any:
         value = float(value) if ok else value
     elif isinstance(default, int):
         ok = isinstance(value, int) and not isinstance(value, bool)
-    elif isinstance(default, (list, tuple)):
-        ok = isinstance(value, (list, tuple))
-        value = list(value) if ok else value
     else:
         ok = isinstance(value, type(default))
-    if not ok:
-        raise ValueError(f"{source}: config key {key!r} expects {type(default).__name__}, got {value!r}")
-    return value
+    return value if ok else _wrong_type(source, key, value, type(default).__name__)
 
 
-def check_config(cfg: dict, num_modalities: int) -> None:
-    """Validate the shared keys (ValueError naming the key, the allowed values and what was given)."""
-    for key in ("epochs", "batch_size", "val_every"):
-        if cfg[key] < 1:
-            raise ValueError(f"config {key} must be >= 1, got {cfg[key]}")
+def _wrong_type(source: str, key: str, value: Any, expected: str):
+    raise ValueError(f"{source}: config key {key!r} expects {expected}"
+                     + (" elements" if expected != "list" and isinstance(value, (list, tuple)) else "")
+                     + f", got {value!r:.200}")
+
+
+def check_config(cfg: dict, schema: dict[str, Key], num_modalities: int) -> None:
+    """Validate every key of ``schema`` (type, finiteness, range) and the shared rules between keys, at start-up.
+
+    Raises:
+        ValueError: naming the key, the allowed values and what was given.
+    """
+    for name, key in schema.items():
+        if name not in cfg:
+            raise ValueError(f"config key {name!r} is missing")
+        _check_type("config", name, cfg[name], key.default)
+        key.validate(name, cfg[name])
     total = 2 ** num_modalities - 1
     if not 0 <= cfg["subsets_per_step"] <= total:
-        raise ValueError(f"config subsets_per_step must be 0 (all {total} subsets) or k in 1..{total}, got "
+        raise ValueError(f"config key 'subsets_per_step' must be 0 (all {total} subsets) or k in 1..{total}, got "
                          f"{cfg['subsets_per_step']}")
-    for key, allowed in (("gmd_reduction", ("mean", "sum")), ("gmd_order", ("random", "sequential")),
-                         ("gmd_usage", ("official", "reach")),
-                         ("joint_reduction", ("mean", "sum")), ("lr_schedule", ("poly", "cosine", "constant"))):
-        if cfg[key] not in allowed:
-            raise ValueError(f"config {key} must be one of {allowed}, got {cfg[key]!r}")
-    if cfg["lr"] <= 0 or cfg["weight_decay"] < 0:
-        raise ValueError(f"config needs lr > 0 and weight_decay >= 0, got lr={cfg['lr']}, "
-                         f"weight_decay={cfg['weight_decay']}")
 
 
 def seed_everything(seed: int) -> None:
@@ -305,10 +509,21 @@ def _lr_factor(kind: str, total: int, warmup: int, power: float, step: int) -> f
 
 
 def pick_device(name: str = "auto") -> torch.device:
-    """``"auto"`` -> CUDA when available, else CPU; otherwise ``torch.device(name)``."""
+    """``"auto"`` -> CUDA when available, else CPU; ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` when that device exists.
+
+    Raises:
+        ValueError: another name (``meta``, ``mps``...) or a CUDA device this machine does not have.
+    """
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    if not isinstance(name, str) or not re.fullmatch(r"cpu|cuda(:[0-9]{1,2})?", name):
+        raise ValueError(f"config key 'device' must be auto, cpu, cuda or cuda:N, got {name!r}")
+    device = torch.device(name)
+    if device.type == "cuda" and (device.index or 0) >= (torch.cuda.device_count() if torch.cuda.is_available()
+                                                         else 0):
+        raise ValueError(f"config key 'device' is {name!r}, but this machine has "
+                         f"{torch.cuda.device_count() if torch.cuda.is_available() else 0} usable CUDA device(s)")
+    return device
 
 
 # ----------------------------------------------------------------------------------------------- objectives
@@ -387,25 +602,75 @@ def load_matching(path: str | os.PathLike, cfg: dict, seed: int, map_location="c
 
 def truncate_csv(path: Path, step: int) -> None:
     """Keep the header and the rows whose ``step`` column is < ``step`` (rows a killed run wrote after its last
-    checkpoint would otherwise appear twice once the resumed run records those steps again)."""
+    checkpoint would otherwise appear twice once the resumed run records those steps again).
+
+    Raises:
+        ValueError: the file is not a monitor CSV (no ``step`` column first, a step that is not an integer); the
+            message names the file.
+    """
     if not path.is_file():
         return
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = list(csv.reader(f))
-    if not rows:
-        return
-    kept = [rows[0]] + [r for r in rows[1:] if r and int(r[0]) < step]
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.reader(f))
+        if rows and (not rows[0] or rows[0][0] != "step"):
+            raise ValueError(f"the header starts with {rows[0][:1]}, not 'step'")
+        kept = rows[:1]
+        for i, r in enumerate(rows[1:], 2):
+            if r and int(r[0]) < step:
+                kept.append(r)
+    except (OSError, UnicodeDecodeError, ValueError, csv.Error) as e:
+        raise ValueError(f"{path} (the run's dominance monitor CSV) is damaged: {type(e).__name__}: {e}; restore "
+                         f"it, delete it (the plot then covers the resumed steps only), or start again in another "
+                         f"--out") from None
     if len(kept) != len(rows):
         with atomic_write(path, "w") as f:
             csv.writer(f, lineterminator="\n").writerows(kept)
 
 
+def _restore(last: Path, ck: dict, cfg: dict, steps_per_epoch: int, model, step_fn, sched, gens) -> dict:
+    """Load a verified checkpoint's state into the run's objects; a damaged or tampered file is a ValueError
+    naming it, never a raw KeyError deep inside torch."""
+    try:
+        state = {k: ck[k] for k in ("epoch", "step", "history", "best_score", "best_epoch")}
+        epoch, step, history = state["epoch"], state["step"], state["history"]
+        if not (isinstance(epoch, int) and not isinstance(epoch, bool) and 0 <= epoch <= cfg["epochs"]):
+            raise ValueError(f"epoch {epoch!r:.40} is not in 0..{cfg['epochs']} (the run's epochs)")
+        if step != epoch * steps_per_epoch:
+            raise ValueError(f"step {step!r:.40} is not epoch {epoch} x {steps_per_epoch} steps per epoch")
+        if not isinstance(history, list) or len(history) != epoch or not all(isinstance(h, dict) for h in history):
+            raise ValueError(f"history does not hold one record per epoch ({epoch})")
+        best = state["best_epoch"]
+        if best is not None and not (isinstance(best, int) and 1 <= best <= epoch
+                                     and isinstance(state["best_score"], (int, float))):
+            raise ValueError(f"best epoch {best!r:.40} / score {state['best_score']!r:.40} are not a past epoch")
+        model.load_state_dict(ck["model"])
+        step_fn.load_state_dict(ck["step_state"])
+        sched.load_state_dict(ck["scheduler"])
+        for k, g in gens.items():
+            g.set_state(ck["generators"][k])
+        set_rng_state(ck["rng"])
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError, AttributeError) as e:
+        raise ValueError(f"{last} is damaged or was edited ({type(e).__name__}: {str(e)[:300]}); it cannot resume "
+                         f"this run: restore it, or start the run again in another --out") from None
+    return state
+
+
+def _holding_run_lock(fn):
+    @functools.wraps(fn)
+    def locked(run_dir, *args, **kwargs):
+        with run_lock(run_dir):
+            return fn(run_dir, *args, **kwargs)
+    return locked
+
+
+@_holding_run_lock
 def fit(run_dir: Path, cfg: dict, seed: int, *, build_model: Callable[[], torch.nn.Module],
         steps_per_epoch: int, batches: Callable[[int, torch.Generator], Iterable],
         forward: Callable[[torch.nn.Module, Any], tuple], loss_fn: Callable,
         validate: Callable[[torch.nn.Module], tuple[float, dict] | None], mode: str = "max", resume: bool = False,
         stop_after_epochs: int | None = None, backend: str = "auto", progress: bool = True,
-        label: str = "") -> dict:
+        label: str = "", figure_title: str = "") -> dict:
     """Train ``model`` into ``run_dir`` with the subset objectives; the epoch loop of both recipes.
 
     Args:
@@ -422,9 +687,12 @@ def fit(run_dir: Path, cfg: dict, seed: int, *, build_model: Callable[[], torch.
         resume: continue from ``run_dir/last.pt`` when it exists (verified to hold this config and seed), else
             start; without it an existing ``last.pt`` is refused.
         stop_after_epochs: end this invocation after that many epochs (a time-limited job).
+        progress: tqdm bars; figure_title: prefix of the dominance figure's title (the data provenance).
 
-    Every epoch writes ``last.pt`` atomically: model, optimizer, schedule, GMD, generators, global RNGs, history,
-    config and seed, so a resumed run is bit-identical on CPU to an uninterrupted one.
+    The run holds the folder's lock (`run_lock`) throughout. Every epoch writes ``last.pt`` atomically: model,
+    optimizer, schedule, GMD, generators, global RNGs, history, config and seed, so a resumed run is bit-identical
+    on CPU to an uninterrupted one; a resumed checkpoint is checked (epoch within the run, step = epoch x
+    steps_per_epoch, one history record per epoch) and a damaged one is a ValueError naming the file.
 
     Returns:
         ``{"finished", "checkpoint" (best.pt, or last.pt without validation), "epoch", "history",
@@ -435,6 +703,8 @@ def fit(run_dir: Path, cfg: dict, seed: int, *, build_model: Callable[[], torch.
     last, best_path = run_dir / "last.pt", run_dir / "best.pt"
     if last.exists() and not resume:
         raise FileExistsError(f"{last} exists: pass --resume to continue that run, or choose another --out")
+    if cfg["gmd"] and cfg["monitor"]:
+        require_module("matplotlib", "the dominance plot of a GMD run (config monitor: true)")
     seed_everything(seed)
     model = build_model()
     modalities = tuple(model.modalities)
@@ -443,22 +713,16 @@ def fit(run_dir: Path, cfg: dict, seed: int, *, build_model: Callable[[], torch.
         opt, lr_lambda(cfg["lr_schedule"], cfg["epochs"] * steps_per_epoch, cfg["warmup_steps"]))
     gens = {"data": torch.Generator().manual_seed(seed), "subsets": torch.Generator().manual_seed(seed + 1)}
     state = {"epoch": 0, "step": 0, "history": [], "best_score": None, "best_epoch": None}
-    if resume and last.exists():
-        ck = load_matching(last, cfg, seed)
-        truncate_csv(run_dir / "monitor.csv", ck["step"])
+    monitor_csv = run_dir / "monitor.csv"
     monitor = None
     if cfg["gmd"] and cfg["monitor"]:
-        monitor = DominanceMonitor(run_dir / "monitor.csv", objective_names=[s.name for s in subsets(modalities)],
+        monitor = DominanceMonitor(monitor_csv, objective_names=[s.name for s in subsets(modalities)],
                                    modalities=modalities)
     step_fn = Step(opt, cfg, seed, backend=backend, monitor=monitor)
     if resume and last.exists():
-        model.load_state_dict(ck["model"])
-        step_fn.load_state_dict(ck["step_state"])
-        sched.load_state_dict(ck["scheduler"])
-        for k, g in gens.items():
-            g.set_state(ck["generators"][k])
-        set_rng_state(ck["rng"])
-        state = {k: ck[k] for k in state}
+        ck = load_matching(last, cfg, seed)
+        state = _restore(last, ck, cfg, steps_per_epoch, model, step_fn, sched, gens)
+        truncate_csv(monitor_csv, state["step"])
 
     end = cfg["epochs"] if stop_after_epochs is None else min(cfg["epochs"], state["epoch"] + stop_after_epochs)
     better = (lambda a, b: a > b) if mode == "max" else (lambda a, b: a < b)
@@ -506,39 +770,80 @@ def fit(run_dir: Path, cfg: dict, seed: int, *, build_model: Callable[[], torch.
     if finished:
         write_json(run_dir / "history.json", state["history"])
     if monitor is not None and monitor.steps:
-        monitor.plot(run_dir / "dominance.png")
+        # From the whole CSV, so a resumed run's figure covers every step, not only those since the resume.
+        plot_monitor_csv(monitor_csv, run_dir / "dominance.png", title=figure_title)
     return {"finished": finished, "checkpoint": best_path if state["best_epoch"] is not None else last,
             "epoch": state["epoch"], "history": state["history"], "best_epoch": state["best_epoch"],
             "best_score": state["best_score"], "model": model}
 
 
 # ----------------------------------------------------------------------------------------------- reports
+STAND_INS = ("phantom", "synthetic")  # data kinds generated by gmd_ext, never comparable with published results
+
+
 def data_note(kind: str, benchmark: str) -> str:
-    """The report line that says where the numbers come from and what they may be compared with."""
-    if kind == "real":
-        return f"data source: **real** {benchmark} data."
-    return (f"data source: **{kind}** stand-in data generated by gmd_ext, not {benchmark}. These numbers check "
-            f"the pipeline and compare GMD with joint training on the same data; they are **not comparable** with "
-            f"published {benchmark} results.")
+    """The report line that says where the numbers come from and what they may be compared with.
+
+    ``kind``: ``"phantom"`` / ``"synthetic"`` (stand-ins generated by gmd_ext) or the name of the real data set as
+    decided from its layout (``"BraTS 2018-2021"``, ``"BraTS 2023 GLI"``, ``"MSD Task01"``, ``"CMU-MOSI"``...);
+    ``benchmark``: the data set of the paper's numbers.
+    """
+    if kind in STAND_INS:
+        return (f"data source: **{kind}** stand-in data generated by gmd_ext, not {benchmark}. These numbers check "
+                f"the pipeline and compare GMD with joint training on the same data; they are **not comparable** "
+                f"with published {benchmark} results.")
+    note = f"data source: **{kind}** data (decided from the data's layout)"
+    return note + ("." if kind == benchmark else f"; the paper's numbers are on {benchmark}.")
+
+
+def data_label(kind: str, benchmark: str) -> str:
+    """The short provenance every figure carries in its title, e.g. ``phantom data, not BraTS 2018``."""
+    return f"{kind} data, not {benchmark}" if kind in STAND_INS else f"{kind} data"
+
+
+def plural(n: int, word: str, words: str | None = None) -> str:
+    """``1 epoch``, ``2 epochs`` (``words``: an irregular plural)."""
+    return f"{n} {word if n == 1 else words or word + 's'}"
+
+
+# Below this many paired units (test cases, samples) a bootstrap interval is too unreliable to carry a verdict on
+# its own: BCa intervals under-cover at the 4-20 test cases small runs have, and percentile ones more so.
+LOW_POWER_UNITS = 10
+BOOTSTRAP_METHODS = ("BCa", "percentile")
 
 
 def bootstrap_interval(stat: Callable[[np.ndarray], np.ndarray], n: int, *, n_boot: int = 2000, seed: int = 0,
-                       level: float = 0.95) -> tuple[float, float]:
-    """Percentile bootstrap interval of a statistic over ``n`` paired units (cases, samples).
+                       level: float = 0.95, method: str = "BCa") -> tuple[float, float]:
+    """Bootstrap confidence interval of a statistic over ``n`` paired units (cases, samples):
+    ``scipy.stats.bootstrap`` resampling the unit indices, BCa by default (``method="percentile"`` on request).
 
-    ``stat(idx)`` takes an int array ``[n_boot, n]`` of resampled unit indices and returns ``[n_boot]`` values
-    (e.g. the mean GMD - joint difference over the resampled units). Seeded: the same call gives the same interval.
-    Fewer than 2 units carry no information about the spread: the interval is then (nan, nan).
+    ``stat(idx)`` takes an int array ``[B, m]`` of unit indices (B resamples of m units; the BCa jackknife passes
+    ``m = n - 1``) and returns ``[B]`` values (e.g. the mean GMD - joint difference over those units). Seeded: the
+    same call gives the same interval. Fewer than 2 units carry no information about the spread: (nan, nan); a
+    statistic that is the same on every resample (two identical runs) gives that value as both ends.
     """
+    from scipy import stats
+
+    if method not in BOOTSTRAP_METHODS:
+        raise ValueError(f"bootstrap method must be one of {BOOTSTRAP_METHODS}, got {method!r}")
     if n < 2:
         return math.nan, math.nan
-    idx = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
-    values = np.asarray(stat(idx), dtype=np.float64)
-    values = values[np.isfinite(values)]
-    if values.size == 0:
-        return math.nan, math.nan
-    a = (1 - level) / 2
-    return float(np.quantile(values, a)), float(np.quantile(values, 1 - a))
+
+    def statistic(idx, axis=-1):
+        idx = np.asarray(idx)
+        return np.asarray(stat(idx.reshape(-1, idx.shape[-1])), dtype=np.float64).reshape(idx.shape[:-1])
+
+    with warnings.catch_warnings():
+        # A degenerate distribution (identical runs) is handled below; scipy's warning would only repeat it.
+        warnings.simplefilter("ignore", stats.DegenerateDataWarning)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            res = stats.bootstrap((np.arange(n),), statistic, vectorized=True, n_resamples=n_boot,
+                                  confidence_level=level, method=method, rng=np.random.default_rng(seed))
+    lo, hi = float(res.confidence_interval.low), float(res.confidence_interval.high)
+    dist = res.bootstrap_distribution
+    if not (math.isfinite(lo) and math.isfinite(hi)) and np.isfinite(dist).all() and np.ptp(dist) == 0:
+        return float(dist[0]), float(dist[0])
+    return lo, hi
 
 
 # Differences below the reports' 4-decimal precision count as no difference (float noise of two equal models).
@@ -553,11 +858,14 @@ def verdict(lo: float, hi: float, higher_is_better: bool) -> str:
     return "GMD better" if gmd_better else "joint better"
 
 
-def comparison_markdown(rows: list[dict], *, n: int, unit: str, detail: str = "", level: float = 0.95) -> str:
+def comparison_markdown(rows: list[dict], *, n: int, unit: str, detail: str = "", level: float = 0.95,
+                        method: str = "BCa") -> str:
     """Table of paired differences. ``rows``: dicts with combination, metric, joint, gmd, diff, lo, hi,
-    higher_is_better; ``n`` units (e.g. 4 "test cases") were resampled. Ends with a plain count of the cells where
-    GMD and joint are not distinguishable."""
+    higher_is_better; ``n`` units (e.g. 4 "test cases") were resampled (``method``: the bootstrap's). Ends with a
+    plain count of the cells where GMD and joint are not distinguishable; under ``LOW_POWER_UNITS`` units every
+    verdict is flagged low-powered."""
     pct = f"{round(level * 100)}%"
+    low = n < LOW_POWER_UNITS
     lines = [f"| combination | metric | joint | GMD | GMD − joint | {pct} interval | verdict |",
              "|---|---|---|---|---|---|---|"]
     counts: dict[str, int] = {}
@@ -565,25 +873,33 @@ def comparison_markdown(rows: list[dict], *, n: int, unit: str, detail: str = ""
         v = verdict(r["lo"], r["hi"], r["higher_is_better"])
         counts[v] = counts.get(v, 0) + 1
         ci = f"[{r['lo']:+.4f}, {r['hi']:+.4f}]" if math.isfinite(r["lo"]) else "n/a"
+        shown = f"{v} (low-powered)" if low and v != "not distinguishable" else v
         lines.append(f"| {r['combination']} | {r['metric']} | {r['joint']:.4f} | {r['gmd']:.4f} | {r['diff']:+.4f} | "
-                     f"{ci} | {v} |")
+                     f"{ci} | {shown} |")
     nd = counts.get("not distinguishable", 0)
-    how = (f"{pct} percentile bootstrap over the {n} {unit} (2000 resamples, paired: both runs scored on the same "
-           f"resampled {unit}{detail})" if n >= 2 else f"none: {n} {unit} cannot estimate the spread")
+    units = unit if n != 1 else unit.rstrip("s")
+    how = (f"{pct} {method} bootstrap (scipy.stats.bootstrap) over the {n} {units} (2000 resamples, paired: both "
+           f"runs scored on the same resampled {units}{detail})" if n >= 2
+           else f"none: {n} {units} cannot estimate the spread")
     summary = (f"Intervals: {how}. A difference counts when its interval excludes 0 by more than the tables' "
                f"precision ({RESOLUTION:g}). **GMD and joint training are not distinguishable in {nd} of "
                f"{len(rows)} cells**; GMD better in {counts.get('GMD better', 0)}, joint better in "
                f"{counts.get('joint better', 0)}.")
     if nd == len(rows):
         summary += " On this data the comparison shows no difference between the two."
+    if low:
+        summary = (f"**Low-powered: {n} {units} (fewer than {LOW_POWER_UNITS}).** Bootstrap intervals over so few "
+                   f"units under-cover, and many cells are compared at once: read any verdict as a hint to check on "
+                   f"more data, not as a finding. " + summary)
     return "\n".join(lines) + "\n\n" + summary + "\n"
 
 
 def plot_per_combination(path: Path, runs: dict, metrics: Sequence[str], *, title: str,
-                         errors: dict | None = None, ylim: tuple | None = None) -> None:
-    """Bars per modality combination, one panel per metric, one colour per run.
+                         errors: dict | None = None, ylim: tuple | dict | None = None, rows: int = 1) -> None:
+    """Bars per modality combination, one panel per metric (on ``rows`` rows), one colour per run.
 
-    ``runs``: {label: {combination: {metric: value}}}; ``errors`` the same shape (error bars) or None.
+    ``runs``: {label: {combination: {metric: value}}}; ``errors`` the same shape (error bars) or None; ``ylim`` one
+    (low, high) for every panel or {metric: (low, high)}. ``title`` should say which data the numbers are on.
     """
     import matplotlib
 
@@ -591,10 +907,11 @@ def plot_per_combination(path: Path, runs: dict, metrics: Sequence[str], *, titl
     import matplotlib.pyplot as plt
 
     names = list(next(iter(runs.values())))
-    fig, axes = plt.subplots(1, len(metrics), figsize=(6 * len(metrics), 5), squeeze=False)
+    cols = math.ceil(len(metrics) / rows)
+    fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 5 * rows), squeeze=False)
     width = 0.8 / len(runs)
     pos = np.arange(len(names))
-    for ax, metric in zip(axes[0], metrics):
+    for ax, metric in zip(axes.flat, metrics):
         for j, (label, per) in enumerate(runs.items()):
             err = [errors[label][n][metric] for n in names] if errors else None
             ax.bar(pos + (j - (len(runs) - 1) / 2) * width, [per[n][metric] for n in names], width, yerr=err,
@@ -603,10 +920,13 @@ def plot_per_combination(path: Path, runs: dict, metrics: Sequence[str], *, titl
         ax.set_xlabel("modalities present at test time")
         ax.set_ylabel(metric)
         ax.set_xticks(pos, names, rotation=90, fontsize=8)
-        if ylim:
-            ax.set_ylim(*ylim)
+        limits = ylim.get(metric) if isinstance(ylim, dict) else ylim
+        if limits:
+            ax.set_ylim(*limits)
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=8)
+    for ax in list(axes.flat)[len(metrics):]:
+        ax.set_visible(False)
     fig.suptitle(title)
     fig.tight_layout()
     save_figure(fig, path)

@@ -131,8 +131,13 @@ def test_report_lists_all_15_combinations(data, tmp_path):
     assert [r.split(" | ")[0][2:] for r in rows[:15]] == names and "mean over combinations" in rows[15]
     # A reader learns what WT/TC/ET are, where the data came from, and what the dominance plot shows.
     assert "WT (whole tumour" in report and "TC (tumour core" in report and "ET (enhancing tumour)" in report
-    assert "data source: **real**" in report  # these NIfTI cases were not written by the phantom generator
+    # These NIfTI cases were not written by the phantom generator: the release is decided from their layout.
+    assert "data source: **BraTS 2018-2021** data (decided from the data's layout)" in report
     assert "[dominance.png](dominance.png)" in report and "(dice_test.png)" in report
+    # HD95 beside Dice, per region and combination, with its definition, unit and the header's voxel size.
+    assert "| WT Dice | TC Dice | ET Dice | WT HD95 (mm) | TC HD95 (mm) | ET HD95 (mm) |" in report
+    assert "MONAI's definition" in report and "(1 x 1 x 1 mm)" in report and "373.129 mm" in report
+    assert "(1 case: no spread)" in report and "± 0.0000" not in report  # one test case has no spread
     metrics = json.loads((run / "metrics_test.json").read_text())
     assert list(metrics["combinations"]) == names
     assert metrics["split"] == "test" and metrics["cases"] == json.loads((run / "splits.json").read_text())["test"]
@@ -144,6 +149,11 @@ def test_report_lists_all_15_combinations(data, tmp_path):
             assert 0.0 <= min(vals) <= max(vals) <= 1.0
     assert summary["mean"]["WT"] == pytest.approx(np.mean([metrics["combinations"][n]["WT"]["mean"]
                                                             for n in names]))
+    from gmd_ext.metrics import brats_hd95
+    case = metrics["cases"][0]
+    assert set(metrics["per_case_hd95"]["flair"][case]) == {"WT", "TC", "ET"}
+    assert metrics["spacing"][case] == [1.0, 1.0, 1.0]
+    assert brats_hd95(torch.zeros(4, 4, 4, dtype=torch.uint8), torch.zeros(4, 4, 4, dtype=torch.uint8))["ET"] == 0
     assert (run / "dice_test.png").stat().st_size > 0
     table = brats.compare([run, run], tmp_path / "cmp")
     assert all(n in table for n in names) and (tmp_path / "cmp" / "comparison.png").is_file()
@@ -194,7 +204,9 @@ def test_paired_comparison_of_joint_and_gmd(data, tmp_path):
     text = brats.compare(runs, tmp_path / "cmp")
     assert "## Paired differences (GMD − joint)" in text and "Intervals: none: 1 test case cannot estimate the spread" in text
     rows = [line for line in text.split("## Paired differences")[1].splitlines() if line.startswith("| ")][1:]
-    assert len(rows) == 16 * 3  # 15 combinations + their mean, x WT/TC/ET
+    assert len(rows) == 16 * 3 * 2  # 15 combinations + their mean, x WT/TC/ET, x Dice/HD95
+    assert [r.split(" | ")[1] for r in rows[48:51]] == ["WT HD95 (mm)", "TC HD95 (mm)", "ET HD95 (mm)"]
+    assert "**Low-powered: 1 test case (fewer than 10).**" in text  # a verdict over 1 case is flagged
     j = json.loads((runs[0] / "metrics_test.json").read_text())
     g = json.loads((runs[1] / "metrics_test.json").read_text())
     wt = rows[0].split(" | ")
@@ -202,7 +214,7 @@ def test_paired_comparison_of_joint_and_gmd(data, tmp_path):
     assert float(wt[4]) == pytest.approx(g["combinations"]["flair"]["WT"]["mean"] - j["combinations"]["flair"]["WT"]
                                          ["mean"], abs=1e-4)
     # One case cannot estimate a spread: no interval, so nothing is called a difference.
-    assert "not distinguishable in" in text and "data source: **real**" in text
+    assert "not distinguishable in" in text and "data source: **BraTS 2018-2021**" in text
 
 
 def test_demo_data_folder_that_is_not_a_phantom_set(tmp_path):
@@ -214,7 +226,7 @@ def test_demo_data_folder_that_is_not_a_phantom_set(tmp_path):
 def test_start_up_checks_name_the_fix(monkeypatch, capsys):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "nilearn" else real(name, *a))
-    with pytest.raises(SystemExit, match=r'nilearn.*pip install "gmd-ext\[brats\]"'):
+    with pytest.raises(SystemExit, match=r'nilearn.*pip install "\.\[brats\]"'):
         brats.main(["demo", "--quick"])
     monkeypatch.setattr(recipe._backend, "CPP_LOADED", False)
     monkeypatch.setattr(recipe._backend, "CPP_REASON", "the C++ extension gmd_ext._C is not built; rebuild with X")

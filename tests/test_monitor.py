@@ -153,3 +153,34 @@ def test_skipped_nan_step_is_logged_but_not_plotted(tmp_path):
     assert row["skipped"] == 1 and mon.steps == 1
     with pytest.raises(ValueError, match="no steps with finite gradients"):
         mon.plot(tmp_path / "x.png")
+
+
+@pytest.mark.parametrize("k", [None, 3])
+def test_figure_redrawn_from_the_csv_equals_the_live_one(tmp_path, k):
+    # A resumed run plots from the whole monitor.csv: the replayed accumulators must equal the live monitor's.
+    path = tmp_path / "m.csv"
+    live = DominanceMonitor(path, objective_names=[s.name for s in subsets(MODS)], modalities=MODS)
+    run_steps(live, steps=5, k=k)
+    again = DominanceMonitor.from_csv(path)
+    assert again.steps == live.steps == 5 and again.objective_names == live.objective_names
+    assert again.modalities == MODS
+    for a, b in ((again._cos_sum, live._cos_sum), (again._cos_after_sum, live._cos_after_sum),
+                 (again._cos_count, live._cos_count)):
+        torch.testing.assert_close(torch.as_tensor(a), torch.as_tensor(b), rtol=1e-5, atol=1e-5)
+    assert (again._hist_before == live._hist_before).all() and (again._hist_after == live._hist_after).all()
+    from gmd_ext.gmd.monitor import _main, plot_csv
+    plot_csv(path, tmp_path / "d.png", title="synthetic data")
+    assert (tmp_path / "d.png").stat().st_size > 0
+    assert _main([str(path), "--out", str(tmp_path / "cli.png")]) == 0 and (tmp_path / "cli.png").is_file()
+    path.write_text(path.read_text().replace(",", ";", 1))
+    with pytest.raises(ValueError, match=r"m\.csv: not a readable DominanceMonitor CSV"):
+        DominanceMonitor.from_csv(path)
+
+
+def test_plot_without_matplotlib_names_the_package(tmp_path, monkeypatch):
+    import sys
+    mon = DominanceMonitor(modalities=MODS)
+    run_steps(mon, steps=1)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    with pytest.raises(ImportError, match=r"DominanceMonitor\.plot needs matplotlib.*pip install matplotlib"):
+        mon.plot(tmp_path / "x.png")

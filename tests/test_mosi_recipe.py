@@ -84,7 +84,7 @@ def test_end_to_end_and_resume_equals_uninterrupted(mosi, tmp_path):
     assert (tmp_path / "full" / "mosi_gmd" / "seed0" / "dominance.png").is_file()
     # The paired comparison: every combination x metric, a bootstrap interval, a plain verdict.
     comparison = (tmp_path / "full" / "comparison.md").read_text()
-    assert "percentile bootstrap over the 16 test samples" in comparison and "not distinguishable in" in comparison
+    assert "BCa bootstrap (scipy.stats.bootstrap) over the 16 test samples" in comparison and "not distinguishable in" in comparison
     rows = on_disk["paired"]
     assert len(rows) == 7 * 4
     for row in rows:
@@ -126,7 +126,7 @@ def test_refuses_to_clobber_or_resume_with_other_settings(mosi, tmp_path):
     assert (tmp_path / "metrics.json").read_bytes() == before
     with pytest.raises(ValueError, match=r"settings differ.*\['configs'\]"):
         mosi.main(_argv(tmp_path, *joint, "--resume", "--lr", "0.01"))
-    with pytest.raises(ValueError, match="subsets_per_step must be 0"):
+    with pytest.raises(ValueError, match=r"mosi_joint\.json: config key 'subsets_per_step' must be int in \[0, 7\], got 8"):
         mosi.main(_argv(tmp_path / "x", *joint, "--subsets", "8"))
     summary = mosi.main(_argv(tmp_path, *joint, "--seeds", "1", "--overwrite"))
     assert summary["seeds"] == [1] and not (tmp_path / "mosi_joint" / "seed0" / "last.pt").exists()

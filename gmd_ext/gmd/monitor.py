@@ -4,7 +4,10 @@
 a `GMD.backward` info). Per step it records the per-objective losses and gradient norms, the cosine matrix,
 the number of conflicting pairs, the projection coefficients and — when objectives are modality subsets — a
 per-modality dominance score; it writes them to CSV, optionally to TensorBoard, and `plot()` draws the paper's
-Fig. 3 (cosine heat map and angle histogram, before vs after projection).
+Fig. 3 (cosine heat map and angle histogram, before vs after projection). The figure can be drawn again from a
+saved CSV — all of a resumed run's steps, say — with `plot_csv` or from a shell::
+
+    python -m gmd_ext.gmd.monitor runs/brats_gmd/monitor.csv --out dominance.png
 
 Dominance score of modality m (needs the full set among the step's objectives): with g_F the full-set
 gradient and g_S the gradient of subset S,
@@ -18,6 +21,8 @@ no proper subset containing m this step). Read from Γ alone: free.
 """
 from __future__ import annotations
 
+import argparse
+import csv
 import math
 import os
 from collections.abc import Sequence
@@ -179,13 +184,69 @@ class DominanceMonitor:
         with open(self.path, "a") as f:
             f.write(line)
 
+    @classmethod
+    def from_csv(cls, path: str | os.PathLike) -> "DominanceMonitor":
+        """A monitor holding every step recorded in a CSV written by a DominanceMonitor (for `plot`; it writes
+        nothing). The cosines and coefficients of each row rebuild the step's Γ and A, so the figure equals the
+        one the live monitor would draw over the same steps.
+
+        Raises:
+            ValueError: the file is not such a CSV or a row is damaged; the message names the file and line.
+        """
+        path = os.fspath(path)
+        try:
+            with open(path, newline="", encoding="utf-8") as f:
+                reader = csv.DictReader(f)
+                fields = reader.fieldnames or []
+                names = [c[len("loss/"):] for c in fields if c.startswith("loss/")]
+                mods = [c[len("dominance/"):] for c in fields if c.startswith("dominance/")]
+                if not fields or fields[0] != "step" or not names:
+                    raise ValueError("no 'step' column first, or no loss/<objective> columns")
+                monitor = cls(None, names, mods or None)
+                for line, row in enumerate(reader, 2):
+                    try:
+                        monitor._replay(row)
+                    except (KeyError, TypeError, ValueError) as e:
+                        raise ValueError(f"line {line}: {type(e).__name__}: {e}") from None
+        except (OSError, UnicodeDecodeError, csv.Error, ValueError) as e:
+            raise ValueError(f"{path}: not a readable DominanceMonitor CSV ({e})") from None
+        return monitor
+
+    def _replay(self, row: dict) -> None:
+        on = self.objective_names
+        cols = [i for i, n in enumerate(on) if row[f"norm/{n}"] != ""]
+        K, T = len(cols), len(on)
+        norms = torch.tensor([float(row[f"norm/{on[i]}"]) for i in cols], dtype=torch.float64)
+        cos, A = torch.eye(K, dtype=torch.float64), torch.zeros(K, K, dtype=torch.float64)
+        for a in range(K):
+            for b in range(K):
+                if a < b:
+                    cos[a, b] = cos[b, a] = float(row[f"cos/{on[cols[a]]}|{on[cols[b]]}"])
+                A[a, b] = float(row[f"coef/{on[cols[a]]}|{on[cols[b]]}"])
+        gram = cos * norms[:, None] * norms[None, :]
+        if bool(torch.isfinite(gram).all()) and bool(torch.isfinite(A).all()):
+            proj = ProjectionInfo(gram.float(), A.float())
+            self._accumulate(cols, proj.cosines, proj.projected_cosines, proj.norms, K, T)
+        self.steps += 1
+
     # ------------------------------------------------------------------ plotting
-    def plot(self, path: str | os.PathLike) -> None:
+    def plot(self, path: str | os.PathLike, title: str = "") -> None:
         """Save a PNG: mean cosine matrix before / after projection over the recorded steps, and the histogram
-        of pairwise gradient angles before vs after projection (the paper's Fig. 3)."""
+        of pairwise gradient angles before vs after projection (the paper's Fig. 3). ``title``: a line above the
+        panels (e.g. the data the run trained on).
+
+        Raises:
+            ImportError: matplotlib is not installed (named, with the pip command).
+            ValueError: no step with finite gradients was recorded.
+        """
         if self._cos_sum is None:
             raise ValueError("DominanceMonitor.plot: no steps with finite gradients recorded yet")
-        import matplotlib
+        try:
+            import matplotlib
+        except ImportError:
+            raise ImportError("DominanceMonitor.plot needs matplotlib, which is not installed: pip install "
+                              "matplotlib (the recipes' extras from a checkout include it: pip install "
+                              "\".[brats]\")") from None
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
@@ -213,6 +274,8 @@ class DominanceMonitor:
         axes[2].set_xlabel("angle between objective gradients (degrees)")
         axes[2].set_ylabel("pairs")
         axes[2].legend()
+        if title:
+            fig.suptitle(title)
         fig.tight_layout()
         with atomic_write(path, "wb") as f:
             fig.savefig(f, dpi=100, format="png")
@@ -222,6 +285,11 @@ class DominanceMonitor:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+
+
+def plot_csv(csv_path: str | os.PathLike, png_path: str | os.PathLike, title: str = "") -> None:
+    """Draw the dominance figure of every step in a saved monitor CSV (`DominanceMonitor.from_csv` + `plot`)."""
+    DominanceMonitor.from_csv(csv_path).plot(png_path, title=title)
 
 
 def _names(values, what) -> tuple[str, ...]:
@@ -241,3 +309,19 @@ def _fmt(v) -> str:
     if isinstance(v, float):
         return repr(v)
     return str(v)
+
+
+def _main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m gmd_ext.gmd.monitor",
+                                description="Draw the dominance figure (cosines before/after GMD's projection, angle "
+                                            "histogram) from a monitor.csv written by DominanceMonitor.")
+    p.add_argument("csv", help="monitor.csv")
+    p.add_argument("--out", required=True, help="PNG to write")
+    p.add_argument("--title", default="", help="a line above the panels")
+    args = p.parse_args(argv)
+    plot_csv(args.csv, args.out, title=args.title)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main())

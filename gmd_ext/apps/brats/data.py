@@ -68,7 +68,7 @@ _MAX_ELEMENTS = 1 << 27
 # (int16 to float64 files), an MSD case to ~150 MB; a small gzip file can claim far more (a 5 MB float64 file
 # decompresses to 1 GiB), and every DataLoader worker holds its own case.
 MAX_CASE_BYTES = 1 << 30
-_CHUNK_BYTES = 4 << 20  # files are decompressed and converted in chunks of this size
+_CHUNK_BYTES = 1 << 20  # files are decompressed and converted in chunks of this size
 _MAX_JSON_BYTES = 64 << 20
 
 
@@ -304,7 +304,7 @@ def _stream(path: Path, img, count: int):
 
     proxy = img.dataobj
     dtype, slope, inter = proxy.dtype, float(proxy.slope), float(proxy.inter)
-    per_chunk = max(1, _CHUNK_BYTES // dtype.itemsize)
+    per_chunk = _CHUNK_BYTES // 8  # elements: even a float64 / int64 copy of a chunk stays within the budget
     done = 0
     try:
         with ImageOpener(str(path), "rb") as f:
