@@ -62,6 +62,7 @@ class FSDP2(Comm):
             raise ValueError(f"GMD on an FSDP2 model supports a 1-D device mesh (fully sharded), got a "
                              f"{mesh.ndim}-D mesh (HSDP)")
         self.group = mesh.get_group()
+        adopt(params)
 
     @property
     def scale(self) -> float:
@@ -83,6 +84,51 @@ class FSDP2(Comm):
         gram = gram.contiguous()
         self._run(lambda: torch.distributed.all_reduce(gram, group=self.group))
         return gram
+
+
+def _managed(params) -> list:
+    """(module, its FSDPParams among `params`) for every FSDP2-managed module holding some of `params`."""
+    from torch.distributed import _composable_state
+    from torch.distributed.fsdp import FSDPModule
+
+    ids = {id(p) for p in params}
+    out = []
+    for module in list(_composable_state._module_state_mapping.keys()):
+        if not isinstance(module, FSDPModule):
+            continue
+        group = module._get_fsdp_state()._fsdp_param_group
+        held = [fp for fp in (group.fsdp_params if group is not None else ()) if id(fp.sharded_param) in ids]
+        if held:
+            out.append((module, held))
+    return out
+
+
+def adopt(params) -> None:
+    """Make a fully_shard model ready for GMD, with nothing for the user to do:
+
+    - `forward_branches` (the library's DS models, DynamicSharing) is registered as an FSDP forward method, so
+      FSDP all-gathers the parameters around it as it does around `forward` (otherwise its convolutions see
+      sharded DTensors);
+    - the modality declarations are re-read: fully_shard replaces every parameter by a new DTensor parameter,
+      which does not carry the old one's declaration (gmd_ext.ops.ds_ops); each module's `_declare()` (the DS
+      layers, the library's models, converted networks) declares its current parameters again, and the rule of
+      the parameter a module holds by each name is copied onto the sharded parameter the optimizer steps."""
+    from torch.distributed.fsdp import register_fsdp_forward_method
+
+    from gmd_ext.ops.ds_ops import MODALITY_ATTR
+
+    for module, held in _managed(params):
+        # register_fsdp_forward_method patches the instance: an instance attribute means it was registered.
+        if hasattr(module, "forward_branches") and "forward_branches" not in vars(module):
+            register_fsdp_forward_method(module, "forward_branches")
+        for m in module.modules():
+            if callable(getattr(m, "_declare", None)):
+                m._declare()
+        for fp in held:
+            current = getattr(fp._module_info.module, fp._module_info.param_name)
+            rule = getattr(current, MODALITY_ATTR, None)
+            if rule is not None and current is not fp.sharded_param:
+                setattr(fp.sharded_param, MODALITY_ATTR, rule)
 
 
 class ShardedGrads(RowState):

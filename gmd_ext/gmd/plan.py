@@ -159,6 +159,8 @@ def compose(params, *, source, comm, aggregator, strategy, memory, ddp_module, p
     kind = "gmd" if isinstance(aggregator, GMDProjection) else "weighting"
     plan = resolve(source.name, requested, kind, sharded=sharded, group=comm.group is not None or
                    isinstance(comm, (comm_.AllReduce, comm_.ReduceScatter)), numel=sum(p.numel() for p in params))
+    if plan.source != source.name:  # an auto choice the rules made
+        source = sources.as_source(plan.source)
     return source, comm, aggregator, plan
 
 

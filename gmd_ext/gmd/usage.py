@@ -108,16 +108,34 @@ def membership(subsets) -> torch.Tensor | None:
 def _parts(p, rule, n):
     """(sizes, modality index or -1, always shared) of parameter p's segments (n: its local element count)."""
     if rule[0] == "dim":
-        if n != p.numel():
-            raise ValueError(f"a parameter of shape {tuple(p.shape)} is declared modality-specific along dim "
-                             f"{rule[1]} but is sharded ({n} of its {p.numel()} elements are local: FSDP2); "
-                             f"per-modality slices of sharded parameters are not supported — declare it "
-                             f"specific={{p: True}} or keep it unsharded")
         count = p.shape[rule[1]]
-        return [n // count] * count, list(range(count)), False
+        if n == p.numel():
+            return [n // count] * count, list(range(count)), False
+        # An FSDP2 shard: whole modality slices when it is sharded along the declared dim; the slices held by
+        # other ranks are empty here, so every rank has the same segments (their norms are summed over ranks).
+        first, rows = _local_slices(p, rule[1], n)
+        per = p.numel() // count
+        return [per if first <= j < first + rows else 0 for j in range(count)], list(range(count)), False
     if rule[0] == "modality":
         return [n], [rule[1]], False
     return [n], [-1], rule == ("shared",)
+
+
+def _local_slices(p, d: int, n: int) -> tuple[int, int]:
+    """(first, count) of the slices along dim d that this rank's shard of the DTensor p holds (n elements)."""
+    placements = getattr(p, "placements", None)
+    shard_dim = getattr(placements[0], "dim", None) if placements and len(placements) == 1 else None
+    if shard_dim != d:
+        raise ValueError(f"a parameter of shape {tuple(p.shape)} is declared modality-specific along dim {d} but "
+                         f"is sharded ({n} of its {p.numel()} elements are local: FSDP2) along "
+                         f"{'dim ' + str(shard_dim) if shard_dim is not None else placements}; per-modality "
+                         f"slices of sharded parameters need the shards cut along the declared dim (FSDP2's "
+                         f"default Shard(0) with the modality dim first) — declare it specific={{p: True}} or keep "
+                         f"it unsharded")
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    return offset[d], shape[d]
 
 
 class Segments:
