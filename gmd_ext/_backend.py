@@ -11,7 +11,6 @@ import importlib.metadata
 import importlib.util
 import json
 import os
-import sys
 import warnings
 from pathlib import Path
 
@@ -46,14 +45,6 @@ def _shadowed_install() -> str | None:
     return None
 
 
-def _import_library(path: str):
-    """Load the compiled library at `path` as the module gmd_ext._C (which registers the torch.ops.gmd_ext ops)."""
-    spec = importlib.util.spec_from_file_location("gmd_ext._C", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    sys.modules["gmd_ext._C"] = module
-
-
 def _why_not_checkout(record: dict | None, built: bool) -> str:
     if built:
         return (f"gmd_ext._C in {PACKAGE_DIR} was built against torch {record['torch']} but torch "
@@ -75,9 +66,9 @@ def _load_extension() -> tuple[bool, str | None, dict | None, str | None]:
     record = _read_record(PACKAGE_DIR) if spec is not None else None
     # Check the build record before loading: a library built against another torch fails with undefined symbols
     # (or worse, loads and misbehaves). One without a record (a build by other means) is tried as it is.
-    if spec is not None and (record is None or record["torch"] == torch.__version__):
+    if spec is not None and spec.origin and (record is None or record["torch"] == torch.__version__):
         try:
-            _import_library(spec.origin)
+            _build.load_library(spec.origin)
         except ImportError as e:
             return False, f"gmd_ext._C ({spec.origin}) failed to load ({e}); rebuild it", record, spec.origin
         return True, None, record, spec.origin
@@ -92,13 +83,15 @@ def _load_extension() -> tuple[bool, str | None, dict | None, str | None]:
                        "GMD_EXT_JIT=0 turns off the build at import; unset it, or install ahead of time: "
                        "`pip install --no-build-isolation --force-reinstall --no-deps <gmd-ext source>`"), record, None
     try:
-        path = _build.build_cached(str(_SOURCES))
+        path, fd = _build.build_cached(str(_SOURCES))
     except (RuntimeError, OSError) as e:  # the message names the build log, or the cache file refused (_build)
         return False, str(e), None, None
     try:
-        _import_library(path)
+        _build.load_library(path, fd)  # through the descriptor whose bytes were checked
     except ImportError as e:
         return False, f"the built gmd_ext._C ({path}) failed to load ({e}); delete its folder to rebuild", None, path
+    finally:
+        os.close(fd)
     return True, None, _read_record(Path(path).parent), path
 
 

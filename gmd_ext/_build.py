@@ -18,6 +18,7 @@ a subprocess) and imports torch only inside functions.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import glob
 import hashlib
@@ -213,12 +214,12 @@ def library_in(folder: str) -> str | None:
     return found[0] if found else None
 
 
-def _untrusted(st: os.stat_result) -> str | None:
-    """Why a file or folder with this status is not the user's own, or None."""
+def _untrusted(st: os.stat_result, *, mode: bool = True) -> str | None:
+    """Why a file or folder with this status is not the user's own (mode: nor private), or None."""
     why = []
     if st.st_uid != os.geteuid():
         why.append(f"owned by uid {st.st_uid}, not by you (uid {os.geteuid()})")
-    if st.st_mode & 0o022:
+    if mode and st.st_mode & 0o022:
         who = " and ".join(w for bit, w in ((0o020, "group"), (0o002, "others")) if st.st_mode & bit)
         why.append(f"writable by {who} (mode {stat.S_IMODE(st.st_mode):o})")
     return " and ".join(why) or None
@@ -229,21 +230,33 @@ _FIX = ("delete it if it is yours (the next import rebuilds into a new private f
         "a folder only you can write (it is created 0700); a shared cache is never trusted")
 
 
-def _check_private_dir(path: str, what: str, *, follow: bool) -> None:
-    """path must be a folder owned by the user and not group/world writable: anyone who can write it can plant a
-    library that `import gmd_ext` runs. follow: the cache root may be a symbolic link (to a private folder); the
-    build folders inside it may not."""
+_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+# O_NONBLOCK: a FIFO put in a file's place must not hang the import (harmless on regular files).
+_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+def _open_private_dir(name: str, shown: str, what: str, *, dir_fd: int | None = None, follow: bool = False) -> int:
+    """Open the folder `name` (relative to dir_fd when given; `shown` is its full path, for messages) and check on
+    the open descriptor that it is a folder of the user's that group and others cannot write: anyone who can write
+    it can plant a library that `import gmd_ext` runs. Returns the descriptor, so that what is opened next
+    relative to it lies in the folder checked, whatever is renamed meanwhile. follow: the cache root may be a
+    symbolic link (to a private folder); the build folders inside it may not. A missing folder raises
+    FileNotFoundError; anything else refused, CacheError."""
     try:
-        st = os.stat(path) if follow else os.lstat(path)
+        fd = os.open(name, _DIR | (0 if follow else os.O_NOFOLLOW), dir_fd=dir_fd)
+    except FileNotFoundError:
+        raise
     except OSError as e:
-        raise CacheError(f"gmd_ext: cannot inspect the kernel {what} {path} ({e})") from e
-    if not stat.S_ISDIR(st.st_mode):
-        raise CacheError(f"gmd_ext: the kernel {what} {path} is not a folder (a symbolic link or a file was put in its "
-                         f"place), so nothing in it is loaded; {_FIX}")
-    why = _untrusted(st)
+        if e.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise CacheError(f"gmd_ext: the kernel {what} {shown} is not a folder (a symbolic link or a file was put "
+                             f"in its place), so nothing in it is loaded; {_FIX}") from e
+        raise CacheError(f"gmd_ext: cannot open the kernel {what} {shown} ({e})") from e
+    why = _untrusted(os.fstat(fd))
     if why:
-        raise CacheError(f"gmd_ext: the kernel {what} {path} is {why}: another user could plant a library in it that "
-                         f"`import gmd_ext` would run, so it is not used; {_FIX}")
+        os.close(fd)
+        raise CacheError(f"gmd_ext: the kernel {what} {shown} is {why}: another user could plant a library in it "
+                         f"that `import gmd_ext` would run, so it is not used; {_FIX}")
+    return fd
 
 
 def _private_root(root: str) -> None:
@@ -258,60 +271,99 @@ def _private_root(root: str) -> None:
     except OSError as e:
         raise CacheError(f"gmd_ext: cannot create the kernel cache folder {root} ({e}); set GMD_EXT_CACHE_DIR to a "
                          f"folder you can write") from e
-    _check_private_dir(root, "cache folder", follow=True)
+    try:
+        os.close(_open_private_dir(root, root, "cache folder", follow=True))
+    except FileNotFoundError as e:  # a dangling link
+        raise CacheError(f"gmd_ext: the kernel cache folder {root} does not exist ({e})") from e
 
 
 def _open_lock(path: str) -> int:
     """Open (create 0600) a lock file without following a symbolic link and without truncating: a planted link
     must neither redirect nor clobber its target. Returns the descriptor."""
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
     except OSError as e:
         what = "is a symbolic link, which is never followed" if e.errno == errno.ELOOP else f"cannot be opened ({e})"
         raise CacheError(f"gmd_ext: the kernel build lock {path} {what}; delete it to build or load the kernels") from e
     st = os.fstat(fd)
-    why = "not a regular file" if not stat.S_ISREG(st.st_mode) else _untrusted(st)
+    why = "not a regular file" if not stat.S_ISREG(st.st_mode) else _untrusted(st, mode=False)
     if why:
         os.close(fd)
         raise CacheError(f"gmd_ext: the kernel build lock {path} is {why}; delete it to build or load the kernels")
     return fd
 
 
-def cached_library(folder: str) -> str | None:
-    """The library of the cached build in `folder` (a build folder, checked to be the user's own), or None when
-    it holds none (an interrupted copy). Loaded only when it is the library its build recorded: a regular file of
-    the user's whose size and SHA-256 match the record beside it. Checked before it is loaded, as a truncated
-    library is mapped past its end and kills the process with SIGBUS. Raises CacheError otherwise."""
-    lib = library_in(folder)
-    if lib is None:
-        return None
+def cached_library(root: str, build: str) -> tuple[str, int] | None:
+    """The library of the build folder `build` (a path relative to the cache folder `root`), checked, with a
+    descriptor open on it; None when the folder or its library is missing (an interrupted copy).
+
+    Checked: every folder from `root` down to `build` is the user's and not group/world writable (opened one by one
+    without following links, checked on the descriptor), and the library is a regular file whose size and SHA-256
+    match the record its build wrote beside it — before it is loaded, as a truncated library is mapped past its
+    end and kills the process with SIGBUS. Load it through the descriptor (`load_library`): the bytes checked are
+    the bytes that run, whatever is renamed meanwhile. The caller closes it. Raises CacheError otherwise."""
+    folder = os.path.join(root, build)
     fix = f"delete its folder to rebuild: rm -r {folder}"
-    try:
-        fd = os.open(os.path.join(folder, "gmd_ext", BUILD_INFO_FILE), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        with os.fdopen(fd) as f:
-            record = json.load(f)
-        want = (str(record["library"]), int(record["size"]), str(record["sha256"]))
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise CacheError(f"gmd_ext: the cached gmd_ext._C ({lib}) has no valid build record "
-                         f"({type(e).__name__}: {e}), so it is not loaded; {fix}") from e
-    try:
-        fd = os.open(lib, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError as e:
-        raise CacheError(f"gmd_ext: the cached gmd_ext._C ({lib}) cannot be opened ({e}); {fix}") from e
-    try:
-        st = os.fstat(fd)
-        why = "not a regular file" if not stat.S_ISREG(st.st_mode) else _untrusted(st)
-        if why is None and os.path.basename(lib) != want[0]:
-            why = f"not the library its build recorded ({want[0]})"
-        if why is None and st.st_size != want[1]:
-            why = f"{st.st_size} bytes where its build recorded {want[1]} (truncated or replaced)"
-        if why is None and _sha256_of_fd(fd) != want[2]:
-            why = "of another SHA-256 than its build recorded (modified or replaced)"
-    finally:
-        os.close(fd)
+    with contextlib.ExitStack() as opened:
+        def keep(fd: int) -> int:
+            opened.callback(os.close, fd)
+            return fd
+
+        try:
+            at, shown = keep(_open_private_dir(root, root, "cache folder", follow=True)), root
+            for part in build.split(os.sep):
+                shown = os.path.join(shown, part)
+                at = keep(_open_private_dir(part, shown, "build folder", dir_fd=at))
+            # Inside a private folder modes no longer matter (a umask of 002 makes these group-writable).
+            sub = keep(os.open("gmd_ext", _DIR | os.O_NOFOLLOW, dir_fd=at))
+            names = sorted(n for n in os.listdir(sub) if re.fullmatch(r"_C\..*so", n))
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise CacheError(f"gmd_ext: cannot read the kernel build folder {folder} ({e}); {fix}") from e
+        if not names:
+            return None
+        lib = os.path.join(folder, "gmd_ext", names[0])
+        try:
+            with os.fdopen(os.open(BUILD_INFO_FILE, _FILE, dir_fd=sub)) as f:
+                record = json.load(f)
+            want = (str(record["library"]), int(record["size"]), str(record["sha256"]))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise CacheError(f"gmd_ext: the cached gmd_ext._C ({lib}) has no valid build record "
+                             f"({type(e).__name__}: {e}), so it is not loaded; {fix}") from e
+        try:
+            fd = os.open(names[0], _FILE, dir_fd=sub)
+        except OSError as e:
+            raise CacheError(f"gmd_ext: the cached gmd_ext._C ({lib}) cannot be opened ({e}); {fix}") from e
+    st = os.fstat(fd)
+    why = None if stat.S_ISREG(st.st_mode) else "not a regular file"
+    if why is None and names[0] != want[0]:
+        why = f"not the library its build recorded ({want[0]})"
+    if why is None and st.st_size != want[1]:
+        why = f"{st.st_size} bytes where its build recorded {want[1]} (truncated or replaced)"
+    if why is None and _sha256_of_fd(fd) != want[2]:
+        why = "of another SHA-256 than its build recorded (modified or replaced)"
     if why:
+        os.close(fd)
         raise CacheError(f"gmd_ext: the cached gmd_ext._C ({lib}) is {why}, so it is not loaded; {fix}")
-    return lib
+    return lib, fd
+
+
+def load_library(path: str, fd: int | None = None):
+    """Load the compiled library as the module gmd_ext._C (which registers the torch.ops.gmd_ext ops): through
+    the open descriptor fd when given (/proc/self/fd/<fd>: exactly the file cached_library checked), else from
+    path. Its __file__ is path either way."""
+    import importlib.machinery
+    import importlib.util
+
+    where = f"/proc/self/fd/{fd}" if fd is not None and os.path.isdir("/proc/self/fd") else path
+    loader = importlib.machinery.ExtensionFileLoader("gmd_ext._C", where)
+    # (The extension loader dlopens spec.origin.)
+    module = importlib.util.module_from_spec(importlib.machinery.ModuleSpec("gmd_ext._C", loader, origin=where))
+    loader.exec_module(module)
+    module.__file__ = path
+    sys.modules["gmd_ext._C"] = module
+    return module
 
 
 # A build's work folder: .<key>.<pid>.<random> (.<key>-<random> in earlier versions), removed when the build
@@ -343,12 +395,12 @@ def _remove_abandoned_work(root: str, key: str) -> None:
         shutil.rmtree(entry.path, ignore_errors=True)
 
 
-def build_cached(src_dir: str, log=None) -> str:
-    """Path of gmd_ext._C built from src_dir against the running torch: the cached build (checked: cache
-    folder, build folder and library all the user's own, the library the one its build recorded), or a new one
-    (a few minutes once; progress goes to `log`, default stderr). Concurrent processes wait for the one that
-    builds. Raises CacheError naming what is refused, or RuntimeError naming the build log when the build fails,
-    now or in an earlier attempt."""
+def build_cached(src_dir: str, log=None) -> tuple[str, int]:
+    """gmd_ext._C built from src_dir against the running torch: the cached build, or a new one (a few minutes
+    once; progress goes to `log`, default stderr), as (path, descriptor) from cached_library: checked to be the
+    user's own and the library its build recorded; load it with load_library(path, fd), then close fd.
+    Concurrent processes wait for the one that builds. Raises CacheError naming what is refused, or RuntimeError
+    naming the build log when the build fails, now or in an earlier attempt."""
     import fcntl
 
     log = log or sys.stderr
@@ -360,11 +412,9 @@ def build_cached(src_dir: str, log=None) -> str:
     try:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released by the OS if this process dies
         _remove_abandoned_work(root, key)
-        if os.path.lexists(final):
-            _check_private_dir(final, "build folder", follow=False)
-            lib = cached_library(final)
-            if lib:
-                return lib
+        found = cached_library(root, key)
+        if found:
+            return found
         failed_log = os.path.join(root, f"{key}.failed.log")
         if os.path.lexists(failed_log):
             raise RuntimeError(f"building the C++ kernels failed in an earlier attempt (log: {failed_log}); "
@@ -378,21 +428,28 @@ def build_cached(src_dir: str, log=None) -> str:
         try:
             rc, log_path = _run_build(src_dir, work, t0, log)
             built = os.path.join(work, "lib")
-            lib = library_in(built) if rc == 0 else None
-            if lib is None:
+            if rc != 0 or library_in(built) is None:
                 os.replace(log_path, failed_log)
                 with open(failed_log) as f:
                     tail = "".join(f.readlines()[-15:])
                 raise RuntimeError(f"building the C++ kernels failed (exit code {rc}; log: {failed_log}):\n{tail}")
             os.replace(log_path, os.path.join(built, "build.log"))
             os.chmod(built, 0o700)
-            cached_library(built)  # the record was written by this build: a mismatch is a broken build
-            shutil.rmtree(final, ignore_errors=True)  # a folder without a library is an interrupted copy
-            os.replace(built, final)  # (within the private cache folder: what was checked is what moves)
+            # The record was written by this build: a mismatch here is a broken build, refused like any other.
+            checked = cached_library(root, os.path.join(os.path.basename(work), "lib"))
+            if checked:
+                os.close(checked[1])
+            # (A folder without a library is an interrupted copy; one with a refused library was refused above.)
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(built, final)
         finally:
             shutil.rmtree(work, ignore_errors=True)
         print(f"gmd_ext: C++ kernels built in {time.perf_counter() - t0:.0f} s", file=log, flush=True)
-        return os.path.join(final, os.path.relpath(lib, built))
+        found = cached_library(root, key)
+        if found is None:
+            raise CacheError(f"gmd_ext: the kernel build folder {final} lost its library while it was built; "
+                             f"import again to rebuild")
+        return found
     finally:
         os.close(lock)
 
@@ -407,6 +464,7 @@ def _run_build(src_dir: str, work: str, t0: float, log) -> tuple[int, str]:
                                  os.path.join(work, "tmp")], cwd=work, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True)
         done = 0
+        assert proc.stdout is not None  # (stdout=PIPE)
         for line in proc.stdout:
             out.write(line)
             # ninja's "[i/n] c++ ... -c <src>" once a source is compiled, or distutils' command before it is.

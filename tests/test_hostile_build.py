@@ -129,7 +129,9 @@ class Cache:
 
     def build(self) -> str:
         with open(os.devnull, "w") as log:
-            return _build.build_cached(str(self.src), log=log)
+            path, fd = _build.build_cached(str(self.src), log=log)
+        os.close(fd)
+        return path
 
     @property
     def library(self) -> Path:
@@ -296,6 +298,28 @@ def test_work_folder_of_a_killed_build_is_removed(cache):
         os.close(lock)
     assert not work.exists() and not (cache.root / f".{other}.1.abc").exists()
     assert (cache.root / f".{held}.1.abc").is_dir() and cache.builds == 1
+
+
+@pytest.mark.skipif(not _backend.CPP_LOADED, reason="loads the checkout's built library")
+def test_the_library_loaded_is_the_one_checked(cache, tmp_path):
+    # The library is loaded through the descriptor its check read: replaced on disk after the check (a race on a
+    # parent folder others can rename), the checked bytes still run, and the process is not handed the new file.
+    cache.build()
+    junk = tmp_path / "junk.so"
+    junk.write_bytes(b"\0" * 64)
+    code = textwrap.dedent(f"""
+        import os, sys, torch
+        build = sys.modules["gmd_ext._build"]
+        os.environ["GMD_EXT_CACHE_DIR"] = {str(cache.root)!r}
+        path, fd = build.build_cached({str(cache.src)!r})
+        os.replace({str(junk)!r}, path)
+        module = build.load_library(path, fd)
+        result = [module.__file__, torch.ops.gmd_ext.gram(torch.ones(2, 3)).tolist()]
+    """)
+    res = _run_children(_IMPORT_SETUP.format(build=_build.__file__), {"swapped": code}, tmp_path)["swapped"]
+    assert res["type"] is None, res
+    assert res["result"] == [str(cache.library), [[3.0, 3.0], [3.0, 3.0]]], res
+    assert cache.library.read_bytes() == b"\0" * 64  # the swap happened
 
 
 def _installed_copy(tmp_path: Path) -> Path:
