@@ -17,7 +17,7 @@ import gmd_ext
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples" / "python"
-SCRIPTS = ["own_model", "amp", "accumulation", "ddp", "lightning_manual", "lightning_auto"]
+SCRIPTS = ["own_model", "amp", "accumulation", "ddp", "lightning_manual", "lightning_auto", "monai_segresnet"]
 needs_lightning = pytest.mark.skipif(importlib.util.find_spec("lightning") is None,
                                      reason="lightning is not installed (it is in the [test] extra)")
 
@@ -42,6 +42,12 @@ def run(script, *args, timeout=300):
 @pytest.mark.parametrize("script", ["own_model", "amp", "accumulation", "ddp"])
 def test_example(script):
     run(script)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("monai") is None, reason="monai is not installed (it is in the [test] extra)")
+def test_monai_segresnet():
+    line = run("monai_segresnet")
+    assert "GMD source Branches()" in line  # the DS model's marked branches picked the per-branch source
 
 
 @needs_lightning
