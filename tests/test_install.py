@@ -77,6 +77,11 @@ def test_pip_install_in_a_fresh_venv(tmp_path):
     assert "compiling the C++ kernels" in first.stderr, first.stderr
     info = json.loads(first.stdout)
     assert info["optional_present"] == [] and info["library"].startswith(str(tmp_path / "cache")), info
+    # The cache and the build folder are private, and the library is the one its build recorded (gmd_ext/_build.py).
+    build_folder = os.path.dirname(os.path.dirname(info["library"]))
+    assert all(os.stat(p).st_mode & 0o777 == 0o700 for p in (tmp_path / "cache", build_folder))
+    record = json.load(open(os.path.join(os.path.dirname(info["library"]), "_build_info.json")))
+    assert record["library"] == os.path.basename(info["library"]) and record["size"] == os.path.getsize(info["library"])
     assert str(env_dir) in info["package"]
     # Later uses load the cached build without compiling.
     again = run("-c", USE)
