@@ -139,13 +139,13 @@ class PairPlan:
 
     PairPlan(present, batch, num_modalities, device): present bool [B, M] or None (all present), validated once
     (check_present; allow_empty_rows admits samples without a modality, e.g. one branch's plan). Attributes:
-      B, M; counts: tuple of M ints, the present pairs per modality (P in all); all_present: bool.
-      present: bool [B, M] on device. index: int64 [P] on device, flat pair b * M + m, modality-major (all pairs
-      of modality 0 first: each modality's pairs are contiguous once packed). modality, sample: int64 [P] on
-      device, each packed row's modality and sample. starts: tuple, the first packed row of each modality.
-      present_host: the mask on the CPU. branch: None, or m when the plan holds the pairs of modality m only (a
-      branch of the per-branch execution, `only(m)`): its packed rows all take modality m's parameters, so the
-      layers use them as they are instead of gathering them per row.
+    B, M; counts: tuple of M ints, the present pairs per modality (P in all); all_present: bool.
+    present: bool [B, M] on device. index: int64 [P] on device, flat pair b * M + m, modality-major (all pairs
+    of modality 0 first: each modality's pairs are contiguous once packed). modality, sample: int64 [P] on
+    device, each packed row's modality and sample. starts: tuple, the first packed row of each modality.
+    present_host: the mask on the CPU. branch: None, or m when the plan holds the pairs of modality m only (a
+    branch of the per-branch execution, `only(m)`): its packed rows all take modality m's parameters, so the
+    layers use them as they are instead of gathering them per row.
     The index is built on the host and copied to the device once (pinned and non-blocking on CUDA).
     """
 
@@ -368,7 +368,7 @@ def masked_conv(x, weight, bias=None, present=None, *, stride=1, padding=0, dila
     weight: shared [Cout, Cin, *k] or per modality [M, Cout, Cin, *k], x's dtype.
     bias: None, [Cout] or [M, Cout], x's dtype.
     present: bool [B, M] (None: all present; every sample needs at least one modality), or the PairPlan built
-        from it once per forward (no host synchronisation, and traceable by torch.compile(fullgraph=True)).
+    from it once per forward (no host synchronisation, and traceable by torch.compile(fullgraph=True)).
     stride, padding, dilation: int or one int per spatial dim (padding also 'valid' or symmetric 'same').
     Returns y [B, M, Cout, *S'] in x's dtype. Cost and memory are proportional to the number of present pairs;
     gradients reach x, weight and bias only through present pairs (a modality absent everywhere gets a zero

@@ -35,10 +35,10 @@ class DSSentimentNet(nn.Module):
 
     Inputs of forward / forward_branches:
         x: dict name -> [B, T_m, D_m] float tensor, or a sequence in modality order. Aligned features share T;
-           unaligned ones may differ per modality. A modality absent from every sample may be left out (None).
+        unaligned ones may differ per modality. A modality absent from every sample may be left out (None).
         present: bool [B, M] (None = all present) or its PairPlan; every sample needs at least one modality.
         lengths: None (every sequence is full length), or dict name -> / sequence of [B] integer tensors (or
-           None for full length): the valid prefix of each sequence, 1 <= length <= T_m where present.
+        None for full length): the valid prefix of each sequence, 1 <= length <= T_m where present.
     """
 
     def __init__(self, modalities=MOSI_MODALITIES, input_dims=(768, 5, 20), hidden: int = 64, *,
