@@ -212,12 +212,13 @@ def kernel_note() -> str | None:
             f"paths. Reason and fix: {_backend.CPP_REASON}")
 
 
-# One torch thread by default: on a 2-core box shared with one other torch job, two threads per process
-# oversubscribe the cores and a demo step ran ~70x slower; one thread costs 1.7x on the idle box (THREADS_HELP).
+# One torch thread by default. Measured on the 2-core dev box (shared, load avg 2.4-6.4), one DSUNet3d demo step
+# (width 0.25, crop 32, batch 2, forward_branches + backward): without a competing job 0.40-0.46 s with 2 threads,
+# 0.67-0.81 s with 1; beside another torch job running 2 threads, 51 s with 2 threads and 5.1-6.2 s with 1.
 DEFAULT_THREADS = 1
-THREADS_HELP = ("torch CPU threads (default 1; 0: torch's default, one per core). On a 2-core box: a demo step "
-                "(DSUNet3d width 0.25, crop 32, batch 2) took 0.40 s with 2 threads and 0.67 s with 1 when idle, "
-                "but with 2 threads beside another torch job it slowed ~70x; pass 0 (or N) on a machine of your own")
+THREADS_HELP = ("torch CPU threads (default 1; 0: torch's default, one per core). On a 2-core box a demo step took "
+                "0.67 s with 1 thread and 0.40 s with 2 when no other job ran, but 5.1 s with 1 and 51 s with 2 "
+                "beside another torch job: pass 0 (or N) on a machine of your own")
 
 
 @contextlib.contextmanager

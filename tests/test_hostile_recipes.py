@@ -34,19 +34,16 @@ if str(ROOT / "python") not in sys.path:
 from test_brats_recipe import _write_cases, brats, recipe  # noqa: E402  (one copy of the recipe module)
 
 
-def _child(code: str, cap: int = CAP_BYTES, timeout: float = TIMEOUT_S) -> dict:
-    """Run ``code`` in a fresh interpreter whose address space may grow by ``cap`` bytes after the imports; the
+def _child(code: str, imports: str, cap: int = CAP_BYTES, timeout: float = TIMEOUT_S) -> dict:
+    """Run ``code`` in a fresh interpreter whose address space may grow by ``cap`` bytes after ``imports``; the
     code sets ``result`` (a JSON-able value). Returns {"status": "ok", "result": ...} or the way it ended."""
-    prelude = textwrap.dedent(f"""
-        import json, os, resource, signal, sys
-        sys.path.insert(0, {str(ROOT / 'python')!r})
-        import numpy, torch, nibabel
-        from gmd_ext.apps.brats import data as brats_data
-        import brats, recipe
-        vm = int(open("/proc/self/statm").read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
-        resource.setrlimit(resource.RLIMIT_AS, (vm + {cap}, vm + {cap}))
-        result = None
-    """)
+    prelude = "\n".join([
+        "import json, os, resource, signal, sys",
+        f"sys.path.insert(0, {str(ROOT / 'python')!r})",
+        imports,
+        'vm = int(open("/proc/self/statm").read().split()[0]) * os.sysconf("SC_PAGE_SIZE")',
+        f"resource.setrlimit(resource.RLIMIT_AS, (vm + {cap}, vm + {cap}))",
+        "result = None", ""])
     wrapped = prelude + "try:\n" + textwrap.indent(textwrap.dedent(code), "    ") + textwrap.dedent("""
         except BaseException as e:
             result = {"error": type(e).__name__, "msg": str(e)[:3000]}
@@ -111,25 +108,27 @@ def _float64_case(root: Path, name: str, size: int) -> Path:
     vol[2:-2, 2:-2, 2:-2] = 1.0 + np.arange(size - 4, dtype=np.float64)[:, None, None] % 2
     seg = np.zeros((size,) * 3, np.uint8)
     seg[size // 2, size // 2, size // 2] = 4
+    blob = gzip.compress(nib.Nifti1Image(vol, np.eye(4)).to_bytes(), compresslevel=1)
     for m in MODS:
-        nib.save(nib.Nifti1Image(vol, np.eye(4)), str(d / f"{name}_{m}.nii.gz"))
+        (d / f"{name}_{m}.nii.gz").write_bytes(blob)
     nib.save(nib.Nifti1Image(seg, np.eye(4)), str(d / f"{name}_seg.nii.gz"))
     return d
 
 
 def test_gzip_bomb_refused_by_decompressed_bytes(tmp_path):
-    # 4 float64 files of 192^3 (54 MiB decompressed each, 0.7 MiB on disk): inside the voxel cap, beyond a 128 MiB
-    # per-case bound set for the test. Refused from the headers, before a byte of voxel data is inflated.
-    case = _float64_case(tmp_path, "Bomb", 192)
-    assert sum(p.stat().st_size for p in case.iterdir()) < 4 << 20
+    # 4 float64 files of 128^3 (16 MiB decompressed each, 0.1 MiB on disk): inside the voxel cap, beyond a 32 MiB
+    # per-case bound set for the test (the default, 1 GiB, scaled down). Refused from the headers, before a byte
+    # of voxel data is inflated, in a child that could not hold even one decompressed file.
+    case = _float64_case(tmp_path, "Bomb", 128)
+    assert sum(p.stat().st_size for p in case.iterdir()) < 1 << 20
     got = _child(f"""
-        brats_data.MAX_CASE_BYTES = 128 << 20
+        brats_data.MAX_CASE_BYTES = 32 << 20
         brats_data.load_case({str(case)!r})
         result = {{"error": None}}
-    """, cap=96 << 20)
+    """, "import numpy, nibabel\nfrom gmd_ext.apps.brats import data as brats_data", cap=12 << 20)
     assert got["status"] == "ok", got
     assert got["result"]["error"] == "BraTSDataError", got
-    assert "Bomb_" in got["result"]["msg"] and "the bound per case is 128 MiB" in got["result"]["msg"]
+    assert "Bomb_" in got["result"]["msg"] and "the bound per case is 32 MiB" in got["result"]["msg"]
     assert "MAX_CASE_BYTES" in got["result"]["msg"]
 
 
@@ -187,7 +186,7 @@ def test_billion_step_epoch_plan_is_lazy():
         ref = torch.Generator().manual_seed(0)
         order = torch.cat([torch.randperm(5, generator=ref) for _ in range(2)]).tolist()
         result["ref"] = [order[i:i + 2] for i in range(0, 8, 2)]
-    """, cap=128 << 20)
+    """, "import torch, brats", cap=128 << 20)
     assert got["status"] == "ok", got
     assert got["result"]["len"] == 10 ** 9 and got["result"]["first"] == got["result"]["ref"]
 
@@ -303,10 +302,9 @@ def test_full_disk_checkpoint_error_names_the_file(tmp_path):
     got = _child(f"""
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, 64 << 10))
-        from gmd_ext.io import save_checkpoint
         save_checkpoint({str(target)!r}, model={{"w": torch.zeros(1 << 20)}})
         result = {{"error": None}}
-    """)
+    """, "import torch\nfrom gmd_ext.io import save_checkpoint")
     assert got["status"] == "ok", got
     assert got["result"]["error"] == "OSError", got
     assert str(target) in got["result"]["msg"]
