@@ -73,12 +73,18 @@ def _csv_steps(path):
     return [int(line.split(",")[0]) for line in path.read_text().splitlines()[1:]]
 
 
-def test_resume_is_bit_identical(data, tmp_path):
+def test_resume_is_bit_identical(data, tmp_path, monkeypatch, capsys):
     """2 steps, interruption, 2 more steps == 4 uninterrupted steps, bit for bit (GMD with sampled subsets: the
     model, Adam, the schedule, GMD's order generator and the subset sampler all have to resume exactly)."""
     cfg = _cfg(data, gmd=True)
     full, part = tmp_path / "full", tmp_path / "part"
+    plotted = []
+    real_plot = recipe.plot_monitor_csv
+    monkeypatch.setattr(recipe, "plot_monitor_csv", lambda csv, png, title="": (
+        plotted.append((recipe.DominanceMonitor.from_csv(csv).steps, title)), real_plot(csv, png, title=title)))
     brats.train(cfg, full)
+    # 2 cases cannot fill train, val and test: said at start-up, not silently.
+    assert "warning: the val split is empty: 2 cases cannot fill train, val and test" in capsys.readouterr().err
     brats.train(cfg, part, stop_after_epochs=2)
     assert load_checkpoint(part / "last.pt")["step"] == 2
     # A kill after step 2's monitor row but before the epoch's checkpoint leaves a row the resume will redo.
@@ -103,6 +109,9 @@ def test_resume_is_bit_identical(data, tmp_path):
     assert (full / "monitor.csv").is_file() and (full / "dominance.png").is_file()
     # The interrupted run's monitor.csv holds each step once, like the uninterrupted one.
     assert _csv_steps(part / "monitor.csv") == _csv_steps(full / "monitor.csv") == [0, 1, 2, 3]
+    # After the resume the dominance figure covers all 4 steps (drawn from the whole CSV), and says the data.
+    assert [n for n, _ in plotted] == [4, 2, 4]
+    assert all("BraTS 2018-2021 data" in t for _, t in plotted)
     # Training moved the parameters away from the seeded initialisation.
     recipe.seed_everything(cfg["seed"])
     init = DSUNet3d(MODS, 3, 0.25)
@@ -314,3 +323,56 @@ def test_lr_schedule_decays():
     assert g(0) == 0.5 and g(1) == 1.0 and g(10) == pytest.approx(0.0, abs=1e-12)
     with pytest.raises(ValueError, match="poly"):
         recipe.lr_lambda("step", 10)
+
+
+@pytest.mark.parametrize("weighting,mode,window,overlap", [("gaussian", "gaussian", 16, 0.5),
+                                                           ("uniform", "constant", (16, 24, 20), 0.25),
+                                                           ("gaussian", "gaussian", (20, 16, 16), 0.7)])
+def test_sliding_window_equals_monai(weighting, mode, window, overlap):
+    # Same weights, same placement, same padding: the recipe's inference is MONAI's sliding_window_inference over
+    # the concatenated branch logits (the volume is smaller than the window along one axis in the second case).
+    monai_inferers = pytest.importorskip("monai.inferers")
+    torch.manual_seed(0)
+    model = DSUNet3d(MODS, 3, 0.25).eval()
+    image = torch.randn(4, 30, 11, 27)
+    ours = brats.sliding_window_branches(model, image, window, overlap, weighting, batch_size=3)
+    with torch.no_grad():
+        ref = monai_inferers.sliding_window_inference(
+            image[None], window if isinstance(window, tuple) else (window,) * 3, 3,
+            lambda x: torch.cat(model.forward_branches(x), 1), overlap=overlap, mode=mode, sigma_scale=0.125)
+    torch.testing.assert_close(ours, ref[0].reshape(ours.shape), rtol=1e-6, atol=1e-6)
+
+
+def test_bootstrap_is_scipys_bca_by_default_and_percentile_on_request():
+    from scipy import stats
+    d = np.array([0.31, -0.12, 0.05, 0.44, 0.2, -0.03, 0.17, 0.09])
+    for method in ("BCa", "percentile"):
+        ours = recipe.bootstrap_interval(lambda idx: d[idx].mean(1), len(d), seed=3, method=method)
+        ref = stats.bootstrap((d,), np.mean, n_resamples=2000, method=method, rng=np.random.default_rng(3))
+        assert ours == pytest.approx((ref.confidence_interval.low, ref.confidence_interval.high), rel=1e-12)
+    assert recipe.bootstrap_interval(lambda idx: d[idx].mean(1), len(d)) == \
+        recipe.bootstrap_interval(lambda idx: d[idx].mean(1), len(d), method="BCa")
+    zero = np.zeros(6)  # two identical runs: the interval is the point, not NaN
+    assert recipe.bootstrap_interval(lambda idx: zero[idx].mean(1), 6) == (0.0, 0.0)
+    with pytest.raises(ValueError, match="bootstrap method"):
+        recipe.bootstrap_interval(lambda idx: d[idx].mean(1), len(d), method="basic")
+
+
+def test_runnable_with_safe_path_and_help_lists_keys():
+    import subprocess
+    out = subprocess.run([sys.executable, "-P", str(ROOT / "python" / "brats.py"), "train", "--help"],
+                         capture_output=True, text=True, timeout=120, cwd="/")
+    assert out.returncode == 0, out.stderr
+    assert "--print-config" in out.stdout and "--no-progress" in out.stdout and "sw_overlap" in out.stdout
+    out = subprocess.run([sys.executable, "-P", str(ROOT / "python" / "mosi.py"), "--help"], capture_output=True,
+                         text=True, timeout=120, cwd="/")
+    assert out.returncode == 0 and "hidden" in out.stdout and "int in [1, 4096]" in out.stdout, out.stderr
+
+
+def test_missing_matplotlib_fails_before_training(data, tmp_path, monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    with pytest.raises(ImportError, match=r"the dominance plot .* needs matplotlib.*pip install"):
+        brats.train(_cfg(data, gmd=True, epochs=1), tmp_path / "run")
+    assert not (tmp_path / "run" / "last.pt").exists()  # refused before the first step, not after the last

@@ -84,7 +84,9 @@ def test_end_to_end_and_resume_equals_uninterrupted(mosi, tmp_path):
     assert (tmp_path / "full" / "mosi_gmd" / "seed0" / "dominance.png").is_file()
     # The paired comparison: every combination x metric, a bootstrap interval, a plain verdict.
     comparison = (tmp_path / "full" / "comparison.md").read_text()
-    assert "BCa bootstrap (scipy.stats.bootstrap) over the 16 test samples" in comparison and "not distinguishable in" in comparison
+    assert "BCa bootstrap (scipy.stats.bootstrap) over the 16 test samples" in comparison
+    assert "not distinguishable in" in comparison and "Low-powered" not in comparison  # 16 samples >= 10
+    assert "1 torch thread, torch" in report  # --threads 1, said in the singular
     rows = on_disk["paired"]
     assert len(rows) == 7 * 4
     for row in rows:
@@ -165,3 +167,20 @@ def test_subset_prediction_is_the_mean_of_its_branches(mosi):
         direct = model(xs, s.mask.expand(6, -1), lengths)
         torch.testing.assert_close(direct, torch.stack([branches[m] for m in s.indices], 1).mean(1))
         torch.testing.assert_close(losses[s.name], (direct - y).abs().mean())
+
+
+def test_figures_say_synthetic_and_cli_checks_keys(mosi, tmp_path, monkeypatch, capsys):
+    titles = []
+    monkeypatch.setattr(mosi.recipe, "plot_per_combination",
+                        lambda path, runs, metrics, **kw: titles.append(kw["title"]))
+    mosi.main(_argv(tmp_path / "run", "--epochs", "1", "--config", str(CONFIGS / "mosi_joint.json")))
+    assert titles and "(synthetic data, not CMU-MOSI)" in titles[0]
+    capsys.readouterr()
+    # One schema: --print-config shows the resolved config, bad --set values are refused naming the key.
+    assert mosi.main(_argv(tmp_path / "p", "--set", "dropout=0.5", "--print-config")) is None
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["mosi_gmd"]["dropout"] == 0.5 and not (tmp_path / "p").exists()
+    with pytest.raises(ValueError, match=r"config key 'dropout' must be float in \[0, 1\), got 1\.0"):
+        mosi.main(_argv(tmp_path / "q", "--set", "dropout=1.0"))
+    with pytest.raises(ValueError, match=r"config key 'device' must be auto, cpu, cuda or cuda:N, got 'meta'"):
+        mosi.main(_argv(tmp_path / "q", "--device", "meta"))
