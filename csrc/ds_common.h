@@ -142,13 +142,101 @@ inline void check_group_norm_bwd_args(const at::Tensor& grad_y, const at::Tensor
   }
 }
 
-// Power-of-two scale that brings values of mean magnitude `mean_abs` near 1: the centred squares of the variance
-// pass are formed as ((x - c) * scale)^2, which cannot overflow fp32 for any finite x below ~1e37 (unscaled, they
-// do from |x - c| ~ 1.8e19 on), and the variance is (sum / count) / scale^2 in fp64. Exact: scaling by a power of two
-// rounds nothing. Every backend uses it (docs/design.md: statistics equal across backends).
-C10_HOST_DEVICE inline double group_norm_scale(double mean_abs) {
-  if (!(mean_abs > 0) || !(mean_abs < 1e300)) return 1.0;  // zero, NaN or inf: nothing to scale
-  return ::ldexp(1.0, -::ilogb(mean_abs));
+// ---------------------------------------------------------------- group-norm statistics at any magnitude
+// Every backend (CPU, CUDA, Triton: gmd_ext/triton/modality_group_norm.py, torch: gmd_ext/ops/reference.py) computes
+// a group's statistics from chunks of consecutive elements. A chunk's values v are used as s = v * 2^-e, with e the
+// frexp exponent of the chunk's max |v| (so |s| < 1): then no sum, square or product of the statistics overflows or
+// underflows, whatever the magnitude from the dtype's smallest subnormal to its max (unscaled, fp32 squares overflow
+// from |x - mean| ~ 1.8e19 on and fp32 sums of values near 3e38 overflow; the scale 2^-e alone overflows fp32 for a
+// subnormal chunk, so it is applied as two factors). Scaling by a power of two rounds nothing (a product that falls
+// below the smallest normal loses only bits that are negligible next to the chunk's max).
+
+// The exponent of a chunk of zeros: below every real one, so a merge never rescales other chunks towards it.
+constexpr int kGnZeroExponent = -8192;
+
+// A chunk's (or merged chunks') moments: count, exponent e, and the mean and M2 (sum of squared deviations from the
+// mean) of the scaled values: the values' own mean is mean * 2^e and their M2 is m2 * 4^e. fp64 throughout.
+struct GnMoments {
+  double count, exponent, mean, m2;
+};
+
+// e for a chunk whose max |v| is max_abs (max_abs = f * 2^e, f in [0.5, 1)); 0 (no scaling) for inf or NaN, which
+// then propagate to the statistics as in F.group_norm.
+template <typename acc_t>
+C10_HOST_DEVICE inline int gn_exponent(acc_t max_abs) {
+  if (max_abs == acc_t(0)) return kGnZeroExponent;
+  if (!(static_cast<double>(max_abs) <= 1.7976931348623157e308)) return 0;
+  int e = 0;
+  ::frexp(static_cast<double>(max_abs), &e);  // float -> double is exact
+  return e;
+}
+
+// s = v * 2^-e as two exact multiplications by powers of two that are normal numbers of acc_t (|k| <= 75 for fp32,
+// <= 537 for fp64): 2^-e itself ranges over 2^-128 .. 2^148 for fp32 chunks.
+template <typename acc_t>
+struct GnScale {
+  acc_t lo, hi;
+  C10_HOST_DEVICE acc_t operator()(acc_t v) const { return v * lo * hi; }
+};
+template <typename acc_t>
+C10_HOST_DEVICE inline GnScale<acc_t> gn_scale(int e) {
+  if (e == kGnZeroExponent) return {acc_t(1), acc_t(1)};
+  const int k = -e, k1 = k / 2;
+  return {static_cast<acc_t>(::ldexp(1.0, k1)), static_cast<acc_t>(::ldexp(1.0, k - k1))};
+}
+
+// A chunk's moments from its scaled sums about a centre c near the scaled mean (the rounded scaled mean: a
+// centred second pass, no cancellation): sd = sum(s - c), sd2 = sum((s - c)^2) over `count` elements.
+C10_HOST_DEVICE inline GnMoments gn_chunk_moments(double count, int e, double c, double sd, double sd2) {
+  return {count, static_cast<double>(e), c + sd / count, ::fmax(0.0, sd2 - sd * sd / count)};
+}
+
+// Chan's parallel formula on moments brought to the larger exponent (exact rescaling by powers of two). Not
+// associative in rounding: every backend merges in a fixed order, so results are deterministic.
+C10_HOST_DEVICE inline GnMoments gn_merge(const GnMoments& a, const GnMoments& b) {
+  if (b.count == 0) return a;
+  if (a.count == 0) return b;
+  const double e = ::fmax(a.exponent, b.exponent);
+  const int da = static_cast<int>(a.exponent - e), db = static_cast<int>(b.exponent - e);
+  const double ma = ::ldexp(a.mean, da), mb = ::ldexp(b.mean, db);
+  const double n = a.count + b.count, delta = mb - ma;
+  return {n, e, ma + delta * (b.count / n),
+          ::ldexp(a.m2, 2 * da) + ::ldexp(b.m2, 2 * db) + delta * delta * (a.count * b.count / n)};
+}
+
+// The group's mean and rstd = 1 / sqrt(var + eps) in fp64 from its merged moments, without leaving the scaled
+// domain before the end: rstd = 2^-e / sqrt(var_s + eps * 4^-e). eps * 4^-e is inf only when eps dwarfs the
+// variance (a tiny group): rstd = 1 / sqrt(eps) then. Zeros for an empty group (absent pairs).
+struct GnStats {
+  double mean, rstd;
+};
+C10_HOST_DEVICE inline GnStats gn_finalize(const GnMoments& s, double eps) {
+  if (s.count == 0) return {0.0, 0.0};
+  const int e = static_cast<int>(s.exponent);
+  const double q = s.m2 / s.count + ::ldexp(eps, -2 * e);
+  double rstd = q;  // NaN statistics propagate
+  if (q <= 1.7976931348623157e308) {
+    rstd = ::ldexp(1.0 / ::sqrt(q), -e);
+  } else if (q > 0) {
+    rstd = 1.0 / ::sqrt(eps);
+  }
+  return {::ldexp(s.mean, e), rstd};
+}
+
+// xhat = (x - mean) * rstd for the backward passes, without overflow: x - mean overflows where |x| + |mean| passes
+// the dtype's max (fp32 values near 3e38 of both signs). Both are halved first unless the mean is tiny: halving a
+// normal number is exact, so the result is bit-identical to (x - mean) * rstd wherever that does not overflow; with
+// a tiny mean (a subnormal group) nothing is halved, since halving a subnormal x would round it.
+template <typename acc_t>
+struct GnNormalizer {
+  acc_t half, half_mean, twice_rstd;
+  C10_HOST_DEVICE acc_t operator()(acc_t x) const { return (x * half - half_mean) * twice_rstd; }
+};
+template <typename acc_t>
+C10_HOST_DEVICE inline GnNormalizer<acc_t> gn_normalizer(acc_t mean, acc_t rstd) {
+  const bool tiny = (mean < 0 ? -mean : mean) < acc_t(7.888609052210118e-31);  // 2^-100
+  const acc_t h = tiny ? acc_t(1) : acc_t(0.5);
+  return {h, mean * h, rstd * (tiny ? acc_t(1) : acc_t(2))};  // a multiply: a division is a call on the GPU
 }
 
 }  // namespace gmd_ext

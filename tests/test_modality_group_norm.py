@@ -255,7 +255,7 @@ def test_aot_compile_sm90(kernel, out_bf16, tmp_path):
 
 # ---------------------------------------------------------------- large finite inputs (fp32 statistics overflow)
 @pytest.mark.parametrize("device,backend", testing.device_backends())
-@pytest.mark.parametrize("magnitude", [1e19, 1e25, 1e30])
+@pytest.mark.parametrize("magnitude", [1e19, 1e25, 1e30, 3e37])
 def test_large_inputs_do_not_overflow(device, backend, magnitude):
     """Squares of |x - mean| > 1.8e19 overflow fp32: the statistics must come out as fp64 truth says, not rstd = 0
     (output = bias) or NaN. Every backend, against fp64 F.group_norm on the same fp32 values."""
@@ -269,6 +269,74 @@ def test_large_inputs_do_not_overflow(device, backend, magnitude):
     torch.testing.assert_close(y.double(), ref, rtol=1e-4, atol=1e-4)
     bias_only = b[None, :, :, None, None].expand_as(y)
     assert (y - bias_only)[present].abs().max() > 0.1  # normalised, not collapsed to the bias
+
+
+# ---------------------------------------------------------------- any magnitude: subnormal to the dtype's max
+def _float64_group_norm(x, w, b, present, num_groups, eps):
+    """F.group_norm computed in float64 on x's values (the ground truth for every dtype)."""
+    return modality_group_norm_reference(x.double(), w.double(), b.double(), present, num_groups=num_groups, eps=eps)
+
+
+def _check_grads_finite_and_close(y, ref_fn, leaves):
+    g = torch.randn_like(y)
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    want = torch.autograd.grad(ref_fn(*ref_leaves), ref_leaves, g.double())
+    for got, exp in zip(torch.autograd.grad(y, leaves, g), want):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got.double(), exp, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("device,backend", testing.device_backends())
+@pytest.mark.parametrize("dtype,magnitude", [(torch.float32, 1e-40), (torch.float64, 1e-310)])
+def test_subnormal_groups(device, backend, dtype, magnitude):
+    """Groups of subnormal values (fp32 < 1.2e-38, fp64 < 2.2e-308): the chunk scale 2^-e is beyond the dtype's range
+    (2^133 for 1e-40 fp32), so it is applied as two factors; before, it overflowed to inf and the output was NaN. At the
+    default eps the variance vanishes next to eps, so the truth is the bias plus a vanishing term: F.group_norm in
+    float64 says what it is. Forward and backward, every backend."""
+    x, w, b = _inputs(2, B=2, M=2, C=4, size=6, dtype=dtype)
+    x = (x * magnitude).to(device)
+    assert (x.abs() < torch.finfo(dtype).tiny).all() and (x != 0).any()
+    w, b = w.to(device), b.to(device)
+    present = torch.tensor([[True, False], [True, True]], device=device)
+    x, w, b = (t.requires_grad_() for t in (x, w, b))
+    y = modality_group_norm(x, w, b, present, num_groups=2, backend=backend)
+    assert torch.isfinite(y).all()
+    torch.testing.assert_close(y.double(), _float64_group_norm(x, w, b, present, 2, 1e-5), rtol=1e-6, atol=1e-6)
+    _check_grads_finite_and_close(
+        y, lambda *t: modality_group_norm_reference(*t, present, num_groups=2), (x, w, b))
+
+
+@pytest.mark.parametrize("device,backend", testing.device_backends())
+@pytest.mark.parametrize("dtype,magnitude,k", [(torch.float32, 1e-30, 100), (torch.float64, 1e-300, 996)])
+def test_tiny_groups_without_eps(device, backend, dtype, magnitude, k):
+    """eps = 0 on tiny groups: the normalised values must come out exactly (not the bias, not NaN), although the
+    variance (1e-600 for fp64) is below the dtype's range: F.group_norm with eps = 0 is scale invariant, so its float64
+    result on x * 2^k is the truth. Before, fp64 1e-300 gave NaN (the squared scale overflowed)."""
+    x, w, b = _inputs(2, B=2, M=2, C=4, size=6, dtype=dtype)
+    x, w, b = (x * magnitude).to(device), w.to(device), b.to(device)
+    present = torch.tensor([[True, True], [False, True]], device=device)
+    y = modality_group_norm(x, w, b, present, num_groups=2, eps=0.0, backend=backend)
+    ref = _float64_group_norm(torch.ldexp(x.double(), torch.tensor(k)), w, b, present, 2, 0.0)
+    assert torch.isfinite(ref).all()
+    torch.testing.assert_close(y.double(), ref, rtol=1e-4, atol=1e-4)
+    bias_only = b[None, :, :, None, None].expand_as(y)
+    assert (y - bias_only)[present].abs().max() > 0.1  # normalised, not collapsed to the bias
+
+
+@pytest.mark.parametrize("device,backend", testing.device_backends())
+def test_fp32_near_max(device, backend):
+    """fp32 values up to 3e38 (the largest finite is 3.4e38): sums of such values overflow fp32, so the statistics
+    used to be inf/NaN and the output the bias or NaN (issue 21). Forward and backward against float64."""
+    g = torch.Generator().manual_seed(3)
+    x = ((torch.rand(2, 2, 4, 6, 6, generator=g, dtype=torch.float64) * 2 - 1) * 3e38).float().to(device)
+    w = torch.randn(2, 4, generator=g).to(device)
+    b = torch.randn(2, 4, generator=g).to(device)
+    present = torch.tensor([[True, True], [True, False]], device=device)
+    x, w, b = (t.requires_grad_() for t in (x, w, b))
+    y = modality_group_norm(x, w, b, present, num_groups=2, backend=backend)
+    torch.testing.assert_close(y.double(), _float64_group_norm(x, w, b, present, 2, 1e-5), rtol=1e-4, atol=1e-4)
+    _check_grads_finite_and_close(
+        y, lambda *t: modality_group_norm_reference(*t, present, num_groups=2), (x, w, b))
 
 
 # ---------------------------------------------------------------- direct op calls are checked (never a crash)

@@ -3,6 +3,8 @@
 //
 // x [B, M, C, L] contiguous (L = prod(*S)) puts group g of pair (b, m) at the contiguous range
 // [t * n, (t + 1) * n) with t = (b * M + m) * G + g and n = C / G * L, so one task per t needs no index math.
+// Statistics: the moments of chunks of kBlock elements, each scaled by a power of two from its max |x|, merged in
+// order (csrc/ds_common.h): exact from all-subnormal groups to values near the dtype's max, as on every backend.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -22,38 +24,44 @@ namespace {
 // Tasks below ~32 K elements are batched per thread: smaller hand-offs cost more than they save.
 constexpr int64_t kGrainElems = 32768;
 constexpr int64_t kLanes = 8;       // independent accumulators: lets the compiler vectorise the reductions
-constexpr int64_t kBlock = 1024;    // lane sums are folded into a double every kBlock elements (bounds fp32 error)
+constexpr int64_t kBlock = 1024;    // statistics chunk (csrc/ds_common.h): 4-8 KB, its three passes hit L1
 
-// (sum of f(p[i]), sum of g(p[i])) over p[0, n), with fp32 (acc_t) lanes inside each block and doubles across
-// blocks.
-template <typename acc_t, typename scalar_t, typename F, typename Gf>
-std::pair<double, double> blocked_sums(const scalar_t* p, int64_t n, F f, Gf g) {
-  double total_f = 0, total_g = 0;
-  for (int64_t start = 0; start < n; start += kBlock) {
-    const int64_t end = std::min(n, start + kBlock);
-    acc_t lf[kLanes] = {}, lg[kLanes] = {};
-    int64_t i = start;
-    for (; i + kLanes <= end; i += kLanes) {
-      for (int64_t k = 0; k < kLanes; ++k) {
-        const acc_t v = static_cast<acc_t>(p[i + k]);
-        lf[k] += f(v);
-        lg[k] += g(v);
-      }
-    }
-    for (; i < end; ++i) {
-      const acc_t v = static_cast<acc_t>(p[i]);
-      lf[0] += f(v);
-      lg[0] += g(v);
-    }
-    acc_t sf = 0, sg = 0;
-    for (int64_t k = 0; k < kLanes; ++k) {
-      sf += lf[k];
-      sg += lg[k];
-    }
-    total_f += sf;
-    total_g += sg;
+// sum of f(p[i]) over p[0, len), fp32 (acc_t) lanes folded into a double: len <= kBlock bounds the fp32 error.
+template <typename acc_t, typename scalar_t, typename F>
+double lane_sum(const scalar_t* p, int64_t len, F f) {
+  acc_t lanes[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= len; i += kLanes) {
+    for (int64_t k = 0; k < kLanes; ++k) lanes[k] += f(static_cast<acc_t>(p[i + k]));
   }
-  return {total_f, total_g};
+  for (; i < len; ++i) lanes[0] += f(static_cast<acc_t>(p[i]));
+  acc_t total = 0;
+  for (int64_t k = 0; k < kLanes; ++k) total += lanes[k];
+  return total;
+}
+
+// The moments of one chunk p[0, len) (csrc/ds_common.h): max |v| for the exponent, then the scaled sum for the
+// centre, then the centred scaled sums. Three passes over a chunk that stays in L1: one read of it from memory.
+template <typename acc_t, typename scalar_t>
+GnMoments chunk_moments(const scalar_t* p, int64_t len) {
+  acc_t lanes[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= len; i += kLanes) {
+    for (int64_t k = 0; k < kLanes; ++k) {
+      const acc_t v = static_cast<acc_t>(p[i + k]);
+      lanes[k] = std::max(lanes[k], v < 0 ? -v : v);
+    }
+  }
+  for (; i < len; ++i) {
+    const acc_t v = static_cast<acc_t>(p[i]);
+    lanes[0] = std::max(lanes[0], v < 0 ? -v : v);
+  }
+  const int e = gn_exponent(*std::max_element(lanes, lanes + kLanes));
+  const GnScale<acc_t> sc = gn_scale<acc_t>(e);
+  const acc_t c = static_cast<acc_t>(lane_sum<acc_t>(p, len, sc) / len);
+  const double sd = lane_sum<acc_t>(p, len, [sc, c](acc_t v) { return sc(v) - c; });
+  const double sd2 = lane_sum<acc_t>(p, len, [sc, c](acc_t v) { return (sc(v) - c) * (sc(v) - c); });
+  return gn_chunk_moments(static_cast<double>(len), e, c, sd, sd2);
 }
 
 template <typename scalar_t, Activation A>
@@ -79,19 +87,13 @@ void group_norm_fwd_kernel(const at::Tensor& x, const at::Tensor& w, const at::T
         MEAN[t] = RSTD[t] = 0;
         continue;
       }
-      // Two passes (mean, then centred variance) rather than sum / sum of squares: no cancellation. The
-      // centred values are scaled by a power of two (group_norm_scale, csrc/ds_common.h) so their squares do
-      // not overflow fp32 for large finite inputs; pass 2 also refines the mean around the fp32 centre c.
-      const auto [sum, sum_abs] = blocked_sums<acc_t>(xg, n, [](acc_t v) { return v; },
-                                                      [](acc_t v) { return v < 0 ? -v : v; });
-      const acc_t c = static_cast<acc_t>(sum / n);
-      const double scale = group_norm_scale(sum_abs / n);
-      const acc_t sc = static_cast<acc_t>(scale);
-      const auto [sd, sd2] = blocked_sums<acc_t>(xg, n, [c, sc](acc_t v) { return (v - c) * sc; },
-                                                 [c, sc](acc_t v) { return ((v - c) * sc) * ((v - c) * sc); });
-      const double var = std::max(0.0, (sd2 - sd * sd / n) / n) / (scale * scale);
-      const acc_t mu = static_cast<acc_t>(static_cast<double>(c) + sd / n / scale);
-      const acc_t rs = static_cast<acc_t>(1.0 / std::sqrt(var + eps));
+      // Chunks merged in order (csrc/ds_common.h: exact at any magnitude, subnormal to the dtype's max).
+      GnMoments mom{0, 0, 0, 0};
+      for (int64_t start = 0; start < n; start += kBlock) {
+        mom = gn_merge(mom, chunk_moments<acc_t>(xg + start, std::min(kBlock, n - start)));
+      }
+      const GnStats st = gn_finalize(mom, eps);
+      const acc_t mu = static_cast<acc_t>(st.mean), rs = static_cast<acc_t>(st.rstd);
       MEAN[t] = mu;
       RSTD[t] = rs;
       for (int64_t c = 0; c < Cg; ++c) {
@@ -132,41 +134,42 @@ void group_norm_bwd_kernel(const at::Tensor& gy, const at::Tensor& x, const at::
         std::fill(DB + part, DB + part + Cg, acc_t(0));
         continue;
       }
-      const acc_t mu = MEAN[t], rs = RSTD[t];
+      const acc_t rs = RSTD[t];
+      const GnNormalizer<acc_t> xhat_of = gn_normalizer(MEAN[t], rs);
       // Pass 1: per channel, sum dz and sum dz * xhat (dz = dy * act'(z)); their w-weighted sums over the group
-      // give mean(dxhat) and mean(dxhat * xhat) of the GroupNorm backward.
+      // give mean(dxhat) and mean(dxhat * xhat) of the GroupNorm backward. xhat, not x - mu, is summed: dz * (x - mu)
+      // overflows fp32 sums for |x| near fp32's max (and xhat_of, csrc/ds_common.h, never forms x - mu).
       double sum_w_dz = 0, sum_w_dz_xhat = 0;
       for (int64_t c = 0; c < Cg; ++c) {
         const int64_t ch = m * C + g * Cg + c;
-        const acc_t a = rs * W[ch], s = Bi[ch] - mu * a;
+        const acc_t wc = W[ch], bc = Bi[ch];
         const scalar_t* xc = X + t * n + c * L;
         const scalar_t* gc = GY + t * n + c * L;
-        double dz_sum = 0, dz_xc_sum = 0;
+        double dz_sum = 0, dz_xhat_sum = 0;
         for (int64_t start = 0; start < L; start += kBlock) {
           const int64_t stop = std::min(L, start + kBlock);
-          // kLanes independent accumulators, as in blocked_sums: a single serial sum would not vectorise.
+          // kLanes independent accumulators, as in lane_sum: a single serial sum would not vectorise.
           acc_t s1[kLanes] = {}, s2[kLanes] = {};
           int64_t l = start;
           for (; l + kLanes <= stop; l += kLanes) {
             for (int64_t k = 0; k < kLanes; ++k) {
-              const acc_t xv = static_cast<acc_t>(xc[l + k]);
-              const acc_t dz = static_cast<acc_t>(gc[l + k]) * activate_grad<A>(xv * a + s);
+              const acc_t xhat = xhat_of(static_cast<acc_t>(xc[l + k]));
+              const acc_t dz = static_cast<acc_t>(gc[l + k]) * activate_grad<A>(xhat * wc + bc);
               s1[k] += dz;
-              s2[k] += dz * (xv - mu);
+              s2[k] += dz * xhat;
             }
           }
           for (; l < stop; ++l) {
-            const acc_t xv = static_cast<acc_t>(xc[l]);
-            const acc_t dz = static_cast<acc_t>(gc[l]) * activate_grad<A>(xv * a + s);
+            const acc_t xhat = xhat_of(static_cast<acc_t>(xc[l]));
+            const acc_t dz = static_cast<acc_t>(gc[l]) * activate_grad<A>(xhat * wc + bc);
             s1[0] += dz;
-            s2[0] += dz * (xv - mu);
+            s2[0] += dz * xhat;
           }
           for (int64_t k = 0; k < kLanes; ++k) {
             dz_sum += s1[k];
-            dz_xc_sum += s2[k];
+            dz_xhat_sum += s2[k];
           }
         }
-        const double dz_xhat_sum = dz_xc_sum * rs;
         DB[part + c] = static_cast<acc_t>(dz_sum);
         DG[part + c] = static_cast<acc_t>(dz_xhat_sum);
         sum_w_dz += W[ch] * dz_sum;
@@ -183,7 +186,7 @@ void group_norm_bwd_kernel(const at::Tensor& gy, const at::Tensor& x, const at::
         scalar_t* dc = DX + t * n + c * L;
         const acc_t rw = rs * wc, rc1 = rs * c1, rc2 = rs * c2;
         for (int64_t l = 0; l < L; ++l) {
-          const acc_t xhat = (static_cast<acc_t>(xc[l]) - mu) * rs;
+          const acc_t xhat = xhat_of(static_cast<acc_t>(xc[l]));
           const acc_t g = static_cast<acc_t>(gc[l]) * activate_grad<A>(xhat * wc + bc);
           dc[l] = static_cast<scalar_t>(g * rw - rc1 - xhat * rc2);
         }

@@ -1,18 +1,19 @@
 // modality_group_norm on CUDA. Task t = (b * M + m) * G + g owns the n = C / G * L elements [t * n, (t + 1) * n) of
 // x [B, M, C, L]; row r = (b * M + m) * C + c owns the L elements of one channel. Absent pairs only write zeros.
-// Same statistics as csrc/cpu/modality_group_norm_cpu.cpp (centred, power-of-two scaled second pass: no fp32
-// overflow for large finite inputs), split so that every kernel fills the GPU whatever B * M * G is. Every kernel
+// Same statistics as csrc/cpu/modality_group_norm_cpu.cpp (csrc/ds_common.h: per-chunk moments of the values scaled by
+// a power of two from the chunk's max |x|, merged by Chan's formula: exact from subnormal groups to the dtype's max),
+// split so that every kernel fills the GPU whatever B * M * G is. Every kernel
 // but the merges has one CTA per chunk of kChunk consecutive elements (chunk_of / for_each_pack: one work
 // decomposition, 16 elements per thread in registers, 128-bit loads and stores when the segment length keeps packs
 // aligned), so there is no grid-stride loop and no per-element index division:
 //
-//   forward:  stats   one CTA per (task, chunk): the chunk stays in registers for both of its passes (sum, then
-//                     centred squares), writes (count, mean, M2) in fp64;
-//             merge   one thread per task merges its chunks in chunk order (Chan's formula, fp64): mean, rstd;
+//   forward:  stats   one CTA per (task, chunk): the chunk stays in registers for its three steps (max |x|, scaled
+//                     sum, centred scaled squares), writes its moments (count, exponent, mean, M2) in fp64;
+//             merge   one warp per task: lanes merge strided chunks in order, then a fixed lane tree: mean, rstd;
 //             apply   one CTA per (row, chunk): y = act(x * a + s) with a = rstd * w, s = b - mean * a per row.
-//   backward: sums    one CTA per (row, chunk): sum dz and sum dz * (x - mean), fp64 partials;
-//             merge   one thread per task: dbeta, dgamma partials [B, M, C] and the two means of the GroupNorm
-//                     backward per task;
+//   backward: sums    one CTA per (row, chunk): sum dz and sum dz * xhat, fp64 partials;
+//             merge   one warp per task, as the forward's: dbeta, dgamma partials [B, M, C] and the two means of
+//                     the GroupNorm backward per task;
 //             apply   one CTA per (row, chunk): dx.
 // DRAM traffic: the forward reads x once for the statistics and once for the apply and writes y once (3 passes of
 // x's bytes against the floor's 2: keeping x on chip between them needs a grid-wide barrier); the backward reads
@@ -124,77 +125,106 @@ unsigned chunk_grid(int64_t segments, int64_t len, const char* op, at::IntArrayR
   return static_cast<unsigned>(ctas);
 }
 
+struct MaxOp {
+  template <typename T>
+  __device__ __forceinline__ T operator()(const T& a, const T& b) const {
+    return a < b ? b : a;
+  }
+};
+
+// One CTA per (task, chunk): the chunk's moments (csrc/ds_common.h: count, exponent e of its max |x|, mean and M2 of
+// the values scaled by 2^-e) in fp64. The chunk stays in registers for its three steps (max, scaled sum for the
+// centre, centred scaled sums).
 template <typename scalar_t, int VEC>
 __global__ void __launch_bounds__(kThreads) gn_stats_kernel(const scalar_t* __restrict__ x,
                                                             const bool* __restrict__ present, int64_t G, int64_t n,
                                                             double* __restrict__ part) {
   using acc_t = at::opmath_type<scalar_t>;
+  using AccReduce = cub::BlockReduce<acc_t, kThreads>;
   __shared__ typename BlockReduce::TempStorage tmp;
-  __shared__ acc_t centre, scale_s;
-  __shared__ double scale_d;
+  __shared__ typename AccReduce::TempStorage tmp_max;
+  __shared__ acc_t centre;
+  __shared__ int exponent;
   const Chunk ch = chunk_of(n, false);
-  double* out = part + static_cast<int64_t>(blockIdx.x) * 3;  // [task, chunk] order: blockIdx.x
+  double* out = part + static_cast<int64_t>(blockIdx.x) * 4;  // [task, chunk] order: blockIdx.x
   if (!present[ch.seg / G]) {
-    if (threadIdx.x == 0) out[0] = out[1] = out[2] = 0.0;
+    if (threadIdx.x == 0) {
+      out[0] = out[2] = out[3] = 0.0;
+      out[1] = kGnZeroExponent;
+    }
     return;
   }
   const int count = ch.count;
   acc_t v[kElems];
-  load_chunk<scalar_t, VEC>(x + ch.seg * n, ch, v);
-  acc_t sum = 0, sum_abs = 0;
+  load_chunk<scalar_t, VEC>(x + ch.seg * n, ch, v);  // zeros past count
+  acc_t mx = 0;
+#pragma unroll
+  for (int e = 0; e < kElems; ++e) mx = MaxOp{}(mx, v[e] < 0 ? -v[e] : v[e]);
+  mx = AccReduce(tmp_max).Reduce(mx, MaxOp{});
+  if (threadIdx.x == 0) exponent = gn_exponent(mx);
+  __syncthreads();
+  const int ex = exponent;
+  const GnScale<acc_t> sc = gn_scale<acc_t>(ex);
+  acc_t sum = 0;
 #pragma unroll
   for (int e = 0; e < kElems; ++e) {
+    v[e] = sc(v[e]);
     sum += v[e];
-    sum_abs += v[e] < 0 ? -v[e] : v[e];
   }
-  double a = sum, b = sum_abs;
-  block_sum2(a, b, tmp);
-  if (threadIdx.x == 0) {
-    centre = static_cast<acc_t>(a / count);
-    scale_d = group_norm_scale(b / count);
-    scale_s = static_cast<acc_t>(scale_d);
-  }
+  const double total = BlockReduce(tmp).Sum(static_cast<double>(sum));
+  if (threadIdx.x == 0) centre = static_cast<acc_t>(total / count);
   __syncthreads();
-  const acc_t c = centre, sc = scale_s;
+  const acc_t c = centre;
   acc_t sd = 0, sd2 = 0;
   for_each_pack<VEC>(count, [&](int e0, int, bool in) {
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
-      const acc_t d = in ? (v[e0 + k] - c) * sc : acc_t(0);
+      const acc_t d = in ? v[e0 + k] - c : acc_t(0);
       sd += d;
       sd2 += d * d;
     }
   });
-  a = sd;
-  b = sd2;
-  __syncthreads();
+  double a = sd, b = sd2;
   block_sum2(a, b, tmp);
   if (threadIdx.x == 0) {
-    const double scale = scale_d;
-    out[0] = static_cast<double>(count);
-    out[1] = static_cast<double>(c) + a / count / scale;
-    out[2] = fmax(0.0, b - a * a / count) / (scale * scale);
+    const GnMoments m = gn_chunk_moments(count, ex, c, a, b);
+    out[0] = m.count;
+    out[1] = m.exponent;
+    out[2] = m.mean;
+    out[3] = m.m2;
   }
 }
 
-// One thread per task: merge the chunks' (count, mean, M2) in chunk order.
+constexpr int kWarps = kThreads / 32;
+
+__device__ __forceinline__ GnMoments shfl_down(const GnMoments& m, int off) {
+  return {__shfl_down_sync(0xffffffffu, m.count, off), __shfl_down_sync(0xffffffffu, m.exponent, off),
+          __shfl_down_sync(0xffffffffu, m.mean, off), __shfl_down_sync(0xffffffffu, m.m2, off)};
+}
+
+// One warp per task: lane l merges chunks l, l + 32, ... in order, then the lanes merge in a fixed tree (lane 0
+// ends with the task's moments): a fixed order, so the result is deterministic, with a dependent chain of
+// chunks / 32 + 5 merges instead of the chunk count.
 template <typename acc_t>
-__global__ void gn_merge_kernel(const double* __restrict__ part, int64_t tasks, int64_t chunks, double eps,
-                                acc_t* __restrict__ mean, acc_t* __restrict__ rstd) {
-  const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (t >= tasks) return;
-  const double* p = part + t * chunks * 3;
-  double cnt = 0, mu = 0, m2 = 0;
-  for (int64_t s = 0; s < chunks; ++s) {
-    const double nb = p[3 * s];
-    if (nb == 0) continue;
-    const double tot = cnt + nb, delta = p[3 * s + 1] - mu;
-    mu += delta * (nb / tot);
-    m2 += p[3 * s + 2] + delta * delta * (cnt * nb / tot);
-    cnt = tot;
+__global__ void __launch_bounds__(kThreads) gn_merge_kernel(const double* __restrict__ part, int64_t tasks,
+                                                            int64_t chunks, double eps, acc_t* __restrict__ mean,
+                                                            acc_t* __restrict__ rstd) {
+  const int lane = static_cast<int>(threadIdx.x % 32);
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
+  if (t >= tasks) return;  // uniform per warp
+  const double* p = part + t * chunks * 4;
+  GnMoments m{0.0, static_cast<double>(kGnZeroExponent), 0.0, 0.0};
+  for (int64_t s = lane; s < chunks; s += 32) m = gn_merge(m, {p[4 * s], p[4 * s + 1], p[4 * s + 2], p[4 * s + 3]});
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    const GnMoments o = shfl_down(m, off);
+    if (lane + off < 32) m = gn_merge(m, o);
   }
-  mean[t] = static_cast<acc_t>(mu);
-  rstd[t] = cnt > 0 ? static_cast<acc_t>(1.0 / sqrt(m2 / cnt + eps)) : acc_t(0);
+  if (lane == 0) {
+    const GnStats st = gn_finalize(m, eps);
+    mean[t] = static_cast<acc_t>(st.mean);
+    rstd[t] = static_cast<acc_t>(st.rstd);
+  }
 }
 
 // Row r's task and modality channel.
@@ -228,7 +258,7 @@ __global__ void __launch_bounds__(kThreads) gn_apply_kernel(const scalar_t* __re
   store_chunk<scalar_t, VEC>(y + ch.seg * L, ch, v);
 }
 
-// Backward pass 1 per (row, chunk of L): sum dz and sum dz * (x - mean), dz = dy * act'(z).
+// Backward pass 1 per (row, chunk of L): sum dz and sum dz * xhat, dz = dy * act'(z).
 template <typename scalar_t, typename acc_t, Activation A, int VEC>
 __global__ void __launch_bounds__(kThreads) gn_bwd_sums_kernel(const scalar_t* __restrict__ gy,
                                                                const scalar_t* __restrict__ x,
@@ -246,17 +276,18 @@ __global__ void __launch_bounds__(kThreads) gn_bwd_sums_kernel(const scalar_t* _
     if (threadIdx.x == 0) out[0] = out[1] = 0.0;
     return;
   }
-  const acc_t mu = mean[ri.task], rs = rstd[ri.task], wc = w[ri.channel], bc = b[ri.channel];
+  const acc_t wc = w[ri.channel], bc = b[ri.channel];
+  const GnNormalizer<acc_t> xhat_of = gn_normalizer(mean[ri.task], rstd[ri.task]);  // never forms x - mean
   acc_t xv[kElems], gv[kElems];
   load_chunk<scalar_t, VEC>(x + ch.seg * L, ch, xv);
   load_chunk<scalar_t, VEC>(gy + ch.seg * L, ch, gv);
   acc_t s1 = 0, s2 = 0;
 #pragma unroll
   for (int e = 0; e < kElems; ++e) {
-    const acc_t xc = xv[e] - mu;
-    const acc_t dz = gv[e] * activate_grad<A>(xc * rs * wc + bc);
+    const acc_t xhat = xhat_of(xv[e]);
+    const acc_t dz = gv[e] * activate_grad<A>(xhat * wc + bc);
     s1 += dz;  // zero past count: gv is zero there
-    s2 += dz * xc;
+    s2 += dz * xhat;  // not dz * (x - mean): that overflows fp32 sums for |x| near fp32's max
   }
   double a = s1, c = s2;
   block_sum2(a, c, tmp);
@@ -266,36 +297,47 @@ __global__ void __launch_bounds__(kThreads) gn_bwd_sums_kernel(const scalar_t* _
   }
 }
 
-// One thread per task: per channel sums over chunks (chunk order) -> dbeta, dgamma partials [B, M, C], and the
-// task's two GroupNorm-backward means coef[t] = (mean(dxhat), mean(dxhat * xhat)).
+// One warp per task: per channel, the chunks' sums (lane l takes chunks l, l + 32, ... in order, then a fixed lane
+// tree: deterministic) -> dbeta, dgamma partials [B, M, C], and the task's two GroupNorm-backward means
+// coef[t] = (mean(dxhat), mean(dxhat * xhat)).
 template <typename acc_t>
-__global__ void gn_bwd_merge_kernel(const double* __restrict__ part, const acc_t* __restrict__ w,
-                                    const acc_t* __restrict__ rstd, const bool* __restrict__ present, int64_t tasks,
-                                    int64_t M, int64_t C, int64_t G, int64_t L, int64_t chunks,
-                                    acc_t* __restrict__ dgamma, acc_t* __restrict__ dbeta, acc_t* __restrict__ coef) {
-  const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (t >= tasks) return;
+__global__ void __launch_bounds__(kThreads) gn_bwd_merge_kernel(const double* __restrict__ part,
+                                                                const acc_t* __restrict__ w,
+                                                                const bool* __restrict__ present, int64_t tasks,
+                                                                int64_t M, int64_t C, int64_t G, int64_t L,
+                                                                int64_t chunks, acc_t* __restrict__ dgamma,
+                                                                acc_t* __restrict__ dbeta, acc_t* __restrict__ coef) {
+  const int lane = static_cast<int>(threadIdx.x % 32);
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
+  if (t >= tasks) return;  // uniform per warp
   const int64_t pair = t / G, g = t % G, Cg = C / G, m = pair % M;
-  const double rs = rstd[t];
   double sw1 = 0, sw2 = 0;
   for (int64_t c = 0; c < Cg; ++c) {
     const int64_t r = pair * C + g * Cg + c;
     double s1 = 0, s2 = 0;
-    for (int64_t s = 0; s < chunks; ++s) {
+    for (int64_t s = lane; s < chunks; s += 32) {
       s1 += part[(r * chunks + s) * 2];
       s2 += part[(r * chunks + s) * 2 + 1];
     }
-    s2 *= rs;
-    dbeta[r] = static_cast<acc_t>(s1);
-    dgamma[r] = static_cast<acc_t>(s2);
-    const double wc = w[m * C + g * Cg + c];
-    sw1 += wc * s1;
-    sw2 += wc * s2;
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {
+      s1 += __shfl_down_sync(0xffffffffu, s1, off);
+      s2 += __shfl_down_sync(0xffffffffu, s2, off);
+    }
+    if (lane == 0) {
+      dbeta[r] = static_cast<acc_t>(s1);
+      dgamma[r] = static_cast<acc_t>(s2);
+      const double wc = w[m * C + g * Cg + c];
+      sw1 += wc * s1;
+      sw2 += wc * s2;
+    }
   }
-  const bool on = present[pair];
-  const double n = static_cast<double>(Cg * L);
-  coef[2 * t] = on ? static_cast<acc_t>(sw1 / n) : acc_t(0);
-  coef[2 * t + 1] = on ? static_cast<acc_t>(sw2 / n) : acc_t(0);
+  if (lane == 0) {
+    const bool on = present[pair];
+    const double n = static_cast<double>(Cg * L);
+    coef[2 * t] = on ? static_cast<acc_t>(sw1 / n) : acc_t(0);
+    coef[2 * t + 1] = on ? static_cast<acc_t>(sw2 / n) : acc_t(0);
+  }
 }
 
 template <typename scalar_t, typename acc_t, Activation A, int VEC>
@@ -314,14 +356,15 @@ __global__ void __launch_bounds__(kThreads) gn_bwd_apply_kernel(const scalar_t* 
   const bool on = present[ri.pair];
   acc_t xv[kElems] = {};
   if (on) {
-    const acc_t mu = mean[ri.task], rs = rstd[ri.task], wc = w[ri.channel], bc = b[ri.channel];
+    const acc_t rs = rstd[ri.task], wc = w[ri.channel], bc = b[ri.channel];
+    const GnNormalizer<acc_t> xhat_of = gn_normalizer(mean[ri.task], rs);
     const acc_t c1 = coef[2 * ri.task], c2 = coef[2 * ri.task + 1];
     acc_t gv[kElems];
     load_chunk<scalar_t, VEC>(x + ch.seg * L, ch, xv);
     load_chunk<scalar_t, VEC>(gy + ch.seg * L, ch, gv);
 #pragma unroll
     for (int e = 0; e < kElems; ++e) {
-      const acc_t xhat = (xv[e] - mu) * rs;
+      const acc_t xhat = xhat_of(xv[e]);
       const acc_t dz = gv[e] * activate_grad<A>(xhat * wc + bc);
       xv[e] = rs * (dz * wc - c1 - xhat * c2);
     }
@@ -378,7 +421,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> modality_group_norm_fwd_cuda(cons
   const int64_t chunks = (n + kChunk - 1) / kChunk;
   const unsigned stats_ctas = chunk_grid(tasks, n, "modality_group_norm_fwd", x.sizes());
   const unsigned apply_ctas = chunk_grid(rows, L, "modality_group_norm_fwd", x.sizes());
-  auto part = at::empty({tasks, chunks, 3}, x.options().dtype(at::kDouble));
+  auto part = at::empty({tasks, chunks, 4}, x.options().dtype(at::kDouble));
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "modality_group_norm_fwd_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -388,7 +431,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> modality_group_norm_fwd_cuda(cons
             xc.const_data_ptr<scalar_t>(), pc.const_data_ptr<bool>(), num_groups, n, part.mutable_data_ptr<double>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
-      gn_merge_kernel<acc_t><<<(tasks + kThreads - 1) / kThreads, kThreads, 0, stream>>>(
+      gn_merge_kernel<acc_t><<<(tasks + kWarps - 1) / kWarps, kThreads, 0, stream>>>(
           part.const_data_ptr<double>(), tasks, chunks, eps, mean.mutable_data_ptr<acc_t>(),
           rstd.mutable_data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -446,9 +489,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> modality_group_norm_bwd_cuda(
             C10_CUDA_KERNEL_LAUNCH_CHECK();
           });
         });
-        gn_bwd_merge_kernel<acc_t><<<(tasks + kThreads - 1) / kThreads, kThreads, 0, stream>>>(
-            part.const_data_ptr<double>(), w.const_data_ptr<acc_t>(), rc.const_data_ptr<acc_t>(),
-            pc.const_data_ptr<bool>(), tasks, M, C, num_groups, L, chunks, dgamma.mutable_data_ptr<acc_t>(),
+        gn_bwd_merge_kernel<acc_t><<<(tasks + kWarps - 1) / kWarps, kThreads, 0, stream>>>(
+            part.const_data_ptr<double>(), w.const_data_ptr<acc_t>(), pc.const_data_ptr<bool>(), tasks, M, C, num_groups, L, chunks, dgamma.mutable_data_ptr<acc_t>(),
             dbeta.mutable_data_ptr<acc_t>(), coef.mutable_data_ptr<acc_t>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         if (dx.defined()) {

@@ -191,23 +191,36 @@ def masked_conv_torch(x, weight, bias, index, counts, stride, padding, dilation,
     return out[:-1].view(out_shape)
 
 
+def _pow2(e, dtype):
+    """2^e as two tensors of `dtype` (each a normal number: 2^e alone overflows fp32 for e beyond +-127)."""
+    half = torch.div(e, 2, rounding_mode="trunc")
+    one = torch.ones(e.shape, dtype=dtype, device=e.device)
+    return torch.ldexp(one, half), torch.ldexp(one, e - half)
+
+
 def _group_normalize(x, num_groups, eps):
-    """(x - mean) * rstd per group of x [P, C, *S], statistics as the kernels compute them (csrc/ds_common.h
-    group_norm_scale): the group is scaled by a power of two near 1 / mean|x| (exact) before the variance, so fp32
-    squares cannot overflow for large finite inputs (F.group_norm's do from |x| ~ 1.8e19 on), and the variance is
-    rescaled in fp64."""
+    """(x - mean) * rstd per group of x [P, C, *S] (fp32 or fp64), statistics as the kernels compute them
+    (csrc/ds_common.h, group-norm statistics at any magnitude): the group is scaled by 2^-e, e the frexp exponent of
+    its max |x| (exact), so neither its squares nor its sums overflow or underflow from the dtype's smallest
+    subnormal to its max (F.group_norm's fp32 squares overflow from |x| ~ 1.8e19 on), and rstd is formed in fp64
+    without leaving the scaled domain."""
     P = x.shape[0]
     xg = x.reshape(P, num_groups, -1)
     with torch.no_grad():
-        mean_abs = xg.abs().mean(-1, keepdim=True)
-        _, e = torch.frexp(mean_abs)  # mean_abs = m 2^e, m in [0.5, 1)
-        usable = (mean_abs > 0) & torch.isfinite(mean_abs)
-        scale = torch.where(usable, torch.ldexp(torch.ones_like(mean_abs), 1 - e), torch.ones_like(mean_abs))
-    xs = xg * scale
+        max_abs = xg.abs().amax(-1, keepdim=True)
+        _, e = torch.frexp(max_abs)  # max_abs = f 2^e, f in [0.5, 1)
+        e = torch.where(torch.isfinite(max_abs), e, 0)  # inf / NaN propagate unscaled
+        down_lo, down_hi = _pow2(-e, x.dtype)
+    xs = xg * down_lo * down_hi
     mu = xs.mean(-1, keepdim=True)
-    var = (xs - mu).square().mean(-1, keepdim=True).double() / scale.double().square()
-    rstd = (var + eps).rsqrt().to(x.dtype)
-    return ((xs - mu) * (rstd / scale)).reshape(x.shape)
+    var = (xs - mu).square().mean(-1, keepdim=True).double()
+    # rstd = 2^-e / sqrt(var + eps 4^-e); eps 4^-e is inf only where eps dwarfs the variance: rstd = 1/sqrt(eps),
+    # and (x - mean) * rstd = (xs - mu) * 2^e / sqrt(eps), the 2^e again as two factors.
+    q = var + torch.ldexp(torch.full_like(var, eps), -2 * e)
+    tiny = torch.isinf(q)
+    r = torch.where(tiny, torch.full_like(q, eps).rsqrt(), q.rsqrt()).to(x.dtype)
+    up_lo, up_hi = _pow2(torch.where(tiny, e, 0), x.dtype)
+    return ((xs - mu) * r * up_lo * up_hi).reshape(x.shape)
 
 
 def modality_group_norm_torch(x, weight, bias, present, num_groups, eps, activation, index=None):

@@ -8,14 +8,15 @@ gmd_ext/ops/_registry.py registers them as the custom ops `gmd_ext::modality_gro
 x [B, M, C, L] contiguous puts group t = (b * M + m) * G + g at [t * n, (t + 1) * n), n = C / G * L, and channel
 row r = (b * M + m) * C + c at [r * L, (r + 1) * L). The work is split so that every launch fills the GPU whatever
 B * M * G is (the CUDA kernels, csrc/cuda/modality_group_norm_cuda.cu, do the same):
-  forward:  _stats_kernel (task x chunk of CHUNK elements, held in registers: count, mean, M2 in fp64) ->
+  forward:  _stats_kernel (task x chunk of CHUNK elements, held in registers: count, exponent, mean, M2 in fp64) ->
             _merge_kernel (per task, chunks merged in order by Chan's formula: mean, rstd) ->
             _apply_kernel (row x column block: y = act(x * a + s), a = rstd * w, s = b - mean * a).
   backward: _bwd_sums_kernel (row x chunk: sum dz, sum dz * (x - mean)) -> _bwd_merge_kernel (per task: dgamma,
             dbeta partials [B, M, C] and the two GroupNorm-backward means) -> _bwd_apply_kernel (dx).
-Statistics: centred second pass scaled by a power of two (as csrc/ds_common.h group_norm_scale), so the squares do
-not overflow fp32 for large finite inputs. Chunk counts depend on the shape only and merges run in a fixed order:
-deterministic, no atomics.
+Statistics as csrc/ds_common.h computes them on every backend: each chunk's values scaled by 2^-e, e from the chunk's
+max |x|, so no sum or square overflows or underflows from subnormal groups to the dtype's max; the chunks' moments
+(count, e, mean, M2) merged by Chan's formula after exact rescaling to the larger exponent. Chunk counts depend on
+the shape only and merges run in a fixed order: deterministic, no atomics.
 """
 import torch
 import triton
@@ -36,60 +37,113 @@ APPLY_PROGRAMS = 2048  # programs aimed at per apply launch (~8 per SM on the la
 _ACT = {"none": 0, "relu": 1, "leaky_relu": 2}
 
 
+ZERO_EXPONENT = tl.constexpr(-8192)  # the exponent of a chunk of zeros (csrc/ds_common.h kGnZeroExponent)
+
+
 @triton.jit
-def _pow2_scale(mean_abs):
-    """2^-e for mean_abs = m · 2^e (fp32 exponent field), 1 for zero, subnormal, inf or NaN: exact scaling."""
-    e = (mean_abs.to(tl.float32).to(tl.int32, bitcast=True) >> 23) & 0xFF
-    field = tl.minimum(tl.maximum(254 - e, 1), 254)
-    scale = (field << 23).to(tl.float32, bitcast=True)
-    return tl.where((e == 0) | (e == 255), 1.0, scale)
+def _pow2(k, ACC: tl.constexpr):
+    """2^k as an ACC number, built from its bits: k must lie in the normal range (|k| <= 126 fp32, 1022 fp64)."""
+    if ACC == tl.float64:
+        return ((k.to(tl.int64) + 1023) << 52).to(tl.float64, bitcast=True)
+    else:
+        return ((k.to(tl.int32) + 127) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _ldexp64(x, k):
+    """x * 2^k for fp64 x and any int32 k, as ldexp (four factors 2^(k/4) or so, each a normal double; the
+    intermediate products lie between x and the result, so none overflows or underflows before the result does)."""
+    k = tl.minimum(tl.maximum(k, -4000), 4000)
+    q = k // 4
+    return x * _pow2(q, tl.float64) * _pow2(q, tl.float64) * _pow2(q, tl.float64) * _pow2(k - 3 * q, tl.float64)
+
+
+@triton.jit
+def _exponent(m, ACC: tl.constexpr):
+    """frexp's exponent e of m = max |v| of a chunk (m = f 2^e, f in [0.5, 1)), ZERO_EXPONENT for 0, 0 for inf or
+    NaN: csrc/ds_common.h gn_exponent. A subnormal m is brought into the normal range first (exactly)."""
+    if ACC == tl.float64:
+        sub = m < 2.2250738585072014e-308
+        bits = tl.where(sub, m * 3.402823669209385e38, m).to(tl.int64, bitcast=True)  # * 2^128
+        field = ((bits >> 52) & 0x7FF).to(tl.int32)
+        e = tl.where(field == 0x7FF, 0, field - 1022 - tl.where(sub, 128, 0))
+    else:
+        sub = m < 1.1754943508222875e-38
+        bits = tl.where(sub, m * 18446744073709551616.0, m).to(tl.int32, bitcast=True)  # * 2^64
+        field = (bits >> 23) & 0xFF
+        e = tl.where(field == 0xFF, 0, field - 126 - tl.where(sub, 64, 0))
+    return tl.where(m == 0, ZERO_EXPONENT, e)
 
 
 @triton.jit
 def _stats_kernel(x_ptr, present_ptr, part_ptr, G, n, chunks, ACC: tl.constexpr, CHUNK: tl.constexpr):
+    """One chunk's moments (count, e, mean, M2 of the values scaled by 2^-e: csrc/ds_common.h) into part."""
     pid = tl.program_id(0).to(tl.int64)
     t = pid // chunks
     s = pid % chunks
-    out = part_ptr + pid * 3
+    out = part_ptr + pid * 4
     if tl.load(present_ptr + t // G) == 0:
         tl.store(out, 0.0)
-        tl.store(out + 1, 0.0)
+        tl.store(out + 1, ZERO_EXPONENT * 1.0)
         tl.store(out + 2, 0.0)
+        tl.store(out + 3, 0.0)
     else:
         begin = s * CHUNK
         count = tl.minimum(n - begin, CHUNK)
         offs = tl.arange(0, CHUNK)
         ok = offs < count
         v = tl.load(x_ptr + t * n + begin + offs, mask=ok, other=0.0).to(ACC)
+        e = _exponent(tl.max(tl.abs(v), 0), ACC)
+        k = tl.where(e == ZERO_EXPONENT, 0, -e)  # 2^k as two normal factors: 2^k alone overflows fp32
+        half = k // 2
+        sv = v * _pow2(half, ACC) * _pow2(k - half, ACC)
         cnt = count.to(tl.float64)
-        c = (tl.sum(v, 0).to(tl.float64) / cnt).to(ACC)
-        scale = _pow2_scale(tl.sum(tl.abs(v), 0).to(tl.float64) / cnt).to(ACC)
-        d = tl.where(ok, (v - c) * scale, 0.0)
+        c = (tl.sum(sv, 0).to(tl.float64) / cnt).to(ACC)
+        d = tl.where(ok, sv - c, 0.0)
         sd = tl.sum(d, 0).to(tl.float64)
         sd2 = tl.sum(d * d, 0).to(tl.float64)
-        sc = scale.to(tl.float64)
         tl.store(out, cnt)
-        tl.store(out + 1, c.to(tl.float64) + sd / cnt / sc)
-        tl.store(out + 2, tl.maximum(sd2 - sd * sd / cnt, 0.0) / (sc * sc))
+        tl.store(out + 1, e.to(tl.float64))
+        tl.store(out + 2, c.to(tl.float64) + sd / cnt)
+        tl.store(out + 3, tl.maximum(sd2 - sd * sd / cnt, 0.0))
 
 
 @triton.jit
 def _merge_kernel(part_ptr, mean_ptr, rstd_ptr, chunks, eps):
+    """Per task: its chunks' moments merged in chunk order (Chan's formula after exact rescaling to the larger
+    exponent), then mean and rstd = 2^-e / sqrt(var_s + eps 4^-e): csrc/ds_common.h gn_merge / gn_finalize."""
     t = tl.program_id(0).to(tl.int64)
     cnt = tl.zeros((), dtype=tl.float64)
+    ex = tl.full((), ZERO_EXPONENT, tl.int32)
     mu = tl.zeros((), dtype=tl.float64)
     m2 = tl.zeros((), dtype=tl.float64)
     for s in range(0, chunks):
-        p = part_ptr + (t * chunks + s) * 3
+        p = part_ptr + (t * chunks + s) * 4
         nb = tl.load(p)
-        tot = tl.maximum(cnt + nb, 1.0)  # nb == 0 (absent) leaves cnt, mu, m2 unchanged
-        delta = tl.load(p + 1) - mu
-        mu += delta * (nb / tot)
-        m2 += tl.load(p + 2) + delta * delta * (cnt * nb / tot)
+        eb = tl.load(p + 1).to(tl.int32)
+        e = tl.maximum(ex, eb)
+        ma = _ldexp64(mu, ex - e)
+        mb = _ldexp64(tl.load(p + 2), eb - e)
+        tot = tl.maximum(cnt + nb, 1.0)  # nb == 0 (absent): cnt, mu, m2 unchanged (its exponent is the lowest)
+        delta = mb - ma
+        mu = ma + delta * (nb / tot)
+        m2 = _ldexp64(m2, 2 * (ex - e)) + _ldexp64(tl.load(p + 3), 2 * (eb - e)) + delta * delta * (cnt * nb / tot)
         cnt += nb
-    tl.store(mean_ptr + t, mu.to(mean_ptr.dtype.element_ty))
-    rs = tl.where(cnt > 0, 1.0 / tl.sqrt(m2 / tl.maximum(cnt, 1.0) + eps), 0.0)
-    tl.store(rstd_ptr + t, rs.to(rstd_ptr.dtype.element_ty))
+        ex = e
+    eps64 = tl.zeros((), dtype=tl.float64) + eps
+    q = m2 / tl.maximum(cnt, 1.0) + _ldexp64(eps64, -2 * ex)
+    rs = tl.where(q > 1.7976931348623157e308, 1.0 / tl.sqrt(eps64), _ldexp64(1.0 / tl.sqrt(q), -ex))
+    tl.store(mean_ptr + t, tl.where(cnt > 0, _ldexp64(mu, ex), 0.0).to(mean_ptr.dtype.element_ty))
+    tl.store(rstd_ptr + t, tl.where(cnt > 0, rs, 0.0).to(rstd_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _xhat(x, mu, rs):
+    """(x - mu) * rs without forming x - mu, which overflows where |x| + |mu| passes the dtype's max: both halved
+    first (exact for normal numbers) unless mu is tiny (csrc/ds_common.h gn_normalizer)."""
+    tiny = tl.abs(mu) < 7.888609052210118e-31  # 2^-100
+    h = tl.where(tiny, 1.0, 0.5).to(mu.dtype)
+    return (x * h - mu * h) * (rs * tl.where(tiny, 1.0, 2.0).to(mu.dtype))
 
 
 @triton.jit
@@ -162,20 +216,20 @@ def _bwd_sums_kernel(gy_ptr, x_ptr, w_ptr, b_ptr, present_ptr, mean_ptr, rstd_pt
         bc = tl.load(b_ptr + ch).to(ACC)
         idx = s * CHUNK + tl.arange(0, CHUNK)
         ok = idx < L
-        xc = tl.load(x_ptr + r * L + idx, mask=ok, other=0.0).to(ACC) - mu
+        xhat = _xhat(tl.load(x_ptr + r * L + idx, mask=ok, other=0.0).to(ACC), mu, rs)
         gy = tl.load(gy_ptr + r * L + idx, mask=ok, other=0.0).to(ACC)
-        dz = _act_grad(gy, xc * rs * wc + bc, ACT)  # zero past L: gy is
+        dz = _act_grad(gy, xhat * wc + bc, ACT)  # zero past L: gy is
         tl.store(out, tl.sum(dz, 0).to(tl.float64))
-        tl.store(out + 1, tl.sum(dz * xc, 0).to(tl.float64))
+        # dz * xhat, not dz * (x - mean): the latter overflows fp32 sums for |x| near fp32's max
+        tl.store(out + 1, tl.sum(dz * xhat, 0).to(tl.float64))
 
 
 @triton.jit
-def _bwd_merge_kernel(part_ptr, w_ptr, rstd_ptr, present_ptr, dg_ptr, db_ptr, coef_ptr, M, C, G, L, chunks):
+def _bwd_merge_kernel(part_ptr, w_ptr, present_ptr, dg_ptr, db_ptr, coef_ptr, M, C, G, L, chunks):
     t = tl.program_id(0).to(tl.int64)
     pair = t // G
     g = t % G
     cg = C // G
-    rs = tl.load(rstd_ptr + t).to(tl.float64)
     sw1 = tl.zeros((), dtype=tl.float64)
     sw2 = tl.zeros((), dtype=tl.float64)
     for c in range(0, cg):
@@ -185,7 +239,6 @@ def _bwd_merge_kernel(part_ptr, w_ptr, rstd_ptr, present_ptr, dg_ptr, db_ptr, co
         for s in range(0, chunks):
             s1 += tl.load(part_ptr + (r * chunks + s) * 2)
             s2 += tl.load(part_ptr + (r * chunks + s) * 2 + 1)
-        s2 = s2 * rs
         tl.store(db_ptr + r, s1.to(db_ptr.dtype.element_ty))
         tl.store(dg_ptr + r, s2.to(dg_ptr.dtype.element_ty))
         wc = tl.load(w_ptr + (pair % M) * C + g * cg + c).to(tl.float64)
@@ -215,7 +268,7 @@ def _bwd_apply_kernel(gy_ptr, x_ptr, w_ptr, b_ptr, present_ptr, mean_ptr, rstd_p
     for start in range(tl.program_id(1) * BLOCK, L, splits * BLOCK):
         idx = start + offs
         ok = idx < L
-        xhat = (tl.load(x_ptr + r * L + idx, mask=idx < read_end, other=0.0).to(ACC) - mu) * rs
+        xhat = _xhat(tl.load(x_ptr + r * L + idx, mask=idx < read_end, other=0.0).to(ACC), mu, rs)
         gy = tl.load(gy_ptr + r * L + idx, mask=idx < read_end, other=0.0).to(ACC)
         dz = _act_grad(gy, xhat * wc + bc, ACT)
         _store(dx_ptr + r * L + idx, tl.where(on, rs * (dz * wc - c1 - xhat * c2), 0.0), ok, OUT_BF16)
@@ -300,7 +353,7 @@ def group_norm_fwd(x, weight, bias, present, num_groups: int, eps: float, activa
     if y.numel() == 0:
         return y, mean, rstd
     chunks = triton.cdiv(n, CHUNK)
-    part = torch.empty((tasks, chunks, 3), dtype=torch.float64, device=x.device)
+    part = torch.empty((tasks, chunks, 4), dtype=torch.float64, device=x.device)
     splits = _splits(rows, L)
     with _utils.device_guard(x):
         _stats_kernel[(tasks * chunks,)](xc, flags, part, num_groups, n, chunks, ACC=acc, CHUNK=CHUNK,
@@ -334,8 +387,7 @@ def group_norm_bwd(grad_y, x, weight, bias, present, mean, rstd, num_groups: int
             _bwd_sums_kernel[(rows * chunks,)](gy, xc, w, b, flags, mean.contiguous(), rstd.contiguous(), part, M, C,
                                                num_groups, L, chunks, ACT=_ACT[activation], ACC=acc, CHUNK=CHUNK,
                                                num_warps=CHUNK_WARPS)
-            _bwd_merge_kernel[(tasks,)](part, w, rstd.contiguous(), flags, dg, db, coef, M, C, num_groups, L, chunks,
-                                        num_warps=1)
+            _bwd_merge_kernel[(tasks,)](part, w, flags, dg, db, coef, M, C, num_groups, L, chunks, num_warps=1)
             _bwd_apply_kernel[(rows, splits)](gy, xc, w, b, flags, mean.contiguous(), rstd.contiguous(), coef,
                                               _storage(dx), M, C, num_groups, L, splits, ACT=_ACT[activation],
                                               ACC=acc, OUT_BF16=x.dtype == torch.bfloat16, BLOCK=BLOCK,
