@@ -115,9 +115,27 @@ def test_overflow_skips_step_and_lowers_scale():
 
 
 def test_default_nonfinite_raise_names_the_amp_recipe():
+    """Scaled gradients that overflow fp32 themselves (inf): the default nonfinite="raise" names the AMP recipe."""
     x, y = torch.randn(16, 6), torch.randn(16, 2)
     net, opt = make()
     scaler = torch.amp.GradScaler("cpu", init_scale=3.0e38)
     gmd = GMD(opt, order=ORDER)
     with pytest.raises(ValueError, match="nonfinite='propagate' with torch.amp.GradScaler"):
-        gmd.backward([scaler.scale(l) for l in net.losses(x, y)])
+        gmd.backward([scaler.scale(l) * 1e3 for l in net.losses(x, y)])
+
+
+def test_finite_gradients_whose_gramian_overflows_are_projected():
+    """Finite gradients (|g| up to ~1e37) whose fp32 Gramian overflows: not reported as NaN/Inf (nonfinite
+    "raise"/"skip") but projected from a float64 Γ: s times the merged gradient of the unscaled losses (the
+    projection is scale-invariant)."""
+    x, y = torch.randn(16, 6), torch.randn(16, 2)
+    net, opt = make()
+    gmd = GMD(opt, order=ORDER)
+    gmd.backward(net.losses(x, y))
+    ref = [p.grad.clone() for p in net.parameters()]
+    gmd.zero_grad()
+    s = 2.0 ** 120  # exact: every scaled gradient is s times the unscaled one
+    info = gmd.backward([l * s for l in net.losses(x, y)])
+    assert torch.isfinite(gmd._buffers[0].G).all() and not info.skipped and info.gram.dtype == torch.float64
+    for p, r in zip(net.parameters(), ref):
+        torch.testing.assert_close(p.grad / s, r, rtol=1e-5, atol=1e-7)

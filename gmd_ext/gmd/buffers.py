@@ -77,32 +77,49 @@ class RowState:
         self.fresh = True
         self.merged: list = [None] * len(params)
         self.foreign = False
+        self._merged_bufs: list = []
+        self._versions: list = []
 
     @property
     def K(self) -> int:
         return self.reach.shape[0]
 
     def matches(self, params, K) -> bool:
-        return K == self.K and len(params) == len(self.params) and all(a is b for a, b in zip(params, self.params))
+        return K == self.K and self.matches_params(params)
+
+    def matches_params(self, params) -> bool:
+        return len(params) == len(self.params) and all(a is b for a, b in zip(params, self.params))
+
+    def holds_gradients(self) -> bool:
+        """Whether a step is accumulating in these rows (no zero_grad since, some merged gradient in .grad)."""
+        return not self.fresh and any(p.grad is not None for p in self.params)
 
     def clear(self) -> None:
         """Forget the accumulated rows (zero_grad): the next fill starts from zero."""
         self.fresh = True
         self.foreign = False
 
+    def record(self, merged: list) -> None:
+        """Remember the merged buffers behind .grad and their version counters: an in-place edit of .grad between
+        accumulating calls (clip_grad_norm_, GradScaler.unscale_) bumps them."""
+        self._merged_bufs = list(merged)
+        self._versions = [m._version for m in merged]
+
     def accumulating(self) -> bool:
         """Whether the next fill adds to the rows: True when the rows hold this step's earlier backward calls
         (no zero_grad since, and every parameter's .grad is still the merged gradient the engine set), False after
-        a zero_grad (GMD's, or any that cleared a .grad to None). Raises when a gradient from outside the engine is
-        in .grad, which GMD would otherwise silently discard."""
+        a zero_grad (GMD's, or any that cleared every .grad to None). Raises when a gradient from outside the
+        engine is in .grad (GMD would discard it), when some parameters' .grad were cleared and others kept, or
+        when .grad was edited in place since the last call (GMD would silently undo the edit)."""
         foreign = self.foreign
-        mine, cleared = False, False
+        mine, cleared = [], []
         for i, p in enumerate(self.params):
             g, m = p.grad, self.merged[i]
             if g is None:
-                cleared = cleared or m is not None
+                if m is not None:
+                    cleared.append(i)
             elif g is m:
-                mine = True
+                mine.append(i)
             else:
                 foreign = True
         if foreign:
@@ -110,7 +127,21 @@ class RowState:
                 "gmd_ext.GMD.backward: a parameter's .grad holds a gradient from outside GMD (a plain "
                 "loss.backward(), or .grad assigned) since the last zero_grad(); GMD would discard it. Pass that "
                 "loss to gmd.backward with the objectives, or call gmd.zero_grad() first")
-        return not self.fresh and mine and not cleared
+        if self.fresh or not mine:
+            return False
+        if cleared:
+            raise RuntimeError(
+                f"gmd_ext.GMD.backward: the .grad of trainable parameters {cleared[:8]} was cleared (set to None) "
+                f"between accumulating backward calls while the others kept theirs; GMD accumulates every "
+                f"parameter's per-objective gradients until zero_grad(), so one .grad cannot be dropped alone: "
+                f"call gmd.zero_grad() to start a new step")
+        if [m._version for m in self._merged_bufs] != self._versions:
+            raise RuntimeError(
+                "gmd_ext.GMD.backward: .grad was modified in place (e.g. clip_grad_norm_ or GradScaler.unscale_) "
+                "between accumulating backward calls; GMD recomputes .grad from the accumulated per-objective "
+                "gradients at every call, which would silently undo the edit: modify .grad after the step's last "
+                "backward call, or call gmd.zero_grad() to start a new step")
+        return True
 
 
 class GradBuffers(RowState):
@@ -198,6 +229,7 @@ class GradBuffers(RowState):
             for p, v, i in zip(b.params, b.row_views(m), b.index):
                 p.grad = v if reach_any[i] else None
                 self.merged[i] = p.grad
+        self.record(merged)
 
     def _accumulated(self, p, i):
         k = self._row

@@ -7,11 +7,10 @@ across backward calls, non-finite handling and the monitor.
 """
 from __future__ import annotations
 
-import copy
 import functools
+import threading
 import types
-import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 
 import torch
 
@@ -19,19 +18,14 @@ from gmd_ext.gmd import plan as plan_, sources, usage as usage_
 from gmd_ext.gmd.buffers import GradBuffers
 from gmd_ext.gmd.info import StepInfo
 from gmd_ext.gmd.losses import check_losses
-from gmd_ext.gmd.masks import Pass1
+from gmd_ext.gmd.masks import Pass1, rescue_overflow
 from gmd_ext.gmd.projection import combine
+from gmd_ext.gmd.protocol import WrappedOptimizer
 
 _NONFINITE = ("raise", "skip", "propagate")
 
 
-def _delegated(name: str) -> property:
-    """An attribute of the wrapped optimizer, read and written through (not a copy)."""
-    return property(lambda self: getattr(self.optimizer, name), lambda self, v: setattr(self.optimizer, name, v),
-                    doc=f"The wrapped optimizer's {name}.")
-
-
-class GMD(torch.optim.Optimizer):
+class GMD(WrappedOptimizer):
     """Gradient-guided Modality Decoupling in a standard training loop: a torch.optim.Optimizer wrapping
     `optimizer` (its param_groups, state and defaults are the wrapped optimizer's, so LR schedulers,
     torch.amp.GradScaler.step(gmd) and Lightning take GMD directly)::
@@ -103,8 +97,7 @@ class GMD(torch.optim.Optimizer):
         # written through the wrapper must land in an object the engine shares with it.
         self._s = types.SimpleNamespace(step=0, bufs=None, pass1=None, step_perms=None, step_names=None,
                                         last_info=None, skipped=False, source=self.source, picked=None,
-                                        owner=id(self))
-        self._zero_grad_profile_name = f"Optimizer.zero_grad#{type(self).__name__}.zero_grad"
+                                        lock=threading.Lock(), spare_generator=torch.Generator(), owner=id(self))
         self._patch_zero_grad(optimizer)
 
     @property
@@ -132,66 +125,17 @@ class GMD(torch.optim.Optimizer):
     def _buffers(self):
         return self._s.bufs.buffers if self._s.bufs is not None else []
 
-    # ------------------------------------------------------------------ torch.optim.Optimizer protocol
-    # The wrapped optimizer's groups, state and defaults, not copies: a scheduler that sets group["lr"], a
-    # GradScaler that unscales group["params"]' grads, a checkpoint of state, all act on the optimizer that steps.
-    param_groups = _delegated("param_groups")
-    state = _delegated("state")
-    defaults = _delegated("defaults")
-
-    def add_param_group(self, param_group: dict) -> None:
-        """Add a group to the wrapped optimizer; the next backward allocates buffers over the new parameter set."""
-        self.optimizer.add_param_group(param_group)
-
-    def register_step_pre_hook(self, hook):
-        return self.optimizer.register_step_pre_hook(hook)
-
-    def register_step_post_hook(self, hook):
-        return self.optimizer.register_step_post_hook(hook)
-
-    def register_state_dict_pre_hook(self, hook, prepend: bool = False):
-        return self.optimizer.register_state_dict_pre_hook(hook, prepend)
-
-    def register_state_dict_post_hook(self, hook, prepend: bool = False):
-        return self.optimizer.register_state_dict_post_hook(hook, prepend)
-
-    def register_load_state_dict_pre_hook(self, hook, prepend: bool = False):
-        return self.optimizer.register_load_state_dict_pre_hook(hook, prepend)
-
-    def register_load_state_dict_post_hook(self, hook, prepend: bool = False):
-        return self.optimizer.register_load_state_dict_post_hook(hook, prepend)
-
-    def __getstate__(self):
-        raise TypeError("a GMD engine holds autograd hooks and buffers and cannot be pickled or deep-copied; save "
-                        "gmd.state_dict() instead")
-
     def __repr__(self) -> str:
         bufs = self._s.bufs
         shape = f"K={bufs.K}, N={sum(b.N for b in bufs.buffers)}" if bufs is not None else "K=None, N=None"
         inner = "\n".join("  " + line for line in repr(self.optimizer).splitlines())
-        return f"GMD({self.plan.splitlines()[0]}, nonfinite={self.nonfinite!r}, step={self._s.step}, {shape},\n{inner}\n)"
+        return (f"GMD({self.plan.splitlines()[0]}, nonfinite={self.nonfinite!r}, step={self._s.step}, {shape},"
+                f"\n{inner}\n)")
 
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        """Clear the gradients (the wrapped optimizer's zero_grad) and the accumulated per-objective rows."""
-        self.optimizer.zero_grad(set_to_none=set_to_none)  # patched: also clears the rows (_patch_zero_grad)
-
-    def _patch_zero_grad(self, optimizer) -> None:
-        """Make the wrapped optimizer's own zero_grad clear the accumulated rows too (loops that keep calling
-        optimizer.zero_grad() must not accumulate onto the last step's rows). A weak reference: the optimizer
-        does not keep the engine alive."""
-        ref = weakref.ref(self)
-        inner = optimizer.zero_grad
-
-        @functools.wraps(inner)
-        def zero_grad(set_to_none: bool = True):
-            engine = ref()
-            if engine is not None:
-                engine._s.skipped = False
-                if engine._bufs is not None:
-                    engine._bufs.clear()
-            return inner(set_to_none=set_to_none)
-
-        optimizer.zero_grad = zero_grad
+    def _end_step(self) -> None:
+        self._s.skipped = False
+        if self._s.bufs is not None:
+            self._s.bufs.clear()
 
     # ------------------------------------------------------------------ backward
     def backward(self, losses) -> StepInfo:
@@ -206,14 +150,24 @@ class GMD(torch.optim.Optimizer):
             StepInfo (gram, coefficients, cosines, norms, num_conflicts, losses, names, skipped, ...) of the
             accumulated gradients.
         """
-        names, values, graphs, subsets = check_losses(losses)
+        if not self._s.lock.acquire(blocking=False):
+            raise RuntimeError("gmd_ext.GMD.backward is already running in another thread: one engine's backward "
+                               "calls share its [K, N] rows and .grad, so they must not overlap (serialise them, "
+                               "or give each thread its own model and engine)")
+        try:
+            return self._done(self._backward(*check_losses(losses)))
+        finally:
+            self._s.lock.release()
+
+    def _backward(self, names, values, graphs, subsets) -> StepInfo:
         self._s.last_info = None
         member = usage_.membership(subsets) if self.aggregator.official_usage else None
         params = _trainable(self.optimizer)
+        finite = sources.finite(values)
         if isinstance(self.source, sources.LowMemory):
             perms = self.aggregator.begin_step(len(values), values[0].device, self._s.step)
-            gram, A = self.source.run(graphs, params, self.aggregator, perms, member, sources.finite(values))
-            return self._done(self._finish(names, None, gram, A, values))
+            gram, A = self.source.run(graphs, params, self.aggregator, perms, member, finite)
+            return self._finish(names, None, gram, A, values)
         bufs, perms = self._begin(params, names, graphs, values)
         try:
             with self.comm.backward_context():
@@ -224,18 +178,26 @@ class GMD(torch.optim.Optimizer):
         bufs.fresh = False
         rows = self.comm.local(bufs)
         gram, masks = self._s.pass1.run(rows, member, self.comm)
-        A, c = self.aggregator.coefficients(gram, perms, scale=self.comm.scale, finite=sources.finite(values))
-        merged = combine(rows, c, masks, self.aggregator.shared_scale(len(values)), self.aggregator.backend)
-        merged = self.comm.restore(merged)
-        if self.comm.scale != 1.0:
-            gram = gram * (self.comm.scale * self.comm.scale)
-        return self._done(self._finish(names, merged, gram, A, values))
+
+        def merge(gram):
+            A, c = self.aggregator.coefficients(gram, perms, scale=self.comm.scale, finite=finite)
+            merged = combine(rows, c, masks, self.aggregator.shared_scale(len(values)), self.aggregator.backend)
+            return self.comm.restore(merged), A
+
+        merged, A = merge(gram)
+        scale2 = self.comm.scale * self.comm.scale
+        rescue = functools.partial(rescue_overflow, rows, merge, scale2, self.comm)
+        return self._finish(names, merged, gram * scale2 if scale2 != 1.0 else gram, A, values, rescue)
 
     def _begin(self, params, names, graphs, values):
         """(buffers, this step's order): checks that an accumulating call continues the step it joins."""
         K = len(values)
         self.comm.check(K, values[0].device)
         bufs = self._s.bufs
+        if bufs is not None and not bufs.matches_params(params) and bufs.holds_gradients():
+            raise RuntimeError("gmd_ext.GMD.backward: the trainable parameters changed (a parameter frozen or "
+                               "unfrozen, or add_param_group) while this step's per-objective gradients were "
+                               "accumulating; call gmd.zero_grad() before changing them")
         if bufs is not None and bufs.K != K and bufs.accumulating():
             raise ValueError(f"gmd_ext.GMD.backward: got {K} objectives, but this step has accumulated {bufs.K} "
                              f"since the last zero_grad(); every call of a step must pass the same objectives "
@@ -251,7 +213,6 @@ class GMD(torch.optim.Optimizer):
         self._s.step_names = names
         if not accumulating:
             bufs.reach[:] = False
-            self._s.skipped = False
         bufs.keep = self.comm.keep_rows(accumulating)
         # One order per accumulated step: the calls after the first reuse it, so micro-batches equal one call.
         if not accumulating:
@@ -281,13 +242,15 @@ class GMD(torch.optim.Optimizer):
             sources.SEQUENTIAL.fill(bufs, graphs, self.comm)
 
     def _done(self, info: StepInfo) -> StepInfo:
+        """Record the step's info and call the monitor."""
         self._s.last_info = info
         self._s.step += 1
         if self.monitor is not None:
             self.monitor(info.step, info)
         return info
 
-    def _finish(self, names, merged, gram, A, values) -> StepInfo:
+    def _finish(self, names, merged, gram, A, values, rescue=None) -> StepInfo:
+        """The StepInfo; .grad set, or the step refused / skipped (nonfinite)."""
         loss_tensor = torch.stack([l.detach().float().reshape(()) for l in values])
         K = A.shape[0]
         check = self.nonfinite != "propagate"
@@ -295,83 +258,48 @@ class GMD(torch.optim.Optimizer):
             # The step's one synchronisation: losses, Γ and A in one device-to-host copy.
             pack = torch.cat([loss_tensor.to(gram.device), gram.flatten(), A.flatten()]).cpu()
             loss_tensor, gram, A = pack[:K], pack[K:K + K * K].view(K, K), pack[K + K * K:].view(K, K)
-        info = StepInfo(self._s.step, names, gram, A, loss_tensor)
+        reason = None
         if check:
             bad = ~(torch.isfinite(loss_tensor) & torch.isfinite(gram.diagonal()))
+            if bool(bad.any()) and rescue is not None and bool(torch.isfinite(loss_tensor).all()):
+                redo = rescue()
+                if redo is not None:
+                    merged, gram, A = redo
+                    bad = torch.zeros_like(bad)
             if bool(bad.any()):
                 which = [names[k] if names else k for k in bad.nonzero().flatten().tolist()]
                 reason = (f"the losses or gradients of objectives {which} contain NaN or Inf "
                           f"(losses: {loss_tensor.tolist()})")
-                self.zero_grad()
-                if self.nonfinite == "raise":
-                    raise ValueError(f"gmd_ext.GMD.backward: {reason}; .grad cleared. Use nonfinite='skip' to skip "
-                                     f"such steps, or nonfinite='propagate' with torch.amp.GradScaler")
-                self._s.skipped = True
-                info.skipped, info.reason = True, reason
-                return info
+            elif self._s.skipped:
+                reason = "an earlier backward call of this accumulated step was skipped (NaN or Inf)"
+        info = StepInfo(self._s.step, names, gram, A, loss_tensor)
+        if reason is not None:
+            return self._skip(info, reason, merged)
         if merged is not None:
             self._s.bufs.set_grads(merged)
         return info
 
+    def _skip(self, info: StepInfo, reason: str, merged) -> StepInfo:
+        """nonfinite="raise": raise with .grad cleared. "skip": the whole accumulated step is dropped until
+        zero_grad() or step(); .grad is NaN (so torch.amp.GradScaler sees the overflow and lowers its scale) and
+        step() does nothing."""
+        self.zero_grad()
+        if self.nonfinite == "raise":
+            raise ValueError(f"gmd_ext.GMD.backward: {reason}; .grad cleared. Use nonfinite='skip' to skip such "
+                             f"steps, or nonfinite='propagate' with torch.amp.GradScaler")
+        self._s.skipped = True
+        if merged is not None:
+            for m in merged:
+                m.fill_(float("nan"))
+            self._s.bufs.set_grads(merged)
+        else:  # memory="low" wrote .grad itself
+            for p in _trainable(self.optimizer):
+                p.grad = torch.full_like(p, float("nan"))
+        info.skipped, info.reason = True, reason
+        return info
+
     #: The official implementation's name for `backward` (its PCGrad class calls it pc_backward).
     pc_backward = backward
-
-    def step(self, closure: Callable | None = None):
-        """optimizer.step(closure), unless the step was skipped (nonfinite="skip").
-
-        closure: as for any torch.optim.Optimizer — a callable that clears the gradients, computes the losses,
-        runs ``gmd.backward(losses)`` and returns a loss; the wrapped optimizer calls it under grad mode."""
-        if closure is not None:
-            if not callable(closure):
-                raise TypeError(f"closure must be a callable or None, got {type(closure).__name__}")
-            return self.optimizer.step(torch.enable_grad()(closure))
-        if self._s.last_info is not None and self._s.last_info.skipped:
-            return None
-        return self.optimizer.step()
-
-    def state_dict(self) -> dict:
-        """{"step", "generator" (the order RNG state), "optimizer" (optimizer.state_dict())}."""
-        return {"step": self._s.step, "generator": self._generator().get_state(),
-                "optimizer": self.optimizer.state_dict()}
-
-    def _generator(self) -> torch.Generator:
-        return getattr(self.aggregator, "generator", None) or torch.Generator()
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        if not isinstance(state_dict, Mapping):
-            raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
-        missing = {"step", "generator", "optimizer"} - set(state_dict)
-        if missing:
-            raise ValueError(f"state_dict is missing keys {sorted(missing)} (expected step, generator, optimizer)")
-        step, generator = state_dict["step"], state_dict["generator"]
-        if isinstance(step, bool) or not isinstance(step, (int, torch.Tensor)) or int(step) < 0:
-            raise ValueError(f"state_dict['step'] must be a non-negative int, got {step!r}")
-        if not isinstance(generator, torch.Tensor) or generator.dtype != torch.uint8:
-            raise TypeError(f"state_dict['generator'] must be a torch.Generator state (uint8 tensor), "
-                            f"got {type(generator).__name__}")
-        # All or nothing: a state that fails to load part-way leaves the engine and its optimizer as they were.
-        gen = self._generator()
-        saved_generator, saved_optimizer = gen.get_state(), copy.deepcopy(self.optimizer.state_dict())
-        try:
-            gen.set_state(generator)
-            self.optimizer.load_state_dict(state_dict["optimizer"])
-        except Exception:
-            gen.set_state(saved_generator)
-            self.optimizer.load_state_dict(saved_optimizer)
-            raise
-        self._s.step = int(step)
-
-    def close(self) -> None:
-        """Remove the gradient hooks this engine put on the parameters."""
-        if self._s.bufs is not None:
-            self._s.bufs.close()
-
-    def __del__(self):
-        try:
-            if self._s.owner == id(self):  # not a wrapper sharing this engine's state (Lightning's)
-                self.close()
-        except Exception:  # interpreter shutdown: nothing left to clean
-            pass
 
 
 def _trainable(optimizer) -> list:

@@ -180,6 +180,7 @@ class ShardedGrads(RowState):
                 p.grad = (DTensor.from_local(v, p.device_mesh, p.placements, shape=p.shape, stride=p.stride(),
                                              run_check=False) if reach_any[i] else None)
                 self.merged[i] = p.grad
+        self.record(merged)
 
     def close(self) -> None:
         pass

@@ -84,3 +84,26 @@ class Pass1:
         if len(self._mask_cache) > _MASK_CACHE_SIZE:
             self._mask_cache.popitem(last=False)
         return masks
+
+
+def rescue_overflow(rows, merge, scale2: float, comm):
+    """(merged, Γ, A) for finite gradients whose fp32 Gramian overflowed (|g| ≳ 1e19): Γ again in float64
+    (reported so in StepInfo.gram), the coefficients from Γ scaled into fp32 range by its largest diagonal entry
+    (the official projection, and the usual Gramian weightings, are scale-invariant); `merge(Γ32)` -> (merged, A)
+    is the engine's pass 2. None when some gradient itself is not finite (on any rank)."""
+    bad = torch.tensor([float(not all(bool(torch.isfinite(r).all()) for r in rows))], device=rows[0].device)
+    if float(comm.reduce_gram(bad)) > 0:  # every rank takes the same branch
+        return None
+    gram = comm.reduce_gram(sum(gram64(r).to(rows[0].device) for r in rows))
+    top = gram.diagonal().max().clamp_min(torch.finfo(torch.float64).tiny)
+    merged, A = merge((gram / top).float())
+    return merged, gram * scale2, A
+
+
+def gram64(G: torch.Tensor, chunk: int = 1 << 20) -> torch.Tensor:
+    """Γ of [K, n] rows in float64, a column chunk at a time."""
+    out = G.new_zeros((G.shape[0], G.shape[0]), dtype=torch.float64)
+    for a in range(0, G.shape[1], chunk):
+        g = G[:, a:a + chunk].double()
+        out += g @ g.T
+    return out
