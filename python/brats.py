@@ -39,6 +39,7 @@ if str(Path(__file__).resolve().parent) not in sys.path:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 import recipe  # noqa: E402
 from gmd_ext import DSUNet3d, subsets  # noqa: E402
+from gmd_ext.apps.brats.model import build_model  # noqa: E402
 from gmd_ext.apps.brats.constants import REGION_LABELS  # noqa: E402
 from gmd_ext.apps.brats.data import MODALITIES, BraTSDataset, find_cases  # noqa: E402
 from gmd_ext.apps.brats.metrics import (  # noqa: E402
@@ -63,6 +64,9 @@ SCHEMA = {
     "batch_size": Key(2, "crops per step", low=1, high=64),
     "width": Key(0.5, "DSUNet3d channel multiplier; 0.5 is the paper's 3.25 M-parameter model", above=0.0,
                  high=4.0),
+    "model": Key(None, 'null: DSUNet3d; or {"name": "monai.networks.nets.SegResNet", "kwargs": {...}}: any network '
+                 "for ONE modality's volume (in_channels 1, out_channels 3 and spatial_dims 3 filled in), converted "
+                 "by gmd_ext.dynamic_sharing"),
     "epochs": Key(300, "training epochs", low=1, high=100_000),
     "steps_per_epoch": Key(100, "optimizer steps per epoch (batches are drawn lazily)", low=1, high=10 ** 9),
     "lr": Key(3e-4, "Adam learning rate", above=0.0, high=10.0),
@@ -160,7 +164,7 @@ def sliding_window_branches(model: DSUNet3d, image: torch.Tensor, window, overla
     full = image.shape[1:]
     weight = (_gaussian_window(window, image.device) if weighting == "gaussian"
               else torch.ones(window, device=image.device))
-    acc = torch.zeros((M, model.num_classes, *full), device=image.device)
+    acc = torch.zeros((M, len(REGIONS), *full), device=image.device)
     norm = torch.zeros(full, device=image.device)
     corners = [(a, b, c) for a in _starts(full[0], window[0], overlap) for b in _starts(full[1], window[1], overlap)
                for c in _starts(full[2], window[2], overlap)]
@@ -267,8 +271,15 @@ def _datasets(cfg: dict, run_dir: Path):
     return train, val
 
 
-def _model(cfg: dict, device) -> DSUNet3d:
-    return DSUNet3d(cfg["modalities"], len(REGIONS), cfg["width"], backend=cfg["backend"]).to(device)
+def _model(cfg: dict, device) -> torch.nn.Module:
+    """DSUNet3d, or the network of config key "model" converted by gmd_ext.dynamic_sharing (build_model)."""
+    return build_model(cfg["model"], cfg["modalities"], len(REGIONS), width=cfg["width"],
+                       backend=cfg["backend"]).to(device)
+
+
+def _model_name(cfg: dict) -> str:
+    spec = cfg.get("model")
+    return f"DSUNet3d width {cfg['width']}" if spec is None else f"dynamic_sharing({spec['name']})"
 
 
 def check_config(cfg: dict) -> None:
@@ -282,6 +293,9 @@ def check_config(cfg: dict) -> None:
         raise ValueError(f"config key 'warmup_steps' must be fewer than the run's {total} steps, got "
                          f"{cfg['warmup_steps']}")
     recipe.pick_device(cfg["device"])  # a device this machine does not have fails here, not after data loading
+    if cfg["model"] is not None:
+        with torch.device("meta"):  # the spec's name and kwargs checked by building it without memory
+            build_model(cfg["model"], cfg["modalities"], len(REGIONS))
 
 
 def train(cfg: dict, run_dir: str | Path, resume: bool = False, stop_after_epochs: int | None = None,
@@ -383,7 +397,7 @@ def write_report(run_dir: Path, cfg: dict, summary: dict, per_case: dict, meta: 
              f"- {hd95_note(meta['spacing'].values())}",
              f"- data: `{cfg['data_root']}`, split `{meta['split']}` ({recipe.plural(n, 'case')})",
              f"- checkpoint: `{meta['checkpoint']}` (epoch {meta['epoch']}; {meta['selection']})",
-             f"- model: DSUNet3d width {cfg['width']}, crop {cfg['crop_size']}, batch {cfg['batch_size']}, "
+             f"- model: {_model_name(cfg)}, crop {cfg['crop_size']}, batch {cfg['batch_size']}, "
              f"{recipe.plural(cfg['epochs'], 'epoch')} x {recipe.plural(cfg['steps_per_epoch'], 'step')}, "
              f"{'all 15' if k in (0, 15) else k} subsets/step, Adam lr {cfg['lr']} ({cfg['lr_schedule']}); "
              + (f"GMD ({cfg['gmd_reduction']}, {cfg['gmd_order']} order)" if cfg["gmd"]

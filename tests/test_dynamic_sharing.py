@@ -455,3 +455,38 @@ def test_public_names():
     assert gmd_ext.dynamic_sharing is dynamic_sharing
     assert gmd_ext.ds.DynamicSharing is DynamicSharing
     assert isinstance(gmd_ext.dynamic_sharing(nn.BatchNorm1d(2)), DynamicSharing)
+
+
+def test_brats_recipe_trains_a_config_named_network(tmp_path):
+    """python/brats.py: config key "model" names a one-modality MONAI network, converted by dynamic_sharing."""
+    import importlib.util
+    import pathlib
+    import sys
+
+    pytest.importorskip("nibabel")
+    root = pathlib.Path(__file__).resolve().parents[1]
+    if str(root / "python") not in sys.path:
+        sys.path.insert(0, str(root / "python"))
+    spec = importlib.util.spec_from_file_location("brats_recipe_ds", root / "python" / "brats.py")
+    brats = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(brats)
+    from gmd_ext.apps.brats import phantom
+
+    data = tmp_path / "data"
+    phantom.make_cases(data, n=3, size=24, seed=0)
+    model = {"name": "monai.networks.nets.SegResNet", "kwargs": {"init_filters": 8, "blocks_down": [1, 1],
+                                                                 "blocks_up": [1]}}
+    cfg = brats.recipe.load_config(None, brats.DEFAULTS, {
+        "data_root": str(data), "crop_size": 16, "batch_size": 1, "epochs": 1, "steps_per_epoch": 1,
+        "subsets_per_step": 2, "cache": True, "sw_overlap": 0.0, "model": model})
+    brats.check_config(cfg)
+    built = brats._model(cfg, torch.device("cpu"))
+    assert isinstance(built, DynamicSharing) and built.modalities == MODS
+    best = brats.train(cfg, tmp_path / "run", progress=False)
+    state = torch.load(best, map_location="cpu", weights_only=False)["model"]
+    assert state["net.convInit.conv.weight"].shape[1] == 1  # one modality's input channel
+    assert state["net.down_layers.0.1.norm1.weight"].shape[0] == M  # GroupNorm rows per modality
+    for bad, match in (({"name": "monai.networks.nets.NoSuchNet"}, "cannot import"),
+                       ({"name": "monai.networks.nets.SegResNet", "kwargs": {"out_channels": 2}}, "must be 3")):
+        with pytest.raises(ValueError, match=match):
+            brats.check_config({**cfg, "model": bad})
