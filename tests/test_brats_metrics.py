@@ -1,4 +1,5 @@
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -174,8 +175,6 @@ def _monai_region_metrics(pred, target, spacing):
     yp = labels_to_regions(pred)[None].float()
     yt = labels_to_regions(target)[None].float()
     dice = metrics.DiceMetric(include_background=True, reduction="none", ignore_empty=False)(yp, yt)[0]
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # MONAI warns about empty regions; those cases are checked separately
         hd = metrics.compute_hausdorff_distance(yp, yt, include_background=True, percentile=95,
@@ -219,6 +218,32 @@ def test_hd95_anisotropic_spacing_and_orders_match_monai(phantom_cases):
     iso = brats_hd95(pred, labels, spacing=2.0)
     assert iso == pytest.approx({k: 2.0 * v for k, v in brats_hd95(pred, labels, spacing=1.0).items()}, rel=1e-12)
     assert brats_hd95(pred, labels) == brats_hd95(pred, labels, spacing=(1.0, 1.0, 1.0))  # BraTS: 1 mm isotropic
+
+
+def test_hd95_brats_definition_pools_monai_surface_distances(phantom_cases):
+    """definition="brats" (the BraTS evaluation package's, through panoptica; equal to it on these cases in a
+    one-off check, panoptica being uninstallable here: it pins numpy < 2.3) is the 95th percentile of MONAI's
+    surface distances of both directions pooled."""
+    utils = pytest.importorskip("monai.metrics.utils")
+    rng = np.random.default_rng(1)
+    labels, spacing = max(phantom_cases, key=lambda c: int((c[0] == 4).sum()))
+    differs = False
+    for kind, pred in _corruptions(labels, rng).items():
+        got = brats_hd95(pred, labels, spacing=spacing, definition="brats")
+        monai = brats_hd95(pred, labels, spacing=spacing)
+        for i, r in enumerate(("WT", "TC", "ET")):
+            p, t = labels_to_regions(pred)[i], labels_to_regions(labels)[i]
+            if not (p.any() and t.any()):
+                continue
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # MONAI 1.6 calls its own deprecated argument
+                _, (d_pt, d_tp), _ = utils.get_edge_surface_distance(p, t, spacing=spacing, symmetric=True)
+            pooled = float(np.percentile(torch.cat([d_pt, d_tp]).double().numpy(), 95))
+            assert got[r] == pytest.approx(pooled, rel=1e-5), (kind, r)
+            differs |= abs(monai[r] - got[r]) > 1.0
+    assert differs  # the two definitions are not the same number
+    with pytest.raises(ValueError, match="definition must be one of"):
+        brats_hd95(labels, labels, definition="medpy")
 
 
 def test_hd95_known_distance():
