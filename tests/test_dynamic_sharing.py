@@ -490,3 +490,53 @@ def test_brats_recipe_trains_a_config_named_network(tmp_path):
                        ({"name": "monai.networks.nets.SegResNet", "kwargs": {"out_channels": 2}}, "must be 3")):
         with pytest.raises(ValueError, match=match):
             brats.check_config({**cfg, "model": bad})
+
+
+class _Variety(nn.Module):
+    """Normalisation variants on [B, C] and [B, C, L] rows: GroupNorm without spatial dims (the non-kernel path),
+    BatchNorm1d with momentum=None (cumulative averages per modality), affine tracked InstanceNorm1d, LayerNorm
+    without bias, RMSNorm, affine=False BatchNorm."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(6, 8)
+        self.gn = nn.GroupNorm(2, 8)
+        self.bn = nn.BatchNorm1d(8, momentum=None)
+        self.conv = nn.Conv1d(1, 4, 3, padding=1)
+        self.inorm = nn.InstanceNorm1d(4, affine=True, track_running_stats=True)
+        self.bn_plain = nn.BatchNorm1d(4, affine=False)
+        self.ln = nn.LayerNorm(8, bias=False)
+        self.rms = nn.RMSNorm(8)
+
+    def forward(self, x):  # [B, 6] -> [B, 8 + 4 * 8]
+        h = self.rms(self.ln(self.bn(self.gn(self.lin(x)))))
+        c = self.bn_plain(self.inorm(self.conv(h[:, None])))
+        return torch.cat([h, c.flatten(1)], 1)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_normalisation_variants(mode):
+    torch.manual_seed(8)
+    net = _Variety()
+    ds = perturb(dynamic_sharing(net, MODS)).train(mode == "train")
+    kinds = {type(m).__name__ for m in ds.net.modules() if isinstance(m, ModalityNorm)}
+    assert kinds == {"ModalityGroupNorm", "ModalityBatchNorm", "ModalityInstanceNorm", "ModalityLayerNorm"}
+    assert ds.net.ln.bias is None and ds.net.rms.weight.shape == (M, 8) and ds.net.bn_plain.weight is None
+    xs = [torch.randn(4, 6) for _ in range(M)]
+    before = copy.deepcopy(ds.state_dict())
+    fused = ds(xs, PRESENT)
+    want, outs, nets = reference(net, ds_copy_before(ds, before), xs, PRESENT)
+    assert close(fused, want)
+    for name in ("bn.running_mean", "bn.num_batches_tracked", "inorm.running_var", "bn_plain.running_var"):
+        for m in range(M):
+            assert torch.allclose(ds.net.get_buffer(name)[m].double(), nets[m].get_buffer(name).double()), name
+
+
+def test_sync_batchnorm_converts_like_batchnorm():
+    net = nn.Sequential(nn.Linear(3, 4), nn.SyncBatchNorm(4))
+    ds = perturb(dynamic_sharing(net, MODS)).eval()
+    assert type(ds.net[1]).__name__ == "ModalityBatchNorm" and ds.net[1].running_mean.shape == (M, 4)
+    assert isinstance(ds.branch(2)[1], nn.SyncBatchNorm)
+    xs = [torch.randn(4, 3) for _ in range(M)]
+    want, _, _ = reference(net, ds, xs, PRESENT)
+    assert close(ds(xs, PRESENT), want)
