@@ -43,8 +43,9 @@ def reaches_branches(losses, params) -> bool:
 
 
 def fill(bufs, losses) -> bool:
-    """Fill the rows and reach flags of `bufs` (gmd_ext.gmd.buffers.GradBuffers) for `losses`; False (nothing
-    written) when no loss reaches a marked branch or the buffers hold fewer rows than objectives."""
+    """Fill the rows and reach flags of `bufs` (gmd_ext.gmd.buffers.GradBuffers) for `losses` (None: an objective
+    without a graph, a zero row); False (nothing written) when no loss reaches a marked branch or the buffers
+    hold fewer rows than objectives."""
     if any(b.G.shape[0] != len(losses) for b in bufs.buffers) or \
             any(l is not None and l.grad_fn is None for l in losses):
         return False
@@ -54,28 +55,59 @@ def fill(bufs, losses) -> bool:
     nodes = list(dict.fromkeys(n for found, _ in heads for n in found))
     if not nodes:
         return False
-    slot = {i: (b, j) for b in bufs.buffers for j, i in enumerate(b.index)}
-    # Accumulating into kept rows (GMD.backward until zero_grad, bufs.keep): add into them; the reach flags are
-    # the engine's (ORed). Otherwise the rows are not zeroed beforehand: each slice's first contribution is copied
-    # and the slices nothing wrote are zeroed at the end (one pass over the [K, N] rows saved).
-    keep = bufs.keep
-    written = np.zeros(bufs.reach.shape, dtype=np.bool_)
+    rows = _Rows(bufs)
+    cotangents = _heads(bufs, losses, heads, nodes, rows)
+    for n in nodes:
+        ks, cs = cotangents[n]
+        if ks:
+            reached = list(dict.fromkeys(_walk(n, target, stop=False)[1]))
+            for i, g in zip(reached, _branch_grads(n, cs, [bufs.params[i] for i in reached])):
+                if g is not None:
+                    rows.add(ks, i, g)
+    rows.finish()
+    return True
 
-    def add(rows: list[int], i: int, g: torch.Tensor):
-        """Rows `rows` of parameter i's slice += g [len(rows), *shape] (the first contribution copied unless keep)."""
-        b, j = slot[i]
+
+class _Rows:
+    """Writes per-objective gradient slices into the rows. Accumulating into kept rows (GMD.backward until
+    zero_grad, bufs.keep): add into them; the reach flags are the engine's (ORed). Otherwise the rows are not
+    zeroed beforehand: each slice's first contribution is copied and the slices nothing wrote are zeroed at the
+    end (one pass over the [K, N] rows saved)."""
+
+    def __init__(self, bufs):
+        self.bufs = bufs
+        self.slot = {i: (b, j) for b in bufs.buffers for j, i in enumerate(b.index)}
+        self.written = np.zeros(bufs.reach.shape, dtype=np.bool_)
+
+    def add(self, rows: list[int], i: int, g: torch.Tensor) -> None:
+        """Rows `rows` of parameter i's slice += g [len(rows), *shape] (the first contribution copied unless
+        keep)."""
+        b, j = self.slot[i]
         view = b.batched_view(j)
         # One op per row: index_add_ into the strided [K, *shape] view takes a slow scatter path.
         for r, k in enumerate(rows):
-            if keep or written[k, i]:
+            if self.bufs.keep or self.written[k, i]:
                 view[k].add_(g[r])
             else:
                 view[k].copy_(g[r])
-                written[k, i] = True
-        bufs.reach[rows, i] = True
+                self.written[k, i] = True
+        self.bufs.reach[rows, i] = True
 
-    # 1. The head of every objective: cotangents at its branches' outputs, gradients of head-only parameters.
-    cotangents: dict = {n: ([], []) for n in nodes}  # node -> (objectives, cotangents)
+    def finish(self) -> None:
+        if self.bufs.keep:
+            return
+        for k, i in zip(*(~self.written).nonzero()):  # slices nothing wrote: zero (they hold the last step's values)
+            b, j = self.slot[int(i)]
+            b.batched_view(j)[int(k)].zero_()
+        for b in self.bufs.buffers:
+            if b.width > b.N:  # row padding: zero, as a full-row zeroing would leave it
+                b.G[:, b.N:].zero_()
+
+
+def _heads(bufs, losses, heads, nodes, rows: _Rows) -> dict:
+    """The head of every objective: its cotangents at its branches' outputs (returned: node -> (objectives,
+    cotangents)) and the gradients of head-only parameters (written)."""
+    cotangents: dict = {n: ([], []) for n in nodes}
     for k, (loss, (found, head)) in enumerate(zip(losses, heads)):
         if loss is None:
             continue
@@ -88,42 +120,27 @@ def fill(bufs, losses) -> bool:
                 cotangents[n][1].append(c)
         for i, g in zip(head, grads[len(found):]):
             if g is not None:
-                add([k], i, g[None])
+                rows.add([k], i, g[None])
+    return cotangents
 
-    # 2. One backward per branch, its objectives' cotangents batched.
-    for n in nodes:
-        ks, cs = cotangents[n]
-        if not ks:
-            continue
-        _, reached = _walk(n, target, stop=False)
-        reached = list(dict.fromkeys(reached))
-        params = [bufs.params[i] for i in reached]
-        try:
-            edge = GradientEdge(n, 0)
-            # torch.func.vmap, not is_grads_batched: the latter is the legacy vmap, whose for-loop fallback runs
-            # the convolution and group norm backward once per cotangent; functorch's batch rules run them once.
-            with warnings.catch_warnings():
-                # An op without a batch rule (e.g. a GRU's packed-sequence backward) runs once per cotangent:
-                # correct, and still one graph walk; functorch's notice about it is not the user's to act on.
-                warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet")
-                grads = torch.func.vmap(lambda c: torch.autograd.grad([edge], params, grad_outputs=[c],
-                                                                      retain_graph=True, allow_unused=True))(
-                    torch.stack(cs))
-        except RuntimeError as e:  # an op without a vmap rule or fallback: one backward per cotangent
-            warnings.warn(f"gmd_ext.GMD(strategy='branches'): batched branch backward failed ({e}); running "
-                          "one backward per objective and branch", RuntimeWarning, stacklevel=3)
-            per = [torch.autograd.grad([GradientEdge(n, 0)], params, grad_outputs=[c], retain_graph=True,
-                                       allow_unused=True) for c in cs]
-            grads = [None if per[0][t] is None else torch.stack([p[t] for p in per]) for t in range(len(params))]
-        for i, g in zip(reached, grads):
-            if g is not None:
-                add(ks, i, g)
-    if not keep:
-        for k, i in zip(*(~written).nonzero()):  # slices nothing wrote: zero (they hold the last step's values)
-            b, j = slot[int(i)]
-            b.batched_view(j)[int(k)].zero_()
-        for b in bufs.buffers:
-            if b.width > b.N:  # row padding: zero, as a full-row zeroing would leave it
-                b.G[:, b.N:].zero_()
-    return True
 
+def _branch_grads(n, cs: list, params: list) -> list:
+    """One backward of branch node n for its objectives' cotangents `cs` batched: per parameter [len(cs), *shape]
+    or None."""
+    edge = GradientEdge(n, 0)
+    try:
+        # torch.func.vmap, not is_grads_batched: the latter is the legacy vmap, whose for-loop fallback runs
+        # the convolution and group norm backward once per cotangent; functorch's batch rules run them once.
+        with warnings.catch_warnings():
+            # An op without a batch rule (e.g. a GRU's packed-sequence backward) runs once per cotangent:
+            # correct, and still one graph walk; functorch's notice about it is not the user's to act on.
+            warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet")
+            return torch.func.vmap(lambda c: torch.autograd.grad([edge], params, grad_outputs=[c],
+                                                                 retain_graph=True, allow_unused=True))(
+                torch.stack(cs))
+    except RuntimeError as e:  # an op without a vmap rule or fallback: one backward per cotangent
+        warnings.warn(f"gmd_ext.GMD(strategy='branches'): batched branch backward failed ({e}); running "
+                      "one backward per objective and branch", RuntimeWarning, stacklevel=4)
+        per = [torch.autograd.grad([edge], params, grad_outputs=[c], retain_graph=True, allow_unused=True)
+               for c in cs]
+        return [None if per[0][t] is None else torch.stack([p[t] for p in per]) for t in range(len(params))]

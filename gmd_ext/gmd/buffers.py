@@ -94,6 +94,24 @@ class RowState:
         """Whether a step is accumulating in these rows (no zero_grad since, some merged gradient in .grad)."""
         return not self.fresh and any(p.grad is not None for p in self.params)
 
+    def check_continuation(self, params, K: int, names, step_names) -> None:
+        """Raise when a backward call would join the step accumulating in these rows with other parameters or
+        other objectives (its rows could not be added to the accumulated ones)."""
+        if not self.matches_params(params):
+            if self.holds_gradients():
+                raise RuntimeError("gmd_ext.GMD.backward: the trainable parameters changed (a parameter frozen or "
+                                   "unfrozen, or add_param_group) while this step's per-objective gradients were "
+                                   "accumulating; call gmd.zero_grad() before changing them")
+        elif K != self.K:
+            if self.accumulating():
+                raise ValueError(f"gmd_ext.GMD.backward: got {K} objectives, but this step has accumulated "
+                                 f"{self.K} since the last zero_grad(); every call of a step must pass the same "
+                                 f"objectives (sample subsets once per step, not per micro-batch)")
+        elif names is not None and step_names is not None and names != step_names and self.accumulating():
+            raise ValueError(f"gmd_ext.GMD.backward: the objectives {list(names)} differ from the ones this step "
+                             f"has accumulated since the last zero_grad() ({list(step_names)}); every call of a "
+                             f"step must pass the same objectives in the same order")
+
     def clear(self) -> None:
         """Forget the accumulated rows (zero_grad): the next fill starts from zero."""
         self.fresh = True

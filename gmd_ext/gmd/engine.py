@@ -37,12 +37,10 @@ class GMD(WrappedOptimizer):
             info = gmd.backward(losses)      # K per-objective gradients -> one merged gradient on .grad
             gmd.step()
 
-    `backward` computes the K per-objective gradients of the trainable parameters (a [K, N] buffer reused across
-    steps), their Gramian Γ, the aggregator's coefficients and the merged gradient in one combination pass; a
-    parameter no objective reached keeps ``.grad = None``. Calls accumulate until ``zero_grad()``: after each,
-    ``.grad`` holds the aggregation of the accumulated per-objective gradients (micro-batches with losses scaled
-    by 1/n equal one call on the whole batch). A gradient put in ``.grad`` by a plain ``loss.backward()`` makes
-    ``backward`` raise instead of being discarded.
+    `backward`: the K per-objective gradients of the trainable parameters (a [K, N] buffer reused across steps),
+    their Gramian Γ, the aggregator's coefficients, the merged gradient in one combination pass (``.grad = None``
+    where no objective reached). Calls accumulate until ``zero_grad()`` (micro-batches with losses scaled by 1/n
+    equal one call on the whole batch); a gradient from a plain ``loss.backward()`` in ``.grad`` makes it raise.
 
     Args:
         optimizer: a torch.optim.Optimizer over float32/float16/bfloat16 parameters.
@@ -59,14 +57,13 @@ class GMD(WrappedOptimizer):
         ddp_module: the DistributedDataParallel model (kept in no-sync mode: construct GMD before its first
             forward); process_group: a group to average over without DDP; communication: "auto" | "all_reduce" |
             "reduce_scatter" (the communicator).
-        nonfinite: what a NaN/Inf loss or gradient does: "raise" (ValueError naming the objectives; .grad
-            cleared), "skip" (grads cleared, info.skipped, `step()` does nothing; an accumulated step with a
-            skipped call stays skipped) or "propagate" (no check, no host synchronisation: the merged gradient is
-            NaN everywhere, which torch.amp.GradScaler detects).
+        nonfinite: a NaN/Inf loss or gradient: "raise" (ValueError naming the objectives; .grad cleared),
+            "skip" (info.skipped; the whole accumulated step is dropped until zero_grad() or step(), which does
+            nothing; .grad is NaN, so a GradScaler sees it) or "propagate" (no check, no host synchronisation:
+            the merged gradient is NaN everywhere, what torch.amp.GradScaler needs).
         monitor: None or a callable ``monitor(step, info)`` called after every backward.
 
-    `plan` shows the resolved source, communicator and aggregator; docs/engine.md has every combination, the
-    measured costs and the AMP recipe.
+    `plan` shows the resolved parts; docs/engine.md has every combination, the measured costs and the AMP recipe.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, *, aggregator=None, source=None, comm=None,
@@ -117,13 +114,8 @@ class GMD(WrappedOptimizer):
         notes = "".join(f"\n  - {n}" for n in self._resolution.notes)
         return f"source={self.source!r}{picked}, comm={self.comm!r}, aggregator={self.aggregator!r}{notes}"
 
-    @property
-    def _bufs(self) -> GradBuffers | None:
-        return self._s.bufs
-
-    @property
-    def _buffers(self):
-        return self._s.bufs.buffers if self._s.bufs is not None else []
+    _bufs = property(lambda self: self._s.bufs)  # the [K, N] rows (tests and benches read them)
+    _buffers = property(lambda self: self._s.bufs.buffers if self._s.bufs is not None else [])
 
     def __repr__(self) -> str:
         bufs = self._s.bufs
@@ -193,23 +185,12 @@ class GMD(WrappedOptimizer):
         """(buffers, this step's order): checks that an accumulating call continues the step it joins."""
         K = len(values)
         self.comm.check(K, values[0].device)
-        bufs = self._s.bufs
-        if bufs is not None and not bufs.matches_params(params) and bufs.holds_gradients():
-            raise RuntimeError("gmd_ext.GMD.backward: the trainable parameters changed (a parameter frozen or "
-                               "unfrozen, or add_param_group) while this step's per-objective gradients were "
-                               "accumulating; call gmd.zero_grad() before changing them")
-        if bufs is not None and bufs.K != K and bufs.accumulating():
-            raise ValueError(f"gmd_ext.GMD.backward: got {K} objectives, but this step has accumulated {bufs.K} "
-                             f"since the last zero_grad(); every call of a step must pass the same objectives "
-                             f"(sample subsets once per step, not per micro-batch)")
+        if self._s.bufs is not None:
+            self._s.bufs.check_continuation(params, K, names, self._s.step_names)
         source = self._s.source
         self._s.picked = source.pick(graphs, params) if isinstance(source, sources.Auto) else None
         bufs = self._prepare(params, K)
         accumulating = bufs.accumulating()
-        if accumulating and names is not None and self._s.step_names is not None and names != self._s.step_names:
-            raise ValueError(f"gmd_ext.GMD.backward: the objectives {list(names)} differ from the ones this step "
-                             f"has accumulated since the last zero_grad() ({list(self._s.step_names)}); every call "
-                             f"of a step must pass the same objectives in the same order")
         self._s.step_names = names
         if not accumulating:
             bufs.reach[:] = False

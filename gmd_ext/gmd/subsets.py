@@ -118,8 +118,8 @@ def subset_losses(branches, target: torch.Tensor, loss_fn: Callable, subsets: Se
 
     For subset S, row b is fused as the mean of branch m's output over the modalities m in S that are present in
     row b, and ``loss_fn(fused, target)`` is taken over the rows where at least one modality of S is present (the
-    others are excluded from S's loss). A subset with no such row gets a zero loss (a zero gradient, which the
-    projection skips), so K stays fixed. Each subset's loss differentiates only through its own modalities'
+    others are excluded from S's loss). A subset with no such row gets a zero loss, named in the result's
+    `.absent` (GMD gives it a zero gradient row, which the projection skips), so K stays fixed. Each subset's loss differentiates only through its own modalities'
     branches when `branches` is a sequence (it is never stacked).
 
     Args:
@@ -132,38 +132,8 @@ def subset_losses(branches, target: torch.Tensor, loss_fn: Callable, subsets: Se
         {subset.name: scalar loss} in the order of `subsets` (a dict subclass whose `.subsets` tells GMD.backward
         exactly which modalities each objective uses, and `.absent` which objectives had none present).
     """
-    if isinstance(branches, torch.Tensor):
-        if branches.dim() < 2:
-            raise ValueError(f"branches must be a [B, M, ...] tensor or a sequence of M [B, ...] tensors, got a "
-                             f"tensor of shape {tuple(branches.shape)}")
-        B, M = branches.shape[:2]
-        branch = lambda m: branches[:, m]  # noqa: E731
-        like = branches[:, 0]
-    elif isinstance(branches, Sequence) and not isinstance(branches, (str, bytes)) and branches:
-        for m, t in enumerate(branches):
-            if not isinstance(t, torch.Tensor) or t.dim() < 1 or t.shape != branches[0].shape:
-                got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-                raise ValueError(f"branches[{m}] must be a tensor of branches[0]'s shape "
-                                 f"{tuple(branches[0].shape)}, got {got}")
-        B, M = branches[0].shape[0], len(branches)
-        branch = lambda m: branches[m]  # noqa: E731
-        like = branches[0]
-    else:
-        raise TypeError(f"branches must be a [B, M, ...] tensor or a non-empty sequence of M [B, ...] tensors, got "
-                        f"{type(branches).__name__}")
-    if not isinstance(target, torch.Tensor) or target.dim() < 1 or target.shape[0] != B:
-        got = tuple(target.shape) if isinstance(target, torch.Tensor) else type(target).__name__
-        raise ValueError(f"target must be a tensor with B = {B} rows (the branches' batch), got {got}")
-    if not callable(loss_fn):
-        raise TypeError(f"loss_fn must be a callable (fused, target) -> scalar tensor, got {type(loss_fn).__name__}")
-    if isinstance(subsets, (str, Subset)) or not isinstance(subsets, Sequence) or not subsets:
-        raise TypeError(f"subsets must be a non-empty sequence of Subset (gmd_ext.subsets(modalities)), got "
-                        f"{type(subsets).__name__}")
-    for s in subsets:
-        if not isinstance(s, Subset):
-            raise TypeError(f"subsets must hold Subset objects (gmd_ext.subsets(modalities)), got {type(s).__name__}")
-        if s.num_modalities != M:
-            raise ValueError(f"subset {s.name!r} is over {s.num_modalities} modalities, but branches has M = {M}")
+    B, M, branch, like = _branch_accessor(branches)
+    _check_subset_args(B, M, target, loss_fn, subsets)
     if present is not None:
         if not isinstance(present, torch.Tensor) or present.dtype != torch.bool or tuple(present.shape) != (B, M):
             got = (f"{present.dtype} {tuple(present.shape)}" if isinstance(present, torch.Tensor)
@@ -193,3 +163,43 @@ def subset_losses(branches, target: torch.Tensor, loss_fn: Callable, subsets: Se
             absent.add(s.name)
     out.absent = frozenset(absent)
     return out
+
+
+def _branch_accessor(branches):
+    """(B, M, branch(m) -> [B, ...], a branch output) of a [B, M, ...] tensor or a sequence of M [B, ...]."""
+    if isinstance(branches, torch.Tensor):
+        if branches.dim() < 2:
+            raise ValueError(f"branches must be a [B, M, ...] tensor or a sequence of M [B, ...] tensors, got a "
+                             f"tensor of shape {tuple(branches.shape)}")
+        B, M = branches.shape[:2]
+        branch = lambda m: branches[:, m]  # noqa: E731
+        like = branches[:, 0]
+    elif isinstance(branches, Sequence) and not isinstance(branches, (str, bytes)) and branches:
+        for m, t in enumerate(branches):
+            if not isinstance(t, torch.Tensor) or t.dim() < 1 or t.shape != branches[0].shape:
+                got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(f"branches[{m}] must be a tensor of branches[0]'s shape "
+                                 f"{tuple(branches[0].shape)}, got {got}")
+        B, M = branches[0].shape[0], len(branches)
+        branch = lambda m: branches[m]  # noqa: E731
+        like = branches[0]
+    else:
+        raise TypeError(f"branches must be a [B, M, ...] tensor or a non-empty sequence of M [B, ...] tensors, got "
+                        f"{type(branches).__name__}")
+    return B, M, branch, like
+
+
+def _check_subset_args(B: int, M: int, target, loss_fn, subsets) -> None:
+    if not isinstance(target, torch.Tensor) or target.dim() < 1 or target.shape[0] != B:
+        got = tuple(target.shape) if isinstance(target, torch.Tensor) else type(target).__name__
+        raise ValueError(f"target must be a tensor with B = {B} rows (the branches' batch), got {got}")
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be a callable (fused, target) -> scalar tensor, got {type(loss_fn).__name__}")
+    if isinstance(subsets, (str, Subset)) or not isinstance(subsets, Sequence) or not subsets:
+        raise TypeError(f"subsets must be a non-empty sequence of Subset (gmd_ext.subsets(modalities)), got "
+                        f"{type(subsets).__name__}")
+    for s in subsets:
+        if not isinstance(s, Subset):
+            raise TypeError(f"subsets must hold Subset objects (gmd_ext.subsets(modalities)), got {type(s).__name__}")
+        if s.num_modalities != M:
+            raise ValueError(f"subset {s.name!r} is over {s.num_modalities} modalities, but branches has M = {M}")
