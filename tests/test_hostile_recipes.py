@@ -309,3 +309,15 @@ def test_full_disk_checkpoint_error_names_the_file(tmp_path):
     assert got["result"]["error"] == "OSError", got
     assert str(target) in got["result"]["msg"]
     assert not target.exists() and not [p for p in target.parent.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_dominance_subcommand_redraws_from_the_csv(tmp_path, data, capsys):
+    run = tmp_path / "gmd"
+    cfg = recipe.load_config(None, brats.DEFAULTS, {
+        "data_root": str(data), "crop_size": 16, "batch_size": 1, "width": 0.25, "epochs": 1, "steps_per_epoch": 2,
+        "cache": True, "sw_overlap": 0.0, "subsets_per_step": 3})
+    brats.train(cfg, run, progress=False)
+    assert brats.main(["dominance", "--run", str(run)]) == 2  # dominance.png exists: not replaced silently
+    assert "dominance.png exists" in capsys.readouterr().err
+    assert brats.main(["dominance", "--run", str(run), "--out", str(tmp_path / "again.png")]) == 0
+    assert (tmp_path / "again.png").read_bytes()[:4] == b"\x89PNG"

@@ -168,10 +168,9 @@ def test_figure_redrawn_from_the_csv_equals_the_live_one(tmp_path, k):
                  (again._cos_count, live._cos_count)):
         torch.testing.assert_close(torch.as_tensor(a), torch.as_tensor(b), rtol=1e-5, atol=1e-5)
     assert (again._hist_before == live._hist_before).all() and (again._hist_after == live._hist_after).all()
-    from gmd_ext.gmd.monitor import _main, plot_csv
+    from gmd_ext.gmd.monitor import plot_csv
     plot_csv(path, tmp_path / "d.png", title="synthetic data")
     assert (tmp_path / "d.png").stat().st_size > 0
-    assert _main([str(path), "--out", str(tmp_path / "cli.png")]) == 0 and (tmp_path / "cli.png").is_file()
     path.write_text(path.read_text().replace(",", ";", 1))
     with pytest.raises(ValueError, match=r"m\.csv: not a readable DominanceMonitor CSV"):
         DominanceMonitor.from_csv(path)

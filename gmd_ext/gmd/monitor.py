@@ -5,9 +5,10 @@ a `GMD.backward` info). Per step it records the per-objective losses and gradien
 the number of conflicting pairs, the projection coefficients and — when objectives are modality subsets — a
 per-modality dominance score; it writes them to CSV, optionally to TensorBoard, and `plot()` draws the paper's
 Fig. 3 (cosine heat map and angle histogram, before vs after projection). The figure can be drawn again from a
-saved CSV — all of a resumed run's steps, say — with `plot_csv` or from a shell::
+saved CSV — all of a resumed run's steps, say — with `plot_csv` (``brats.py dominance --run DIR`` from a shell)::
 
-    python -m gmd_ext.gmd.monitor runs/brats_gmd/monitor.csv --out dominance.png
+    from gmd_ext.gmd.monitor import plot_csv
+    plot_csv("runs/mosi/mosi_gmd/seed0/monitor.csv", "dominance.png", title="synthetic data")
 
 Dominance score of modality m (needs the full set among the step's objectives): with g_F the full-set
 gradient and g_S the gradient of subset S,
@@ -21,7 +22,6 @@ no proper subset containing m this step). Read from Γ alone: free.
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import math
 import os
@@ -257,10 +257,10 @@ class DominanceMonitor:
             after = self._cos_after_sum / self._cos_count
         names = list(self.objective_names)
         fig, axes = plt.subplots(1, 3, figsize=(18, 5.5))
-        for ax, mat, title in ((axes[0], before, "cosine before projection"),
+        for ax, mat, panel in ((axes[0], before, "cosine before projection"),
                                (axes[1], after, "cosine after projection")):
             im = ax.imshow(mat, vmin=-1, vmax=1, cmap="RdBu_r")
-            ax.set_title(f"{title} (mean of {self.steps} steps)")
+            ax.set_title(f"{panel} (mean of {self.steps} step{'' if self.steps == 1 else 's'})")
             ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
             ax.set_yticks(range(len(names)), names, fontsize=7)
             ax.set_xlabel("objective j (modality subset)")
@@ -278,7 +278,7 @@ class DominanceMonitor:
             fig.suptitle(title)
         fig.tight_layout()
         with atomic_write(path, "wb") as f:
-            fig.savefig(f, dpi=100, format="png")
+            fig.savefig(f, dpi=100, format="png", bbox_inches="tight")
         plt.close(fig)
 
     def close(self) -> None:
@@ -310,18 +310,3 @@ def _fmt(v) -> str:
         return repr(v)
     return str(v)
 
-
-def _main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m gmd_ext.gmd.monitor",
-                                description="Draw the dominance figure (cosines before/after GMD's projection, angle "
-                                            "histogram) from a monitor.csv written by DominanceMonitor.")
-    p.add_argument("csv", help="monitor.csv")
-    p.add_argument("--out", required=True, help="PNG to write")
-    p.add_argument("--title", default="", help="a line above the panels")
-    args = p.parse_args(argv)
-    plot_csv(args.csv, args.out, title=args.title)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(_main())
