@@ -482,6 +482,24 @@ def dynamic_sharing(net: nn.Module, modalities: Sequence[str] = BRATS_MODALITIES
         DynamicSharing: forward(x, present) -> fused [B, ...]; forward_branches(x, present) -> M outputs [B, ...];
         forward_modality(x_m, m); branch(m); .net, .modalities.
     Raises ValueError / TypeError naming the layer for a net without normalisation layers (unless stems are
-    given), a normalisation layer it cannot convert, and a layer with batch_first=False.
+    given), a normalisation layer it cannot convert (an unknown type, a subclass overriding forward, a
+    batch-coupled layer other than torch's BatchNorm), a lazy layer not yet initialised, and a layer with
+    batch_first=False; at forward, naming the argument, for x's channels not a multiple of M and a sample with no
+    modality present.
+
+    Notes:
+        - A norm with nothing per modality (InstanceNorm / GroupNorm / LayerNorm without affine or running
+          statistics, e.g. MONAI UNet's default InstanceNorm) is kept as it is: its statistics are per sample,
+          hence per (sample, modality) pair, already. num_batches_tracked becomes [M] (one count per modality,
+          advanced only when the modality is present; BatchNorm's momentum=None averages use it).
+        - BatchNorm in training: each modality's statistics over its present samples in the batch (a modality
+          present in one sample of a 1-voxel map fails as torch's BatchNorm does). A converted SyncBatchNorm
+          raises in distributed training (per-modality cross-rank statistics are not implemented).
+        - torch.compile: Dynamo cannot trace ContextVar.set, so the plan's context costs a graph break around
+          the shared network (the network itself compiles; fullgraph=True is not possible), and a new pattern
+          of per-modality counts recompiles. Activation checkpointing that re-runs converted norms outside the
+          forward is not supported (a clear RuntimeError).
+        - With stems, a modality absent from a whole batch leaves its stem unused: DDP then needs
+          find_unused_parameters=True.
     """
     return DynamicSharing(net, modalities, stems=stems, fusion=fusion)
