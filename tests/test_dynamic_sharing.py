@@ -245,12 +245,18 @@ def test_shapes_names_and_state_dict_round_trip():
     assert torch.equal(ds(xs, PRESENT), other(xs, PRESENT))
 
 
-def _gmd_case(seed=3):
+def _gmd_case(seed=3, name="basic_unet"):
     torch.manual_seed(seed)
-    net = monai_nets.BasicUNet(spatial_dims=2, in_channels=1, out_channels=2, features=(4, 4, 8, 8, 8, 4))
+    if name == "basic_unet":
+        net = monai_nets.BasicUNet(spatial_dims=2, in_channels=1, out_channels=2, features=(4, 4, 8, 8, 8, 4))
+        size = 32
+    else:  # BatchNorm: each branch's statistics over its present samples
+        net = monai_nets.UNet(spatial_dims=2, in_channels=1, out_channels=2, channels=(4, 8, 16), strides=(2, 2),
+                              norm="batch")
+        size = 16
     ds = perturb(dynamic_sharing(net, MODS), seed)
-    x = torch.randn(3, M, 32, 32)
-    y = (torch.rand(3, 2, 32, 32) > 0.6).float()
+    x = torch.randn(3, M, size, size)
+    y = (torch.rand(3, 2, size, size) > 0.6).float()
     return ds, x, y
 
 
@@ -289,11 +295,11 @@ def rel(a, b):
     return float((a - b).norm() / b.norm())
 
 
-@pytest.mark.parametrize("with_present", [False, True])
-def test_gmd_on_converted_net_is_the_official_reduction(with_present):
+@pytest.mark.parametrize("name,with_present", [("basic_unet", False), ("basic_unet", True), ("unet_batch", True)])
+def test_gmd_on_converted_net_is_the_official_reduction(name, with_present):
     """strategy="auto" picks the branches gradient source on a converted net (the branch outputs are marked) and,
     with no user declaration, gives the official per-branch result."""
-    ds, x, y = _gmd_case()
+    ds, x, y = _gmd_case(name=name)
     present = torch.tensor([[1, 1, 0, 1], [0, 1, 1, 1], [1, 0, 1, 0]], dtype=torch.bool) if with_present else None
     subs = subsets(MODS)
     g = torch.Generator().manual_seed(0)
