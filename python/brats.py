@@ -51,6 +51,8 @@ from gmd_ext.io import load_checkpoint  # noqa: E402
 Key = recipe.Key
 SCHEMA = {
     **recipe.SHARED_SCHEMA,
+    "subsets_per_step": Key(0, "0: all 15 modality subsets every step; k in 1..15: k sampled (the full set always in)",
+                            low=0, high=15),
     "data_root": Key("data/BraTS2018", "data folder: BraTS 2018-2021, BraTS 2023 GLI or MSD Task01 layout, or "
                      "phantoms (brats.py phantom)"),
     "modalities": Key(list(MODALITIES), "modalities read, in the model's branch order", choices=MODALITIES,

@@ -84,6 +84,8 @@ class Key:
     def describe(self) -> str:
         """The type and range in words, e.g. ``float in (0, 10]``."""
         d = self.default
+        if d is None:
+            return "JSON value or null"
         kind = ("bool" if isinstance(d, bool) else "int" if isinstance(d, int) else "float" if isinstance(d, float)
                 else "list" if isinstance(d, list) else "str")
         if self.choices and kind == "str":
