@@ -321,3 +321,19 @@ def test_dominance_subcommand_redraws_from_the_csv(tmp_path, data, capsys):
     assert "dominance.png exists" in capsys.readouterr().err
     assert brats.main(["dominance", "--run", str(run), "--out", str(tmp_path / "again.png")]) == 0
     assert (tmp_path / "again.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_mosi_one_run_per_out_and_errors_without_traceback(tmp_path):
+    out = tmp_path / "mosi"
+    argv = ["--synthetic", "--synthetic-n", "8", "4", "4", "--synthetic-dims", "4", "2", "3", "--epochs", "1",
+            "--hidden", "4", "--no-progress", "--out", str(out)]
+    holder = _hold(out)
+    try:
+        proc = subprocess.run([sys.executable, str(ROOT / "python" / "mosi.py"), *argv], capture_output=True,
+                              text=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"mosi.py: error: {out} is in use by another run (pid {holder.pid}" in proc.stderr
+    assert "Traceback" not in proc.stderr and sorted(p.name for p in out.iterdir()) == [recipe.LOCK_NAME]
