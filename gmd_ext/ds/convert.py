@@ -54,6 +54,7 @@ def declare(module: nn.Module, name: str, rule: tuple) -> None:
     gmd_ext.ops.ds_ops), called with the owning module so that a declaration kept by module and name needs no
     change elsewhere."""
     param = module._parameters[name]
+    assert param is not None, name
     if rule[0] == "dim":
         ds_ops.declare_modality_dim(param, rule[1])
     elif rule[0] == "modality":
@@ -63,6 +64,13 @@ def declare(module: nn.Module, name: str, rule: tuple) -> None:
 
 
 # ---------------------------------------------------------------- converted normalisation layers
+def _plan() -> PairPlan:
+    """The plan of the forward under way (the forward pre-hook _check_plan has checked there is one)."""
+    plan = _PLAN.get()
+    assert plan is not None
+    return plan
+
+
 def _check_plan(module: "ModalityNorm", args) -> None:
     """Forward pre-hook of every converted norm: a plan must be active and the rows must be its packed rows.
     (Being a hook, it also keeps nn.TransformerEncoderLayer off its fused inference path, which would read the
@@ -89,6 +97,18 @@ class ModalityNorm(nn.Module):
     row m initialised from the original. forward(rows [P, ...]) takes the packed rows of the forward under way
     (DynamicSharing sets the plan) and applies each row's modality's parameters. `plain(m)` is the original layer
     type holding modality m's rows."""
+
+    # Copied from the original layer where it has them (the torch norm classes' attributes).
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
+    running_mean: torch.Tensor | None
+    running_var: torch.Tensor | None
+    num_batches_tracked: torch.Tensor | None
+    eps: float
+    momentum: float | None
+    track_running_stats: bool
+    num_groups: int
+    normalized_shape: tuple[int, ...]
 
     def __init__(self, layer: nn.Module, num_modalities: int, name: str):
         super().__init__()
@@ -153,7 +173,7 @@ class ModalityBatchNorm(ModalityNorm):
     samples in training, its own running statistics (updated only when it is present)."""
 
     def forward(self, rows: torch.Tensor) -> torch.Tensor:
-        plan = _PLAN.get()
+        plan = _plan()
         if self.training and self.kind == "SyncBatchNorm" and torch.distributed.is_available() \
                 and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
             raise NotImplementedError(f"{self.layer_name!r}: a converted SyncBatchNorm computes each modality's "
@@ -180,7 +200,7 @@ class ModalityInstanceNorm(ModalityNorm):
     Untracked: the fused modality_group_norm kernel (one group per channel)."""
 
     def forward(self, rows: torch.Tensor) -> torch.Tensor:
-        plan = _PLAN.get()
+        plan = _plan()
         if not self.track_running_stats:
             return group_norm_rows(rows, plan, self.weight, self.bias, rows.shape[1], self.eps)
         return self._cat([F.instance_norm(x, self.running_mean[m], self.running_var[m],
@@ -194,7 +214,7 @@ class ModalityGroupNorm(ModalityNorm):
     """GroupNorm with a per-modality affine: the fused modality_group_norm kernel."""
 
     def forward(self, rows: torch.Tensor) -> torch.Tensor:
-        return group_norm_rows(rows, _PLAN.get(), self.weight, self.bias, self.num_groups, self.eps)
+        return group_norm_rows(rows, _plan(), self.weight, self.bias, self.num_groups, self.eps)
 
 
 class ModalityLayerNorm(ModalityNorm):
@@ -204,7 +224,7 @@ class ModalityLayerNorm(ModalityNorm):
         eps = self.eps
         if self.kind_rms and eps is None:
             eps = torch.finfo(rows.dtype).eps  # torch.nn.RMSNorm's default
-        return layer_norm_rows(rows, _PLAN.get(), self.weight, self.bias, tuple(self.normalized_shape), eps,
+        return layer_norm_rows(rows, _plan(), self.weight, self.bias, tuple(self.normalized_shape), eps,
                                rms=self.kind_rms)
 
     @property
@@ -312,8 +332,7 @@ class DynamicSharing(nn.Module):
                     or len(stems) != M or not all(isinstance(s, nn.Module) for s in stems):
                 raise ValueError(f"stems must be None or a sequence of M = {M} modules (one per modality "
                                  f"{self.modalities}), got {stems!r:.200}")
-            stems = nn.ModuleList(copy.deepcopy(list(stems)))
-        self.stems = stems
+        self.stems = None if stems is None else nn.ModuleList(copy.deepcopy(list(stems)))
         converted, found = _convert(copy.deepcopy(net), M)
         if not found and stems is None:
             raise ValueError(f"dynamic_sharing: net ({type(net).__name__}) has no normalisation layer (BatchNorm, "
@@ -426,7 +445,7 @@ class DynamicSharing(nn.Module):
         plan = self._plan(x, present)
         if not torch.is_grad_enabled():
             return ds_ops.scatter(self._run(self._rows(x, plan), plan), plan).unbind(1)
-        outs = []
+        outs: list[torch.Tensor | None] = []
         for m in range(plan.M):
             if plan.counts[m] == 0:
                 outs.append(None)
