@@ -590,7 +590,7 @@ def ensure_phantom(root: Path, n: int, size: int, seed: int = 0) -> None:
     marker = root / "phantom.json"
     if root.is_dir() and any(root.iterdir()):
         if marker.is_file():
-            saved = json.loads(marker.read_text(encoding="utf-8"))
+            saved = recipe.read_json(marker, "the demo's phantom settings")
             if saved != spec:
                 raise FileExistsError(f"demo --data {root}: holds phantom cases made with {saved}, not {spec}; "
                                       f"pass another --data")
@@ -628,14 +628,14 @@ def demo(out: str | Path = "runs/demo", data: str | Path | None = None, quick: b
         has_run = (run_dir / "last.pt").is_file()
         # A folder holding only our config.json is a run killed in its first epoch: start it again.
         restart = (not has_run and (run_dir / "config.json").is_file()
-                   and json.loads((run_dir / "config.json").read_text(encoding="utf-8")) == cfg)
+                   and recipe.read_json(run_dir / "config.json", "the run's settings") == cfg)
         try:
             train(cfg, run_dir, resume=has_run and not overwrite, overwrite=overwrite or restart, progress=progress)
         except ValueError as e:
             raise FileExistsError(f"{run_dir} holds a run with other settings ({e}); pass --overwrite or another "
                                   f"--out") from e
         metrics = eval_paths(run_dir, "test")["metrics"]
-        saved = json.loads(metrics.read_text(encoding="utf-8")) if metrics.is_file() and not overwrite else {}
+        saved = recipe.read_json(metrics, "the test evaluation") if metrics.is_file() and not overwrite else {}
         # An evaluation written before HD95 was reported is redone; a current one is reused.
         summary = saved if "hd95" in saved else run_eval(run_dir, overwrite=True, progress=progress)
         print(f"{run_dir.name}: mean over 15 combinations: Dice " +

@@ -168,7 +168,7 @@ def train_one(cfg: dict, data: dict, seed: int, run_dir: Path, device, *, resume
     result_path = run_dir / "result.json"
     if resume and result_path.is_file():
         recipe.load_matching(run_dir / "last.pt", cfg, seed)  # the finished run is this one
-        return json.loads(result_path.read_text(encoding="utf-8"))
+        return recipe.read_json(result_path, "the finished run's result")
     train, valid = data["train"], data["valid"]
     n = train["y"].shape[0]
     input_dims = tuple(train["x"][m].shape[2] for m in MODALITIES)
