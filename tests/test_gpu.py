@@ -56,11 +56,19 @@ def _poison_allocator(device):
 
 
 # ---------------------------------------------------------------- fp64 references, every shape class
+# bench/gpu_check.py runs `-m "not slow"` first (K in {1, 4, 15, 64} and the three main layouts: the kernels' K
+# classes and both vector paths), then the rest of the grid with the other slow tests while its budget lasts.
+_FAST_K, _FAST_LAYOUTS = (1, 4, 15, 64), ("contiguous", "odd_n", "transposed")
+_GRID = [pytest.param(K, layout, marks=() if K in _FAST_K and layout in _FAST_LAYOUTS else pytest.mark.slow,
+                      id=f"{K}-{layout}")
+         for K in (1, 3, 4, 5, 15, 17, 64)
+         for layout in ("contiguous", "odd_n", "padded", "transposed", "column_strided")]
+
+
 @needs_cuda
 @pytest.mark.parametrize("device,backend", CUDA_BACKENDS)
-@pytest.mark.parametrize("K", [1, 3, 4, 5, 15, 17, 64])
+@pytest.mark.parametrize("K,layout", _GRID)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("layout", ["contiguous", "odd_n", "padded", "transposed", "column_strided"])
 def test_projection_ops_vs_fp64(device, backend, K, dtype, layout):
     N = {"contiguous": 1 << 16, "odd_n": (1 << 16) + 3}.get(layout, 4099)
     for seed in range(2):  # fresh inputs each time: the kernel must compute the function, not fit one input
@@ -92,6 +100,7 @@ def test_projection_ops_vs_fp64(device, backend, K, dtype, layout):
         assert _rel(rows, A.double().cpu() @ G64) < (1e-5 if dtype == torch.float32 else 8e-3)
 
 
+@pytest.mark.slow  # 8 GiB
 @needs_cuda
 @pytest.mark.parametrize("device,backend", CUDA_BACKENDS)
 def test_gram_beyond_2_31_elements(device, backend):
@@ -241,6 +250,7 @@ def test_cuda_graph_of_a_gmd_step(device, backend):
     params = list(model.parameters())
 
     def step():
+        gmd.zero_grad()  # a new GMD step each time: without it the calls accumulate (replays would differ)
         out = model(x)
         gmd.backward([((out[:, k] - y[:, k]) ** 2).mean() for k in range(3)])
         return [p.grad.clone() for p in params]
@@ -264,6 +274,122 @@ def test_cuda_graph_of_a_gmd_step(device, backend):
     assert all(torch.equal(a, b) for a, b in zip(first, eager))
 
 
+# ---------------------------------------------------------------- a DS training step: no host sync, CUDA graph
+def _ds_step(device, backend):
+    """One DS + GMD training step as the BraTS recipe runs it, with everything a step needs on the device made here,
+    before the steps under test: DSUNet3d (width 0.25: 8 .. 128 channels, G = 8) on x [2, 4, 16^3] with a host-side
+    mask that drops a pair in each sample (the data loader's), its PairPlan (and the per-branch plans, cached by a
+    first step), the 15 subset objectives fused over their present modalities, GMD with the branches gradient
+    source, a fixed host order and nonfinite="propagate" (no finiteness check: no sync).
+
+    gmd_ext.subset_losses(present=...) takes its row selection from the mask on the device (a host sync); the same
+    fusion is written here with the decisions taken on the host mask and their device tensors made once.
+    Returns (step() -> [grad clones], gmd): step() starts a new GMD step (zero_grad), runs the forward and
+    gmd.backward."""
+    import torch.nn.functional as F
+
+    import gmd_ext
+    from gmd_ext import DSUNet3d
+    from gmd_ext.gmd.subsets import SubsetLosses
+    from gmd_ext.ops import PairPlan
+
+    torch.manual_seed(0)
+    model = DSUNet3d(width=0.25, backend=backend).to(device)
+    B, M = 2, 4
+    x = torch.randn(B, M, 16, 16, 16, device=device)
+    y = (torch.rand(B, 3, 16, 16, 16, device=device) > 0.5).float()
+    present = torch.tensor([[True, False, True, True], [True, True, False, True]])
+    plan = PairPlan(present, B, M, device)
+    subs = gmd_ext.subsets(model.modalities)
+    fusion = []
+    for s in subs:
+        w = present[:, list(s.indices)].double()
+        count = w.sum(1)
+        weights = (w / count.clamp_min(1)[:, None]).T.float().reshape(len(s.indices), B, 1, 1, 1, 1)
+        fusion.append((s, weights.to(device), (count > 0).nonzero().flatten().to(device)))
+    order = torch.stack([torch.randperm(len(subs), generator=torch.Generator().manual_seed(k))
+                         for k in range(len(subs))])
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    gmd = GMD(opt, order=order, strategy="branches", nonfinite="propagate", backend=backend)
+    params = list(model.parameters())
+
+    def step():
+        gmd.zero_grad()
+        branches = model.forward_branches(x, plan)
+        losses = SubsetLosses((), subs)
+        for s, weights, rows in fusion:
+            fused = sum(branches[m] * weights[j] for j, m in enumerate(s.indices))
+            losses[s.name] = F.binary_cross_entropy_with_logits(fused.index_select(0, rows), y.index_select(0, rows))
+        gmd.backward(losses)
+        return [None if p.grad is None else p.grad.clone() for p in params]
+
+    return step, gmd
+
+
+def _same(a, b):
+    return len(a) == len(b) and all((u is None and v is None) or (u is not None and v is not None and
+                                                                   torch.equal(u, v)) for u, v in zip(a, b))
+
+
+def test_ds_step_helper_runs_on_cpu(one_thread):
+    """The DS step of the GPU tests below on the CPU (cpp kernels): it runs, every parameter gets a finite gradient
+    and a second step is bit-identical (so a GPU failure of those tests is about the GPU)."""
+    from gmd_ext import _backend
+
+    step, gmd = _ds_step("cpu", "cpp" if _backend.CPP_LOADED else "torch")
+    first = step()
+    assert all(g is not None and torch.isfinite(g).all() for g in first)
+    assert gmd.strategy == "branches"
+    assert _same(first, step())
+
+
+@needs_cuda
+@pytest.mark.parametrize("device,backend", CUDA_BACKENDS)
+def test_ds_step_has_no_host_sync(device, backend):
+    """A whole DS training step (plan, masked conv, group norm, pack/scatter, the branches source, Γ, projection,
+    combination, the optimizer step) with a host-side mask under set_sync_debug_mode("error")."""
+    step, gmd = _ds_step(device, backend)
+    step()  # first step: GMD buffers, the per-branch plans, cuDNN algorithms
+    gmd.step()
+    torch.cuda.synchronize(device)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+        gmd.step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
+@needs_cuda
+@pytest.mark.parametrize("device,backend", CUDA_BACKENDS)
+def test_cuda_graph_of_a_ds_step(device, backend):
+    """The DS step (forward and GMD backward) captured in a CUDA graph: replays are bit-identical to each other and
+    to an eager step (deterministic kernels: fixed-order merges, no atomics)."""
+    torch.backends.cudnn.deterministic = True
+    try:
+        step, _ = _ds_step(device, backend)
+        s = torch.cuda.Stream(device)
+        s.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(s):
+            for _ in range(2):
+                step()  # warm-up outside the capture (allocator, plans, cuDNN, Triton compiles)
+        torch.cuda.current_stream(device).wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            grads = step()
+        graph.replay()
+        torch.cuda.synchronize(device)
+        first = [None if g is None else g.clone() for g in grads]
+        assert all(g is not None and torch.isfinite(g).all() for g in first)
+        graph.replay()
+        torch.cuda.synchronize(device)
+        assert _same(first, grads)
+        assert _same(first, step())
+    finally:
+        torch.backends.cudnn.deterministic = False
+
+
+@pytest.mark.slow  # Inductor compiles
 @needs_cuda
 @pytest.mark.parametrize("device,backend", CUDA_BACKENDS)
 def test_compile_fullgraph_project_conflicts(device, backend):
@@ -276,6 +402,7 @@ def test_compile_fullgraph_project_conflicts(device, backend):
     torch.testing.assert_close(torch.compile(f, fullgraph=True)(G), f(G))
 
 
+@pytest.mark.slow  # Inductor compiles
 @needs_cuda
 @pytest.mark.parametrize("device,backend", CUDA_BACKENDS)
 def test_compile_reduce_overhead_project_conflicts(device, backend):
@@ -296,6 +423,7 @@ def test_compile_reduce_overhead_project_conflicts(device, backend):
         torch.testing.assert_close(got, f(G), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow  # Inductor compiles
 @needs_cuda
 @pytest.mark.parametrize("device,backend", testing.device_backends(backends=("cpp", "torch"), devices=("cuda",)))
 def test_compile_fullgraph_ds_ops(device, backend):
@@ -442,7 +570,8 @@ def test_selftest_passes_here_and_reports_a_broken_kernel(monkeypatch, capsys):
 
 # ---------------------------------------------------------------- bench/gpu_check.py
 def test_gpu_check_dry_run(tmp_path):
-    """The one-command GPU check end to end on this CPU at tiny sizes: selftest, test step, bandwidth rows checked
+    """The one-command GPU check end to end on this CPU at tiny sizes (CI's dry run of it): the Triton warm-up,
+    selftest, both test phases, the target rows (each with its target and verdict) and the full table, checked
     against references, CSV (shared fields + timestamp + git) and markdown under --out."""
     import csv
     import subprocess
@@ -457,9 +586,16 @@ def test_gpu_check_dry_run(tmp_path):
     ops_timed = {r["op"] for r in rows if r["GB_s"]}
     assert {"gram", "combine", "combine_rows", "group_norm_fwd", "group_norm_bwd", "pack_pairs"} <= ops_timed
     assert all(r["git_rev"] and r["timestamp"] and r["machine"] for r in rows)
-    assert {r["op"]: r["note"] for r in rows if r["op"].startswith("step:")} == {"step:selftest": "rc=0",
-                                                                                  "step:tests": "rc=0"}
-    assert "| gram | cpp | 4 | 4099 | float32 |" in (tmp_path / "gpu_check.md").read_text()
+    steps = {r["op"]: r["note"] for r in rows if r["op"].startswith("step:")}
+    assert {k: steps.get(k) for k in ("step:warm-triton", "step:selftest", "step:tests")} == dict.fromkeys(
+        ("step:warm-triton", "step:selftest", "step:tests"), "rc=0")
+    assert steps["step:tests-slow"] in ("rc=0", "rc=5")  # 5: no slow test selected by the dry run's filter
+    targets = {(r["op"], r["dtype"]): r for r in rows if r.get("target")}
+    assert {op for op, _ in targets} == {"gram", "combine", "group_norm_fwd", "group_norm_bwd"}
+    assert all(r["verdict"] in ("met", "missed") and float(r["of_copy"]) > 0 for r in targets.values())
+    assert all(float(r["of_moved"]) > float(r["of_copy"]) for (op, _), r in targets.items() if "group_norm" in op)
+    md = (tmp_path / "gpu_check.md").read_text()
+    assert "| gram | cpp | K=15 N=4099 | float32 |" in md and "| combine_rows | cpp | K=4 N=4099 |" in md
     with pytest.raises(subprocess.CalledProcessError):  # a dry run never writes into bench/results
         subprocess.run([sys.executable, os.path.join(root, "bench", "gpu_check.py"), "--dry-run"], check=True,
                        capture_output=True, env=dict(os.environ, PYTHONPATH=root), timeout=60)
