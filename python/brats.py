@@ -314,6 +314,7 @@ def train(cfg: dict, run_dir: str | Path, resume: bool = False, stop_after_epoch
     process training or evaluating into the same folder is refused.
     """
     check_config(cfg)
+    recipe.check_stop_after(stop_after_epochs)
     run_dir = Path(run_dir)
     with recipe.run_lock(run_dir):
         return _train(cfg, run_dir, resume, stop_after_epochs, overwrite, progress)
@@ -525,6 +526,10 @@ def compare(run_dirs: list[str | Path], out: str | Path, split: str = "test", ov
         if "hd95" not in m or "per_case_hd95" not in m:
             raise ValueError(f"compare: {path} was written by an older version without HD95; evaluate again: "
                              f"`brats.py eval --run {d} --split {split} --overwrite`")
+        missing = sorted({"config", "cases", "combinations", "mean", "per_case", "spacing"} - set(m))
+        if missing or not isinstance(m["config"], dict) or "gmd" not in m["config"]:
+            raise ValueError(f"compare: {path} is damaged or was edited (missing {missing or ['config.gmd']}); "
+                             f"evaluate again with --overwrite")
         loaded.append((d, m))
     modes = ["GMD" if m["config"]["gmd"] else "joint" for _, m in loaded]
     runs = {}

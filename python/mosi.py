@@ -79,6 +79,7 @@ PAIRED = {"Has0_acc_2": True, "Non0_acc_2": True, "MAE": False, "Corr": True}  #
 
 
 BENCHMARKS = {"mosi": "CMU-MOSI", "mosei": "CMU-MOSEI"}
+MAX_SYNTHETIC_BYTES = 8 << 30  # twice a MOSEI-sized aligned file: the file is written, then loaded whole
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -421,6 +422,15 @@ def _configs(args) -> dict[str, dict]:
         recipe.inside(args.out, path.stem)  # a config's name becomes a folder of --out
         configs[path.stem] = cfg
     recipe.pick_device(args.device)
+    recipe.check_stop_after(args.stop_after_epochs)
+    if args.synthetic:
+        spec = DATASETS[args.dataset]
+        size = synthetic_mosi.file_size(tuple(args.synthetic_n or spec["n"]), aligned=not args.unaligned,
+                                        dims=tuple(args.synthetic_dims or spec["dims"]))
+        if size > MAX_SYNTHETIC_BYTES:
+            raise ValueError(f"--synthetic-n / --synthetic-dims ask for a {size / 2**30:.1f} GiB synthetic file, "
+                             f"beyond {MAX_SYNTHETIC_BYTES >> 30} GiB (a MOSEI-sized one is 4.0 GB); it is written to "
+                             f"disk and then held in memory")
     return configs
 
 

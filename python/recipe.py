@@ -226,8 +226,8 @@ THREADS_HELP = ("torch CPU threads (default 1; 0: torch's default, one per core)
 @contextlib.contextmanager
 def threads(n: int):
     """Run with ``torch.set_num_threads(n)`` (0: torch's default) and restore the previous count afterwards."""
-    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-        raise ValueError(f"--threads must be an int >= 0, got {n!r}")
+    if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= 256:
+        raise ValueError(f"--threads must be an int in [0, 256] (0: torch's default), got {n!r}")
     before = torch.get_num_threads()
     if n:
         torch.set_num_threads(n)
@@ -477,6 +477,12 @@ def check_config(cfg: dict, schema: dict[str, Key], num_modalities: int) -> None
                          f"{cfg['subsets_per_step']}")
 
 
+def check_stop_after(n: int | None) -> None:
+    """``--stop-after-epochs``: None or an int >= 1 (checked at start-up by the recipes, again by `fit`)."""
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise ValueError(f"--stop-after-epochs must be an int >= 1, got {n!r}")
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch global generators (the recipes also pass explicit torch.Generators)."""
     random.seed(seed)
@@ -704,6 +710,7 @@ def fit(run_dir: Path, cfg: dict, seed: int, *, build_model: Callable[[], torch.
     from tqdm import tqdm
 
     last, best_path = run_dir / "last.pt", run_dir / "best.pt"
+    check_stop_after(stop_after_epochs)
     if last.exists() and not resume:
         raise FileExistsError(f"{last} exists: pass --resume to continue that run, or choose another --out")
     if cfg["gmd"] and cfg["monitor"]:

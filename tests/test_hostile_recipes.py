@@ -337,3 +337,26 @@ def test_mosi_one_run_per_out_and_errors_without_traceback(tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert f"mosi.py: error: {out} is in use by another run (pid {holder.pid}" in proc.stderr
     assert "Traceback" not in proc.stderr and sorted(p.name for p in out.iterdir()) == [recipe.LOCK_NAME]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["phantom", "--out", "{tmp}/p", "--size", "100000"], "size must be an int >= 16 and <= 256"),
+    (["phantom", "--out", "{tmp}/p", "--n", "0"], "n must be an int >= 1"),
+    (["demo", "--quick", "--threads", "100000", "--out", "{tmp}/d"], "--threads must be an int in [0, 256]"),
+    (["train", "--out", "{tmp}/t", "--stop-after-epochs", "-1", "--set", "data_root=\"{tmp}\""],
+     "--stop-after-epochs must be an int >= 1"),
+])
+def test_cli_bounds_named(tmp_path, capsys, argv, message):
+    assert brats.main([a.replace("{tmp}", str(tmp_path)) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_mosi_synthetic_size_bounded_at_start_up(tmp_path):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("mosi_recipe_hostile", ROOT / "python" / "mosi.py")
+    mosi = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mosi)
+    with pytest.raises(ValueError, match=r"--synthetic-n / --synthetic-dims ask for a \d+\.\d GiB synthetic file"):
+        mosi.main(["--synthetic", "--synthetic-n", "1000000000", "10", "10", "--out", str(tmp_path / "m")])
+    assert not (tmp_path / "m").exists()

@@ -192,16 +192,17 @@ def make_cases(out_dir: str | os.PathLike, n: int, size: int = 96, seed: int = 0
     Args:
         out_dir: folder to write into (created). A folder that is not empty is refused (FileExistsError) unless
             ``overwrite``, which replaces the phantom cases of the same names and leaves other files alone.
-        n: number of cases (>= 1).
-        size: edge of the cubic volume in voxels (>= 16); the MNI brain is fitted into it isotropically.
+        n: number of cases (1..100000).
+        size: edge of the cubic volume in voxels (16..256); the MNI brain is fitted into it isotropically.
         seed: case ``i`` depends only on ``(seed, i)``; the same arguments give byte-identical volumes.
 
     Returns:
         The case folders, in order. Also copies the MNI152 copyright notice to ``<out_dir>/NOTICE.MNI152``.
     """
-    for name, v, lo in (("n", n, 1), ("size", size, 16)):
-        if not isinstance(v, int) or isinstance(v, bool) or v < lo:
-            raise ValueError(f"make_cases: {name} must be an int >= {lo}, got {v!r}")
+    # Upper bounds: a case is generated in float32 at size^3 (256^3: ~1 GB of working memory).
+    for name, v, lo, hi in (("n", n, 1, 100_000), ("size", size, 16, 256)):
+        if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+            raise ValueError(f"make_cases: {name} must be an int >= {lo} and <= {hi}, got {v!r}")
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise ValueError(f"make_cases: seed must be a non-negative int, got {seed!r}")
     out = Path(out_dir)
