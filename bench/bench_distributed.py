@@ -29,6 +29,14 @@ against N·4 B, K·N·4 B and the target 1.2·N + K·max|p| (×4 B).
     python bench/bench_distributed.py            # bench/results/distributed.csv + distributed.md
     python bench/bench_distributed.py --quick    # tiny sizes, rows to bench/scratch/distributed.csv
     python bench/bench_distributed.py --worlds ""   # the low-memory part only (-> distributed_lowmem.md)
+    python bench/bench_distributed.py --ds-default   # DSUNet3d on 2 DDP ranks, default GMD arguments, this
+                                                    # engine vs --old-engine's (-> distributed_ds_default.md)
+
+DS default (--ds-default): DSUNet3d (width 0.5, 3.25 M parameters, 16³, one sample per rank, K = 15 subsets,
+forward_branches + subset_losses) under DDP on 2 gloo ranks, 1 thread each, GMD(opt, ddp_module=ddp) with default
+arguments from this engine (it resolves the branches source on reduce_scatter) and from the engine of
+--old-engine (default 6275a69, loaded from git by bench_step.load_old_engine; it fell back to the sequential
+source under reduce_scatter without a word); each on its own model copy, steps interleaved, barrier before each.
 """
 from __future__ import annotations
 
@@ -340,13 +348,85 @@ def lowmem_rows(quick):
     return rows
 
 
+def _ds_rank(rank, world, port, old_rev, steps, out_path):
+    from bench_step import load_old_engine
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=300))
+    engines = {"gmd_default": GMD, "gmd_default_old": load_old_engine(old_rev)}
+    g = torch.Generator().manual_seed(rank)
+    x, y = torch.randn(1, 4, 16, 16, 16, generator=g), (torch.rand(1, 3, 16, 16, 16, generator=g) > 0.5).float()
+    subs = sample_subsets(("flair", "t1", "t1ce", "t2"), 15)
+    bce = nn.functional.binary_cross_entropy_with_logits
+    built = {}
+    for name, cls in engines.items():
+        torch.manual_seed(0)
+        model = DSUNet3d(width=0.5)
+        ddp = nn.parallel.DistributedDataParallel(model)
+        built[name] = (model, cls(torch.optim.SGD(model.parameters(), lr=1e-3), ddp_module=ddp, seed=0))
+    times = {n: [] for n in built}
+    for step in range(steps + 1):  # the first is warm-up
+        for name, (model, gmd) in built.items():
+            dist.barrier()
+            t0 = time.perf_counter()
+            gmd.zero_grad()
+            gmd.backward(subset_losses(model.forward_branches(x), y, bce, subs))
+            gmd.step()
+            if step:
+                times[name].append((time.perf_counter() - t0) * 1e3)
+    N = sum(p.numel() for p in DSUNet3d(width=0.5).parameters())
+    rows = [dict(world=world, K=15, N=N, provider=name, values_sent="", collectives="", values_per_N="",
+                 step_ms=statistics.median(times[name]), peak_mib="", model="DSUNet3d(width=0.5), 16^3, 1/rank",
+                 # the old engine reports its configured strategy ("auto"); its latch says what ran
+                 note=f"source={'sequential' if getattr(gmd._s, 'auto_sequential', False) else gmd.strategy}, "
+                      f"comm={type(gmd.comm).__name__}")
+            for name, (model, gmd) in built.items()]
+    if rank == 0:
+        torch.save(rows, out_path)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def ds_default_rows(old_rev, steps, tmp):
+    out = os.path.join(tmp, "ds_default.pt")
+    mp.start_processes(_ds_rank, args=(2, _free_port(), old_rev, steps, out), nprocs=2, start_method="spawn")
+    return torch.load(out)
+
+
+def ds_default_main(args):
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = ds_default_rows(args.old_engine, 2 if args.quick else args.steps, tmp)
+    common = utils.common_fields("distributed")
+    out = [{**common, "op": "gmd_step_ds_default", "shape": f"W={r['world']},K={r['K']},N={r['N']}",
+            "dtype": "float32", "median_ms": r["step_ms"], "q20_ms": "", "q80_ms": "", "backend": "gloo", **r}
+           for r in rows]
+    path = utils.append_rows(utils.csv_path(args), out)
+    by = {r["provider"]: r for r in rows}
+    md = (f"Machine: {common['machine']} (shared with other jobs, 1-min load {os.getloadavg()[0]:.1f} at the end), "
+          f"1 torch thread per rank; gloo on localhost.\n\n"
+          + utils.markdown_table(["engine", "resolved parts", "median step ms"],
+                                 [[r["provider"], r["note"], f"{r['step_ms']:.0f}"] for r in rows])
+          + f"\n\nold default / this default = "
+            f"{by['gmd_default_old']['step_ms'] / by['gmd_default']['step_ms']:.2f}x step time.\n")
+    utils.write_text(os.path.splitext(path)[0] + "_ds_default.md", md)
+    print(md)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     utils.add_output_args(ap, "distributed")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--worlds", default="2,4", help='comma-separated world sizes ("" skips the distributed part)')
     ap.add_argument("--lowmem", choices=("on", "off"), default="on", help="run the low-memory comparison")
+    ap.add_argument("--ds-default", action="store_true", help="only the DSUNet3d DDP default-arguments comparison")
+    ap.add_argument("--old-engine", default="6275a69", help="git revision of the engine --ds-default compares with")
     args = ap.parse_args()
+    if args.ds_default:
+        ds_default_main(args)
+        return
     widths = (32, 128) if args.quick else (64, 256, 1024)
     Ks = (4, 15)
     cases = [(w, K) for w in widths for K in Ks]

@@ -8,11 +8,17 @@ the K forwards, the backward passes and optimizer.step()):
   gmd_batched GMD(strategy="batched"): one vmapped backward over the K losses
   official    the official loop: K backward passes, retrieve / clone / cat the grads, reference.pairwise_pcgrad
               (compute_dtype=None: fp32, one dot and one host sync per pair), unflatten into .grad
+  gmd_old     GMD with default arguments from the engine of another revision (--old-engine REV, default
+              6275a69: the engine before it was split into source / communicator / aggregator), loaded from git
+              as a separate package on the same ops, on its own copy of the model
+  gmd_upgrad  GMD(aggregator=torchjd.aggregation.UPGrad()): the Gramian weighting on the engine's kernels
+  torchjd_upgrad  torchjd's own step: autojac.backward(losses) + jac_to_grad(params, UPGrad())
 
 GMD overhead = (gmd_seq - k_backward) / gmd_seq: the cost beyond the K backward passes (target <= 5 %).
 Appends to bench/results/step.csv (bench/utils.py schema) and writes step.md next to it.
 
     python bench/bench_step.py --k 4 --size 16 --repeats 5
+    python bench/bench_step.py --width 0.25 --k 15 --providers gmd_seq,gmd_old,gmd_upgrad,torchjd_upgrad
     python bench/bench_step.py --quick            # smoke run: K = 2, 16^3, 2 repeats, rows to bench/scratch/
 """
 from __future__ import annotations
@@ -26,7 +32,7 @@ import torch
 import utils
 
 from gmd_ext import GMD, DSUNet3d, _backend, sample_subsets
-from gmd_ext.ops.reference import pairwise_pcgrad
+from gmd_ext.ops.reference import official_step
 
 MODS = ("flair", "t1", "t1ce", "t2")
 
@@ -65,20 +71,7 @@ def step_k_backward(model, opt, losses):
 def make_official(params, perms_fn):
     def step(model, opt, losses):
         ls = list(losses().values())
-        grads, has = [], []
-        for k, l in enumerate(ls):
-            opt.zero_grad(set_to_none=True)
-            l.backward(retain_graph=k < len(ls) - 1)
-            grads.append(torch.cat([(p.grad.clone() if p.grad is not None else torch.zeros_like(p)).flatten()
-                                    for p in params]))
-            has.append(torch.cat([torch.full((p.numel(),), p.grad is not None) for p in params]))
-        G = torch.stack(grads)
-        shared = torch.stack(has).all(0)
-        merged = pairwise_pcgrad(G, perms_fn(len(ls)), shared, "mean", compute_dtype=None)
-        off = 0
-        for p in params:
-            p.grad = merged[off:off + p.numel()].view_as(p).clone()
-            off += p.numel()
+        official_step(params, ls, perms_fn(len(ls)), "mean", compute_dtype=None)
         opt.step()
     return step
 
@@ -121,6 +114,39 @@ def make_gmd(gmd, engine_cpu):
     return step
 
 
+def load_old_engine(rev: str):
+    """The GMD class of revision `rev`'s gmd_ext/gmd package, loaded from git as the package `gmd_old` (its
+    gmd_ext.gmd imports rewritten; gmd_ext.ops and the kernels are this checkout's), so both engines run on the
+    same ops in one process."""
+    import importlib
+    import subprocess
+    import sys
+    import tempfile
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    files = subprocess.run(["git", "ls-tree", "--name-only", rev, "gmd_ext/gmd/"], cwd=root, check=True,
+                           capture_output=True, text=True).stdout.split()
+    pkg = os.path.join(tempfile.mkdtemp(prefix="gmd_old_"), "gmd_old")
+    os.makedirs(pkg)
+    for f in files:
+        text = subprocess.run(["git", "show", f"{rev}:{f}"], cwd=root, check=True, capture_output=True,
+                              text=True).stdout
+        with open(os.path.join(pkg, os.path.basename(f)), "w") as out:
+            out.write(text.replace("gmd_ext.gmd", "gmd_old"))
+    sys.path.insert(0, os.path.dirname(pkg))
+    return importlib.import_module("gmd_old.engine").GMD
+
+
+def on_copy(step, model, losses_of):
+    """A step on its own copy of the model (two engines' gradient hooks must not see each other's passes)."""
+    import copy
+
+    twin = copy.deepcopy(model)
+    losses = losses_of(twin)
+    opt = torch.optim.SGD(twin.parameters(), lr=1e-3)
+    return lambda *_: step(twin, opt, losses)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--k", type=int, default=4, help="objectives (sampled modality subsets, full set included)")
@@ -133,6 +159,7 @@ def main():
     ap.add_argument("--backend", default="auto")
     ap.add_argument("--machine", default=None, help="machine label for the CSV (default: cores and CPU model)")
     ap.add_argument("--providers", default="plain,k_backward,gmd_seq,gmd_batched,official")
+    ap.add_argument("--old-engine", default="6275a69", help="git revision of the engine gmd_old runs")
     ap.add_argument("--shared-graph", action="store_true",
                     help="K losses on one all-modality forward (multi-task) instead of K subset forwards")
     ap.add_argument("--report", action="store_true", help="only rebuild step.md from the CSV")
@@ -159,9 +186,20 @@ def main():
     losses = make_losses(model, x, target, chosen, args.shared_graph)
     backend = _backend.resolve(args.backend, "cpu")
     perm_gen = torch.Generator().manual_seed(0)
+    names = [p for p in args.providers.split(",") if p]
+
+    def losses_of(m):
+        return make_losses(m, x, target, chosen, args.shared_graph)
+
+    def copies(name, make_step):  # built only when asked for (each holds a model copy and, for GMD, K·N rows)
+        return {name: on_copy(make_step(), model, losses_of)} if name in names else {}
 
     engine_cpu = {"gmd_seq": [], "gmd_batched": []}
-    steps = {
+    extra = {}
+    extra.update(copies("gmd_old", lambda: _gmd_step(load_old_engine(args.old_engine), backend)))
+    extra.update(copies("gmd_upgrad", lambda: _gmd_step(GMD, backend, aggregator=_upgrad())))
+    extra.update(copies("torchjd_upgrad", lambda: _torchjd_step(_upgrad())))
+    steps = {**extra,
         "plain": step_plain,
         "k_backward": step_k_backward,
         "gmd_seq": make_gmd(GMD(opt, seed=0, backend=backend), engine_cpu["gmd_seq"]),
@@ -169,7 +207,6 @@ def main():
         "official": make_official(params, lambda K: torch.stack([torch.randperm(K, generator=perm_gen)
                                                                  for _ in range(K)])),
     }
-    names = [p for p in args.providers.split(",") if p]
     unknown = set(names) - set(steps)
     if unknown:
         raise SystemExit(f"--providers: unknown {sorted(unknown)}; choose from {list(steps)}")
@@ -197,6 +234,37 @@ def main():
         })
     utils.append_rows(path, rows)
     render(path, md_path)
+
+
+def _upgrad():
+    from torchjd.aggregation import UPGrad
+    return UPGrad()
+
+
+def _gmd_step(cls, backend, **kw):
+    """A step of engine class `cls` (default arguments + kw) on the model it is given (built at the first step)."""
+    engines = {}
+
+    def step(model, opt, losses):
+        gmd = engines.get(id(opt))
+        if gmd is None:
+            seed = {} if "aggregator" in kw else {"seed": 0}  # a Gramian weighting has no order to seed
+            gmd = engines[id(opt)] = cls(opt, backend=backend, **seed, **kw)
+        gmd.zero_grad()
+        gmd.backward(losses())
+        gmd.step()
+    return step
+
+
+def _torchjd_step(aggregator):
+    from torchjd.autojac import backward, jac_to_grad
+
+    def step(model, opt, losses):
+        opt.zero_grad(set_to_none=True)
+        backward(list(losses().values()))
+        jac_to_grad(list(model.parameters()), aggregator)
+        opt.step()
+    return step
 
 
 def render(csv_path: str, md_path: str) -> None:
@@ -240,6 +308,14 @@ def render(csv_path: str, md_path: str) -> None:
         if "official" in cpu and "gmd_seq" in cpu:
             lines.append(f"- official / gmd_seq = {cpu['official'] / cpu['gmd_seq']:.2f}x CPU time "
                          f"({med['official'] / med['gmd_seq']:.2f}x wall).")
+        if "gmd_old" in cpu and "gmd_seq" in cpu:
+            lines.append(f"- gmd_seq / gmd_old (this engine's default step vs the old revision's, same ops) = "
+                         f"{cpu['gmd_seq'] / cpu['gmd_old']:.3f}x CPU time ({med['gmd_seq'] / med['gmd_old']:.3f}x "
+                         f"wall; target <= 1.02).")
+        if "torchjd_upgrad" in cpu and "gmd_upgrad" in cpu:
+            lines.append(f"- torchjd_upgrad / gmd_upgrad = {cpu['torchjd_upgrad'] / cpu['gmd_upgrad']:.2f}x CPU time "
+                         f"({med['torchjd_upgrad'] / med['gmd_upgrad']:.2f}x wall): GMD with torchjd's UPGrad as its "
+                         f"aggregator vs torchjd's autojac step (target >= 1.5x).")
         if "gmd_batched" in cpu and "gmd_seq" in cpu:
             lines.append(f"- gmd_batched / gmd_seq = {cpu['gmd_batched'] / cpu['gmd_seq']:.2f}x CPU time: vmap over "
                          f"the K one-hot cotangents differentiates the whole graph K times, so 'batched' pays off "

@@ -14,6 +14,7 @@ from gmd_ext import GMD, project_conflicts, subset_losses, subsets
 from gmd_ext.apps.mosi.model import DSSentimentNet
 from gmd_ext.gmd.aggregators import GMDProjection, GramianWeighting
 from gmd_ext.gmd.sources import LowMemory
+from _models import Heads
 
 torchjd = pytest.importorskip("torchjd")
 from torchjd import aggregation as agg  # noqa: E402
@@ -42,19 +43,6 @@ def _solver_aggregators():
 AGGREGATORS = _solver_aggregators()
 
 
-class Heads(nn.Module):
-    """A shared trunk and K = 4 heads with conflicting targets (every parameter reached by some loss)."""
-
-    def __init__(self):
-        super().__init__()
-        self.trunk = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 8))
-        self.heads = nn.ModuleList(nn.Linear(8, 2) for _ in range(4))
-
-    def losses(self, x, y):
-        z = torch.tanh(self.trunk(x))
-        return [((h(z) - (-1) ** k * y) ** 2).mean() + 0.1 * k * h(z).mean() for k, h in enumerate(self.heads)]
-
-
 def data(n=8):
     g = torch.Generator().manual_seed(1)
     return torch.randn(n, 6, generator=g), torch.randn(n, 2, generator=g)
@@ -79,7 +67,7 @@ def gmd_grads(model, losses_fn, A, micro=1, **kw):
 @pytest.mark.parametrize("kw", [{}, {"strategy": "batched"}, {"memory": "low"}], ids=["sequential", "batched", "low"])
 def test_equals_torchjd(make, kw, one_thread):
     torch.manual_seed(0)
-    model = Heads()
+    model = Heads(k=4)
     x, y = data()
     ref = torchjd_grads(model, model.losses(x, y), make())
     model.zero_grad()
@@ -93,7 +81,7 @@ def test_accumulation_equals_one_call(make, one_thread):
     """Two micro-batches with the losses halved: the weighting of the accumulated Gramian, as torchjd on the
     whole batch."""
     torch.manual_seed(0)
-    model = Heads()
+    model = Heads(k=4)
     x, y = data()
     ref = torchjd_grads(model, model.losses(x, y), make())
     model.zero_grad()
@@ -125,7 +113,7 @@ def test_branches_source_equals_torchjd(one_thread):
 def test_callable_weighting_and_weighting_object(one_thread):
     """A plain callable Γ -> w (here: w = 1/K, the mean), and a torchjd Weighting, are aggregators too."""
     torch.manual_seed(0)
-    model = Heads()
+    model = Heads(k=4)
     x, y = data()
     mean = [g.clone() for g in torch.autograd.grad(sum(model.losses(x, y)) / 4, list(model.parameters()))]
     got, gmd = gmd_grads(model, lambda: [model.losses(x, y)], lambda G: torch.full((G.shape[0],), 1 / G.shape[0]))
@@ -157,7 +145,7 @@ def test_project_conflicts_with_the_official_aggregator():
 
 
 def test_refusals():
-    model = Heads()
+    model = Heads(k=4)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(TypeError, match="not Gramian-weighted"):
         GMD(opt, aggregator=agg.Mean())
@@ -177,7 +165,7 @@ def test_refusals():
 
 def test_low_memory_source_object(one_thread):
     torch.manual_seed(0)
-    model = Heads()
+    model = Heads(k=4)
     x, y = data()
     ref = torchjd_grads(model, model.losses(x, y), agg.MGDA())
     model.zero_grad()

@@ -8,7 +8,7 @@ from torch import nn
 from gmd_ext import GMD
 from gmd_ext.gmd.engine import StepInfo
 from gmd_ext.gmd.projection import make_perms
-from gmd_ext.ops.reference import pairwise_pcgrad
+from gmd_ext.ops.reference import official_step, pairwise_pcgrad
 from gmd_ext.testing import backends_for
 
 
@@ -32,20 +32,11 @@ class TwoHead(nn.Module):
 
 
 def official(params, losses_fn, perms, reduction="mean"):
-    """The official implementation's retrieve / clone / cat followed by its pairwise loop."""
-    grads, has = [], []
-    losses = losses_fn()
-    for loss in losses:
-        for p in params:
-            p.grad = None
-        loss.backward(retain_graph=True)
-        grads.append(torch.cat([(p.grad.clone() if p.grad is not None else torch.zeros_like(p)).flatten()
-                                for p in params]))
-        has.append(torch.cat([torch.full_like(p, p.grad is not None).flatten() for p in params]))
+    """The official implementation's step (gmd_ext.ops.reference.official_step), .grad cleared after."""
+    merged = official_step(params, losses_fn(), perms, reduction).float()
     for p in params:
         p.grad = None
-    shared = torch.stack(has).prod(0).bool()
-    return pairwise_pcgrad(torch.stack(grads), perms, shared, reduction, compute_dtype=torch.float64).float()
+    return merged
 
 
 def flat_grad(params):

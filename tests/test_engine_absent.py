@@ -13,33 +13,10 @@ from torch import nn
 from gmd_ext import GMD, subset_losses, subsets
 from gmd_ext.apps.brats.model import DSUNet3d
 from gmd_ext.apps.mosi.model import DSSentimentNet
-from gmd_ext.ops.ds_ops import declare_modality
+from _models import LateFusionNet
 
 SOURCES = [dict(strategy="sequential"), dict(strategy="branches"), dict(strategy="batched"), dict(memory="low")]
 SOURCE_IDS = ["sequential", "branches", "batched", "low_memory"]
-
-
-class TwoBranchNet(nn.Module):
-    """A user's late-fusion model: one encoder per modality (declared), a shared head, branches as a tuple."""
-    modalities = ("a", "b", "c")
-
-    def __init__(self):
-        super().__init__()
-        self.enc = nn.ModuleList(nn.Linear(5, 4) for _ in self.modalities)
-        self.head = nn.Linear(4, 1)
-        for m, enc in enumerate(self.enc):
-            for p in enc.parameters():
-                declare_modality(p, m)
-
-    def forward_branches(self, x, present):
-        out = []
-        for m, enc in enumerate(self.enc):
-            rows = present[:, m]
-            if not bool(rows.any()):
-                out.append(torch.zeros(x.shape[0], 1))  # an absent branch is never computed: no graph
-                continue
-            out.append(torch.where(rows[:, None], self.head(torch.relu(enc(x[:, m]))), 0.0))
-        return tuple(out)
 
 
 def unet_case():
@@ -56,7 +33,7 @@ def sentiment_case():
 
 
 def user_case():
-    return TwoBranchNet(), torch.randn(1, 3, 5), torch.randn(1, 1), nn.MSELoss()
+    return LateFusionNet(), torch.randn(1, 3, 5), torch.randn(1, 1), nn.MSELoss()
 
 
 CASES = {"DSUNet3d": unet_case, "DSSentimentNet": sentiment_case, "user": user_case}

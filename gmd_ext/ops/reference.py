@@ -45,6 +45,33 @@ def pairwise_pcgrad(G: torch.Tensor, perms: torch.Tensor, shared: torch.Tensor |
     return merged
 
 
+def official_step(params, losses, perms: torch.Tensor, reduction: str = "mean",
+                  compute_dtype: torch.dtype | None = torch.float64) -> torch.Tensor:
+    """The official implementation's GMD step (its PCGrad.pc_backward) over `params`: one backward pass per loss,
+    each objective's .grad retrieved, cloned and concatenated (zeros where it has none), `pairwise_pcgrad` with
+    shared = the elements every objective's graph reached, and the merged gradient unflattened into .grad (None
+    where no objective reached a parameter). The ground truth of tests/test_engine.py and the "official" column
+    of bench/bench_step.py.
+
+    losses: K scalar tensors; perms: [K, K] int64. Returns the merged gradient [N] in compute_dtype (None: the
+    parameters' dtype)."""
+    grads, has = [], []
+    for k, loss in enumerate(losses):
+        for p in params:
+            p.grad = None
+        loss.backward(retain_graph=k < len(losses) - 1)
+        grads.append(torch.cat([(p.grad.clone() if p.grad is not None else torch.zeros_like(p)).flatten()
+                                for p in params]))
+        has.append(torch.cat([torch.full((p.numel(),), p.grad is not None, device=p.device) for p in params]))
+    reached = torch.stack(has)
+    merged = pairwise_pcgrad(torch.stack(grads), perms, reached.all(0), reduction, compute_dtype=compute_dtype)
+    off = 0
+    for p, any_ in zip(params, reached.any(0).split([p.numel() for p in params])):
+        p.grad = merged[off:off + p.numel()].view_as(p).to(p.dtype).clone() if bool(any_.any()) else None
+        off += p.numel()
+    return merged
+
+
 def gram(G: torch.Tensor) -> torch.Tensor:
     """G [K, N] -> G Gᵀ [K, K] float32 (one BLAS call in fp32)."""
     G32 = G.float()
