@@ -11,8 +11,9 @@ original, so a pretrained net converts without changing what any branch computes
 Execution (gmd_ext.ds.packed): the present (sample, modality) pairs are packed once, modality-major (a PairPlan
 built on the host), the shared network runs once on the packed rows, and the rows are fused once. The converted
 norms read each row's modality from the plan of the forward under way: a ContextVar set by DynamicSharing around
-the network call and reset when it returns (per thread and per context, nothing survives the forward; Dynamo
-traces ContextVar reads). GroupNorm and affine InstanceNorm run the fused modality_group_norm kernel with each
+the network call and reset when it returns (per thread and per context, nothing survives the forward); inside a
+torch.compile'd forward, where Dynamo cannot trace ContextVar.set, a slot the module and its norms share, written
+and cleared by the traced forward (_Slot). GroupNorm and affine InstanceNorm run the fused modality_group_norm kernel with each
 row's affine gathered from its modality; LayerNorm / RMSNorm gather the affine the same way; BatchNorm (and
 tracked InstanceNorm) runs per modality block — the packed rows of one modality are contiguous — with that
 modality's batch statistics over its present samples and its own running statistics (DSBN, Chang et al. 2019).
@@ -47,6 +48,16 @@ FUSIONS = ("mean",)
 _PLAN: contextvars.ContextVar[PairPlan | None] = contextvars.ContextVar("gmd_ext.ds.plan", default=None)
 
 
+class _Slot:
+    """Where the plan travels inside a torch.compile'd forward (Dynamo cannot trace ContextVar.set): one slot shared
+    by a DynamicSharing and its converted norms, written and cleared by the compiled forward (Dynamo replays the
+    writes as side effects; the graph reads the plan's tensors as inputs, not the slot). Empty at rest."""
+    __slots__ = ("plan",)
+
+    def __init__(self):
+        self.plan: PairPlan | None = None
+
+
 def declare(module: nn.Module, name: str, rule: tuple) -> None:
     """Declare which modalities use parameter `name` of `module` (its own, not a submodule's) to GMD's official
     reduction: ("dim", 0) — slice m belongs to modality m; ("modality", m) — all of it to modality m; ("shared",)
@@ -64,10 +75,17 @@ def declare(module: nn.Module, name: str, rule: tuple) -> None:
 
 
 # ---------------------------------------------------------------- converted normalisation layers
-def _plan() -> PairPlan:
-    """The plan of the forward under way (the forward pre-hook _check_plan has checked there is one)."""
-    plan = _PLAN.get()
-    assert plan is not None
+def _plan(module: "ModalityNorm") -> PairPlan | None:
+    """The plan of the forward under way: the context's (eager), the slot's in a compiled forward (Dynamo traces
+    neither ContextVar.get nor .set)."""
+    compiling = torch.compiler.is_compiling()
+    plan = None if compiling else _PLAN.get()  # eager: the context, per thread
+    if plan is None:  # a compiled DynamicSharing forward (or the eager code between its graphs)
+        plan = module._slot.plan
+    if plan is None and compiling:
+        # A network frame compiled on its own after a graph break of an eager DynamicSharing forward: read the
+        # context (itself a graph break).
+        plan = _PLAN.get()
     return plan
 
 
@@ -75,7 +93,7 @@ def _check_plan(module: "ModalityNorm", args) -> None:
     """Forward pre-hook of every converted norm: a plan must be active and the rows must be its packed rows.
     (Being a hook, it also keeps nn.TransformerEncoderLayer off its fused inference path, which would read the
     [M, ...] affine as one modality's.)"""
-    plan = _PLAN.get()
+    plan = _plan(module)
     if plan is None:
         raise RuntimeError(f"{module.layer_name!r} ({type(module).__name__} of {module.kind}) is a Dynamic Sharing "
                            "layer: it runs only inside DynamicSharing's forward / forward_branches / "
@@ -129,6 +147,7 @@ class ModalityNorm(nn.Module):
                 setattr(self, n, None)
         # The original's configuration, without its tensors (meta): plain(m) copies it and fills in row m.
         self._template = (copy.deepcopy(layer).to("meta"),)
+        self._slot = _Slot()  # DynamicSharing gives all its norms one slot
         self.train(layer.training)
         self.register_forward_pre_hook(_check_plan)
         self._declare()
@@ -173,7 +192,7 @@ class ModalityBatchNorm(ModalityNorm):
     samples in training, its own running statistics (updated only when it is present)."""
 
     def forward(self, rows: torch.Tensor) -> torch.Tensor:
-        plan = _plan()
+        plan = _plan(self)
         if self.training and self.kind == "SyncBatchNorm" and torch.distributed.is_available() \
                 and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
             raise NotImplementedError(f"{self.layer_name!r}: a converted SyncBatchNorm computes each modality's "
@@ -200,7 +219,7 @@ class ModalityInstanceNorm(ModalityNorm):
     Untracked: the fused modality_group_norm kernel (one group per channel)."""
 
     def forward(self, rows: torch.Tensor) -> torch.Tensor:
-        plan = _plan()
+        plan = _plan(self)
         if not self.track_running_stats:
             return group_norm_rows(rows, plan, self.weight, self.bias, rows.shape[1], self.eps)
         return self._cat([F.instance_norm(x, self.running_mean[m], self.running_var[m],
@@ -214,7 +233,7 @@ class ModalityGroupNorm(ModalityNorm):
     """GroupNorm with a per-modality affine: the fused modality_group_norm kernel."""
 
     def forward(self, rows: torch.Tensor) -> torch.Tensor:
-        return group_norm_rows(rows, _plan(), self.weight, self.bias, self.num_groups, self.eps)
+        return group_norm_rows(rows, _plan(self), self.weight, self.bias, self.num_groups, self.eps)
 
 
 class ModalityLayerNorm(ModalityNorm):
@@ -224,7 +243,7 @@ class ModalityLayerNorm(ModalityNorm):
         eps = self.eps
         if self.kind_rms and eps is None:
             eps = torch.finfo(rows.dtype).eps  # torch.nn.RMSNorm's default
-        return layer_norm_rows(rows, _plan(), self.weight, self.bias, tuple(self.normalized_shape), eps,
+        return layer_norm_rows(rows, _plan(self), self.weight, self.bias, tuple(self.normalized_shape), eps,
                                rms=self.kind_rms)
 
     @property
@@ -340,6 +359,10 @@ class DynamicSharing(nn.Module):
                              "modality-specific; give per-modality input modules with stems=, or use a network with "
                              "normalisation layers")
         self.net = converted
+        self._slot = _Slot()
+        for mod in converted.modules():
+            if isinstance(mod, ModalityNorm):
+                mod._slot = self._slot
         self._declare()
 
     @property
@@ -417,11 +440,18 @@ class DynamicSharing(nn.Module):
 
     def _run(self, rows: torch.Tensor, plan: PairPlan) -> torch.Tensor:
         """The shared network on packed rows of plan, each converted norm applying its rows' modality."""
-        token = _PLAN.set(plan)
-        try:
-            out = self.net(rows)
-        finally:
-            _PLAN.reset(token)
+        if torch.compiler.is_compiling():
+            self._slot.plan = plan  # Dynamo cannot trace ContextVar.set (see _Slot)
+            try:
+                out = self.net(rows)
+            finally:
+                self._slot.plan = None
+        else:
+            token = _PLAN.set(plan)
+            try:
+                out = self.net(rows)
+            finally:
+                _PLAN.reset(token)
         if not isinstance(out, torch.Tensor) or out.dim() < 1 or out.shape[0] != rows.shape[0]:
             got = f"shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else type(out).__name__
             raise TypeError(f"dynamic_sharing: net must return one tensor [B, ...] per input batch; on {rows.shape[0]}"
@@ -514,10 +544,10 @@ def dynamic_sharing(net: nn.Module, modalities: Sequence[str] = BRATS_MODALITIES
         - BatchNorm in training: each modality's statistics over its present samples in the batch (a modality
           present in one sample of a 1-voxel map fails as torch's BatchNorm does). A converted SyncBatchNorm
           raises in distributed training (per-modality cross-rank statistics are not implemented).
-        - torch.compile: Dynamo cannot trace ContextVar.set, so the plan's context costs a graph break around
-          the shared network (the network itself compiles; fullgraph=True is not possible), and a new pattern
-          of per-modality counts recompiles. Activation checkpointing that re-runs converted norms outside the
-          forward is not supported (a clear RuntimeError).
+        - torch.compile: with a PairPlan for `present` the forward traces whole (fullgraph=True; a bool mask
+          costs a graph break where the plan is built); each new pattern of per-modality counts recompiles.
+          Activation checkpointing that re-runs converted norms outside the forward is not supported (a clear
+          RuntimeError).
         - With stems, a modality absent from a whole batch leaves its stem unused: DDP then needs
           find_unused_parameters=True.
     """
