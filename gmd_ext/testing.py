@@ -153,3 +153,13 @@ def present_mask(kind: str, B: int, M: int, generator: torch.Generator | None = 
         p[torch.arange(B), torch.randint(M, (B,), generator=generator)] = True
         return p
     raise ValueError(f"present_mask: kind must be one of all, modality_absent, one_modality, random; got {kind!r}")
+
+
+def __getattr__(name: str):
+    """`needs_cpp`: the pytest mark that skips a test when the C++ extension is not built, with the reason (built on
+    first use, so importing this module needs no pytest)."""
+    if name == "needs_cpp":
+        import pytest
+
+        return pytest.mark.skipif(not _backend.CPP_LOADED, reason=f"C++ extension not built: {_backend.CPP_REASON}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

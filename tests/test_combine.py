@@ -4,12 +4,12 @@ on every backend available for CPU tensors, against fp64 references (fp16/bf16 b
 import pytest
 import torch
 
-from gmd_ext import _backend, ops, testing
+from gmd_ext import ops, testing
 from gmd_ext.testing import assert_close_rel, call_on as _on, low_precision
 
 CASES = testing.device_backends()  # devices x backends, absent ones skipped
 EPS32 = torch.finfo(torch.float32).eps
-needs_cpp = pytest.mark.skipif(not _backend.CPP_LOADED, reason=f"C++ extension not built: {_backend.CPP_REASON}")
+needs_cpp = testing.needs_cpp
 
 
 def _gen(seed):

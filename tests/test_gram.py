@@ -6,12 +6,12 @@ flash-attention rule (gmd_ext.testing.assert_close_rel) against plain torch at t
 import pytest
 import torch
 
-from gmd_ext import _backend, ops, testing
+from gmd_ext import ops, testing
 from gmd_ext.testing import assert_close_rel, call_on as _on, low_precision
 
 CASES = testing.device_backends()  # devices x backends, absent ones skipped
 EPS32 = torch.finfo(torch.float32).eps
-needs_cpp = pytest.mark.skipif(not _backend.CPP_LOADED, reason=f"C++ extension not built: {_backend.CPP_REASON}")
+needs_cpp = testing.needs_cpp
 
 
 def _rows(K, N, dtype=torch.float32, seed=0):

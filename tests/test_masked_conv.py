@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from gmd_ext import _backend, masked_conv, testing
+from gmd_ext import masked_conv, testing
 from gmd_ext.ops import ds_ops
 from gmd_ext.ops.ds_ops import PairPlan
 from gmd_ext.ops.reference import masked_conv_reference, present_index
@@ -18,7 +18,7 @@ def _mc(device, x, w, b, present=None, **conv):
     """masked_conv on `device` (inputs moved there, result back on the CPU; differentiable); the mask stays on the
     host, where the data loader gives it."""
     return testing.call_on(device, lambda x, w, b: masked_conv(x, w, b, present, **conv), x, w, b)
-needs_cpp = pytest.mark.skipif(not _backend.CPP_LOADED, reason="gmd_ext._C not built")
+needs_cpp = testing.needs_cpp
 
 
 def _inputs(nsp, per_modality, bias_kind, B=3, M=4, Cin=3, Cout=5, size=6, k=3, dtype=torch.float64):

@@ -7,12 +7,12 @@ second check.
 import pytest
 import torch
 
-from gmd_ext import _backend, ops, testing
+from gmd_ext import ops, testing
 from gmd_ext.ops import reference
 from gmd_ext.testing import call_on as _on
 
 CASES = testing.device_backends()  # devices x backends, absent ones skipped
-needs_cpp = pytest.mark.skipif(not _backend.CPP_LOADED, reason=f"C++ extension not built: {_backend.CPP_REASON}")
+needs_cpp = testing.needs_cpp
 
 
 def _perms(K, kind="random", seed=0):
