@@ -22,8 +22,9 @@ import random
 import re
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -31,7 +32,7 @@ import torch
 __all__ = ["save_checkpoint", "load_checkpoint", "rng_state", "set_rng_state", "atomic_write", "file_mode"]
 
 
-def rng_state() -> dict:
+def rng_state() -> dict[str, Any]:
     """Snapshot of the global Python, NumPy and torch (CPU and, when initialised, CUDA) random states.
 
     Returns:
@@ -40,7 +41,8 @@ def rng_state() -> dict:
         ``weights_only=True``.
     """
     name, keys, pos, has_gauss, cached = np.random.get_state()
-    cuda = [s.clone() for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_initialized() else []
+    initialised = torch.cuda.is_initialized()  # type: ignore[no-untyped-call]
+    cuda = [s.clone() for s in torch.cuda.get_rng_state_all()] if initialised else []
     return {
         "python": random.getstate(),
         "numpy": {"name": str(name), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
@@ -50,7 +52,7 @@ def rng_state() -> dict:
     }
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict[str, Any]) -> None:
     """Restore a snapshot taken by :func:`rng_state`.
 
     Raises:
@@ -135,7 +137,7 @@ def _remove_stale_temporaries(path: Path, suffix: str) -> None:
 
 
 @contextlib.contextmanager
-def atomic_write(path: str | os.PathLike, mode: str = "wb", suffix: str = ".tmp"):
+def atomic_write(path: str | os.PathLike[str], mode: str = "wb", suffix: str = ".tmp") -> Iterator[IO[Any]]:
     """Open a temporary file beside `path` for writing; on success it replaces `path` (os.replace), on any error
     it is removed, so readers see the old file or the complete new one, never a partial write. An OSError of the
     write (a full disk, a quota) names ``path``.
@@ -147,7 +149,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", suffix: str = ".tmp"
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=suffix)
     try:
         os.fchmod(fd, file_mode())  # mkstemp creates 0600
-        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+        with (os.fdopen(fd, mode) if "b" in mode else os.fdopen(fd, mode, encoding="utf-8")) as f:
             yield f
         os.replace(tmp, path)
     except BaseException as e:
@@ -159,7 +161,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", suffix: str = ".tmp"
         raise
 
 
-def save_checkpoint(path: str | os.PathLike, **state: Any) -> Path:
+def save_checkpoint(path: str | os.PathLike[str], **state: Any) -> Path:
     """Write ``state`` (keyword arguments, e.g. ``model=model.state_dict()``) to ``path`` atomically.
 
     The parent folder is created if needed. Returns the path written.
@@ -186,8 +188,8 @@ def save_checkpoint(path: str | os.PathLike, **state: Any) -> Path:
     return path
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu", *,
-                    weights_only: bool = True) -> dict:
+def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.device = "cpu", *,
+                    weights_only: bool = True) -> dict[str, Any]:
     """Read a checkpoint written by :func:`save_checkpoint`.
 
     Args:

@@ -185,7 +185,7 @@ class DominanceMonitor:
             f.write(line)
 
     @classmethod
-    def from_csv(cls, path: str | os.PathLike) -> "DominanceMonitor":
+    def from_csv(cls, path: str | os.PathLike[str]) -> DominanceMonitor:
         """A monitor holding every step recorded in a CSV written by a DominanceMonitor (for `plot`; it writes
         nothing). The cosines and coefficients of each row rebuild the step's Γ and A, so the figure equals the
         one the live monitor would draw over the same steps.
@@ -212,8 +212,8 @@ class DominanceMonitor:
             raise ValueError(f"{path}: not a readable DominanceMonitor CSV ({e})") from None
         return monitor
 
-    def _replay(self, row: dict) -> None:
-        on = self.objective_names
+    def _replay(self, row: dict[str, str]) -> None:
+        on = self.objective_names or ()
         cols = [i for i, n in enumerate(on) if row[f"norm/{n}"] != ""]
         K, T = len(cols), len(on)
         norms = torch.tensor([float(row[f"norm/{on[i]}"]) for i in cols], dtype=torch.float64)
@@ -230,7 +230,7 @@ class DominanceMonitor:
         self.steps += 1
 
     # ------------------------------------------------------------------ plotting
-    def plot(self, path: str | os.PathLike, title: str = "") -> None:
+    def plot(self, path: str | os.PathLike[str], title: str = "") -> None:
         """Save a PNG: mean cosine matrix before / after projection over the recorded steps, and the histogram
         of pairwise gradient angles before vs after projection (the paper's Fig. 3). ``title``: a line above the
         panels (e.g. the data the run trained on).
@@ -287,7 +287,7 @@ class DominanceMonitor:
             self._writer = None
 
 
-def plot_csv(csv_path: str | os.PathLike, png_path: str | os.PathLike, title: str = "") -> None:
+def plot_csv(csv_path: str | os.PathLike[str], png_path: str | os.PathLike[str], title: str = "") -> None:
     """Draw the dominance figure of every step in a saved monitor CSV (`DominanceMonitor.from_csv` + `plot`)."""
     DominanceMonitor.from_csv(csv_path).plot(png_path, title=title)
 
