@@ -373,8 +373,8 @@ def eval_paths(run_dir: Path, split: str) -> dict[str, Path]:
 
 
 def _fmt(stat: dict, digits: int = 4) -> str:
-    if stat.get("n", 2) < 2:
-        return f"{stat['mean']:.{digits}f} (1 case: no spread)"
+    if stat.get("n", 2) < 2:  # one case has no spread: a "± 0" would claim one
+        return f"{stat['mean']:.{digits}f}"
     return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
 
 
@@ -407,7 +407,8 @@ def write_report(run_dir: Path, cfg: dict, summary: dict, per_case: dict, meta: 
              + (f"GMD ({cfg['gmd_reduction']}, {cfg['gmd_order']} order)" if cfg["gmd"]
                 else f"joint training ({cfg['joint_reduction']} of the subset losses)"),
              f"- inference: sliding window {cfg['crop_size']} (MONAI's placement and blending), overlap "
-             f"{cfg['sw_overlap']}, {cfg['sw_weighting']} weighting; mean ± std over cases",
+             f"{cfg['sw_overlap']}, {cfg['sw_weighting']} weighting; "
+             + ("mean ± std over cases" if n > 1 else "**one case: its values, no spread (no ±)**"),
              "", "| modalities | " + " | ".join(f"{r} Dice" for r in REGIONS) + " | "
              + " | ".join(f"{r} HD95 (mm)" for r in REGIONS) + " |", "|---" * (1 + 2 * len(REGIONS)) + "|"]
     dice, hd = summary["combinations"], summary["hd95"]["combinations"]
