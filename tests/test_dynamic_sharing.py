@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gmd_ext
-from gmd_ext import GMD, subset_losses, subsets
+from gmd_ext import GMD, subset_losses, subsets, testing
 from gmd_ext.ds import DynamicSharing, ModalityNorm, dynamic_sharing
 from gmd_ext.ops.ds_ops import PairPlan
 from gmd_ext.ops.reference import pairwise_pcgrad
@@ -46,7 +46,7 @@ def perturb(ds: DynamicSharing, seed: int = 0) -> DynamicSharing:
                     elif name == "num_batches_tracked":
                         t.copy_(torch.randint(1, 5, t.shape, generator=g))
                     elif t.is_floating_point():
-                        t.add_(0.3 * torch.randn(t.shape, generator=g))
+                        t.add_(0.3 * torch.randn(t.shape, generator=g).to(t.device))
     return ds
 
 
@@ -558,3 +558,38 @@ def test_sync_batchnorm_converts_like_batchnorm():
     xs = [torch.randn(4, 3) for _ in range(M)]
     want, _, _ = reference(net, ds, xs, PRESENT)
     assert close(ds(xs, PRESENT), want)
+
+
+@pytest.mark.parametrize("device", testing.device_params())
+@pytest.mark.parametrize("name", ["unet_batch", "segresnet"])
+def test_converted_net_on_device(name, device):
+    """The device axis: the converted net on each device of the matrix (CUDA when present) equals the per-modality
+    reference there, in train mode (BatchNorm per modality; GroupNorm through the fused kernel), gradients included,
+    and GMD takes the per-branch source."""
+    torch.manual_seed(9)
+    net, shape = NETS[name]()
+    net = net.to(device)
+    ds = perturb(dynamic_sharing(net, MODS).to(device)).train()
+    xs = [torch.randn((4,) + shape, device=device) for _ in range(M)]
+    present = PRESENT.to(device)
+    before = copy.deepcopy(ds.state_dict())
+    fused = ds(torch.cat(xs, 1), present)
+    want, _, _ = reference(net, ds_copy_before(ds, before), xs, present)
+    assert fused.device.type == torch.device(device).type
+    assert close(fused, want)
+    # Gradients of the per-modality rows: row m equals the gradient of modality m's reference network's rows.
+    want, _, nets = reference(net, ds_copy_before(ds, before), xs, present)
+    names = [f"{n}.{k}" for n, mod in ds.net.named_modules() if isinstance(mod, ModalityNorm)
+             for k, _ in mod.named_parameters(recurse=False)]
+    grads = torch.autograd.grad(fused.square().mean(), [ds.net.get_parameter(n) for n in names])
+    ref = [torch.autograd.grad(want.square().mean(), [nets[m].get_parameter(n) for n in names], retain_graph=True)
+           for m in range(M)]
+    for i, n in enumerate(names):
+        for m in range(M):
+            assert close(grads[i][m], ref[m][i], 1e-3), (n, m)
+    subs = subsets(MODS)
+    y = torch.rand_like(fused)
+    losses = subset_losses(ds.forward_branches(xs, present), y, F.mse_loss, subs, present=present)
+    gmd = GMD(torch.optim.SGD(ds.parameters(), lr=0.1))
+    gmd.backward(losses)
+    assert "-> Branches()" in gmd.plan
