@@ -8,17 +8,30 @@ Region tensors are ``[3, *S]`` in an order named by ``order``: ``"brats"`` (WT, 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
+from typing import Literal, Union, get_args
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
 from gmd_ext.apps.brats.constants import LABELS, REGION_LABELS, REGION_ORDERS, REGIONS
 
+#: A label volume or region masks: a numpy array or a torch tensor.
+Volume = Union[npt.NDArray[np.generic], torch.Tensor]
+#: A channel order of region masks: a name of REGION_ORDERS or a permutation of ("WT", "TC", "ET").
+RegionOrder = Union[Literal["brats", "monai"], Sequence[str]]
+#: Which 95th-percentile Hausdorff distance (see brats_hd95).
+HD95Definition = Literal["monai", "brats"]
+#: Voxel size in mm: one number (isotropic) or one per axis.
+Spacing = Union[float, Sequence[float], npt.NDArray[np.floating], torch.Tensor]
+
 __all__ = ["LABELS", "REGIONS", "REGION_LABELS", "REGION_ORDERS", "labels_to_regions", "regions_to_labels",
-           "brats_dice", "brats_hd95", "BRATS_HD95_EMPTY_PENALTY_MM"]
+           "brats_dice", "brats_hd95", "BRATS_HD95_EMPTY_PENALTY_MM", "Volume", "RegionOrder", "HD95Definition",
+           "Spacing"]
 
 
-def _order(order) -> tuple[str, ...]:
+def _order(order: RegionOrder) -> tuple[str, ...]:
     if isinstance(order, str):
         if order not in REGION_ORDERS:
             raise ValueError(f"order must be one of {sorted(REGION_ORDERS)} or a permutation of {REGIONS}, "
@@ -30,7 +43,7 @@ def _order(order) -> tuple[str, ...]:
     return names
 
 
-def _as_tensor(x, name: str) -> torch.Tensor:
+def _as_tensor(x: Volume, name: str) -> torch.Tensor:
     if isinstance(x, np.ndarray):
         x = torch.from_numpy(x)
     if not isinstance(x, torch.Tensor):
@@ -47,7 +60,7 @@ def _check_labels(x: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name} holds values outside the BraTS labels {{0, 1, 2, 4}}: {values}")
 
 
-def labels_to_regions(labels, order="brats") -> torch.Tensor:
+def labels_to_regions(labels: Volume, order: RegionOrder = "brats") -> torch.Tensor:
     """Label volume -> nested region masks.
 
     Args:
@@ -69,7 +82,7 @@ def labels_to_regions(labels, order="brats") -> torch.Tensor:
     return torch.stack([region[n] for n in names])
 
 
-def regions_to_labels(regions, order="brats") -> torch.Tensor:
+def regions_to_labels(regions: Volume, order: RegionOrder = "brats") -> torch.Tensor:
     """Region masks -> label volume, the inverse of :func:`labels_to_regions`.
 
     Predicted regions come from independent sigmoids and need not be nested; the BraTS convention resolves that
@@ -91,7 +104,7 @@ def regions_to_labels(regions, order="brats") -> torch.Tensor:
     return out
 
 
-def _as_regions(x, name: str, names: tuple[str, ...]) -> torch.Tensor:
+def _as_regions(x: Volume, name: str, names: tuple[str, ...]) -> torch.Tensor:
     r = torch.from_numpy(x) if isinstance(x, np.ndarray) else x
     if not isinstance(r, torch.Tensor):
         raise TypeError(f"{name} must be a numpy array or torch tensor [3, *S], got {type(x).__name__}")
@@ -100,7 +113,7 @@ def _as_regions(x, name: str, names: tuple[str, ...]) -> torch.Tensor:
     return r.bool()
 
 
-def _region_pair(pred, target, order) -> tuple[torch.Tensor, torch.Tensor]:
+def _region_pair(pred: Volume, target: Volume, order: RegionOrder | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Both inputs as bool region masks ``[3, *S]`` in REGIONS order (WT, TC, ET), on pred's device."""
     if order is not None:
         names = _order(order)
@@ -120,7 +133,7 @@ def _region_pair(pred, target, order) -> tuple[torch.Tensor, torch.Tensor]:
     return labels_to_regions(p), labels_to_regions(t.to(p.device))
 
 
-def brats_dice(pred, target, order=None) -> dict[str, float]:
+def brats_dice(pred: Volume, target: Volume, order: RegionOrder | None = None) -> dict[str, float]:
     """Dice of the WT, TC and ET regions for one case.
 
     Args:
@@ -155,11 +168,13 @@ def brats_dice(pred, target, order=None) -> dict[str, float]:
 BRATS_HD95_EMPTY_PENALTY_MM = 373.12866
 
 
-def _spacing(spacing, ndim: int) -> tuple[float, ...]:
-    values = spacing.tolist() if isinstance(spacing, (np.ndarray, torch.Tensor)) else spacing
+def _spacing(spacing: Spacing, ndim: int) -> tuple[float, ...]:
+    values: object = spacing.tolist() if isinstance(spacing, (np.ndarray, torch.Tensor)) else spacing
     if isinstance(values, (int, float)) and not isinstance(values, bool):
         values = (values,) * ndim
     try:
+        if not isinstance(values, Iterable):
+            raise TypeError
         out = tuple(float(v) for v in values)
     except (TypeError, ValueError):
         raise TypeError(f"spacing must be a number or a sequence of {ndim} numbers (mm per voxel along each axis), "
@@ -170,8 +185,9 @@ def _spacing(spacing, ndim: int) -> tuple[float, ...]:
     return out
 
 
-def _hd95(p: np.ndarray, t: np.ndarray, spacing: tuple[float, ...], empty_penalty: float, definition: str) -> float:
-    from scipy import ndimage
+def _hd95(p: npt.NDArray[np.bool_], t: npt.NDArray[np.bool_], spacing: tuple[float, ...], empty_penalty: float,
+          definition: str) -> float:
+    from scipy import ndimage  # type: ignore[import-untyped]
 
     if not p.any() and not t.any():
         return 0.0
@@ -191,10 +207,11 @@ def _hd95(p: np.ndarray, t: np.ndarray, spacing: tuple[float, ...], empty_penalt
     return float(max(np.percentile(to_t, 95), np.percentile(to_p, 95)))
 
 
-HD95_DEFINITIONS = ("monai", "brats")
+HD95_DEFINITIONS: tuple[str, ...] = get_args(HD95Definition)
 
 
-def brats_hd95(pred, target, order=None, spacing=(1.0, 1.0, 1.0), *, definition: str = "monai",
+def brats_hd95(pred: Volume, target: Volume, order: RegionOrder | None = None, spacing: Spacing = (1.0, 1.0, 1.0), *,
+               definition: HD95Definition = "monai",
                empty_penalty: float = BRATS_HD95_EMPTY_PENALTY_MM) -> dict[str, float]:
     """95th-percentile Hausdorff distance (mm) of the WT, TC and ET regions for one case.
 
@@ -237,9 +254,9 @@ def brats_hd95(pred, target, order=None, spacing=(1.0, 1.0, 1.0), *, definition:
     if not isinstance(empty_penalty, (int, float)) or isinstance(empty_penalty, bool):
         raise TypeError(f"empty_penalty must be a number (mm), got {empty_penalty!r}")
     try:
-        import scipy.ndimage  # noqa: F401  (checked here so the error names the extra)
+        import scipy.ndimage  # type: ignore[import-untyped]  # noqa: F401  (checked here: the error names the extra)
     except ImportError as e:
         raise ImportError("brats_hd95 needs scipy (distance transforms): pip install scipy, or the checkout's "
                           "'.[brats]' extra") from e
-    pr, tr = pr.cpu().numpy(), tr.cpu().numpy()
-    return {name: _hd95(pr[i], tr[i], sp, empty_penalty, definition) for i, name in enumerate(REGIONS)}
+    p, t = pr.cpu().numpy(), tr.cpu().numpy()
+    return {name: _hd95(p[i], t[i], sp, empty_penalty, definition) for i, name in enumerate(REGIONS)}
