@@ -11,6 +11,7 @@ import functools
 import threading
 import types
 from collections.abc import Callable
+from typing import Any, Literal
 
 import torch
 
@@ -66,11 +67,15 @@ class GMD(WrappedOptimizer):
     `plan` shows the resolved parts; docs/engine.md has every combination, the measured costs and the AMP recipe.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, *, aggregator=None, source=None, comm=None,
-                 reduction: str = "mean", order="random", seed: int | None = None, backend: str = "auto",
-                 monitor: Callable | None = None, ddp_module=None, process_group=None, strategy: str = "auto",
-                 nonfinite: str = "raise", communication: str = "auto", memory: str = "default",
-                 include_self: bool = True, usage: str = "official", specific=None):
+    def __init__(self, optimizer: torch.optim.Optimizer, *, aggregator: Any = None, source: Any = None,
+                 comm: Any = None, reduction: Literal["mean", "sum"] = "mean", order: Any = "random",
+                 seed: int | None = None, backend: Literal["auto", "cpp", "triton", "torch"] = "auto",
+                 monitor: Callable[..., Any] | None = None, ddp_module: Any = None, process_group: Any = None,
+                 strategy: Literal["auto", "sequential", "batched", "branches"] = "auto",
+                 nonfinite: Literal["raise", "skip", "propagate"] = "raise",
+                 communication: Literal["auto", "all_reduce", "reduce_scatter"] = "auto",
+                 memory: Literal["default", "low"] = "default", include_self: bool = True,
+                 usage: Literal["official", "reach"] = "official", specific: Any = None) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if isinstance(optimizer, GMD):
