@@ -248,8 +248,7 @@ def _gmd_step(cls, backend, **kw):
     def step(model, opt, losses):
         gmd = engines.get(id(opt))
         if gmd is None:
-            seed = {} if "aggregator" in kw else {"seed": 0}  # a Gramian weighting has no order to seed
-            gmd = engines[id(opt)] = cls(opt, backend=backend, **seed, **kw)
+            gmd = engines[id(opt)] = cls(opt, seed=0, backend=backend, **kw)
         gmd.zero_grad()
         gmd.backward(losses())
         gmd.step()

@@ -144,6 +144,17 @@ def test_project_conflicts_with_the_official_aggregator():
     torch.testing.assert_close(got, ref, rtol=0, atol=0)
 
 
+def test_seed_is_accepted_with_a_weighting(one_thread):
+    """seed= seeds the projection's random order; a Gramian weighting has none, so it changes nothing."""
+    model = Heads(k=4)
+    x, y = data()
+    got, _ = gmd_grads(model, lambda: [model.losses(x, y)], agg.MGDA(), seed=3)
+    model.zero_grad()
+    ref, _ = gmd_grads(model, lambda: [model.losses(x, y)], agg.MGDA())
+    for g, r in zip(got, ref):
+        torch.testing.assert_close(g, r, rtol=0, atol=0)
+
+
 def test_refusals():
     model = Heads(k=4)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)

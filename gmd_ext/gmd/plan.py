@@ -134,10 +134,14 @@ def compose(params, *, source, comm, aggregator, strategy, memory, ddp_module, p
             backend, official: dict):
     """(source, communicator, aggregator, Resolution) from GMD's arguments: the new parts (source=, comm=,
     aggregator=) or today's keyword arguments translated onto them; never both for one part."""
-    given = {k: v for k, v in official.items() if not _same(v, _OFFICIAL_DEFAULTS[k])}
+    # seed only seeds randomness the aggregator has (GMDProjection's order); a Gramian weighting has none, so a
+    # seed passed out of habit changes nothing. The others would change the result: refused with a weighting.
+    given = {k: v for k, v in official.items() if k != "seed" and not _same(v, _OFFICIAL_DEFAULTS[k])}
     if aggregator is None:
         aggregator = GMDProjection(backend=backend, **official)
-    elif given:
+    elif given or (isinstance(aggregator, GMDProjection) and official["seed"] is not None):
+        if isinstance(aggregator, GMDProjection) and official["seed"] is not None:
+            given["seed"] = official["seed"]
         raise ValueError(f"{sorted(given)} are arguments of the official GMD projection; with aggregator= pass them "
                          f"to gmd_ext.gmd.GMDProjection(...) (a Gramian weighting has no order, reduction or usage)")
     aggregator = as_aggregator(aggregator, backend)
