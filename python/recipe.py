@@ -314,10 +314,20 @@ def prepare_folder(folder: str | os.PathLike, manifest_name: str, manifest: dict
     return folder
 
 
+MAX_JSON_BYTES = 64 << 20  # configs, manifests and reports are kilobytes; a larger file is not one of ours
+
+
+def _json_text(path: Path) -> str:
+    size = path.stat().st_size
+    if size > MAX_JSON_BYTES:
+        raise ValueError(f"{size} bytes, more than the {MAX_JSON_BYTES >> 20} MiB a recipe's JSON file can be")
+    return path.read_text(encoding="utf-8")
+
+
 def read_json(path: Path, what: str) -> dict:
     """A JSON object from ``path``; a damaged file is a ValueError naming it (and ``what`` it holds)."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(_json_text(path))
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
         raise ValueError(f"{path} ({what}) is damaged: {type(e).__name__}: {e}; restore it or start the run again "
                          f"in another --out") from None
@@ -416,9 +426,9 @@ def load_config(path: str | os.PathLike | None, defaults: dict, overrides: dict 
         if not path.is_file():
             raise FileNotFoundError(f"config file {path} does not exist")
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"config file {path} is not valid JSON: {e}") from e
+            data = json.loads(_json_text(path))
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:
+            raise ValueError(f"config file {path} is not valid JSON: {type(e).__name__}: {e}") from None
         if not isinstance(data, dict):
             raise ValueError(f"config file {path} must hold a JSON object, got {type(data).__name__}")
         layers.append((str(path), data))

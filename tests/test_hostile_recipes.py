@@ -360,3 +360,15 @@ def test_mosi_synthetic_size_bounded_at_start_up(tmp_path):
     with pytest.raises(ValueError, match=r"--synthetic-n / --synthetic-dims ask for a \d+\.\d GiB synthetic file"):
         mosi.main(["--synthetic", "--synthetic-n", "1000000000", "10", "10", "--out", str(tmp_path / "m")])
     assert not (tmp_path / "m").exists()
+
+
+def test_config_files_bounded_and_named(tmp_path, capsys):
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    big = tmp_path / "big.json"
+    with open(big, "wb") as f:
+        f.truncate(recipe.MAX_JSON_BYTES + 1)  # sparse: no disk used
+    for path, why in ((deep, "RecursionError"), (big, "more than the 64 MiB")):
+        assert brats.main(["train", "--config", str(path), "--out", str(tmp_path / "run")]) == 2
+        err = capsys.readouterr().err
+        assert f"config file {path} is not valid JSON" in err and why in err and "Traceback" not in err
