@@ -48,8 +48,8 @@ from __future__ import annotations
 
 import copy
 import functools
-from collections.abc import Mapping, Sequence
-from typing import Any, Union
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar, Union
 
 try:
     import lightning.pytorch as pl
@@ -59,21 +59,28 @@ except ImportError as e:  # pragma: no cover - exercised by tests/test_lightning
                       "the checkout's '.[lightning]' extra") from e
 import torch
 
-from gmd_ext.gmd.engine import GMD, StepInfo
+from gmd_ext.gmd import GMD, StepInfo
 
-__all__ = ["GMDMixin", "DominanceLogger", "manual_backward"]
+__all__ = ["GMDMixin", "DominanceLogger", "manual_backward", "Losses"]
 
+#: The per-objective losses: a dict name -> scalar loss (gmd_ext.subset_losses' result), or a list of them.
 Losses = Union[Mapping[Any, torch.Tensor], Sequence[torch.Tensor]]
+_L = TypeVar("_L", bound=Losses)
+
+if TYPE_CHECKING:  # the mixin is used on LightningModules: type its methods against one
+    _ModuleBase = pl.LightningModule
+else:
+    _ModuleBase = object
 
 
-class _StepLosses(dict):
+class _StepLosses(dict[str, torch.Tensor]):
     """What a wrapped ``training_step`` hands Lightning: ``{"loss": mean of the objectives}``. Marks the output as
     already converted, so a subclass's ``training_step`` calling ``super().training_step(...)`` passes it on."""
 
 
-def _check_step_output(out, where: str):
+def _check_step_output(out: object, where: str) -> list[torch.Tensor] | None:
     if out is None or isinstance(out, _StepLosses):
-        return out
+        return None
     if isinstance(out, torch.Tensor):
         raise TypeError(f"{where} returned one loss tensor (shape {tuple(out.shape)}); with GMDMixin it must return "
                         f"the per-objective losses, a dict name -> scalar loss (gmd_ext.subset_losses(...)) or a "
@@ -90,41 +97,44 @@ def _check_step_output(out, where: str):
     else:
         raise TypeError(f"{where} must return a dict name -> scalar loss or a list of scalar losses (or None to "
                         f"skip the batch), got {type(out).__name__}")
-    if not values or not all(isinstance(v, torch.Tensor) and v.numel() == 1 for v in values):
+    tensors = [v for v in values if isinstance(v, torch.Tensor) and v.numel() == 1]
+    if not values or len(tensors) != len(values):
         raise TypeError(f"{where} must return at least one objective, each a scalar loss tensor, got "
                         f"{[type(v).__name__ if not isinstance(v, torch.Tensor) else tuple(v.shape) for v in values]}")
-    return values
+    return tensors
 
 
-def _wrap_training_step(step):
+def _wrap_training_step(step: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(step)
-    def training_step(self, *args, **kwargs):
+    def training_step(self: Any, *args: Any, **kwargs: Any) -> Any:
         out = step(self, *args, **kwargs)
         values = _check_step_output(out, f"{type(self).__name__}.training_step")
-        if values is None or isinstance(out, _StepLosses):
-            return out
+        if values is None:
+            return out  # None (skip the batch), or already converted by a base class's training_step
         self._gmd_losses = out
         # The value Lightning reports as the step's loss (it never differentiates it: the mixin's backward does).
         return _StepLosses(loss=torch.stack([v.detach().float().reshape(()) for v in values]).mean()
                            .requires_grad_())
 
-    training_step._gmd_wrapped = True
+    setattr(training_step, "_gmd_wrapped", True)
     return training_step
 
 
-def _scaled(losses: Losses, scale) -> Losses:
+def _scaled(losses: _L, scale: Callable[[torch.Tensor], torch.Tensor]) -> _L:
     """``losses`` with every loss mapped through ``scale``, keeping the container's type and attributes (the
     ``.subsets`` / ``.absent`` of gmd_ext.subset_losses' dict, which tell GMD which modalities each objective
     uses)."""
     if isinstance(losses, Mapping):
         out = copy.copy(losses)
+        if not isinstance(out, MutableMapping):
+            raise TypeError(f"the losses must be a dict (or a list), got a read-only {type(losses).__name__}")
         for k in list(out):
             out[k] = scale(out[k])
-        return out
-    return [scale(l) for l in losses]
+        return out  # copy.copy keeps the type (and the attributes)
+    return [scale(l) for l in losses]  # type: ignore[return-value]  # a list of the losses, as given
 
 
-def _engine(module) -> GMD:
+def _engine(module: pl.LightningModule) -> GMD:
     trainer = module.trainer
     optimizers = trainer.optimizers
     if len(optimizers) != 1:
@@ -142,9 +152,9 @@ def _engine(module) -> GMD:
     return gmd
 
 
-def _scaler(module, gmd: GMD):
+def _scaler(module: pl.LightningModule, gmd: GMD) -> torch.amp.GradScaler | None:
     """The precision plugin's GradScaler (16-mixed), or None."""
-    scaler = getattr(module.trainer.precision_plugin, "scaler", None)
+    scaler: torch.amp.GradScaler | None = getattr(module.trainer.precision_plugin, "scaler", None)
     if scaler is not None and gmd.nonfinite != "propagate":
         raise ValueError(f'precision {module.trainer.precision!r} scales the losses with a GradScaler, so GMD must '
                          f'be built with nonfinite="propagate" (an overflowing step must reach the scaler as inf/NaN '
@@ -152,7 +162,7 @@ def _scaler(module, gmd: GMD):
     return scaler
 
 
-class GMDMixin:
+class GMDMixin(_ModuleBase):
     """Automatic optimisation with GMD for a LightningModule: put it before ``LightningModule`` in the bases
     (``class Net(GMDMixin, L.LightningModule)``). See the module docstring for what ``training_step`` and
     ``configure_optimizers`` return and what the Trainer's options do."""
@@ -160,16 +170,17 @@ class GMDMixin:
     #: Passed to the `DominanceLogger` the mixin registers: also log every pairwise cosine.
     gmd_log_pairs: bool = False
 
-    def __init_subclass__(cls, **kwargs):
+    def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         step = cls.__dict__.get("training_step")
         if step is not None and not getattr(step, "_gmd_wrapped", False):
-            cls.training_step = _wrap_training_step(step)
+            setattr(cls, "training_step", _wrap_training_step(step))
 
-    def configure_callbacks(self):
-        return [*super().configure_callbacks(), DominanceLogger(pairs=self.gmd_log_pairs)]
+    def configure_callbacks(self) -> Sequence[pl.Callback] | pl.Callback:
+        theirs = super().configure_callbacks()
+        return [*([theirs] if isinstance(theirs, pl.Callback) else theirs), DominanceLogger(pairs=self.gmd_log_pairs)]
 
-    def backward(self, loss: torch.Tensor, *args, **kwargs) -> None:
+    def backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
         """Lightning calls this with the step's loss, divided by ``accumulate_grad_batches`` and scaled by the
         GradScaler; GMD instead differentiates every objective's loss, divided and scaled the same way."""
         if not self.automatic_optimization:
@@ -184,14 +195,14 @@ class GMDMixin:
         scaler = _scaler(self, gmd)
         accumulate = self.trainer.accumulate_grad_batches
 
-        def scale(l):
+        def scale(l: torch.Tensor) -> torch.Tensor:
             l = l / accumulate  # as Lightning's ClosureResult divides a plain loss (no-op division when 1)
             return scaler.scale(l) if scaler is not None else l
 
         gmd.backward(_scaled(losses, scale))
 
 
-def manual_backward(module, gmd: GMD, losses: Losses) -> StepInfo:
+def manual_backward(module: pl.LightningModule, gmd: GMD, losses: Losses) -> StepInfo:
     """``gmd.backward(losses)`` inside a manual-optimisation ``training_step``, scaled as ``module.manual_backward``
     scales one loss: by the precision plugin's GradScaler under 16-mixed (GMD then needs
     ``nonfinite="propagate"``). Then ``module.optimizers().step()`` unscales, runs ``on_before_optimizer_step``
@@ -225,10 +236,11 @@ class DominanceLogger(pl.Callback):
     `GMDMixin` registers one; add it to ``Trainer(callbacks=...)`` yourself with manual optimisation.
     """
 
-    def __init__(self, pairs: bool = False):
+    def __init__(self, pairs: bool = False) -> None:
         self.pairs = bool(pairs)
 
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                                 optimizer: torch.optim.Optimizer) -> None:
         info = optimizer.last_info if isinstance(optimizer, GMD) else None
         if info is None:
             return
