@@ -84,7 +84,8 @@ class Auto:
         """The source for this step's losses."""
         if self.latched is None and branches.reaches_branches(losses, params):
             return BRANCHES
-        self.latched = SEQUENTIAL  # no marked branch: skip the graph walk from now on
+        if any(l is not None for l in losses):  # a step with graphs and no marked branch: no walk from now on
+            self.latched = SEQUENTIAL
         return SEQUENTIAL
 
     def __repr__(self) -> str:
