@@ -593,3 +593,20 @@ def test_converted_net_on_device(name, device):
     gmd = GMD(torch.optim.SGD(ds.parameters(), lr=0.1))
     gmd.backward(losses)
     assert "-> Branches()" in gmd.plan
+
+
+class _MyBatchNorm(nn.BatchNorm2d):
+    """A subclass that keeps BatchNorm's forward (as MONAI's wrappers do): converted, and branch() gives it back."""
+
+
+def test_subclass_kept_and_absent_inputs_never_read():
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), _MyBatchNorm(4), nn.ReLU(), nn.Conv2d(4, 1, 1))
+    ds = perturb(dynamic_sharing(net, MODS)).train()
+    assert type(ds.net[1]).__name__ == "ModalityBatchNorm" and type(ds.branch(0)[1]) is _MyBatchNorm
+    x = torch.randn(4, M, 6, 6)
+    x[~PRESENT] = float("nan")  # absent pairs hold garbage: never computed, so nothing reaches outputs or grads
+    out = ds(x, PRESENT)
+    out.sum().backward()
+    assert torch.isfinite(out).all()
+    assert all(torch.isfinite(p.grad).all() for p in ds.parameters())
+    assert all(torch.isfinite(b).all() for b in ds.net[1].buffers())  # running statistics untouched by NaN
