@@ -193,7 +193,7 @@ class ModalityBatchNorm(ModalityNorm):
 
     def forward(self, rows: torch.Tensor) -> torch.Tensor:
         plan = _plan(self)
-        if self.training and self.kind == "SyncBatchNorm" and torch.distributed.is_available() \
+        if self.training and isinstance(self._template[0], nn.SyncBatchNorm) and torch.distributed.is_available() \
                 and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
             raise NotImplementedError(f"{self.layer_name!r}: a converted SyncBatchNorm computes each modality's "
                                       "statistics on this rank's rows only; cross-rank synchronisation per "
