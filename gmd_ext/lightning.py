@@ -172,8 +172,11 @@ class GMDMixin(_ModuleBase):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        step = cls.__dict__.get("training_step")
-        if step is not None and not getattr(step, "_gmd_wrapped", False):
+        # The class's own training_step or one it inherits from a base without the mixin (class Net(GMDMixin,
+        # MyModule)); LightningModule's placeholder is left alone, so Lightning still says it is missing.
+        step = getattr(cls, "training_step", None)
+        placeholder = step is pl.LightningModule.training_step
+        if step is not None and not placeholder and not getattr(step, "_gmd_wrapped", False):
             setattr(cls, "training_step", _wrap_training_step(step))
 
     def configure_callbacks(self) -> Sequence[pl.Callback] | pl.Callback:

@@ -255,6 +255,37 @@ def test_dominance_indicators_reach_the_logger():
     assert rows[0][f"gmd/norm/{names[-1]}"] == pytest.approx(float(info.norms[-1]), rel=1e-6)
 
 
+class PlainBase(pl.LightningModule):
+    """A module written without the mixin; the mixin added by a subclass still takes its training_step."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = Net()
+
+    def training_step(self, batch, batch_idx):
+        return losses_of(self.net, batch)
+
+    def configure_optimizers(self):
+        return make_gmd(self.parameters())
+
+
+class MixedIn(GMDMixin, PlainBase):
+    pass
+
+
+class CallsSuper(Module):
+    def training_step(self, batch, batch_idx):
+        return super().training_step(batch, batch_idx)  # already converted by Module's: passed on
+
+
+@pytest.mark.parametrize("cls", [MixedIn, CallsSuper])
+def test_inherited_training_step(cls):
+    module = cls()
+    fit(module, epochs=1)
+    assert_same(module, plain_loop(epochs=1))
+
+
 # ----------------------------------------------------------------------------------------------------- misuse
 class ScalarLoss(Module):
     def training_step(self, batch, batch_idx):
