@@ -16,3 +16,4 @@ def test_readme_usage_runs():
     assert step is not None and step.gram.shape == (7, 7)
     # an empty prediction against edema only: WT empty in one volume (the BraTS penalty), TC and ET in both (0)
     assert mod.metrics() == {"WT": 373.12866, "TC": 0.0, "ET": 0.0}
+    assert mod.dynamic_sharing().shape == (2, 4, 8, 8, 8)

@@ -82,6 +82,28 @@ def metrics() -> dict[str, float]:
     return hd95
 
 
+def dynamic_sharing() -> torch.Tensor:
+    present = torch.tensor([[True, False, True, True], [True, True, False, True]])  # [B, M]: which modalities
+    x = torch.randn(2, 4, 1, 8, 8, 8)  # [B, M, C, *S]: each modality a 1-channel volume
+    conv = gmd_ext.DSConv(1, 4, 3, padding=1)
+    norm = gmd_ext.DSGroupNorm(4, 2, 4, activation="relu")
+    y = norm(conv(x, present), present)
+    assert_type(y, torch.Tensor)
+    weight = torch.randn(4, 1, 3, 3, 3)
+    z = gmd_ext.masked_conv(x, weight, None, present, padding=1)
+    assert_type(z, torch.Tensor)
+    g = gmd_ext.modality_group_norm(z, torch.ones(4, 4), torch.zeros(4, 4), present, num_groups=2,
+                                    activation="leaky_relu")
+    fused = gmd_ext.masked_mean(g, present)  # [B, C, *S], the mean over the present modalities
+    assert_type(fused, torch.Tensor)
+    unet = gmd_ext.DSUNet3d(width=0.25)
+    logits = unet(torch.randn(1, 4, 16, 16, 16), present[:1])
+    assert_type(logits, torch.Tensor)
+    branches = unet.forward_branches(torch.randn(1, 4, 16, 16, 16), present[:1])
+    assert_type(branches, tuple[torch.Tensor, ...])
+    return fused
+
+
 def rejected() -> None:
     """Never called: every line is a mistake the type checkers must catch before run time."""
     G = torch.randn(3, 10)
@@ -90,7 +112,9 @@ def rejected() -> None:
     GMD(opt, nonfinite="ignore")  # type: ignore[arg-type]
     project_conflicts(G, order="shuffled")  # type: ignore[call-overload]
     brats_hd95(G, G, definition="medpy")  # type: ignore[arg-type]
+    gmd_ext.DSGroupNorm(4, 2, 4, activation="gelu")  # type: ignore[arg-type]
+    gmd_ext.masked_conv(G, G, padding="full")  # type: ignore[arg-type]
 
 
 if __name__ == "__main__":
-    print(quick_start().num_conflicts, training_loop(), metrics())
+    print(quick_start().num_conflicts, training_loop(), metrics(), dynamic_sharing().shape)
