@@ -104,3 +104,15 @@ def test_lazy_names_resolve_to_the_modules():
 def test_top_level_names():
     for name in gmd_ext.__all__:
         assert hasattr(gmd_ext, name), name
+
+
+def test_import_pulls_no_optional_dependency():
+    """`import gmd_ext` (and the lazy packages) import none of the extras: an optional dependency is imported by the
+    module that needs it, when it is used."""
+    code = ("import sys, gmd_ext, gmd_ext.data, gmd_ext.metrics\n"
+            "extras = {'lightning', 'pytorch_lightning', 'scipy', 'monai', 'nibabel', 'nilearn', 'sklearn', "
+            "'matplotlib', 'triton', 'torchjd'}\n"
+            "print(sorted({m.split('.')[0] for m in sys.modules} & extras))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == "[]", r.stdout
