@@ -42,6 +42,9 @@ from gmd_ext.ops.ds_ops import PairPlan, as_plan
 __all__ = ["DynamicSharing", "ModalityNorm", "dynamic_sharing", "declare"]
 
 BRATS_MODALITIES = ("flair", "t1", "t1ce", "t2")
+# x: one [B, M·C, ...] tensor or M tensors [B, ...]; present: bool [B, M], its PairPlan, or None (all present).
+Inputs = torch.Tensor | Sequence[torch.Tensor]
+Present = torch.Tensor | PairPlan | None
 FUSIONS = ("mean",)
 
 # The plan of the forward under way: set by DynamicSharing._run around the network call, reset when it returns.
@@ -399,7 +402,7 @@ class DynamicSharing(nn.Module):
         raise ValueError(f"modality must name one of {self.modalities} or index 0..{self.num_modalities - 1}, "
                          f"got {modality!r}")
 
-    def _plan(self, x, present) -> PairPlan:
+    def _plan(self, x: Inputs, present: Present) -> PairPlan:
         M = self.num_modalities
         if isinstance(x, torch.Tensor):
             if x.dim() < 2 or x.shape[1] % M or x.shape[1] == 0:
@@ -424,7 +427,7 @@ class DynamicSharing(nn.Module):
             raise TypeError(f"x must be a tensor [B, M·C, ...] or a sequence of M tensors, got {type(x).__name__}")
         return as_plan(present, B, M, device)
 
-    def _rows(self, x, plan: PairPlan) -> torch.Tensor:
+    def _rows(self, x: Inputs, plan: PairPlan) -> torch.Tensor:
         """The packed input rows [P, C, ...] of plan (stems applied to the present pairs only)."""
         if isinstance(x, torch.Tensor) and self.stems is None:
             return ds_ops.pack(x.unflatten(1, (plan.M, x.shape[1] // plan.M)), plan)
@@ -459,13 +462,13 @@ class DynamicSharing(nn.Module):
         return out
 
     # -------------------------------------------------------------- forwards
-    def forward(self, x, present=None) -> torch.Tensor:
+    def forward(self, x: Inputs, present: Present = None) -> torch.Tensor:
         """Fused output [B, ...]: the mean over each sample's present modalities of the network's output, the
         present pairs run as one packed batch (absent pairs never computed)."""
         plan = self._plan(x, present)
         return fuse(self._run(self._rows(x, plan), plan), plan)
 
-    def forward_branches(self, x, present=None) -> tuple[torch.Tensor, ...]:
+    def forward_branches(self, x: Inputs, present: Present = None) -> tuple[torch.Tensor, ...]:
         """Per-modality outputs: a tuple of M tensors [B, ...], zeros where absent (never computed).
 
         With grad enabled each modality's branch runs on its present samples with its own autograd graph and a
