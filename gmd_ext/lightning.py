@@ -22,6 +22,8 @@ gmd.step()`` (tests/test_lightning.py compares parameters after several steps):
 - ``accumulate_grad_batches=n``: every objective's loss is divided by n, as Lightning divides a plain loss, and
   the n micro-batches accumulate in GMD's per-objective rows (``GMD.backward`` accumulates until ``zero_grad``,
   which Lightning calls at the start of each window), so the step sees the projection of the summed gradients.
+  The micro-batches of one step must return the same objectives: sample subsets once per optimizer step, e.g.
+  ``gmd_ext.sample_subsets(mods, k, torch.Generator().manual_seed(self.trainer.global_step))``.
 - ``precision="16-mixed"``: every objective's loss is scaled by the precision plugin's GradScaler before its
   backward pass; the scaler then unscales the merged gradient, skips overflowing steps and updates its scale.
   GMD must be built with ``nonfinite="propagate"`` (an overflow must reach the scaler as inf/NaN, not raise);

@@ -286,6 +286,34 @@ def test_inherited_training_step(cls):
     assert_same(module, plain_loop(epochs=1))
 
 
+class Sampled(Module):
+    """k = 3 of the 7 subsets per optimizer step, drawn from the step index (the same for a step's micro-batches)."""
+
+    def training_step(self, batch, batch_idx):
+        objectives = gmd_ext.sample_subsets(MODALITIES, 3, torch.Generator().manual_seed(self.trainer.global_step))
+        *xs, present, y = batch
+        return gmd_ext.subset_losses(self.net(xs), y, F.cross_entropy, objectives, present=present)
+
+
+def test_sampled_subsets_with_accumulation():
+    module = Sampled()
+    trainer = fit(module, epochs=1, accumulate_grad_batches=2)
+    assert trainer.global_step == BATCHES // 2
+    torch.manual_seed(0)
+    net = Net()
+    gmd = make_gmd(net.parameters())
+    for step, window in enumerate((batches()[:2], batches()[2:])):
+        objectives = gmd_ext.sample_subsets(MODALITIES, 3, torch.Generator().manual_seed(step))
+        gmd.zero_grad()
+        for *xs, present, y in window:
+            losses = gmd_ext.subset_losses(net(xs), y, F.cross_entropy, objectives, present=present)
+            for k in losses:
+                losses[k] = losses[k] / 2
+            gmd.backward(losses)
+        gmd.step()
+    assert_same(module, net)
+
+
 # ----------------------------------------------------------------------------------------------------- misuse
 class ScalarLoss(Module):
     def training_step(self, batch, batch_idx):
