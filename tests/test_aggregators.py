@@ -155,13 +155,33 @@ def test_seed_is_accepted_with_a_weighting(one_thread):
         torch.testing.assert_close(g, r, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("make", [lambda: agg.PCGrad(), lambda: agg.Krum(n_byzantine=1), lambda: agg.Mean(),
+                                  lambda: agg.Sum(), lambda: agg.Constant(torch.tensor([0.1, 0.2, 0.3, 0.4]))],
+                         ids=["PCGrad", "Krum", "Mean", "Sum", "Constant"])
+def test_more_torchjd_aggregators(make, one_thread):
+    """torchjd's PCGrad (random orders from torch's global generator: seeded alike on both sides), Krum, and the
+    weightings that depend on K alone (Mean, Sum, Constant)."""
+    torch.manual_seed(0)
+    model = Heads(k=4)
+    x, y = data()
+    torch.manual_seed(5)
+    ref = torchjd_grads(model, model.losses(x, y), make())
+    model.zero_grad()
+    gmd = GMD(torch.optim.SGD(model.parameters(), lr=0.1), aggregator=make())
+    losses = model.losses(x, y)
+    torch.manual_seed(5)
+    gmd.backward(losses)
+    for p, r in zip(model.parameters(), ref):
+        torch.testing.assert_close(p.grad, r, **TOL)
+
+
 def test_refusals():
     model = Heads(k=4)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(TypeError, match="not Gramian-weighted"):
-        GMD(opt, aggregator=agg.Mean())
+        GMD(opt, aggregator=agg.TrimmedMean(trim_number=1))
     with pytest.raises(TypeError, match="not of its Gramian"):
-        GMD(opt, aggregator=agg.MeanWeighting())
+        GMD(opt, aggregator=agg.RandomWeighting())
     with pytest.raises(TypeError, match="aggregator must be"):
         GMD(opt, aggregator=3)
     with pytest.raises(ValueError, match=r"\['order', 'reduction'\] are arguments of the official GMD projection"):

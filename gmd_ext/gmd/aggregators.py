@@ -10,7 +10,8 @@ rows once (pass 2): merged = s ⊙ (cᵀ G).
 - `GramianWeighting`: any Gramian weighting, Γ -> w [K], and merged = wᵀ G (s = 1 everywhere: the per-element
   reduction is GMD's rule, not theirs). A torchjd `GramianWeightedAggregator` (UPGrad(), MGDA(), IMTLG(),
   DualProj(), AlignedMTL(), CAGrad(c), NashMTL(n_tasks), ...: its `gramian_weighting` is called), a torchjd
-  `Weighting`, or any callable Γ -> w. torchjd is never imported here: it is recognised by its attribute.
+  `Weighting`, torchjd's Mean() / Sum() / Constant(w) (weights from K alone), or any callable Γ -> w. torchjd is
+  never imported here: it is recognised by its attributes and class names.
 """
 from __future__ import annotations
 
@@ -149,10 +150,13 @@ class GramianWeighting:
 
     def __init__(self, weighting, *, backend: str = "auto"):
         fn = getattr(weighting, "gramian_weighting", weighting)
+        inner = getattr(weighting, "weighting", None)
+        if _torchjd_base(weighting, "WeightedAggregator") and type(inner).__name__ in _SHAPE_ONLY:
+            fn = inner  # Mean / Sum / Constant: weights from the row count alone, so Γ stands in for the matrix
         if not callable(fn):
             raise TypeError(f"aggregator must be a torchjd GramianWeightedAggregator, a Weighting or a callable "
                             f"Gramian [K, K] -> weights [K], got {type(weighting).__name__}")
-        if _torchjd_base(weighting, "_MatrixWeighting"):
+        if _torchjd_base(weighting, "_MatrixWeighting") and type(weighting).__name__ not in _SHAPE_ONLY:
             raise TypeError(f"aggregator {type(weighting).__name__} is a torchjd weighting of the [K, N] matrix, not "
                             f"of its Gramian; pass a Gramian weighting (e.g. UPGradWeighting()) or its aggregator")
         if _torchjd_base(weighting, "Aggregator") and fn is weighting:
@@ -191,6 +195,10 @@ class GramianWeighting:
 
     def __repr__(self) -> str:
         return f"GramianWeighting({self.weighting!r})"
+
+
+# torchjd's matrix weightings whose weights depend only on the number of rows (K), not on the matrix's values.
+_SHAPE_ONLY = frozenset({"MeanWeighting", "SumWeighting", "ConstantWeighting"})
 
 
 def _torchjd_base(obj, name: str) -> bool:
