@@ -21,7 +21,7 @@ import torch
 
 from gmd_ext import _backend
 from gmd_ext.gmd import usage as usage_
-from gmd_ext.gmd.projection import make_perms, pcgrad
+from gmd_ext.gmd.orders import make_perms, pcgrad
 
 REDUCTIONS = ("mean", "sum")
 ORDERS = ("random", "sequential")
