@@ -87,7 +87,8 @@ def dynamic_sharing() -> torch.Tensor:
     x = torch.randn(2, 4, 1, 8, 8, 8)  # [B, M, C, *S]: each modality a 1-channel volume
     conv = gmd_ext.DSConv(1, 4, 3, padding=1)
     norm = gmd_ext.DSGroupNorm(4, 2, 4, activation="relu")
-    y = norm(conv(x, present), present)
+    # nn.Module.__call__ is typed as returning Any by torch itself; the forwards are typed:
+    y = norm.forward(conv.forward(x, present), present)
     assert_type(y, torch.Tensor)
     weight = torch.randn(4, 1, 3, 3, 3)
     z = gmd_ext.masked_conv(x, weight, None, present, padding=1)
@@ -97,8 +98,9 @@ def dynamic_sharing() -> torch.Tensor:
     fused = gmd_ext.masked_mean(g, present)  # [B, C, *S], the mean over the present modalities
     assert_type(fused, torch.Tensor)
     unet = gmd_ext.DSUNet3d(width=0.25)
-    logits = unet(torch.randn(1, 4, 16, 16, 16), present[:1])
-    assert_type(logits, torch.Tensor)
+    logits: torch.Tensor = unet(torch.randn(1, 4, 16, 16, 16), present[:1])
+    assert logits.shape == (1, 3, 16, 16, 16)  # WT, TC, ET logits
+    assert_type(unet.forward(torch.randn(1, 4, 16, 16, 16), present[:1]), torch.Tensor)
     branches = unet.forward_branches(torch.randn(1, 4, 16, 16, 16), present[:1])
     assert_type(branches, tuple[torch.Tensor, ...])
     return fused
