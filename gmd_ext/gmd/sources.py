@@ -133,7 +133,7 @@ class LowMemory:
         return f"LowMemory(method={self.method!r})"
 
 
-SEQUENTIAL, BATCHED, BRANCHES = Sequential(), Batched(), Branches()
+SEQUENTIAL, BRANCHES = Sequential(), Branches()  # what Auto picks, and the batched fallback
 SOURCES = {"auto": Auto, "sequential": Sequential, "batched": Batched, "branches": Branches,
            "low_memory": LowMemory}
 
