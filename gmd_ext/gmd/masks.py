@@ -68,8 +68,7 @@ class Pass1:
         if masks is not None:
             self._mask_cache.move_to_end(key)
             return masks
-        # Elements no objective reached are zero in every row, so their scale is irrelevant: call them shared.
-        shared = reach.all(0) | ~reach.any(0)
+        shared = usage_.reach_shared(reach)
         masks = []
         for b in self.bufs.buffers:
             flags = shared[b.index]

@@ -121,7 +121,7 @@ class LowMemory:
             return [1.0 if r else None for r in used]
         shared_scale = aggregator.shared_scale(reach.shape[0])
         if rules is None:
-            shared = reach.all(0) | ~used
+            shared = usage.reach_shared(reach)
             return [None if not r else (shared_scale if s else 1.0) for r, s in zip(used, shared)]
         if member is not None:
             usage.check_membership(member, usage.declared_modalities(params, rules))

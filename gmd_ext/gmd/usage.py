@@ -33,7 +33,8 @@ from gmd_ext import ops
 from gmd_ext.ops.ds_ops import MODALITY_ATTR, declare_modality, declare_modality_dim, declare_shared
 
 __all__ = ["USAGES", "declare_modality_dim", "declare_modality", "declare_shared", "spec", "check_specific",
-           "membership", "declared_modalities", "check_membership", "Segments", "slice_norms", "slice_scales"]
+           "membership", "declared_modalities", "check_membership", "Segments", "slice_norms", "slice_scales",
+           "reach_shared"]
 
 USAGES = ("official", "reach")
 # A rule: ("shared",) | ("detect",) | ("dim", d) | ("modality", m)
@@ -245,6 +246,12 @@ def _used(norms: torch.Tensor, modality: torch.Tensor, member: torch.Tensor | No
     if member is None:
         return used
     return torch.where(modality >= 0, member[:, modality.clamp_min(0)], used)
+
+
+def reach_shared(reach):
+    """usage="reach": per parameter, whether its elements count as shared — every objective's graph reached it,
+    or none did (then they are zero in every row and their scale is irrelevant). reach: bool [K, P] numpy."""
+    return reach.all(0) | ~reach.any(0)
 
 
 def declared_modalities(params, rules) -> int:
