@@ -45,11 +45,13 @@ def resolve(source: str, comm: str, aggregator: str, *, sharded: bool = False, g
             raise ValueError(f"{what} must be one of {kinds}, got {value!r}")
     notes = []
     if sharded:
-        if group or comm not in ("auto", "fsdp2"):
-            raise ValueError("GMD on an FSDP2 (fully_shard) model takes its process group from the device mesh: pass "
-                             "neither ddp_module= nor process_group= (the communicator is FSDP2)")
-        if comm == "auto":
-            notes.append("communicator auto -> fsdp2: the parameters are FSDP2 DTensors")
+        if group or comm == "local":
+            raise ValueError(f"GMD on an FSDP2 (fully_shard) model communicates through FSDP2 on the device mesh's "
+                             f"group: pass neither ddp_module= / process_group= nor another communicator (got "
+                             f"{comm}{' with a process group' if group else ''})")
+        if comm != "fsdp2":
+            notes.append(f"communicator {comm} -> fsdp2: the parameters are FSDP2 DTensors (FSDP reduce-scatters "
+                         f"each objective's gradient itself)")
         comm = "fsdp2"
     elif comm == "fsdp2":
         raise ValueError("the FSDP2 communicator needs a model sharded by fully_shard (DTensor parameters)")
@@ -158,9 +160,7 @@ def compose(params, *, source, comm, aggregator, strategy, memory, ddp_module, p
     if comm is None:
         comm = fsdp.FSDP2() if sharded and ddp_module is None and process_group is None else \
             comm_.make_comm(ddp_module, process_group, communication, sum(p.numel() for p in params))
-        requested = "auto" if communication == "auto" or ddp_module is process_group is None else communication
-        if sharded and (ddp_module is not None or process_group is not None):
-            requested = "all_reduce"
+        requested = communication
     elif ddp_module is not None or process_group is not None or communication != "auto":
         raise ValueError("pass either comm= or ddp_module= / process_group= / communication=, not both")
     elif not isinstance(comm, comm_.Comm):
