@@ -80,3 +80,51 @@ def test_gmd_follows_the_table(row, aggregator, world, one_thread):
         gmd.backward([out[:, 0].mean(), out[:, 1].square().mean(), -out.mean()])
     assert all(p.grad is None or torch.isfinite(p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad)
                .all() for p in model.parameters())
+
+
+def test_parts_validate_their_own_arguments():
+    from gmd_ext.gmd import GMDProjection, GramianWeighting, LowMemory
+
+    with pytest.raises(ValueError, match="needs ddp_module= .* or process_group="):
+        AllReduce()
+    with pytest.raises(ValueError, match="needs ddp_module="):
+        ReduceScatter()
+    with pytest.raises(TypeError, match="ddp_module must be a torch.nn.parallel.DistributedDataParallel"):
+        AllReduce(ddp_module=nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="order must be"):
+        GMDProjection(order="shuffled")
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        GMDProjection(reduction="avg")
+    with pytest.raises(TypeError, match="include_self must be a bool"):
+        GMDProjection(include_self=1)
+    with pytest.raises(ValueError, match="specific= overrides"):
+        GMDProjection(usage="reach", specific={})
+    with pytest.raises(TypeError, match="aggregator must be"):
+        GramianWeighting(object())
+    with pytest.raises(ValueError, match="method must be one of"):
+        LowMemory(method="vmap")
+    with pytest.raises(ValueError, match="source must be one of"):
+        GMD(torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1), source="fast")
+    with pytest.raises(ValueError, match="either comm= or ddp_module="):
+        GMD(torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1), comm=Local(), communication="all_reduce")
+
+
+def test_composed_parts_equal_the_keyword_arguments(one_thread):
+    """GMD(source=, comm=, aggregator=) and today's keyword arguments build the same engine."""
+    from gmd_ext.gmd import Batched, GMDProjection
+
+    def run(**kw):
+        torch.manual_seed(0)
+        model, x = model_for("local")
+        gmd = GMD(torch.optim.SGD(model.parameters(), lr=0.1), **kw)
+        out = model(x)
+        info = gmd.backward([out[:, 0].mean(), out[:, 1].square().mean(), -out.mean()])
+        return [p.grad.clone() for p in model.parameters()], info, gmd
+
+    ref, ref_info, _ = run(strategy="batched", order="sequential", reduction="sum", include_self=False)
+    got, info, gmd = run(source=Batched(), comm=Local(),
+                         aggregator=GMDProjection(order="sequential", reduction="sum", include_self=False))
+    assert gmd.strategy == "batched" and "Batched()" in gmd.plan and "reduction='sum'" in gmd.plan
+    torch.testing.assert_close(info.gram, ref_info.gram, rtol=0, atol=0)
+    for g, r in zip(got, ref):
+        torch.testing.assert_close(g, r, rtol=0, atol=0)
