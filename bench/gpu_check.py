@@ -95,15 +95,34 @@ def _step(name: str, cmd: list[str], timeout: float, env: dict | None = None) ->
     return {"step": name, "rc": rc, "seconds": round(time.perf_counter() - t0, 1)}
 
 
+def _find_ninja() -> str | None:
+    """ninja on PATH, else beside this Python (a virtual environment not activated) or in the ninja package; a
+    folder found outside PATH is put on it, where torch.utils.cpp_extension looks."""
+    found = shutil.which("ninja")
+    if found:
+        return found
+    folders = [os.path.dirname(sys.executable)]
+    if importlib.util.find_spec("ninja") is not None:
+        import ninja
+        folders.append(getattr(ninja, "BIN_DIR", ""))
+    for folder in folders:
+        found = shutil.which("ninja", path=folder)
+        if found:
+            os.environ["PATH"] = folder + os.pathsep + os.environ.get("PATH", "")
+            return found
+    return None
+
+
 def _ninja(limit: float) -> dict:
-    """ninja on PATH (torch.utils.cpp_extension uses it; without it the build is serial): installed if missing."""
+    """ninja for the build (torch.utils.cpp_extension uses it; without it the build is serial): installed if
+    missing."""
     t0 = time.perf_counter()
-    if shutil.which("ninja"):
-        print(f"\n=== ninja: {shutil.which('ninja')}", flush=True)
+    if _find_ninja():
+        print(f"\n=== ninja: {_find_ninja()}", flush=True)
         return {"step": "ninja", "rc": 0, "seconds": 0.0}
     step = _step("ninja", [sys.executable, "-m", "pip", "install", "-q", "ninja"], limit)
-    if step["rc"] == 0 and not shutil.which("ninja"):
-        step["rc"] = "installed but not on PATH"
+    if step["rc"] == 0 and not _find_ninja():
+        step["rc"] = "installed but not found"
     if step["rc"] != 0:
         print("ninja is missing and could not be installed (no package index reachable?): carry a ninja wheel "
               "(.library/device/README.md) or install it; a serial build does not fit the budget", flush=True)

@@ -545,9 +545,15 @@ def test_cuda_resources(source, tmp_path):
         kernel = re.search(r"::(\w+)<", name)
         vec = re.search(r", (2|4|8)>\(", name)
         if kernel and kernel.group(1) in _VEC_KERNELS and vec:
-            assert "LDG.E.128" in body, f"{name}: no 128-bit loads"
+            # cp.async 16-byte copies (LDGSTS.E.BYPASS.128) are the fp32 Gramian's 128-bit loads
+            assert "LDG.E.128" in body or "LDGSTS.E.BYPASS.128" in body, f"{name}: no 128-bit loads"
             if kernel.group(1) in _VEC_STORE_KERNELS:
                 assert "STG.E.128" in body, f"{name}: no 128-bit stores"
+        if kernel and kernel.group(1) == "gram_partial_kernel" and vec:
+            # fp32 packs: double-buffered cp.async staging; 16-bit packs: converted and staged by 128-bit shared
+            # stores (4 scalar stores per pack were 4-way bank conflicted)
+            assert ("LDGSTS.E.BYPASS.128" in body) == ("<float, 4>" in name), f"{name}: cp.async staging"
+            assert "<float, 4>" in name or "STS.128" in body, f"{name}: no 128-bit shared stores"
 
 
 # ---------------------------------------------------------------- python -m gmd_ext.selftest

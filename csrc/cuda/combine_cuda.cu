@@ -5,14 +5,22 @@
 // (gmd_ext.ops.padded_rows gives such buffers), a row's VEC elements are one 128-bit load (16 bytes: 4 fp32 or
 // 8 fp16/bf16) and the K loop is unrolled by 4, so 4 such loads are in flight per thread; otherwise VEC = 1 with
 // any strides. fp32 math, one rounding to G's dtype. combine_rows gives each thread up to 8 output rows so every
-// loaded element of G feeds 8 FMAs, with 4-element packs (8 rows x 4 columns of accumulators).
+// loaded element of G feeds 8 FMAs, with 4-element packs (8 rows x 4 columns of accumulators), and loads 4 rows of
+// G before their first use (4 independent loads in flight per thread).
 // Every column is computed by one thread in a fixed order: the grid size does not change the result.
 //
 // Resources (nvcc 13.0 -Xptxas -v, without --use_fast_math, measured by .ci/compile_cuda.sh; checked by
 // tests/test_gpu.py::test_cuda_resources), registers sm_80 / sm_90: combine 32 / 34 (fp32 packs), 40 / 40 (16-bit
-// packs), 31-32 / 32 (scalar); combine_rows 72 / 72 (packs), 59-61 / 48 (scalar); 0 bytes stack, 0 spills at 256
+// packs), 31-32 / 32 (scalar); combine_rows 80 / 80 (packs), 48 / 48 (scalar); 0 bytes stack, 0 spills at 256
 // threads. Grids: one wave of resident CTAs (cudaOccupancyMaxActiveBlocksPerMultiprocessor x SMs), capped by the
 // columns.
+//
+// Expected fraction of a device-to-device copy on an H100 SXM (an estimate from these counts and the SASS: nothing
+// ran on a GPU; Little's law: ~3.0 TB/s x ~0.7 us of latency is ~16 KiB in flight per SM). combine: per k row a
+// 16-byte load and VEC FMAs, 4 loads in flight per thread, 8 CTAs (64 warps) per SM: ~128 KiB in flight, issue
+// far below the limit: ~85-90 %. combine_rows (R = K, fp32): 3 CTAs (24 warps) per SM by registers, 4 loads of
+// 512 bytes per warp in flight (48 KiB per SM; before, one: 12 KiB, latency-bound at ~55-65 %), ~170 instructions
+// per 2 KiB of G per warp (1.1 of 4 issue slots per cycle): ~75-85 %, the output rows written once.
 #include <torch/library.h>
 
 #include "common.cuh"
@@ -21,6 +29,7 @@ namespace gmd_ext::cuda {
 namespace {
 
 constexpr int kRowsPerThread = 8;
+constexpr int kUnroll = 4;  // combine_rows: rows of G loaded ahead per thread
 
 // out[n] = scale(n) * sum_k c[k] G[k, n] for one column, scalar loads with any strides: the VEC = 1 kernel's body
 // and the vector kernel's tail (the last N % VEC columns).
@@ -78,7 +87,30 @@ __global__ void __launch_bounds__(kThreads) combine_rows_kernel(const T* __restr
        n0 += static_cast<int64_t>(gridDim.y) * blockDim.x * VEC) {
     float acc[kRowsPerThread][VEC] = {};
     const bool full = VEC > 1 && n0 + VEC <= N;
-    for (int64_t k = 0; k < K; ++k) {
+    int64_t k = 0;
+    if (full) {
+      // kUnroll packs of G loaded before their first use: kUnroll independent 16-byte loads in flight per thread
+      // (one before: latency-bound at ~24 resident warps per SM). The FMA order per accumulator is unchanged
+      // (k ascending), so the result is the same bits as the one-row-at-a-time loop.
+      for (; k + kUnroll <= K; k += kUnroll) {
+        float g[kUnroll][VEC];
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) load_pack<T, VEC>(G + (k + u) * s0 + n0, g[u]);
+#pragma unroll
+        for (int r = 0; r < kRowsPerThread; ++r) {
+          if (r < rows) {
+            const float* a = A + (r0 + r) * K + k;
+#pragma unroll
+            for (int u = 0; u < kUnroll; ++u) {
+              const float au = __ldg(a + u);
+#pragma unroll
+              for (int v = 0; v < VEC; ++v) acc[r][v] = fmaf(au, g[u][v], acc[r][v]);
+            }
+          }
+        }
+      }
+    }
+    for (; k < K; ++k) {
       float g[VEC];
       if (full) {
         load_pack<T, VEC>(G + k * s0 + n0, g);

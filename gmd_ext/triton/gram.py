@@ -27,6 +27,13 @@ MAX_K = 1024
 # Programs are capped so that the partial buffer stays under this many bytes (K = 1024: 16 programs).
 MAX_PARTIAL_BYTES = 1 << 26
 CONFIGS = {16: dict(BLOCK_N=512, num_warps=4), 32: dict(BLOCK_N=128, num_warps=8), 64: dict(BLOCK_N=64, num_warps=8)}
+# fp32 inputs stay on FMAs (PRECISION "ieee"), not tensor cores with input_precision="tf32x3": compiled ahead of
+# time for sm_90 here, tf32x3 at K = 15 (16 x 512, 4 warps) took 255 registers and a 4 KiB stack (spills), and how
+# the tensor cores treat subnormal products (the Γ_ii of rows with |g| ~ 1e-20, tests/test_gpu.py) could not be
+# checked without a GPU. Expected fraction of a device-to-device copy on an H100 (an estimate, nothing ran on a
+# GPU): K = 15 fp32 60-75 % (FFMA-issue bound with K padded to 16), K = 64 <= 40 %. backend="auto" runs the C++
+# CUDA kernel (csrc/cuda/gram_cuda.cu) when it is built, so this one serves only where it is asked for or the C++
+# build is missing.
 
 
 @triton.jit
