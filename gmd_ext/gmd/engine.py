@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import threading
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -135,7 +135,7 @@ class GMD(WrappedOptimizer):
             self._s.bufs.clear()
 
     # ------------------------------------------------------------------ backward
-    def backward(self, losses) -> StepInfo:
+    def backward(self, losses: Sequence[torch.Tensor] | Mapping[Any, torch.Tensor]) -> StepInfo:
         """Per-objective gradients of `losses` accumulated into the rows, communicated when distributed,
         aggregated, merged into .grad.
 

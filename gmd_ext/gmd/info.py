@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import functools
 
+import torch
+
 from gmd_ext.gmd.projection import ProjectionInfo
 
 
@@ -22,7 +24,8 @@ class StepInfo(ProjectionInfo):
     _KEYS = ("step", "names", "skipped", "reason", "gram", "coefficients", "cosines", "norms",
              "num_conflicts", "losses", "projected_cosines")
 
-    def __init__(self, step, names, gram, coefficients, loss_tensor, skipped=False, reason=None):
+    def __init__(self, step: int, names: tuple[str, ...] | None, gram: torch.Tensor, coefficients: torch.Tensor,
+                 loss_tensor: torch.Tensor, skipped: bool = False, reason: str | None = None) -> None:
         super().__init__(gram, coefficients)
         self.step = step
         self.names = names
@@ -34,6 +37,6 @@ class StepInfo(ProjectionInfo):
     def losses(self) -> list[float]:
         return self.loss_tensor.tolist()
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return (f"StepInfo(step={self.step}, K={self.gram.shape[0]}, skipped={self.skipped}, "
                 f"names={self.names})")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from typing import Any, Literal, Union, overload
 
 import torch
 
@@ -28,9 +29,9 @@ class ProjectionInfo:
     Everything but gram and coefficients is computed on first access (num_conflicts reads Γ on the host).
     """
 
-    _KEYS = ("gram", "coefficients", "cosines", "norms", "num_conflicts")
+    _KEYS: tuple[str, ...] = ("gram", "coefficients", "cosines", "norms", "num_conflicts")
 
-    def __init__(self, gram: torch.Tensor, coefficients: torch.Tensor):
+    def __init__(self, gram: torch.Tensor, coefficients: torch.Tensor) -> None:
         self.gram = gram
         self.coefficients = coefficients
 
@@ -174,8 +175,31 @@ def combine(Gs: list, c: torch.Tensor, masks: list, shared_scale: float, backend
     return [ops.combine(g, c.to(g.device), m, shared_scale, 1.0, backend) for g, m in zip(Gs, masks)]
 
 
-def project_conflicts(grads, *, shared=None, order="random", generator=None, reduction="mean", backend="auto",
-                      return_info=False, nonfinite="raise", include_self: bool = True, aggregator=None):
+Grads = Union[torch.Tensor, Sequence[torch.Tensor]]
+Order = Union[Literal["random", "sequential"], torch.Tensor]
+Backend = Literal["auto", "cpp", "triton", "torch"]
+
+
+@overload
+def project_conflicts(grads: Grads, *, shared: torch.Tensor | None = None, order: Order = "random",
+                      generator: torch.Generator | None = None, reduction: Literal["mean", "sum", "none"] = "mean",
+                      backend: Backend = "auto", return_info: Literal[False] = False,
+                      nonfinite: Literal["raise", "propagate"] = "raise", include_self: bool = True,
+                      aggregator: Any = None) -> torch.Tensor: ...
+
+
+@overload
+def project_conflicts(grads: Grads, *, shared: torch.Tensor | None = None, order: Order = "random",
+                      generator: torch.Generator | None = None, reduction: Literal["mean", "sum", "none"] = "mean",
+                      backend: Backend = "auto", return_info: Literal[True],
+                      nonfinite: Literal["raise", "propagate"] = "raise", include_self: bool = True,
+                      aggregator: Any = None) -> tuple[torch.Tensor, ProjectionInfo]: ...
+
+
+def project_conflicts(grads: Grads, *, shared: torch.Tensor | None = None, order: Order = "random",
+                      generator: torch.Generator | None = None, reduction: str = "mean", backend: str = "auto",
+                      return_info: bool = False, nonfinite: str = "raise", include_self: bool = True,
+                      aggregator: Any = None) -> torch.Tensor | tuple[torch.Tensor, ProjectionInfo]:
     """Project conflicting per-objective gradients and merge them, with the official GMD semantics.
 
     For each objective i, in the order given by row i of `order`, the running g_i' is projected against each
@@ -250,6 +274,6 @@ def _aggregate(G, aggregator, shared, reduction, backend, generator):
     return combine([G], c, [None], 1.0, agg.backend)[0], gram_, A
 
 
-def gram(grads, backend="auto") -> torch.Tensor:
+def gram(grads: Grads, backend: Backend = "auto") -> torch.Tensor:
     """Gramian Γ = G Gᵀ of K flattened gradients: [K, N] tensor or K 1-D tensors -> [K, K] float32."""
     return ops.gram(as_matrix(grads), backend)

@@ -35,7 +35,11 @@ class Subset(tuple):
     mask (bool tensor [M], True for the modalities in the subset; a fresh CPU tensor on every access).
     """
 
-    def __new__(cls, names: Sequence[str], indices: Sequence[int], num_modalities: int):
+    name: str
+    indices: tuple[int, ...]
+    num_modalities: int
+
+    def __new__(cls, names: Sequence[str], indices: Sequence[int], num_modalities: int) -> "Subset":
         self = super().__new__(cls, names)
         self.indices = tuple(indices)
         self.num_modalities = num_modalities
