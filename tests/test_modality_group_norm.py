@@ -205,24 +205,39 @@ data, x = ("*u16", "*bf16") if out_bf16 else ("*fp32", "*fp32")
 sizes = {"M": "i32", "C": "i32", "G": "i32", "L": "i32", "splits": "i32"}
 # The element-wise passes (normalise + affine + activation, and dx) carry the bytes; the statistics kernels are
 # reductions over CHUNK elements.
+constexprs = {"ACT": 2, "ACC": tl.float32, "OUT_BF16": out_bf16, "BLOCK": tgn.BLOCK}
+warps = tgn.NUM_WARPS
 if kernel == "fwd":
     fn = tgn._apply_kernel
     sig = {"x_ptr": x, "w_ptr": "*fp32", "b_ptr": "*fp32", "present_ptr": "*u8", "mean_ptr": "*fp32",
            "rstd_ptr": "*fp32", "y_ptr": data, **sizes}
+elif kernel == "stats":  # chunk moments: max, scaled sum, centred scaled squares; fp64 partials
+    fn, warps = tgn._stats_kernel, tgn.CHUNK_WARPS
+    sig = {"x_ptr": x, "present_ptr": "*u8", "part_ptr": "*fp64", "G": "i32", "n": "i32", "chunks": "i32"}
+    constexprs = {"ACC": tl.float32, "CHUNK": tgn.CHUNK}
+elif kernel == "merge":  # the parallel Chan merge (tl.reduce over moments) and the scaled-domain finalize
+    fn = tgn._merge_kernel
+    sig = {"part_ptr": "*fp64", "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "chunks": "i32", "eps": "fp32"}
+    constexprs = {"MERGE_BLOCK": tgn.MERGE_BLOCK}
+elif kernel == "bwd_merge":
+    fn = tgn._bwd_merge_kernel
+    sig = {"part_ptr": "*fp64", "w_ptr": "*fp32", "present_ptr": "*u8", "dg_ptr": "*fp32", "db_ptr": "*fp32",
+           "coef_ptr": "*fp32", "M": "i32", "C": "i32", "G": "i32", "L": "i32", "chunks": "i32"}
+    constexprs = {"MERGE_BLOCK": tgn.MERGE_BLOCK}
 else:
     fn = tgn._bwd_apply_kernel
     sig = {"gy_ptr": x, "x_ptr": x, "w_ptr": "*fp32", "b_ptr": "*fp32", "present_ptr": "*u8", "mean_ptr": "*fp32",
            "rstd_ptr": "*fp32", "coef_ptr": "*fp32", "dx_ptr": data, **sizes}
-constexprs = {"ACT": 2, "ACC": tl.float32, "OUT_BF16": out_bf16, "BLOCK": tgn.BLOCK}
 sig.update({k: "constexpr" for k in constexprs})
 compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs),
-                          target=GPUTarget("cuda", 90, 32), options={"num_warps": tgn.NUM_WARPS})
+                          target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
 assert "sm_90" in compiled.asm["ptx"]
 open(path, "wb").write(compiled.asm["cubin"])
 """
 
 
-@pytest.mark.parametrize("kernel,out_bf16", [("fwd", False), ("fwd", True), ("bwd", False), ("bwd", True)])
+@pytest.mark.parametrize("kernel,out_bf16", [("fwd", False), ("fwd", True), ("bwd", False), ("bwd", True),
+                                             ("stats", False), ("merge", False), ("bwd_merge", False)])
 def test_aot_compile_sm90(kernel, out_bf16, tmp_path):
     """The Triton kernels compile to sm_90 cubins without a GPU (Triton's bundled ptxas) at the launcher's block
     size, with no register spills (the rule BLOCK / NUM_WARPS were chosen by). Compiled in a fresh process without
@@ -321,6 +336,28 @@ def test_tiny_groups_without_eps(device, backend, dtype, magnitude, k):
     torch.testing.assert_close(y.double(), ref, rtol=1e-4, atol=1e-4)
     bias_only = b[None, :, :, None, None].expand_as(y)
     assert (y - bias_only)[present].abs().max() > 0.1  # normalised, not collapsed to the bias
+
+
+@pytest.mark.parametrize("device,backend", testing.device_backends())
+@pytest.mark.parametrize("dtype,scales", [(torch.float32, (1e-30, 1.0, 1e20, 1e-40)),
+                                          (torch.float64, (1e-300, 1.0, 1e150, 1e-310))])
+def test_chunks_of_different_magnitudes(device, backend, dtype, scales):
+    """A group of 4 x 4096 + 5 elements (several chunks on every backend: CPU 1024, CUDA / Triton 4096) whose chunks
+    differ by up to 1e460 in magnitude: the merges rescale each chunk's moments to the largest exponent exactly.
+    Forward and backward against float64 F.group_norm on the same values."""
+    n = 4 * 4096 + 5
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(1, 2, 1, n, generator=g, dtype=torch.float64)
+    for i, scale in enumerate(scales):
+        x[..., i * 4096:(i + 1) * 4096] *= scale
+    x = (x + 0.25 * scales[2]).to(dtype).to(device)  # a mean far from 0: the centring matters
+    w, b = torch.randn(2, 1, generator=g).to(dtype).to(device), torch.randn(2, 1, generator=g).to(dtype).to(device)
+    present = torch.tensor([[True, True]], device=device)
+    x, w, b = (t.requires_grad_() for t in (x, w, b))
+    y = modality_group_norm(x, w, b, present, num_groups=1, backend=backend)
+    torch.testing.assert_close(y.double(), _float64_group_norm(x, w, b, present, 1, 1e-5), rtol=1e-5, atol=1e-5)
+    _check_grads_finite_and_close(
+        y, lambda *t: modality_group_norm_reference(*t, present, num_groups=1), (x, w, b))
 
 
 @pytest.mark.parametrize("device,backend", testing.device_backends())

@@ -13,6 +13,11 @@ B * M * G is (the CUDA kernels, csrc/cuda/modality_group_norm_cuda.cu, do the sa
             _apply_kernel (row x column block: y = act(x * a + s), a = rstd * w, s = b - mean * a).
   backward: _bwd_sums_kernel (row x chunk: sum dz, sum dz * (x - mean)) -> _bwd_merge_kernel (per task: dgamma,
             dbeta partials [B, M, C] and the two GroupNorm-backward means) -> _bwd_apply_kernel (dx).
+Merges: a fixed reduction tree over MERGE_BLOCK chunks at a time (tl.reduce; blocks in order), not one serial walk
+over a task's 512-8192 chunks. The backward writes every element of dx and of the affine partials (absent pairs as
+zeros), so they are allocated without a zero fill (it was a sixth pass over dx's bytes). Passes over x's bytes: 3
+forward and 5 backward, as the CUDA kernels (csrc/cuda/modality_group_norm_cuda.cu says why a pass cannot be
+saved at BraTS shapes and what fraction to expect).
 Statistics as csrc/ds_common.h computes them on every backend: each chunk's values scaled by 2^-e, e from the chunk's
 max |x|, so no sum or square overflows or underflows from subnormal groups to the dtype's max; the chunks' moments
 (count, e, mean, M2) merged by Chan's formula after exact rescaling to the larger exponent. Chunk counts depend on
@@ -34,6 +39,7 @@ CHUNK_WARPS = 8
 BLOCK = 1024
 NUM_WARPS = 4
 APPLY_PROGRAMS = 2048  # programs aimed at per apply launch (~8 per SM on the largest GPUs)
+MERGE_BLOCK = 256  # chunks merged per reduction-tree step of the merge kernels (a BraTS group has 512-8192 chunks)
 _ACT = {"none": 0, "relu": 1, "leaky_relu": 2}
 
 
@@ -109,31 +115,46 @@ def _stats_kernel(x_ptr, present_ptr, part_ptr, G, n, chunks, ACC: tl.constexpr,
 
 
 @triton.jit
-def _merge_kernel(part_ptr, mean_ptr, rstd_ptr, chunks, eps):
-    """Per task: its chunks' moments merged in chunk order (Chan's formula after exact rescaling to the larger
-    exponent), then mean and rstd = 2^-e / sqrt(var_s + eps 4^-e): csrc/ds_common.h gn_merge / gn_finalize."""
+def _chan(n_a, e_a, m_a, q_a, n_b, e_b, m_b, q_b):
+    """Chan's formula on two chunks' moments (count, exponent, scaled mean, scaled M2, fp64) after exact rescaling to
+    the larger exponent: csrc/ds_common.h gn_merge. Empty sides (count 0, the lowest exponent) change nothing."""
+    e = tl.maximum(e_a, e_b)
+    da = (e_a - e).to(tl.int32)
+    db = (e_b - e).to(tl.int32)
+    ma = _ldexp64(m_a, da)
+    mb = _ldexp64(m_b, db)
+    n = n_a + n_b
+    frac = n_b / tl.maximum(n, 1.0)
+    delta = mb - ma
+    return n, e, ma + delta * frac, _ldexp64(q_a, 2 * da) + _ldexp64(q_b, 2 * db) + delta * delta * (n_a * frac)
+
+
+@triton.jit
+def _merge_kernel(part_ptr, mean_ptr, rstd_ptr, chunks, eps, MERGE_BLOCK: tl.constexpr):
+    """Per task: its chunks' moments merged, MERGE_BLOCK chunks at a time by a fixed reduction tree (parallel
+    across the program), the blocks in order; then mean and rstd = 2^-e / sqrt(var_s + eps 4^-e):
+    csrc/ds_common.h gn_merge / gn_finalize. A fixed order either way: deterministic."""
     t = tl.program_id(0).to(tl.int64)
     cnt = tl.zeros((), dtype=tl.float64)
-    ex = tl.full((), ZERO_EXPONENT, tl.int32)
+    ex = tl.zeros((), dtype=tl.float64) + ZERO_EXPONENT
     mu = tl.zeros((), dtype=tl.float64)
     m2 = tl.zeros((), dtype=tl.float64)
-    for s in range(0, chunks):
-        p = part_ptr + (t * chunks + s) * 4
-        nb = tl.load(p)
-        eb = tl.load(p + 1).to(tl.int32)
-        e = tl.maximum(ex, eb)
-        ma = _ldexp64(mu, ex - e)
-        mb = _ldexp64(tl.load(p + 2), eb - e)
-        tot = tl.maximum(cnt + nb, 1.0)  # nb == 0 (absent): cnt, mu, m2 unchanged (its exponent is the lowest)
-        delta = mb - ma
-        mu = ma + delta * (nb / tot)
-        m2 = _ldexp64(m2, 2 * (ex - e)) + _ldexp64(tl.load(p + 3), 2 * (eb - e)) + delta * delta * (cnt * nb / tot)
-        cnt += nb
-        ex = e
+    offs = tl.arange(0, MERGE_BLOCK)
+    for start in range(0, chunks, MERGE_BLOCK):
+        idx = start + offs
+        ok = idx < chunks
+        p = part_ptr + (t * chunks + idx) * 4
+        nb = tl.load(p, mask=ok, other=0.0)
+        eb = tl.load(p + 1, mask=ok, other=ZERO_EXPONENT * 1.0)
+        mb = tl.load(p + 2, mask=ok, other=0.0)
+        qb = tl.load(p + 3, mask=ok, other=0.0)
+        nb, eb, mb, qb = tl.reduce((nb, eb, mb, qb), 0, _chan)
+        cnt, ex, mu, m2 = _chan(cnt, ex, mu, m2, nb, eb, mb, qb)
+    e = ex.to(tl.int32)
     eps64 = tl.zeros((), dtype=tl.float64) + eps
-    q = m2 / tl.maximum(cnt, 1.0) + _ldexp64(eps64, -2 * ex)
-    rs = tl.where(q > 1.7976931348623157e308, 1.0 / tl.sqrt(eps64), _ldexp64(1.0 / tl.sqrt(q), -ex))
-    tl.store(mean_ptr + t, tl.where(cnt > 0, _ldexp64(mu, ex), 0.0).to(mean_ptr.dtype.element_ty))
+    q = m2 / tl.maximum(cnt, 1.0) + _ldexp64(eps64, -2 * e)
+    rs = tl.where(q > 1.7976931348623157e308, 1.0 / tl.sqrt(eps64), _ldexp64(1.0 / tl.sqrt(q), -e))
+    tl.store(mean_ptr + t, tl.where(cnt > 0, _ldexp64(mu, e), 0.0).to(mean_ptr.dtype.element_ty))
     tl.store(rstd_ptr + t, tl.where(cnt > 0, rs, 0.0).to(rstd_ptr.dtype.element_ty))
 
 
@@ -225,20 +246,26 @@ def _bwd_sums_kernel(gy_ptr, x_ptr, w_ptr, b_ptr, present_ptr, mean_ptr, rstd_pt
 
 
 @triton.jit
-def _bwd_merge_kernel(part_ptr, w_ptr, present_ptr, dg_ptr, db_ptr, coef_ptr, M, C, G, L, chunks):
+def _bwd_merge_kernel(part_ptr, w_ptr, present_ptr, dg_ptr, db_ptr, coef_ptr, M, C, G, L, chunks,
+                      MERGE_BLOCK: tl.constexpr):
+    """Per task: each channel's chunk sums (MERGE_BLOCK chunks at a time by a fixed reduction tree, the blocks in
+    order) -> dbeta, dgamma partials [B, M, C], and the task's two GroupNorm-backward means."""
     t = tl.program_id(0).to(tl.int64)
     pair = t // G
     g = t % G
     cg = C // G
     sw1 = tl.zeros((), dtype=tl.float64)
     sw2 = tl.zeros((), dtype=tl.float64)
+    offs = tl.arange(0, MERGE_BLOCK)
     for c in range(0, cg):
         r = pair * C + g * cg + c
         s1 = tl.zeros((), dtype=tl.float64)
         s2 = tl.zeros((), dtype=tl.float64)
-        for s in range(0, chunks):
-            s1 += tl.load(part_ptr + (r * chunks + s) * 2)
-            s2 += tl.load(part_ptr + (r * chunks + s) * 2 + 1)
+        for start in range(0, chunks, MERGE_BLOCK):
+            idx = start + offs
+            ok = idx < chunks
+            s1 += tl.sum(tl.load(part_ptr + (r * chunks + idx) * 2, mask=ok, other=0.0), 0)
+            s2 += tl.sum(tl.load(part_ptr + (r * chunks + idx) * 2 + 1, mask=ok, other=0.0), 0)
         tl.store(db_ptr + r, s1.to(db_ptr.dtype.element_ty))
         tl.store(dg_ptr + r, s2.to(dg_ptr.dtype.element_ty))
         wc = tl.load(w_ptr + (pair % M) * C + g * cg + c).to(tl.float64)
@@ -358,7 +385,9 @@ def group_norm_fwd(x, weight, bias, present, num_groups: int, eps: float, activa
     with _utils.device_guard(x):
         _stats_kernel[(tasks * chunks,)](xc, flags, part, num_groups, n, chunks, ACC=acc, CHUNK=CHUNK,
                                          num_warps=CHUNK_WARPS)
-        _merge_kernel[(tasks,)](part, mean, rstd, chunks, float(eps), num_warps=1)
+        # The tree is as wide as the chunks need (the interpreter runs a custom tl.reduce one element at a time).
+        merge_block = min(MERGE_BLOCK, _utils.next_power_of_2(chunks))
+        _merge_kernel[(tasks,)](part, mean, rstd, chunks, float(eps), MERGE_BLOCK=merge_block, num_warps=4)
         _apply_kernel[(rows, splits)](xc, w, b, flags, mean, rstd, _storage(y), M, C, num_groups, L, splits,
                                       ACT=_ACT[activation], ACC=acc, OUT_BF16=x.dtype == torch.bfloat16,
                                       BLOCK=BLOCK, num_warps=NUM_WARPS)
@@ -374,9 +403,11 @@ def group_norm_bwd(grad_y, x, weight, bias, present, mean, rstd, num_groups: int
     B, M, C = x.shape[:3]
     xc, w, b, flags, L, acc = _kernel_args(x, weight, bias, present)
     gy = grad_y.to(x.dtype).contiguous()
-    dx = torch.zeros_like(xc)
-    dg = torch.zeros((B, M, C), dtype=_acc(x), device=x.device)
-    db = torch.zeros_like(dg)
+    # Every element of dx and every [B, M, C] partial is written by the kernels when x has elements (absent pairs
+    # as zeros): no fill pass over dx's bytes before them. Without elements no kernel runs; the partials are zeros.
+    dx = torch.empty_like(xc)
+    dg = (torch.empty if x.numel() else torch.zeros)((B, M, C), dtype=_acc(x), device=x.device)
+    db = torch.empty_like(dg) if x.numel() else torch.zeros_like(dg)
     tasks, rows = B * M * num_groups, B * M * C
     if x.numel():
         chunks = triton.cdiv(L, CHUNK)
@@ -387,7 +418,8 @@ def group_norm_bwd(grad_y, x, weight, bias, present, mean, rstd, num_groups: int
             _bwd_sums_kernel[(rows * chunks,)](gy, xc, w, b, flags, mean.contiguous(), rstd.contiguous(), part, M, C,
                                                num_groups, L, chunks, ACT=_ACT[activation], ACC=acc, CHUNK=CHUNK,
                                                num_warps=CHUNK_WARPS)
-            _bwd_merge_kernel[(tasks,)](part, w, flags, dg, db, coef, M, C, num_groups, L, chunks, num_warps=1)
+            _bwd_merge_kernel[(tasks,)](part, w, flags, dg, db, coef, M, C, num_groups, L, chunks,
+                                        MERGE_BLOCK=MERGE_BLOCK, num_warps=4)
             _bwd_apply_kernel[(rows, splits)](gy, xc, w, b, flags, mean.contiguous(), rstd.contiguous(), coef,
                                               _storage(dx), M, C, num_groups, L, splits, ACT=_ACT[activation],
                                               ACC=acc, OUT_BF16=x.dtype == torch.bfloat16, BLOCK=BLOCK,
