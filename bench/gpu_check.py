@@ -161,15 +161,20 @@ def warm_triton(device: str, tiny: bool) -> int:
                     count += 5
     shapes = ((2, 4, 16, 4, 4, 4),) if tiny else ((2, 4, 16, 8, 8, 8), (1, 4, 8, 37, 5), (2, 2, 4, 6, 6),
                                                    (2, 3, 6, 5, 5))
+    # The DS step tests' DSUNet3d (width 0.25, 16^3 input): packed rows [P, 1, C, s^3] and [B, M, C, s^3] at every
+    # level; M, C and L of 1 or multiples of 16 are specialisations of their own.
+    ds_shapes = () if tiny else tuple((B, M, C, s, s, s) for B, M in ((6, 1), (2, 4)) for C in (8, 16)
+                                      for s in (16, 8, 4, 2, 1))
     for dtype in (torch.float32,) if tiny else (torch.float32, torch.bfloat16, torch.float64):
-        for shape in shapes:
+        for shape in shapes + (ds_shapes if dtype == torch.float32 else ()):
             x = torch.randn(*shape, device=device).to(dtype)
             M, C = shape[1], shape[2]
             w, b = torch.randn(M, C, device=device), torch.randn(M, C, device=device)
             present = torch.rand(shape[0], M, device=device) < 0.7
             for act in ("relu",) if tiny else ("none", "relu", "leaky_relu"):
-                y, mean, rstd = gn.group_norm_fwd(x, w, b, present, 2, 1e-5, act)
-                gn.group_norm_bwd(torch.randn_like(y), x, w, b, present, mean, rstd, 2, act)
+                G = 8 if C % 8 == 0 else 2
+                y, mean, rstd = gn.group_norm_fwd(x, w, b, present, G, 1e-5, act)
+                gn.group_norm_bwd(torch.randn_like(y), x, w, b, present, mean, rstd, G, act)
                 count += 2
     if device.startswith("cuda"):
         torch.cuda.synchronize()
