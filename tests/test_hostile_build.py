@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import textwrap
 import time
@@ -24,71 +23,19 @@ import torch
 from gmd_ext import _backend, _build
 from gmd_ext.ops._registry import triton_ops
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _children import CAP_BYTES, TIMEOUT_S, run_children  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
-CAP_BYTES = 768 << 20  # address space a child may add on top of its runner's
-TIMEOUT_S = 30
 NOBODY = 65534
 # The library a fake build "produces": the checkout's own (any file serves where nothing is loaded).
 REAL_LIBRARY = _backend.LIBRARY if _backend.CPP_LOADED else _build.__file__
 
-_RUNNER = textwrap.dedent(r"""
-    import json, os, resource, signal, sys, time
-    setup, cases, cap, timeout = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
-    exec(setup)
-    results = {}
-    for name, code, out in cases:
-        pid = os.fork()
-        if pid == 0:
-            try:
-                vm = int(open("/proc/self/statm").read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
-                resource.setrlimit(resource.RLIMIT_AS, (vm + cap, vm + cap))
-                signal.alarm(int(timeout))
-                scope = {}
-                try:
-                    exec(code, scope)
-                    res = {"type": None, "result": scope.get("result")}
-                except BaseException as e:
-                    res = {"type": type(e).__name__, "msg": str(e)[:4000]}
-                with open(out, "w") as f:
-                    json.dump(res, f)
-            finally:
-                os._exit(0)
-        t0 = time.monotonic()
-        while True:
-            done, status = os.waitpid(pid, os.WNOHANG)
-            if done:
-                break
-            if time.monotonic() - t0 > timeout + 5:
-                os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
-                status = -1
-                break
-            time.sleep(0.01)
-        if status == -1:
-            results[name] = {"status": "timeout"}
-        elif os.WIFSIGNALED(status):
-            results[name] = {"status": f"killed by signal {os.WTERMSIG(status)}"}
-        elif not os.path.exists(out):
-            results[name] = {"status": f"exit {os.WEXITSTATUS(status)} without a result"}
-        else:
-            results[name] = {"status": "ok", **json.load(open(out))}
-    print(json.dumps(results))
-""")
-
-
 def _run_children(setup: str, cases: dict[str, str], tmp: Path, pythonpath: Path = ROOT) -> dict:
-    """Run `setup` once in a fresh runner process, then each case's code in a child forked from it (limits set
-    after the setup's imports); a case reports `result` or the exception it raised."""
-    spec = [(name, code, str(tmp / f"{name}.json")) for name, code in cases.items()]
-    env = dict(os.environ, OMP_NUM_THREADS="1",
-               PYTHONPATH=str(pythonpath) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-c", _RUNNER, setup, json.dumps(spec), str(CAP_BYTES), str(TIMEOUT_S)],
-                          capture_output=True, text=True, env=env, cwd=tmp,
-                          timeout=60 + len(cases) * (TIMEOUT_S + 5))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    """run_children, and no case may end by a signal (SIGBUS, segfault), the memory cap or a timeout."""
+    results = run_children(setup, cases, tmp, cap=CAP_BYTES, timeout=TIMEOUT_S, pythonpath=pythonpath)
     for name, r in results.items():
-        assert r["status"] == "ok", f"{name}: {r}"  # not killed (SIGBUS, segfault, memory), not a timeout
+        assert r["status"] == "ok", f"{name}: {r}"
     return results
 
 

@@ -4,9 +4,6 @@ what happened, or behave correctly — never a misleading message, a silently di
 
 One runner process imports torch and gmd_ext once and forks a child per case (a fork costs milliseconds).
 """
-import json
-import os
-import subprocess
 import sys
 import textwrap
 import threading
@@ -18,10 +15,8 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the runner loads this file by path
+from _children import run_children  # noqa: E402
 from _models import Heads  # noqa: E402
-
-CAP_BYTES = 768 << 20
-TIMEOUT_S = 30
 
 
 def setup(**kw):
@@ -153,64 +148,20 @@ CASES = {f.__name__: f for f in (skip_accumulation, clear_one_grad, inplace_edit
                                  add_group_midway, threads, skip_with_grad_scaler, adam_state_into_sgd,
                                  garbage_param_groups)}
 
-_RUNNER = textwrap.dedent(r"""
-    import importlib.util, json, os, resource, signal, sys, time
-    spec = importlib.util.spec_from_file_location("hostile_engine", sys.argv[1])
+_SETUP = textwrap.dedent("""
+    import importlib.util, sys, torch
+    spec = importlib.util.spec_from_file_location("hostile_engine", {path!r})
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    import torch
     torch.set_num_threads(1)
-    names, cap, timeout, out_dir = json.loads(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), sys.argv[5]
-    results = {}
-    for name in names:
-        out = os.path.join(out_dir, name + ".json")
-        pid = os.fork()
-        if pid == 0:
-            try:
-                vm = int(open("/proc/self/statm").read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
-                resource.setrlimit(resource.RLIMIT_AS, (vm + cap, vm + cap))
-                signal.alarm(int(timeout))
-                try:
-                    res = {"type": None, "value": mod.CASES[name]()}
-                except BaseException as e:
-                    res = {"type": type(e).__name__, "msg": str(e)[:4000]}
-                with open(out, "w") as f:
-                    json.dump(res, f)
-            finally:
-                os._exit(0)
-        t0 = time.monotonic()
-        while True:
-            done, status = os.waitpid(pid, os.WNOHANG)
-            if done:
-                break
-            if time.monotonic() - t0 > timeout + 5:
-                os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
-                status = -1
-                break
-            time.sleep(0.01)
-        if status == -1:
-            results[name] = {"status": "timeout"}
-        elif os.WIFSIGNALED(status):
-            results[name] = {"status": f"killed by signal {os.WTERMSIG(status)}"}
-        elif not os.path.exists(out):
-            results[name] = {"status": f"exit {os.WEXITSTATUS(status)} without a result"}
-        else:
-            results[name] = {"status": "ok", **json.load(open(out))}
-    print(json.dumps(results))
 """)
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("hostile_engine")
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]) + os.pathsep
-               + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-c", _RUNNER, str(Path(__file__).resolve()), json.dumps(list(CASES)),
-                           str(CAP_BYTES), str(TIMEOUT_S), str(tmp)], capture_output=True, text=True, env=env,
-                          timeout=TIMEOUT_S * len(CASES) + 60)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_children(_SETUP.format(path=str(Path(__file__).resolve())),
+                        {name: f"result = mod.CASES[{name!r}]()" for name in CASES},
+                        tmp_path_factory.mktemp("hostile_engine"))
 
 
 def _ok(results, name):
@@ -227,7 +178,7 @@ def _error(results, name, kind, *needles):
 
 
 def test_skip_drops_the_accumulated_step_as_a_whole(results):
-    v = _ok(results, "skip_accumulation")["value"]
+    v = _ok(results, "skip_accumulation")["result"]
     assert v["first"] and v["last"] and not v["changed"] and not v["next"]
     assert "earlier backward call of this accumulated step was skipped" in v["reason"]
 
@@ -241,7 +192,7 @@ def test_inplace_grad_edit_between_accumulating_calls_is_refused(results):
 
 
 def test_finite_gradients_never_overflow_the_gramian(results):
-    v = _ok(results, "gram_overflow")["value"]
+    v = _ok(results, "gram_overflow")["result"]
     assert not v["skipped"] and v["err"] < 1e-6 and v["conflicts"][0] == v["conflicts"][1]
 
 
@@ -251,12 +202,12 @@ def test_parameter_set_change_mid_accumulation_is_named(results, name):
 
 
 def test_concurrent_backward_is_named(results):
-    v = _ok(results, "threads")["value"]
+    v = _ok(results, "threads")["result"]
     assert len(v["errors"]) == 1 and "already running in another thread" in v["errors"][0]
 
 
 def test_skip_with_grad_scaler(results):
-    v = _ok(results, "skip_with_grad_scaler")["value"]
+    v = _ok(results, "skip_with_grad_scaler")["result"]
     assert v["skipped"] and not v["changed"] and v["scale"] < 3.0e38
 
 
@@ -265,5 +216,5 @@ def test_another_optimizers_state_is_refused(results):
 
 
 def test_garbage_param_groups_are_refused(results):
-    errors = _ok(results, "garbage_param_groups")["value"]["errors"]
+    errors = _ok(results, "garbage_param_groups")["result"]["errors"]
     assert all(e is not None and "state_dict['optimizer']" in e for e in errors), errors

@@ -8,10 +8,8 @@ milliseconds), so the child's limits are set after the imports and apply to the 
 import codecs
 import gzip
 import io
-import json
 import os
 import pickle
-import subprocess
 import sys
 import textwrap
 import zipfile
@@ -23,64 +21,20 @@ import pytest
 
 from gmd_ext.data import synthetic_mosi
 
-CAP_BYTES = 768 << 20  # address space a child may add on top of the runner's (after importing numpy/torch)
-TIMEOUT_S = 30
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _children import run_children  # noqa: E402
 
-_RUNNER = textwrap.dedent(r"""
-    import json, os, resource, signal, sys, time
+_LOADERS = textwrap.dedent("""
     from gmd_ext.apps.mosi.mmsa import load_mmsa
     from gmd_ext.apps.brats.data import BraTSDataset, load_case
-    cases, cap, timeout = json.loads(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
     LOADERS = {"mmsa": load_mmsa, "brats_case": load_case,
                "brats_dataset": lambda p: BraTSDataset(p, split="all", check="full")}
-    results = {}
-    for name, loader, path, out in cases:
-        pid = os.fork()
-        if pid == 0:
-            try:
-                vm = int(open("/proc/self/statm").read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
-                resource.setrlimit(resource.RLIMIT_AS, (vm + cap, vm + cap))
-                signal.alarm(int(timeout))
-                try:
-                    LOADERS[loader](path)
-                    res = {"type": None, "msg": "loaded without error"}
-                except BaseException as e:
-                    res = {"type": type(e).__name__, "msg": str(e)[:4000]}
-                with open(out, "w") as f:
-                    json.dump(res, f)
-            finally:
-                os._exit(0)
-        t0 = time.monotonic()
-        while True:
-            done, status = os.waitpid(pid, os.WNOHANG)
-            if done:
-                break
-            if time.monotonic() - t0 > timeout + 5:
-                os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
-                status = -1
-                break
-            time.sleep(0.01)
-        if status == -1:
-            results[name] = {"status": "timeout"}
-        elif os.WIFSIGNALED(status):
-            results[name] = {"status": f"killed by signal {os.WTERMSIG(status)}"}
-        elif not os.path.exists(out):
-            results[name] = {"status": f"exit {os.WEXITSTATUS(status)} without a result"}
-        else:
-            results[name] = {"status": "ok", **json.load(open(out))}
-    print(json.dumps(results))
 """)
 
 
 def _run_all(cases, tmp):
-    spec = [(name, loader, str(path), str(tmp / f"{name}.json")) for name, (loader, path, _) in cases.items()]
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]) + os.pathsep
-               + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-c", _RUNNER, json.dumps(spec), str(CAP_BYTES), str(TIMEOUT_S)],
-                          capture_output=True, text=True, env=env, timeout=60 + len(cases) * (TIMEOUT_S + 5))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_children(_LOADERS, {name: f"LOADERS[{loader!r}]({str(path)!r})"
+                                   for name, (loader, path, _) in cases.items()}, tmp)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -327,4 +281,4 @@ def test_real_layout_still_loads_in_the_runner(tmp_path):
     cases["npz"] = ("mmsa", npz, None)
     res = _run_all(cases, tmp_path)
     for name, r in res.items():
-        assert r == {"status": "ok", "type": None, "msg": "loaded without error"}, (name, r)
+        assert r == {"status": "ok", "type": None, "result": None}, (name, r)  # loaded without error

@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import nibabel as nib
@@ -20,7 +19,6 @@ import numpy as np
 import pytest
 import torch
 
-from gmd_ext.apps.brats import data as brats_data
 from gmd_ext.apps.brats.data import BraTSDataError, BraTSDataset, find_cases, load_case
 from gmd_ext.io import load_checkpoint, save_checkpoint
 
