@@ -656,19 +656,6 @@ def demo(out: str | Path = "runs/demo", data: str | Path | None = None, quick: b
 
 
 # ----------------------------------------------------------------------------------------------- CLI
-def _parse_set(items: list[str]) -> dict:
-    out = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -716,7 +703,7 @@ def main(argv=None) -> int:
 def _run(args) -> None:
     if args.cmd == "train":
         out = Path(args.out)
-        cfg = recipe.load_config(args.config, DEFAULTS, _parse_set(args.set))
+        cfg = recipe.load_config(args.config, DEFAULTS, recipe.parse_set(args.set))
         if args.resume and args.config is None and not args.set and (out / "config.json").is_file():
             cfg = recipe.load_config(out / "config.json", DEFAULTS)
         check_config(cfg)

@@ -390,25 +390,12 @@ def main(argv=None) -> dict | None:
         return _run(args, configs)
 
 
-def _parse_set(items: list[str]) -> dict:
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
-
-
 def _configs(args) -> dict[str, dict]:
     """The configs of this invocation, resolved and validated at start-up: {config name: config}."""
     for seed in args.seeds:
         if not 0 <= seed < 2 ** 32:
             raise ValueError(f"--seeds must be integers in [0, 2**32 - 1], got {seed}")
-    overrides = {**_parse_set(args.set),
+    overrides = {**recipe.parse_set(args.set),
                  **{k: getattr(args, k) for k in ("epochs", "batch_size", "subsets_per_step", "hidden", "lr")}}
     configs = {}
     for path in args.config:

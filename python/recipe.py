@@ -409,6 +409,20 @@ def _diff_keys(a: dict, b: dict) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------- configs
+def parse_set(items: list[str] | None) -> dict:
+    """``--set KEY=VALUE`` items as a dict: each value parsed as JSON, or kept as a string when it is not JSON."""
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
 def load_config(path: str | os.PathLike | None, defaults: dict, overrides: dict | None = None) -> dict:
     """Merge ``defaults`` <- JSON file at ``path`` <- ``overrides`` (entries that are None are ignored).
 

@@ -79,6 +79,18 @@ def _down(x: torch.Tensor) -> torch.Tensor:
     return F.max_pool3d(x, 2)
 
 
+def _channels(num_classes: int, width: float, num_groups: int) -> list[int]:
+    """The U-Net's channel counts at ``width``, checked for ``num_groups`` (DSUNet3d and UNet3d alike)."""
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    ch = [int(c * width) for c in _BASE_CHANNELS]
+    for c in ch[:-1] + [ch[-1] // 2]:
+        if c < num_groups or c % num_groups:
+            raise ValueError(f"width={width} gives channels {ch}; each (and {ch[-1] // 2} at the bottleneck) "
+                             f"must be a positive multiple of num_groups={num_groups}")
+    return ch
+
+
 class DSUNet3d(nn.Module):
     """3D U-Net with Dynamic Sharing over MRI modalities (BraTS: WT, TC, ET region logits).
 
@@ -103,13 +115,7 @@ class DSUNet3d(nn.Module):
         self.modalities = tuple(modalities)
         if not self.modalities or len(set(self.modalities)) != len(self.modalities):
             raise ValueError(f"modalities must be a non-empty sequence of distinct names, got {modalities!r}")
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-        ch = [int(c * width) for c in _BASE_CHANNELS]
-        for c in ch[:-1] + [ch[-1] // 2]:
-            if c < num_groups or c % num_groups:
-                raise ValueError(f"width={width} gives channels {ch}; each (and {ch[-1] // 2} at the bottleneck) "
-                                 f"must be a positive multiple of num_groups={num_groups}")
+        ch = _channels(num_classes, width, num_groups)
         self.num_classes, self.width, self.channels = num_classes, width, tuple(ch)
         M = len(self.modalities)
 
@@ -218,13 +224,7 @@ class UNet3d(nn.Module):
 
     def __init__(self, num_classes: int = 3, width: float = 0.5, *, num_groups: int = 8):
         super().__init__()
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-        ch = [int(c * width) for c in _BASE_CHANNELS]
-        for c in ch[:-1] + [ch[-1] // 2]:
-            if c < num_groups or c % num_groups:
-                raise ValueError(f"width={width} gives channels {ch}; each (and {ch[-1] // 2} at the bottleneck) "
-                                 f"must be a positive multiple of num_groups={num_groups}")
+        ch = _channels(num_classes, width, num_groups)
         self.num_classes, self.width, self.channels = num_classes, width, tuple(ch)
 
         def block(cin, cout, mid=None):
