@@ -488,7 +488,7 @@ def main(argv=None) -> int:
             _append_csv(out_dir, meta, steps, [])
             _write_md(out_dir, meta, steps, [])
             return 1
-        # This process imported nothing of gmd_ext; a new one sees the install.
+        # This process imported gmd_ext (bench/utils.py) before its library existed; a new one loads the install.
         os.environ[_BUILD_ENV] = ";".join(f"{s['step']} {str(s['rc']).replace(' ', '_')} {s['seconds']}"
                                           for s in steps)
         os.execv(py, [py, os.path.abspath(__file__), *(argv if argv is not None else sys.argv[1:]), "--no-build"])
@@ -505,7 +505,8 @@ def main(argv=None) -> int:
     rows = target_table(device, backends, dry, end)
     _append_csv(out_dir, meta, steps, rows)
     md_path = _write_md(out_dir, meta, steps, rows)
-    failed = _failed(steps, rows)
+    # The warm-up only saves compile time: a warm-up that failed or timed out leaves the compiles to the tests.
+    failed = _failed([s for s in steps if s["step"] != "warm-triton"], rows)
     print(f"\nphase 1 done in {time.time() - t0:.0f} s (budget {budget:.0f} s); wrote {md_path}", flush=True)
 
     print("\n=== phase 2 (optional, until the budget ends)", flush=True)

@@ -11,7 +11,7 @@
 //
 // Resources (nvcc 13.0 -Xptxas -v, without --use_fast_math, measured by .ci/compile_cuda.sh; checked by
 // tests/test_gpu.py::test_cuda_resources), registers sm_80 / sm_90: combine 32 / 34 (fp32 packs), 40 / 40 (16-bit
-// packs), 31-32 / 32 (scalar); combine_rows 80 / 80 (packs), 48 / 48 (scalar); 0 bytes stack, 0 spills at 256
+// packs), 31-32 / 32 (scalar); combine_rows 72 / 80 (packs), 59-61 / 48 (scalar); 0 bytes stack, 0 spills at 256
 // threads. Grids: one wave of resident CTAs (cudaOccupancyMaxActiveBlocksPerMultiprocessor x SMs), capped by the
 // columns.
 //
