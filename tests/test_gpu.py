@@ -282,8 +282,9 @@ def _ds_step(device, backend):
     first step), the 15 subset objectives fused over their present modalities, GMD with the branches gradient
     source, a fixed host order and nonfinite="propagate" (no finiteness check: no sync).
 
-    gmd_ext.subset_losses(present=...) takes its row selection from the mask on the device (a host sync); the same
-    fusion is written here with the decisions taken on the host mask and their device tensors made once.
+    gmd_ext.subset_losses(present=<host mask>) makes no host sync (test_subset_losses_with_a_host_mask_has_no_sync)
+    but copies the mask's rows to the device on every call, which a CUDA graph cannot capture; the same fusion is
+    written here with its device tensors made once, so the one step serves both tests.
     Returns (step() -> [grad clones], gmd): step() starts a new GMD step (zero_grad), runs the forward and
     gmd.backward."""
     import torch.nn.functional as F
@@ -358,6 +359,29 @@ def test_ds_step_has_no_host_sync(device, backend):
         gmd.step()
     finally:
         torch.cuda.set_sync_debug_mode(0)
+
+
+@needs_cuda
+def test_subset_losses_with_a_host_mask_has_no_sync():
+    """The recipe's fusion: row selection decided on the loader's host mask, so no device sync per subset."""
+    import torch.nn.functional as F
+
+    import gmd_ext
+
+    subs = gmd_ext.subsets(("a", "b", "c"))
+    branches = [torch.randn(4, 2, 8, device="cuda", requires_grad=True) for _ in range(3)]
+    y = torch.rand(4, 2, 8, device="cuda")
+    present = torch.tensor([[True, False, True], [False, False, True], [True, True, False], [True, False, False]])
+    expected = gmd_ext.subset_losses(branches, y, F.mse_loss, subs, present=present.cuda())  # device mask: syncs
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = gmd_ext.subset_losses(branches, y, F.mse_loss, subs, present=present)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert got.keys() == expected.keys() and got.absent == expected.absent
+    for name in got:
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=0)
 
 
 @needs_cuda

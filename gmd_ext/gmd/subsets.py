@@ -143,7 +143,9 @@ def subset_losses(branches, target: torch.Tensor, loss_fn: Callable, subsets: Se
             got = (f"{present.dtype} {tuple(present.shape)}" if isinstance(present, torch.Tensor)
                    else type(present).__name__)
             raise ValueError(f"present must be None or a bool tensor [B, M] = [{B}, {M}], got {got}")
-        present = present.to(like.device)
+        # Row selection is decided on the mask's own device: a host mask (the usual case, from the loader) costs no
+        # device sync; a device mask costs one per subset (bool() of a device tensor).
+        host_present, present = present, present.to(like.device, non_blocking=True)
     out = SubsetLosses((), subsets)
     absent = set()
     for s in subsets:
@@ -157,11 +159,12 @@ def subset_losses(branches, target: torch.Tensor, loss_fn: Callable, subsets: Se
         # where, not a 0/1 product: an absent branch's output (garbage or NaN) must not reach the fused value.
         total = sum(torch.where(w[:, j].view(shape), branch(m), 0.0) for j, m in enumerate(s.indices))
         fused = total / count.clamp_min(1).view(shape).to(total.dtype)
-        rows = count > 0
+        rows = host_present[:, list(s.indices)].any(1)
         if bool(rows.all()):
             out[s.name] = loss_fn(fused, target)
         elif bool(rows.any()):
-            out[s.name] = loss_fn(fused[rows], target[rows])
+            keep = rows.nonzero().squeeze(1).to(like.device, non_blocking=True)
+            out[s.name] = loss_fn(fused.index_select(0, keep), target.index_select(0, keep))
         else:
             out[s.name] = fused.sum() * 0.0
             absent.add(s.name)
