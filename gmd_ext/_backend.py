@@ -170,7 +170,13 @@ def resolve(backend: str | None, device: torch.device | str) -> str:
         fallback = "triton"
     else:
         fallback = "torch"
-    if reason not in _warned:
-        _warned.add(reason)
-        warnings.warn(f"gmd_ext: falling back to the {fallback} backend: {reason}", RuntimeWarning, stacklevel=3)
+    warn_once(f"gmd_ext: falling back to the {fallback} backend: {reason}", stacklevel=4)
     return fallback
+
+
+def warn_once(message: str, stacklevel: int = 3) -> None:
+    """A RuntimeWarning the first time `message` comes up in this process: what was picked instead of what was
+    asked for is said, once."""
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=stacklevel)

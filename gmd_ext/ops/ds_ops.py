@@ -377,6 +377,9 @@ def masked_conv(x, weight, bias=None, present=None, *, stride=1, padding=0, dila
     per_modality, stride, padding, dilation = _conv_args(x, weight, bias, stride, padding, dilation)
     plan = as_plan(present, x.shape[0], x.shape[1], x.device)
     chosen = _backend.resolve(backend, x.device)
+    if chosen == "triton":
+        _backend.warn_once("gmd_ext: masked_conv has no Triton kernel (its own work is the row gather/scatter "
+                           "around the vendor convolution); backend='triton' runs its torch form")
     if chosen == "cpp":
         return torch.ops.gmd_ext.masked_conv(x, weight, bias, plan.index, list(plan.counts), list(stride),
                                              list(padding), list(dilation))
