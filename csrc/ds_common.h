@@ -7,7 +7,10 @@
 #include <c10/macros/Macros.h>
 #include <c10/util/string_view.h>
 
+#include <unistd.h>
+
 #include <cmath>
+#include <limits>
 #include <string>
 #include <utility>
 #include <vector>
@@ -75,12 +78,26 @@ inline void check_pack_args(const at::Tensor& x, const at::Tensor& index) {
   check_index("pack_pairs", index, x, "x");
 }
 
+// Refuses an output of `rows` rows of `bytes_per_row` bytes that can never be allocated (more bytes than this
+// machine's physical memory, which bounds a GPU's too), naming the argument that makes it that large, before the
+// allocator fails with a message that names none (gmd_ext/ops/ds_ops.py _check_output_bytes is the Python twin).
+inline void check_output_fits(const char* op, const char* cause, int64_t rows, int64_t bytes_per_row) {
+  const long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
+  const double limit = pages > 0 && page > 0 ? static_cast<double>(pages) * static_cast<double>(page)
+                                             : static_cast<double>(std::numeric_limits<int64_t>::max());
+  const double bytes = static_cast<double>(rows) * static_cast<double>(bytes_per_row);
+  TORCH_CHECK_VALUE(bytes <= limit, op, ": the output would take ", bytes, " bytes, more than this machine's ",
+                    "physical memory (", limit, " bytes); ", cause);
+}
+
 inline void check_scatter_args(const at::Tensor& y, const at::Tensor& index, int64_t num_pairs) {
   TORCH_CHECK_VALUE(y.dim() >= 1, "scatter_pairs: y must be [P, *F] with a leading row dim, got a 0-D tensor");
   check_index("scatter_pairs", index, y, "y");
   TORCH_CHECK_VALUE(index.numel() == y.size(0), "scatter_pairs: index has ", index.numel(),
                     " entries but y has ", y.size(0), " rows; they must match");
   TORCH_CHECK_VALUE(num_pairs >= 0, "scatter_pairs: num_pairs must be >= 0, got ", num_pairs);
+  check_output_fits("scatter_pairs", ("num_pairs = " + std::to_string(num_pairs) + " rows").c_str(), num_pairs,
+                    row_bytes(y));
 }
 
 // modality_group_norm's argument checks, the same for every device; returns the element count L of one channel.

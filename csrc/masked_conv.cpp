@@ -198,6 +198,9 @@ std::vector<int64_t> conv_out_sizes(const at::Tensor& x, const at::Tensor& weigh
     const int64_t k = weight.size(weight.dim() - nsp + d);
     s.push_back((x.size(3 + d) + 2 * padding[d] - dilation[d] * (k - 1) - 1) / stride[d] + 1);
   }
+  int64_t row = x.element_size();
+  for (size_t d = 2; d < s.size(); ++d) row = s[d] > 0 && row > INT64_MAX / s[d] ? INT64_MAX : row * s[d];
+  check_output_fits("masked_conv", ("output size from padding " + c10::str(padding)).c_str(), s[0] * s[1], row);
   return s;
 }
 
@@ -207,6 +210,7 @@ at::Tensor masked_conv_composite(const at::Tensor& x, const at::Tensor& weight, 
                                  const at::Tensor& index, at::IntArrayRef counts, at::IntArrayRef stride,
                                  at::IntArrayRef padding, at::IntArrayRef dilation) {
   check_conv_args("masked_conv", x, weight, bias, index, counts, stride, padding, dilation);
+  conv_out_sizes(x, weight, stride, padding, dilation);  // refuses an output that cannot fit, naming the padding
   const int64_t nsp = x.dim() - 3, B = x.size(0), M = x.size(1);
   const bool per_weight = weight.dim() == nsp + 3;
   const bool per_bias = bias.has_value() && bias->dim() == 2;
