@@ -13,12 +13,15 @@ import json
 import os
 import warnings
 from pathlib import Path
+from typing import Literal, get_args
 
 import torch
 
 from gmd_ext import _build
 
-BACKENDS = ("auto", "cpp", "triton", "torch")
+#: The `backend=` argument of every op and of GMD (and GMD_EXT_BACKEND): "auto" picks, the others are requests.
+Backend = Literal["auto", "cpp", "triton", "torch"]
+BACKENDS: tuple[Backend, ...] = get_args(Backend)
 PACKAGE_DIR = Path(__file__).resolve().parent
 # A source checkout (setup.py and csrc/ next to the package) builds in place; an installed package carries the
 # sources in _csrc and builds on demand (gmd_ext/_build.py).

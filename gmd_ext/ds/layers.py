@@ -20,13 +20,16 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gmd_ext._backend import Backend
 from gmd_ext.ops import ds_ops, reference
+from gmd_ext.ops.reference import Activation
 from gmd_ext.ops.ds_ops import PairPlan, as_plan, check_present, declare_modality_dim, declare_shared
 
 _ACTIVATIONS = (None, "relu", "leaky_relu")
@@ -182,9 +185,11 @@ class DSConv(_ModalityParams):
     a modality absent from the whole batch then gets a zero gradient. Initialised like torch.nn.ConvNd.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size, *, stride=1, padding=0, dilation=1,
-                 bias: bool = True, dims: int | None = None, shared: bool = True,
-                 num_modalities: int | None = None, backend: str = "auto", device=None, dtype=None):
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int | Sequence[int], *,
+                 stride: int | Sequence[int] = 1, padding: int | Sequence[int] | Literal["valid", "same"] = 0,
+                 dilation: int | Sequence[int] = 1, bias: bool = True, dims: int | None = None, shared: bool = True,
+                 num_modalities: int | None = None, backend: Backend = "auto",
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
         if dims is None:
             dims = 3 if isinstance(kernel_size, int) else len(tuple(kernel_size))
@@ -268,7 +273,8 @@ class DSGroupNorm(_ModalityParams):
     """
 
     def __init__(self, num_modalities: int, num_groups: int, num_channels: int, eps: float = 1e-5, *,
-                 activation: str | None = None, backend: str = "auto", device=None, dtype=None):
+                 activation: Activation | None = None, backend: Backend = "auto",
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
         if num_modalities < 1:
             raise ValueError(f"num_modalities must be >= 1, got {num_modalities}")
@@ -315,7 +321,8 @@ class DSLinear(_ModalityParams):
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, shared: bool = True,
-                 num_modalities: int | None = None, device=None, dtype=None):
+                 num_modalities: int | None = None, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> None:
         super().__init__()
         if not shared and (num_modalities is None or num_modalities < 1):
             raise ValueError(f"shared=False (one weight per modality) needs num_modalities >= 1, got {num_modalities}")
@@ -385,7 +392,8 @@ class DSLayerNorm(_ModalityParams):
     weight, bias: [num_modalities, normalized_shape] (ones / zeros).
     """
 
-    def __init__(self, num_modalities: int, normalized_shape: int, eps: float = 1e-5, *, device=None, dtype=None):
+    def __init__(self, num_modalities: int, normalized_shape: int, eps: float = 1e-5, *,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
         if num_modalities < 1 or normalized_shape < 1:
             raise ValueError(f"num_modalities and normalized_shape must be >= 1, got {num_modalities} and "

@@ -26,6 +26,7 @@ import csv
 import math
 import os
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -71,7 +72,7 @@ class DominanceMonitor:
         self._hist_after = np.zeros(len(_BINS) - 1, dtype=np.int64)
 
     # ------------------------------------------------------------------ recording
-    def __call__(self, step: int, info) -> dict:
+    def __call__(self, step: int, info: ProjectionInfo) -> dict[str, Any]:
         """Record one step. `info`: a GMD StepInfo (or any object with gram, coefficients, losses, names).
         Returns the recorded row as a dict (column -> value)."""
         # The indicators come from the step info; any other object with gram and coefficients gets them derived.

@@ -12,6 +12,7 @@ from typing import Any, Literal, Union, overload
 import torch
 
 from gmd_ext import ops
+from gmd_ext._backend import Backend
 from gmd_ext.gmd.aggregators import GMDProjection, as_aggregator
 from gmd_ext.gmd.orders import make_perms, pcgrad, to_device
 
@@ -177,7 +178,6 @@ def combine(Gs: list, c: torch.Tensor, masks: list, shared_scale: float, backend
 
 Grads = Union[torch.Tensor, Sequence[torch.Tensor]]
 Order = Union[Literal["random", "sequential"], torch.Tensor]
-Backend = Literal["auto", "cpp", "triton", "torch"]
 
 
 @overload

@@ -7,6 +7,7 @@ import copy
 import functools
 import weakref
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -80,7 +81,7 @@ class WrappedOptimizer(torch.optim.Optimizer):
     def _end_step(self) -> None:
         """Forget the accumulated step (zero_grad)."""
 
-    def step(self, closure: Callable | None = None):
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """optimizer.step(closure), unless the step was skipped (nonfinite="skip"); either way it ends a skipped
         step, so the next backward starts a new one.
 

@@ -116,7 +116,8 @@ def sample_subsets(modalities: Sequence[str], k: int, generator: torch.Generator
     return [every[i] for i in picked] + [every[-1]]
 
 
-def subset_losses(branches, target: torch.Tensor, loss_fn: Callable, subsets: Sequence[Subset],
+def subset_losses(branches: torch.Tensor | Sequence[torch.Tensor], target: torch.Tensor,
+                  loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], subsets: Sequence[Subset],
                   present: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """One objective per modality subset: fuse each subset's branch outputs and apply the task loss.
 

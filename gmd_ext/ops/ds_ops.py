@@ -22,12 +22,15 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
+from typing import Literal
 
 import torch
 
 from gmd_ext import _backend
+from gmd_ext._backend import Backend
 from gmd_ext.ops import reference
-from gmd_ext.ops.reference import ACTIVATIONS, _conv_out_shape
+from gmd_ext.ops.reference import ACTIVATIONS, Activation, _conv_out_shape
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # The autograd-node metadata key that marks a branch output of a late-fusion model: gmd_ext.ds.packed.run_branches
@@ -361,7 +364,10 @@ def conv_rows(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     return _ConvRows.apply(rows, weight, bias, tuple(stride), tuple(padding), tuple(dilation))
 
 
-def masked_conv(x, weight, bias=None, present=None, *, stride=1, padding=0, dilation=1, backend="auto"):
+def masked_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                present: torch.Tensor | PairPlan | None = None, *, stride: int | Sequence[int] = 1,
+                padding: int | Sequence[int] | Literal["valid", "same"] = 0, dilation: int | Sequence[int] = 1,
+                backend: Backend = "auto") -> torch.Tensor:
     """Convolution of every present (b, m) pair; absent pairs are skipped and come out as zeros.
 
     x: [B, M, Cin, *S] float32/float16/bfloat16/float64, 1-3 spatial dims.
@@ -387,7 +393,9 @@ def masked_conv(x, weight, bias=None, present=None, *, stride=1, padding=0, dila
                                        per_modality)
 
 
-def modality_group_norm(x, weight, bias, present=None, *, num_groups, eps=1e-5, activation=None, backend="auto"):
+def modality_group_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                        present: torch.Tensor | PairPlan | None = None, *, num_groups: int, eps: float = 1e-5,
+                        activation: Activation | None = None, backend: Backend = "auto") -> torch.Tensor:
     """GroupNorm per (b, m) pair with modality-specific affine and an optional fused activation.
 
     x: [B, M, C, *S] float32/float16/bfloat16/float64, 1-3 spatial dims. weight, bias: [M, C] float (any float

@@ -12,6 +12,7 @@ torch backend (the kernels' packed algorithm in plain torch).
 from __future__ import annotations
 
 import functools
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -118,7 +119,9 @@ def combine_rows(G: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------- Dynamic Sharing ops
-ACTIVATIONS = (None, "relu", "leaky_relu")
+#: The fused activation of modality_group_norm / DSGroupNorm (None: no activation).
+Activation = Literal["relu", "leaky_relu"]
+ACTIVATIONS: tuple[Activation | None, ...] = (None, *get_args(Activation))
 LEAKY_SLOPE = 0.01  # nn.LeakyReLU's default; the fused kernels hard-code the same value (csrc/ds_common.h)
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gmd_ext._backend import Backend
 from gmd_ext.apps.brats.constants import MODALITIES as BRATS_MODALITIES
 from gmd_ext.ds.convert import DynamicSharing, dynamic_sharing
 from gmd_ext.ds.layers import DSConv, DSGroupNorm
@@ -108,8 +109,8 @@ class DSUNet3d(nn.Module):
     must be >= 16 (four ×2 poolings).
     """
 
-    def __init__(self, modalities=BRATS_MODALITIES, num_classes: int = 3, width: float = 0.5, *,
-                 num_groups: int = 8, backend: str = "auto"):
+    def __init__(self, modalities: Sequence[str] = BRATS_MODALITIES, num_classes: int = 3, width: float = 0.5, *,
+                 num_groups: int = 8, backend: Backend = "auto") -> None:
         super().__init__()
         self.backend = backend
         self.modalities = tuple(modalities)
@@ -147,7 +148,8 @@ class DSUNet3d(nn.Module):
                              f"by 2), got {tuple(x.shape[2:])}")
         return as_plan(present, x.shape[0], M, x.device)
 
-    def forward_branches(self, x: torch.Tensor, present=None) -> tuple[torch.Tensor, ...]:
+    def forward_branches(self, x: torch.Tensor, present: torch.Tensor | PairPlan | None = None
+                         ) -> tuple[torch.Tensor, ...]:
         """Per-modality logits: a tuple of M tensors [B, num_classes, D, H, W], zeros where absent (never
         computed); torch.stack(list(out), 1) is the [B, M, num_classes, D, H, W] tensor.
 
@@ -163,7 +165,7 @@ class DSUNet3d(nn.Module):
             return scatter(rows, plan, backend=self.backend).unbind(1)
         return run_branches(self._run, x.unsqueeze(2), plan, backend=self.backend)
 
-    def forward(self, x: torch.Tensor, present=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, present: torch.Tensor | PairPlan | None = None) -> torch.Tensor:
         """Fused logits [B, num_classes, D, H, W]: mean over the present modalities' logits (one packed batch)."""
         rows, plan = run_packed(self._run, x.unsqueeze(2), self._plan(x, present), backend=self.backend)
         return fuse(rows, plan)

@@ -12,6 +12,7 @@ Absent modalities are never projected or encoded and receive no gradient.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +24,11 @@ from gmd_ext.ds.layers import DSLayerNorm, DSLinear
 from gmd_ext.ds.packed import branch_output, fill_missing, fuse
 from gmd_ext.ops import ds_ops
 from gmd_ext.ops.ds_ops import PairPlan, as_plan, declare_modality, declare_shared
+
+#: Per-modality features [B, T_m, D_m]: a dict name -> tensor or a sequence in modality order (None: absent).
+Features = Union[Mapping[str, Optional[torch.Tensor]], Sequence[Optional[torch.Tensor]]]
+#: Valid sequence lengths: None (all full length), or per modality [B] integer tensors (None: full length).
+Lengths = Union[Mapping[str, Optional[torch.Tensor]], Sequence[Optional[torch.Tensor]], None]
 
 class DSSentimentNet(nn.Module):
     """Dynamic Sharing sentiment regressor for MMSA features.
@@ -41,8 +47,8 @@ class DSSentimentNet(nn.Module):
         None for full length): the valid prefix of each sequence, 1 <= length <= T_m where present.
     """
 
-    def __init__(self, modalities=MOSI_MODALITIES, input_dims=(768, 5, 20), hidden: int = 64, *,
-                 num_layers: int = 1, dropout: float = 0.1):
+    def __init__(self, modalities: Sequence[str] = MOSI_MODALITIES, input_dims: Sequence[int] = (768, 5, 20),
+                 hidden: int = 64, *, num_layers: int = 1, dropout: float = 0.1) -> None:
         super().__init__()
         self.modalities = tuple(modalities)
         if not self.modalities or len(set(self.modalities)) != len(self.modalities):
@@ -157,7 +163,8 @@ class DSSentimentNet(nn.Module):
         h = self.dropout(F.relu(self.head1.packed(h, plan)))
         return self.head2.packed(h, plan).squeeze(-1)
 
-    def forward_branches(self, x, present=None, lengths=None) -> tuple[torch.Tensor, ...]:
+    def forward_branches(self, x: Features, present: torch.Tensor | PairPlan | None = None,
+                         lengths: Lengths = None) -> tuple[torch.Tensor, ...]:
         """Per-modality predictions: a tuple of M tensors [B], zeros where absent; torch.stack(list(out), 1) is
         the [B, M] tensor. Fuse any subset with gmd_ext.subset_losses / masked_mean.
 
@@ -172,7 +179,8 @@ class DSSentimentNet(nn.Module):
                              branch_output(self._packed(xs, plan.only(m), lens), plan.only(m), m)
                              for m in range(plan.M)])
 
-    def forward(self, x, present=None, lengths=None) -> torch.Tensor:
+    def forward(self, x: Features, present: torch.Tensor | PairPlan | None = None,
+                lengths: Lengths = None) -> torch.Tensor:
         """Fused regression [B]: the mean of the present modalities' predictions."""
         xs, plan, lens = self._check(x, present, lengths)
         return fuse(self._packed(xs, plan, lens), plan)
