@@ -1,8 +1,6 @@
 """A user's script over gmd-ext's public API, as the README shows it; type-checked in CI against the package as the
-README installs it, and run by tests/test_typing.py. From the checkout's root:
-
-    python -m mypy --config-file tests/typing/mypy.ini tests/typing/readme_usage.py    # --strict
-    basedpyright -p tests/typing                                                        # strict mode
+README installs it (``bash tests/typing/check.sh``: mypy --strict and basedpyright strict, run from a folder outside
+the checkout, as a user's project would), and run by tests/test_typing.py.
 
 Type checkers do not run setuptools' default editable-install finder (an import hook); install with
 ``pip install --no-build-isolation -e . --config-settings editable_mode=compat`` (a plain path in a .pth file) or
