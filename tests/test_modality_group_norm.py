@@ -2,13 +2,13 @@
 import pytest
 import torch
 
-from gmd_ext import _backend, modality_group_norm, testing
+from gmd_ext import modality_group_norm, testing
 from gmd_ext.ops.reference import modality_group_norm_reference
 from gmd_ext.testing import call_on as _on
 
 CASES = testing.device_backends()  # devices x backends, absent ones skipped
 ACTIVATIONS = [None, "relu", "leaky_relu"]
-needs_cpp = pytest.mark.skipif(not _backend.CPP_LOADED, reason="gmd_ext._C not built")
+needs_cpp = testing.needs_cpp
 
 
 def _inputs(nsp, B=3, M=4, C=6, size=5, dtype=torch.float64):
