@@ -24,11 +24,11 @@ TOL = dict(rtol=1e-4, atol=1e-6)
 
 
 def _solver_aggregators():
-    """The torchjd Gramian aggregators whose solvers install here (CAGrad and NashMTL need cvxpy: skipped
-    without it)."""
+    """The torchjd Gramian aggregators whose solvers install here (CAGrad needs cvxpy: `torchjd[cagrad]`, in the
+    test extra; skipped without it)."""
     makers = {"UPGrad": lambda: agg.UPGrad(), "MGDA": lambda: agg.MGDA(), "IMTLG": lambda: agg.IMTLG(),
               "DualProj": lambda: agg.DualProj(), "AlignedMTL": lambda: agg.AlignedMTL(),
-              "CAGrad": lambda: agg.CAGrad(c=0.5), "NashMTL": lambda: agg.NashMTL(n_tasks=4)}
+              "CAGrad": lambda: agg.CAGrad(c=0.5)}
     out = []
     for name, make in makers.items():
         try:
@@ -203,3 +203,13 @@ def test_low_memory_source_object(one_thread):
     got, _ = gmd_grads(model, lambda: [model.losses(x, y)], agg.MGDA(), source=LowMemory(method="sliced"))
     for g, r in zip(got, ref):
         torch.testing.assert_close(g, r, **TOL)
+
+
+def test_nash_mtl_is_refused_with_the_reason():
+    # torchjd 0.18 implements NashMTL as a weighting of the [K, N] matrix (a WeightedAggregator), not of Γ.
+    try:
+        A = agg.NashMTL(n_tasks=4)
+    except ImportError as e:
+        pytest.skip(f"NashMTL's solver is not installed: {e}")
+    with pytest.raises(TypeError, match="NashMTL is a torchjd aggregator that is not Gramian-weighted"):
+        GMD(torch.optim.SGD(Heads(k=4).parameters(), lr=0.1), aggregator=A)

@@ -9,7 +9,7 @@ rows once (pass 2): merged = s ⊙ (cᵀ G).
   elements every objective uses, sum elsewhere; `usage` decides "uses").
 - `GramianWeighting`: any Gramian weighting, Γ -> w [K], and merged = wᵀ G (s = 1 everywhere: the per-element
   reduction is GMD's rule, not theirs). A torchjd `GramianWeightedAggregator` (UPGrad(), MGDA(), IMTLG(),
-  DualProj(), AlignedMTL(), CAGrad(c), NashMTL(n_tasks), ...: its `gramian_weighting` is called), a torchjd
+  DualProj(), AlignedMTL(), CAGrad(c), PCGrad(), Krum(...), ...: its `gramian_weighting` is called), a torchjd
   `Weighting`, torchjd's Mean() / Sum() / Constant(w) (weights from K alone), or any callable Γ -> w. torchjd is
   never imported here: it is recognised by its attributes and class names.
 """
@@ -163,7 +163,7 @@ class GramianWeighting:
             raise TypeError(f"aggregator {type(weighting).__name__} is a torchjd aggregator that is not "
                             f"Gramian-weighted (it needs the [K, N] matrix, not Γ); GMD supports "
                             f"GramianWeightedAggregator instances (UPGrad, MGDA, IMTLG, DualProj, AlignedMTL, CAGrad, "
-                            f"NashMTL, ...) and callables Gramian -> weights")
+                            f"...) and callables Gramian -> weights")
         self.weighting = weighting
         self.fn: Callable = fn
         self.backend = _check_backend(backend)
