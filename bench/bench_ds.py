@@ -127,15 +127,7 @@ STEPS = {
 
 def make_gmd_step(name, model, x, y, subs, order):
     strategy, losses = STEPS[name]
-    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: every provider steps the same weights
-    gmd = GMD(opt, order=order, strategy=strategy)
-
-    def step():
-        gmd.zero_grad()
-        gmd.backward(losses(model, x, y, subs))
-        gmd.step()
-        return [p.grad for p in model.parameters()]
-    return step
+    return gmd_step(model, losses, x, y, subs, order, strategy)[0]
 
 
 # ---------------------------------------------------------------- converted networks
