@@ -125,6 +125,17 @@ STEPS = {
 }
 
 
+def step_inputs(modalities, batch, size, gen):
+    """The GMD-step parts' inputs, drawn from `gen` in one order: (subsets, K, x [B, M, size^3], BCE targets
+    [B, 3, size^3], a fixed [K, K] order)."""
+    subs = gmd_ext.subsets(modalities)
+    K = len(subs)
+    x = torch.randn(batch, len(modalities), *[size] * 3, generator=gen)
+    y = (torch.rand(batch, 3, *[size] * 3, generator=gen) > 0.5).float()
+    order = torch.stack([torch.randperm(K, generator=gen) for _ in range(K)])
+    return subs, K, x, y, order
+
+
 def make_gmd_step(name, model, x, y, subs, order):
     strategy, losses = STEPS[name]
     return gmd_step(model, losses, x, y, subs, order, strategy)[0]
@@ -247,11 +258,7 @@ def main(argv=None):
              for p in percents]))
 
     if "gmd_step" in parts:
-        subs = gmd_ext.subsets(model.modalities)
-        K = len(subs)
-        x = torch.randn(args.batch, M, *[args.step_size] * 3, generator=gen)
-        y = (torch.rand(args.batch, 3, *[args.step_size] * 3, generator=gen) > 0.5).float()
-        order = torch.stack([torch.randperm(K, generator=gen) for _ in range(K)])
+        subs, K, x, y, order = step_inputs(model.modalities, args.batch, args.step_size, gen)
         steps = {n: make_gmd_step(n, model, x, y, subs, order) for n in STEPS}
         want = [g.clone() for g in steps["official"]()]
         for n, step in steps.items():  # same merged gradient as the official execution
@@ -304,12 +311,8 @@ def main(argv=None):
                           for n in nets] for p in percents]))
 
     if "convert_gmd_step" in parts:
-        subs = gmd_ext.subsets(model.modalities)
-        K = len(subs)
+        subs, K, x, y, order = step_inputs(model.modalities, args.batch, args.step_size, gen)
         size = args.step_size
-        x = torch.randn(args.batch, M, *[size] * 3, generator=gen)
-        y = (torch.rand(args.batch, 3, *[size] * 3, generator=gen) > 0.5).float()
-        order = torch.stack([torch.randperm(K, generator=gen) for _ in range(K)])
         steps, picked = {}, {}
         for n in nets:
             model_n = converted_net(n, args.convert_width, args.seed)
@@ -334,12 +337,8 @@ def main(argv=None):
               f"{res[(n, 'auto')]['median_ms'] / res[(n, 'per_modality_loop')]['median_ms']:.2f}"] for n in nets]))
 
     if "convert_dsunet3d" in parts:
-        subs = gmd_ext.subsets(model.modalities)
-        K = len(subs)
+        subs, K, x, y, order = step_inputs(model.modalities, args.batch, args.step_size, gen)
         size = args.step_size
-        x = torch.randn(args.batch, M, *[size] * 3, generator=gen)
-        y = (torch.rand(args.batch, 3, *[size] * 3, generator=gen) > 0.5).float()
-        order = torch.stack([torch.randperm(K, generator=gen) for _ in range(K)])
         converted = dynamic_sharing(UNet3d(width=args.width), model.modalities)
         converted.net.load_state_dict(model.state_dict())
         steps = {"hand_built": gmd_step(model, recipe_path, x, y, subs, order, "auto")[0],
