@@ -12,7 +12,8 @@ import collections
 import torch
 
 from gmd_ext.gmd import usage as usage_
-from gmd_ext.gmd.projection import gram_sum, to_device
+from gmd_ext.gmd.orders import to_device
+from gmd_ext.gmd.projection import gram_sum
 
 # Shared-element masks cost N bytes each; a handful covers the reach patterns of sampled subsets in practice.
 _MASK_CACHE_SIZE = 8

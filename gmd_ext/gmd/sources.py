@@ -21,7 +21,7 @@ import warnings
 import torch
 
 from gmd_ext.gmd import branches, lowmem, usage
-from gmd_ext.gmd.projection import to_device
+from gmd_ext.gmd.orders import to_device
 
 
 class Sequential:
